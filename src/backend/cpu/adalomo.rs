@@ -1,0 +1,518 @@
+//! CPU backend, AdaLomo (`reference/semantics.md` §3.3) in two passes over the gradient.
+//!
+//! ```text
+//! x = clamp(g / S, −v, v) · c,   U = x² + ε1,   β = 1 − t^d
+//! factored (rank ≥ 2, viewed as [R, C]):
+//!   row_i ← β·row_i + (1−β)·mean_j U_ij      col_j ← β·col_j + (1−β)·mean_i U_ij
+//!   u_ij  = rsqrt(row_i / mean(row)) · rsqrt(col_j) · x_ij
+//! vector (rank ≤ 1):  v ← β·v + (1−β)·U,  u = rsqrt(v) · x
+//! û = u / max(1, RMS(u)/τ);   p ← round( fma(û, −η_eff, p·(1 − η_eff·λ)) ),  η_eff = η·max(ε2, RMS(p))
+//! ```
+//!
+//! Pass A (`stats`) reads g once (and p, for RMS(p), unless it is carried over) and produces the
+//! new state into the workspace plus Σu² through the identity of `notes/performance.md` §3:
+//! Σu² = mean(row) · Σ_j D_j / col_j with D_j = Σ_i x²_ij / row_i, accumulated row by row while
+//! the row is in cache. Nothing is committed until the whole gradient is known to be finite.
+//! Pass C (`apply`) reads g and p and writes p.
+
+use super::convert::{Dst, RoundCtx, Src, TILE};
+use super::simd::multiversion;
+use super::{chunk_count, chunk_range, for_each_chunk_mut, lane_add, lane_sum};
+use crate::backend::{GradXform, RawBuf};
+
+/// Rows accumulated in f32 before folding into the f64 column sums.
+const FOLD_ROWS: usize = 64;
+
+/// Optimizer state of one parameter (f32, host memory), owned by the core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdaState {
+    /// Rank ≥ 2: row and column second-moment estimates.
+    Factored { row: Vec<f32>, col: Vec<f32> },
+    /// Rank ≤ 1: one estimate per element.
+    Vector { v: Vec<f32> },
+}
+
+impl AdaState {
+    pub fn zeros(rows: usize, cols: usize, factored: bool) -> AdaState {
+        if factored {
+            AdaState::Factored {
+                row: vec![0.0; rows],
+                col: vec![0.0; cols],
+            }
+        } else {
+            AdaState::Vector {
+                v: vec![0.0; rows * cols],
+            }
+        }
+    }
+    pub fn bytes(&self) -> usize {
+        4 * match self {
+            AdaState::Factored { row, col } => row.len() + col.len(),
+            AdaState::Vector { v } => v.len(),
+        }
+    }
+    pub fn as_view(&self) -> StateView<'_> {
+        match self {
+            AdaState::Factored { row, col } => StateView::Factored { row, col },
+            AdaState::Vector { v } => StateView::Vector { v },
+        }
+    }
+    pub fn as_view_mut(&mut self) -> StateViewMut<'_> {
+        match self {
+            AdaState::Factored { row, col } => StateViewMut::Factored { row, col },
+            AdaState::Vector { v } => StateViewMut::Vector { v },
+        }
+    }
+}
+
+/// Borrowed AdaLomo state (from the core, or from caller buffers such as XLA's).
+#[derive(Clone, Copy, Debug)]
+pub enum StateView<'a> {
+    Factored { row: &'a [f32], col: &'a [f32] },
+    Vector { v: &'a [f32] },
+}
+
+/// Mutably borrowed AdaLomo state.
+#[derive(Debug)]
+pub enum StateViewMut<'a> {
+    Factored {
+        row: &'a mut [f32],
+        col: &'a mut [f32],
+    },
+    Vector {
+        v: &'a mut [f32],
+    },
+}
+
+impl StateViewMut<'_> {
+    pub fn as_view(&self) -> StateView<'_> {
+        match self {
+            StateViewMut::Factored { row, col } => StateView::Factored { row, col },
+            StateViewMut::Vector { v } => StateView::Vector { v },
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ChunkWs {
+    /// Factored: rows `[a, b)`; vector: elements `[a, b)`.
+    a: usize,
+    b: usize,
+    /// New row state (factored) or new vector state (vector) for this chunk's range.
+    new_state: Vec<f32>,
+    /// rsqrt(row_i / mean(row)) for this chunk's rows (factored).
+    r_scale: Vec<f32>,
+    col64: Vec<f64>,
+    d64: Vec<f64>,
+    colblk: Vec<f32>,
+    dblk: Vec<f32>,
+    xsq: Vec<f32>,
+    usq: f64,
+    psq: f64,
+    finite: bool,
+}
+
+/// Scratch memory of one parameter, sized at registration.
+#[derive(Debug)]
+pub struct AdaWorkspace {
+    rows: usize,
+    cols: usize,
+    factored: bool,
+    chunks: Vec<ChunkWs>,
+    col_new: Vec<f32>,
+    c_scale: Vec<f32>,
+}
+
+impl AdaWorkspace {
+    pub fn new(rows: usize, cols: usize, factored: bool) -> AdaWorkspace {
+        let units = if factored { rows } else { rows * cols };
+        let unit_elems = if factored { cols } else { 1 };
+        let n = chunk_count(units, unit_elems);
+        let chunks = (0..n)
+            .map(|c| {
+                let (a, b) = chunk_range(units, n, c);
+                let per_col = if factored { cols } else { 0 };
+                ChunkWs {
+                    a,
+                    b,
+                    new_state: vec![0.0; b - a],
+                    r_scale: vec![0.0; if factored { b - a } else { 0 }],
+                    col64: vec![0.0; per_col],
+                    d64: vec![0.0; per_col],
+                    colblk: vec![0.0; per_col],
+                    dblk: vec![0.0; per_col],
+                    xsq: vec![0.0; per_col],
+                    ..ChunkWs::default()
+                }
+            })
+            .collect();
+        let c = if factored { cols } else { 0 };
+        AdaWorkspace {
+            rows,
+            cols,
+            factored,
+            chunks,
+            col_new: vec![0.0; c],
+            c_scale: vec![0.0; c],
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        let per_chunk: usize = self
+            .chunks
+            .iter()
+            .map(|w| {
+                4 * (w.new_state.len()
+                    + w.r_scale.len()
+                    + w.colblk.len()
+                    + w.dblk.len()
+                    + w.xsq.len())
+                    + 8 * (w.col64.len() + w.d64.len())
+            })
+            .sum();
+        per_chunk + 4 * (self.col_new.len() + self.c_scale.len())
+    }
+}
+
+/// Scalars of pass A.
+#[derive(Clone, Copy, Debug)]
+pub struct StatsArgs {
+    pub xf: GradXform,
+    pub beta: f32,
+    pub one_minus_beta: f32,
+    pub eps1: f32,
+    /// Whether to compute Σp² (false when it is carried over from the previous apply).
+    pub need_psq: bool,
+}
+
+/// Result of pass A.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stats {
+    pub finite: bool,
+    pub sum_u_sq: f64,
+    pub sum_p_sq: f64,
+}
+
+/// Scalars of pass C.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyArgs {
+    pub xf: GradXform,
+    pub inv_clip: f32,
+    pub decay: f32,
+    pub neg_lr: f32,
+    pub round: RoundCtx,
+    /// Whether to return Σp² of the written values (for carrying RMS(p) to the next step).
+    pub carry: bool,
+}
+
+/// Pass A: new state into `ws`, Σu², Σp² and the finite flag. `state` is not modified.
+pub fn stats(
+    param: &RawBuf,
+    grad: &RawBuf,
+    state: StateView<'_>,
+    ws: &mut AdaWorkspace,
+    args: &StatsArgs,
+) -> Stats {
+    let (rows, cols) = (ws.rows, ws.cols);
+    match state {
+        StateView::Factored { row, col } => {
+            for_each_chunk_mut(&mut ws.chunks, |_, w| {
+                // SAFETY: buffers validated by the core; only read here.
+                let (g, p) = unsafe {
+                    (
+                        grad.src(w.a * cols, w.b * cols),
+                        param.src(w.a * cols, w.b * cols),
+                    )
+                };
+                stats_rows(w, g, p, &row[w.a..w.b], cols, args);
+            });
+            let stats = gather(ws, args.need_psq);
+            if !stats.finite {
+                return stats;
+            }
+            let sum_u_sq = finalize_factored(ws, col, rows, args);
+            Stats { sum_u_sq, ..stats }
+        }
+        StateView::Vector { v } => {
+            for_each_chunk_mut(&mut ws.chunks, |_, w| {
+                // SAFETY: buffers validated by the core; only read here.
+                let (g, p) = unsafe { (grad.src(w.a, w.b), param.src(w.a, w.b)) };
+                stats_vector(w, g, p, &v[w.a..w.b], args);
+            });
+            gather(ws, args.need_psq)
+        }
+    }
+}
+
+fn gather(ws: &AdaWorkspace, need_psq: bool) -> Stats {
+    let finite = ws.chunks.iter().all(|w| w.finite);
+    let sum_u_sq = ws.chunks.iter().map(|w| w.usq).sum();
+    let sum_p_sq = if need_psq {
+        ws.chunks.iter().map(|w| w.psq).sum()
+    } else {
+        0.0
+    };
+    Stats {
+        finite,
+        sum_u_sq,
+        sum_p_sq,
+    }
+}
+
+/// Column state, the row/column scales and Σu² from the per-chunk partials.
+fn finalize_factored(ws: &mut AdaWorkspace, col_old: &[f32], rows: usize, args: &StatsArgs) -> f64 {
+    let row_sum: f64 = ws
+        .chunks
+        .iter()
+        .flat_map(|w| w.new_state.iter())
+        .map(|&r| r as f64)
+        .sum();
+    let row_mean = (row_sum / rows as f64) as f32;
+    let mut sum_u_sq = 0f64;
+    for j in 0..ws.cols {
+        let (mut c, mut d) = (0f64, 0f64);
+        for w in &ws.chunks {
+            c += w.col64[j];
+            d += w.d64[j];
+        }
+        let col_mean = (c / rows as f64) as f32;
+        let cn = col_mean.mul_add(args.one_minus_beta, col_old[j] * args.beta);
+        ws.col_new[j] = cn;
+        ws.c_scale[j] = 1.0 / cn.sqrt();
+        sum_u_sq += d / cn as f64;
+    }
+    for w in &mut ws.chunks {
+        for (s, &r) in w.r_scale.iter_mut().zip(&w.new_state) {
+            *s = 1.0 / (r / row_mean).sqrt();
+        }
+    }
+    sum_u_sq * row_mean as f64
+}
+
+/// Writes the new state computed by [`stats`] into `state`.
+pub fn commit(state: StateViewMut<'_>, ws: &AdaWorkspace) {
+    match state {
+        StateViewMut::Factored { row, col } => {
+            for w in &ws.chunks {
+                row[w.a..w.b].copy_from_slice(&w.new_state);
+            }
+            col.copy_from_slice(&ws.col_new);
+        }
+        StateViewMut::Vector { v } => {
+            for w in &ws.chunks {
+                v[w.a..w.b].copy_from_slice(&w.new_state);
+            }
+        }
+    }
+}
+
+/// Pass C: applies the normalized update; returns Σp² of the written values when `args.carry`.
+pub fn apply(param: &RawBuf, grad: &RawBuf, ws: &mut AdaWorkspace, args: &ApplyArgs) -> f64 {
+    let cols = ws.cols;
+    let factored = ws.factored;
+    let c_scale = &ws.c_scale;
+    for_each_chunk_mut(&mut ws.chunks, |_, w| {
+        let (a, b) = if factored {
+            (w.a * cols, w.b * cols)
+        } else {
+            (w.a, w.b)
+        };
+        // SAFETY: buffers validated by the core; chunks are disjoint, so this is the only view
+        // of p[a..b]; the gradient is only read.
+        let (mut p, g) = unsafe { (param.dst(a, b), grad.src(a, b)) };
+        w.psq = if factored {
+            apply_rows(&mut p, g, &w.r_scale, c_scale, args, a as u64)
+        } else {
+            apply_vector(&mut p, g, &w.new_state, args, a as u64)
+        };
+    });
+    if args.carry {
+        ws.chunks.iter().map(|w| w.psq).sum()
+    } else {
+        0.0
+    }
+}
+
+multiversion! {
+    fn stats_rows(w: &mut ChunkWs, g: Src<'_>, p: Src<'_>, row_old: &[f32], cols: usize, args: &StatsArgs) {
+        let mut gx = [0f32; TILE];
+        w.col64.fill(0.0);
+        w.d64.fill(0.0);
+        w.colblk.fill(0.0);
+        w.dblk.fill(0.0);
+        w.finite = true;
+        let mut psq = 0f64;
+        let mut pending = 0;
+        for (i, &old) in row_old.iter().enumerate() {
+            let base = i * cols;
+            let mut row_lanes = [0f32; 8];
+            let mut psq_lanes = [0f32; 8];
+            let mut t = 0;
+            while t < cols {
+                let len = TILE.min(cols - t);
+                if !g.all_finite(base + t, base + t + len) {
+                    w.finite = false;
+                    return;
+                }
+                let x = &mut gx[..len];
+                g.load(base + t, x);
+                let (colblk, xsq) = (&mut w.colblk[t..t + len], &mut w.xsq[t..t + len]);
+                for k in 0..len {
+                    let v = args.xf.apply(x[k]);
+                    let s = v * v;
+                    let u = s + args.eps1;
+                    xsq[k] = s;
+                    colblk[k] += u;
+                    x[k] = u;
+                }
+                lane_add(&mut row_lanes, x);
+                if args.need_psq {
+                    p.load(base + t, x);
+                    for v in x.iter_mut() {
+                        *v *= *v;
+                    }
+                    lane_add(&mut psq_lanes, x);
+                }
+                t += len;
+            }
+            psq += lane_sum(&psq_lanes) as f64;
+            let mean = lane_sum(&row_lanes) / cols as f32;
+            let rn = mean.mul_add(args.one_minus_beta, old * args.beta);
+            w.new_state[i] = rn;
+            let inv = 1.0 / rn;
+            for (d, &s) in w.dblk.iter_mut().zip(w.xsq.iter()) {
+                *d += s * inv;
+            }
+            pending += 1;
+            if pending == FOLD_ROWS || i + 1 == row_old.len() {
+                fold(&mut w.col64, &mut w.colblk);
+                fold(&mut w.d64, &mut w.dblk);
+                pending = 0;
+            }
+        }
+        w.psq = psq;
+        w.usq = 0.0;
+    }
+}
+
+#[inline(always)]
+fn fold(acc: &mut [f64], blk: &mut [f32]) {
+    for (a, b) in acc.iter_mut().zip(blk.iter_mut()) {
+        *a += *b as f64;
+        *b = 0.0;
+    }
+}
+
+multiversion! {
+    fn stats_vector(w: &mut ChunkWs, g: Src<'_>, p: Src<'_>, v_old: &[f32], args: &StatsArgs) {
+        let n = g.len();
+        let mut gx = [0f32; TILE];
+        let (mut usq, mut psq) = (0f64, 0f64);
+        w.finite = true;
+        let mut t = 0;
+        while t < n {
+            let len = TILE.min(n - t);
+            if !g.all_finite(t, t + len) {
+                w.finite = false;
+                return;
+            }
+            let x = &mut gx[..len];
+            g.load(t, x);
+            let vn = &mut w.new_state[t..t + len];
+            for k in 0..len {
+                let xv = args.xf.apply(x[k]);
+                let u = xv * xv + args.eps1;
+                let nv = u.mul_add(args.one_minus_beta, v_old[t + k] * args.beta);
+                vn[k] = nv;
+                let uu = (1.0 / nv.sqrt()) * xv;
+                x[k] = uu * uu;
+            }
+            let mut lanes = [0f32; 8];
+            lane_add(&mut lanes, x);
+            usq += lane_sum(&lanes) as f64;
+            if args.need_psq {
+                p.load(t, x);
+                for v in x.iter_mut() {
+                    *v *= *v;
+                }
+                let mut lanes = [0f32; 8];
+                lane_add(&mut lanes, x);
+                psq += lane_sum(&lanes) as f64;
+            }
+            t += len;
+        }
+        w.usq = usq;
+        w.psq = psq;
+    }
+}
+
+multiversion! {
+    fn apply_rows(p: &mut Dst<'_>, g: Src<'_>, r_scale: &[f32], c_scale: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
+        let cols = c_scale.len();
+        let mut gx = [0f32; TILE];
+        let mut px = [0f32; TILE];
+        let mut psq = 0f64;
+        for (i, &rs) in r_scale.iter().enumerate() {
+            let base = i * cols;
+            let mut t = 0;
+            while t < cols {
+                let len = TILE.min(cols - t);
+                let (gt, pt) = (&mut gx[..len], &mut px[..len]);
+                g.load(base + t, gt);
+                p.as_src().load(base + t, pt);
+                let cs = &c_scale[t..t + len];
+                for k in 0..len {
+                    let x = args.xf.apply(gt[k]);
+                    let u = ((rs * cs[k]) * x) * args.inv_clip;
+                    pt[k] = u.mul_add(args.neg_lr, pt[k] * args.decay);
+                }
+                p.store(base + t, pt, &args.round, elem0 + (base + t) as u64);
+                if args.carry {
+                    psq += sum_sq_written(p, base + t, pt);
+                }
+                t += len;
+            }
+        }
+        psq
+    }
+}
+
+multiversion! {
+    fn apply_vector(p: &mut Dst<'_>, g: Src<'_>, v: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
+        let n = g.len();
+        let mut gx = [0f32; TILE];
+        let mut px = [0f32; TILE];
+        let mut psq = 0f64;
+        let mut t = 0;
+        while t < n {
+            let len = TILE.min(n - t);
+            let (gt, pt) = (&mut gx[..len], &mut px[..len]);
+            g.load(t, gt);
+            p.as_src().load(t, pt);
+            for k in 0..len {
+                let x = args.xf.apply(gt[k]);
+                let u = ((1.0 / v[t + k].sqrt()) * x) * args.inv_clip;
+                pt[k] = u.mul_add(args.neg_lr, pt[k] * args.decay);
+            }
+            p.store(t, pt, &args.round, elem0 + t as u64);
+            if args.carry {
+                psq += sum_sq_written(p, t, pt);
+            }
+            t += len;
+        }
+        psq
+    }
+}
+
+/// Σp² of the values just stored at `[start, start + scratch.len())` (reloaded, so it sees the
+/// rounded values).
+#[inline(always)]
+fn sum_sq_written(p: &Dst<'_>, start: usize, scratch: &mut [f32]) -> f64 {
+    p.as_src().load(start, scratch);
+    for v in scratch.iter_mut() {
+        *v *= *v;
+    }
+    let mut lanes = [0f32; 8];
+    lane_add(&mut lanes, scratch);
+    lane_sum(&lanes) as f64
+}

@@ -1,0 +1,52 @@
+//! Backend layer: where the per-tensor passes run. The core decides *what* to compute (phases,
+//! scalars, which tensors); a backend decides *how* (threads and SIMD on the CPU, kernels on CUDA).
+//!
+//! Backends know nothing about the C ABI. They receive raw buffers ([`RawBuf`]) whose validity the
+//! core has established at registration, and plain scalar structs ([`GradXform`], ...).
+
+pub mod cpu;
+pub mod scalars;
+
+use crate::dtype::DType;
+
+/// A caller-owned buffer: address, element type and element count. The optimizer never frees it.
+#[derive(Clone, Copy, Debug)]
+pub struct RawBuf {
+    pub addr: usize,
+    pub dtype: DType,
+    pub numel: usize,
+}
+
+impl RawBuf {
+    pub fn bytes(&self) -> usize {
+        self.numel * self.dtype.size()
+    }
+}
+
+/// How a raw gradient element `g` becomes the value the update uses:
+/// `x = clamp(g · inv_scale, −clip_value, clip_value) · coef` (`reference/semantics.md` §2.4 b–f).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradXform {
+    /// 1 / loss scale.
+    pub inv_scale: f32,
+    /// Value-clipping bound; +∞ when value clipping is off.
+    pub clip_value: f32,
+    /// Global-norm clip coefficient; 1 when norm clipping is off.
+    pub coef: f32,
+}
+
+impl GradXform {
+    #[inline(always)]
+    pub fn apply(&self, g: f32) -> f32 {
+        (g * self.inv_scale)
+            .max(-self.clip_value)
+            .min(self.clip_value)
+            * self.coef
+    }
+}
+
+/// Result of a pass that reads a gradient: whether every element was finite.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradCheck {
+    pub finite: bool,
+}

@@ -1,0 +1,264 @@
+//! Core layer: optimizer configuration, its documented defaults and its validation.
+//!
+//! Defaults follow lomo-optim 0.1.1 (`reference/semantics.md` §2.1, §3.1), except that LOMO's
+//! dynamic loss scaling starts at 2^16 and grows back (design.md §4).
+
+use crate::error::{bail, Error, Result};
+
+/// Which update rule the optimizer applies.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Fused SGD with decoupled weight decay (LOMO).
+    Lomo = 0,
+    /// Factored second moment, grouped update normalization, relative step size (AdaLomo).
+    Adalomo = 1,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Lomo => "lomo",
+            Algorithm::Adalomo => "adalomo",
+        }
+    }
+}
+
+impl TryFrom<u32> for Algorithm {
+    type Error = Error;
+    fn try_from(v: u32) -> Result<Algorithm> {
+        match v {
+            0 => Ok(Algorithm::Lomo),
+            1 => Ok(Algorithm::Adalomo),
+            _ => Err(Error::invalid(format!(
+                "unknown algorithm {v} (expected 0=LOMO, 1=ADALOMO)"
+            ))),
+        }
+    }
+}
+
+/// How gradients are scaled.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LossScaleMode {
+    /// Scale 1; non-finite gradients are still never applied.
+    None = 0,
+    /// A fixed scale (`loss_scale`).
+    Static = 1,
+    /// Back off on overflow, grow back after `scale_window` clean steps.
+    Dynamic = 2,
+}
+
+impl TryFrom<u32> for LossScaleMode {
+    type Error = Error;
+    fn try_from(v: u32) -> Result<LossScaleMode> {
+        match v {
+            0 => Ok(LossScaleMode::None),
+            1 => Ok(LossScaleMode::Static),
+            2 => Ok(LossScaleMode::Dynamic),
+            _ => Err(Error::invalid(format!(
+                "unknown loss_scale_mode {v} (expected 0=NONE, 1=STATIC, 2=DYNAMIC)"
+            ))),
+        }
+    }
+}
+
+/// How f32 results are written back into f16/bf16 parameters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rounding {
+    /// Round to nearest, ties to even (what `Tensor.copy_` does).
+    Nearest = 0,
+    /// Stochastic rounding from a counter-based generator (seed, step, parameter, element).
+    Stochastic = 1,
+}
+
+impl TryFrom<u32> for Rounding {
+    type Error = Error;
+    fn try_from(v: u32) -> Result<Rounding> {
+        match v {
+            0 => Ok(Rounding::Nearest),
+            1 => Ok(Rounding::Stochastic),
+            _ => Err(Error::invalid(format!(
+                "unknown rounding {v} (expected 0=NEAREST, 1=STOCHASTIC)"
+            ))),
+        }
+    }
+}
+
+/// The validated configuration of one optimizer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub algorithm: Algorithm,
+    /// Decoupled weight decay of group 0 (p ← p·(1 − lr·wd) before the step). 0 = off.
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping threshold; 0 = off. When on, every step needs a NORM phase.
+    pub clip_grad_norm: f64,
+    /// Element-wise gradient clipping to [−v, v]; 0 = off.
+    pub clip_grad_value: f64,
+    pub loss_scale_mode: LossScaleMode,
+    /// The static scale, or the initial dynamic scale.
+    pub loss_scale: f64,
+    /// Dynamic scaling: factor of each back-off and growth.
+    pub scale_factor: f64,
+    /// Dynamic scaling: clean steps between two growths.
+    pub scale_window: u32,
+    /// Dynamic scaling: the scale never goes below this.
+    pub min_loss_scale: f64,
+    /// Dynamic scaling: overflows tolerated before a back-off (DeepSpeed's `delayed_shift`).
+    pub hysteresis: u32,
+    /// AdaLomo: added to every squared gradient element before the row/column means.
+    pub eps1: f64,
+    /// AdaLomo: lower bound of the parameter RMS in the relative step size.
+    pub eps2: f64,
+    /// AdaLomo: the update is divided by max(1, RMS(update)/clip_threshold).
+    pub clip_threshold: f64,
+    /// AdaLomo: β2t = 1 − t^decay_rate.
+    pub decay_rate: f64,
+    pub rounding: Rounding,
+    /// Seed of the stochastic-rounding generator.
+    pub seed: u64,
+}
+
+impl Config {
+    /// lomo-optim's defaults for the algorithm (see the header for the list).
+    pub fn defaults(algorithm: Algorithm) -> Config {
+        let (mode, scale) = match algorithm {
+            Algorithm::Lomo => (LossScaleMode::None, 65536.0),
+            Algorithm::Adalomo => (LossScaleMode::Static, 1024.0),
+        };
+        Config {
+            algorithm,
+            weight_decay: 0.0,
+            clip_grad_norm: 0.0,
+            clip_grad_value: 0.0,
+            loss_scale_mode: mode,
+            loss_scale: scale,
+            scale_factor: 2.0,
+            scale_window: 1000,
+            min_loss_scale: 1.0,
+            hysteresis: 1,
+            eps1: 1e-30,
+            eps2: 1e-3,
+            clip_threshold: 1.0,
+            decay_rate: -0.8,
+            rounding: Rounding::Nearest,
+            seed: 0,
+        }
+    }
+
+    /// Checks every field; the message names the field and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        fn finite_nonneg(name: &str, v: f64) -> Result<()> {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.{name} must be finite and >= 0, got {v}"
+                );
+            }
+            Ok(())
+        }
+        finite_nonneg("weight_decay", self.weight_decay)?;
+        finite_nonneg("clip_grad_norm", self.clip_grad_norm)?;
+        finite_nonneg("clip_grad_value", self.clip_grad_value)?;
+        if self.loss_scale_mode != LossScaleMode::None {
+            if !(self.loss_scale.is_finite() && self.loss_scale > 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.loss_scale must be finite and > 0, got {}",
+                    self.loss_scale
+                );
+            }
+        }
+        if self.loss_scale_mode == LossScaleMode::Dynamic {
+            if !(self.scale_factor.is_finite() && self.scale_factor > 1.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.scale_factor must be > 1, got {}",
+                    self.scale_factor
+                );
+            }
+            if self.scale_window == 0 {
+                bail!(InvalidArgument, "config.scale_window must be >= 1");
+            }
+            if !(self.min_loss_scale.is_finite() && self.min_loss_scale > 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.min_loss_scale must be > 0, got {}",
+                    self.min_loss_scale
+                );
+            }
+            if self.min_loss_scale > self.loss_scale {
+                bail!(
+                    InvalidArgument,
+                    "config.min_loss_scale ({}) exceeds config.loss_scale ({})",
+                    self.min_loss_scale,
+                    self.loss_scale
+                );
+            }
+            if self.hysteresis == 0 {
+                bail!(InvalidArgument, "config.hysteresis must be >= 1");
+            }
+        }
+        if self.algorithm == Algorithm::Adalomo {
+            if !(self.eps1.is_finite() && self.eps1 >= 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.eps1 must be finite and >= 0, got {}",
+                    self.eps1
+                );
+            }
+            finite_nonneg("eps2", self.eps2)?;
+            if !(self.clip_threshold.is_finite() && self.clip_threshold > 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.clip_threshold must be > 0, got {}",
+                    self.clip_threshold
+                );
+            }
+            if !(self.decay_rate.is_finite() && self.decay_rate < 0.0) {
+                bail!(
+                    InvalidArgument,
+                    "config.decay_rate must be < 0 (beta2t = 1 - t^decay_rate), got {}",
+                    self.decay_rate
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss scale a step starts with.
+    pub fn initial_scale(&self) -> f64 {
+        match self.loss_scale_mode {
+            LossScaleMode::None => 1.0,
+            _ => self.loss_scale,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::defaults(Algorithm::Lomo).validate().unwrap();
+        Config::defaults(Algorithm::Adalomo).validate().unwrap();
+        assert_eq!(Config::defaults(Algorithm::Adalomo).initial_scale(), 1024.0);
+        assert_eq!(Config::defaults(Algorithm::Lomo).initial_scale(), 1.0);
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        let mut c = Config::defaults(Algorithm::Adalomo);
+        c.decay_rate = 0.5;
+        assert!(c.validate().unwrap_err().message().contains("decay_rate"));
+        let mut c = Config::defaults(Algorithm::Lomo);
+        c.clip_grad_norm = f64::NAN;
+        assert!(c.validate().is_err());
+        c.clip_grad_norm = 1.0;
+        c.loss_scale_mode = LossScaleMode::Dynamic;
+        c.scale_factor = 1.0;
+        assert!(c.validate().unwrap_err().message().contains("scale_factor"));
+    }
+}

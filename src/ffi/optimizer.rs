@@ -1,0 +1,280 @@
+//! FFI layer: the optimizer handle — lifecycle, groups, registration and the step protocol.
+//!
+//! Every export has the same shape: guard → convert and check → call the core → write outputs.
+#![allow(non_camel_case_types)]
+
+use std::ffi::c_void;
+
+use parking_lot::RwLock;
+
+use crate::config::{Algorithm, Config};
+use crate::dtype::DType;
+use crate::error::{bail, Status};
+use crate::ffi::guard::{c_str, check_struct_size, deref, deref_mut, guard, guard_or};
+use crate::ffi::types::{lomo_config, lomo_param_desc, lomo_step_info, shape_from_raw};
+use crate::optimizer::{Optimizer, Phase};
+use crate::param::{Device, ParamDesc};
+
+/// An optimizer: its configuration, the registered parameters and their state.
+///
+/// Create with `lomo_optimizer_new`, destroy with `lomo_optimizer_free`. `lomo_grad_submit` may
+/// be called from several threads at once (for different parameters); every other function
+/// taking a `lomo_optimizer *` must be called by one thread at a time, between submissions
+/// (calls are serialized internally, so a violation blocks rather than corrupts).
+pub struct lomo_optimizer {
+    pub(crate) inner: RwLock<Optimizer>,
+}
+
+/// Fills `*cfg` with lomo-optim's defaults for `algorithm` (`LOMO_ALGORITHM_LOMO` or
+/// `LOMO_ALGORITHM_ADALOMO`) and sets `struct_size`. See `lomo_config` for each default.
+/// `cfg` must not be NULL; it is written only on success. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_config_init(cfg: *mut lomo_config, algorithm: u32) -> Status {
+    guard(|| {
+        // SAFETY: a non-NULL `cfg` points to writable storage for a lomo_config.
+        let out = unsafe { deref_mut(cfg, "cfg") }?;
+        let algorithm = Algorithm::try_from(algorithm)?;
+        *out = lomo_config::from_core(&Config::defaults(algorithm));
+        Ok(())
+    })
+}
+
+/// Creates an optimizer from a validated copy of `*cfg` and stores it in `*out`.
+/// `cfg` and `out` must not be NULL; `*out` is written only on success. The caller owns the
+/// result and frees it with `lomo_optimizer_free`. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_optimizer_new(
+    cfg: *const lomo_config,
+    out: *mut *mut lomo_optimizer,
+) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (cfg, out) = unsafe { (deref(cfg, "cfg")?, deref_mut(out, "out")?) };
+        let opt = Optimizer::new(cfg.to_core()?)?;
+        *out = Box::into_raw(Box::new(lomo_optimizer {
+            inner: RwLock::new(opt),
+        }));
+        Ok(())
+    })
+}
+
+/// Destroys an optimizer and its state. NULL is a no-op. Parameter buffers are the caller's and
+/// are not touched. No other call on `opt` may be running or follow.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_optimizer_free(opt: *mut lomo_optimizer) {
+    guard_or((), || {
+        if !opt.is_null() {
+            // SAFETY: `opt` came from lomo_optimizer_new and is freed exactly once.
+            drop(unsafe { Box::from_raw(opt) });
+        }
+    })
+}
+
+/// Sets the lr multiplier and weight decay of `group`, creating the group if needed. Group 0
+/// exists from the start with multiplier 1 and the config's `weight_decay`. Use a separate group
+/// with `weight_decay = 0` for biases and norm weights. Takes effect from the next submission.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_group_set(
+    opt: *mut lomo_optimizer,
+    group: u32,
+    lr_multiplier: f64,
+    weight_decay: f64,
+) -> Status {
+    guard(|| {
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        opt.inner
+            .write()
+            .group_set(group, lr_multiplier, weight_decay)
+    })
+}
+
+/// Reads a group's lr multiplier and weight decay. Outputs are written only on success.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_group_get(
+    opt: *const lomo_optimizer,
+    group: u32,
+    out_lr_multiplier: *mut f64,
+    out_weight_decay: *mut f64,
+) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, lr, wd) = unsafe {
+            (
+                deref(opt, "opt")?,
+                deref_mut(out_lr_multiplier, "out_lr_multiplier")?,
+                deref_mut(out_weight_decay, "out_weight_decay")?,
+            )
+        };
+        let g = opt.inner.read().group_get(group)?;
+        (*lr, *wd) = (g.lr_multiplier, g.weight_decay);
+        Ok(())
+    })
+}
+
+/// Registers a parameter buffer (between steps) and stores its id in `*out_id`; ids are
+/// assigned densely from 0 in registration order. The name and shape are copied; the data buffer
+/// is borrowed (see `lomo_param_desc`). AdaLomo allocates the parameter's state and workspace
+/// here, so steps allocate nothing. Frozen parameters are simply not registered.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_param_register(
+    opt: *mut lomo_optimizer,
+    desc: *const lomo_param_desc,
+    out_id: *mut u32,
+) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, d, out_id) = unsafe {
+            (
+                deref(opt, "opt")?,
+                deref(desc, "desc")?,
+                deref_mut(out_id, "out_id")?,
+            )
+        };
+        check_struct_size(
+            "lomo_param_desc",
+            d.struct_size,
+            std::mem::size_of::<lomo_param_desc>(),
+        )?;
+        // SAFETY: `name` is NUL-terminated and `shape` holds `ndim` values (documented contract).
+        let (name, shape) = unsafe {
+            (
+                c_str(d.name, "desc->name")?,
+                shape_from_raw(d.shape, d.ndim)?,
+            )
+        };
+        let desc = ParamDesc {
+            name,
+            addr: d.data as usize,
+            dtype: DType::try_from(d.dtype)?,
+            shape,
+            device: Device::from_raw(d.device)?,
+            group: d.group,
+            flags: d.flags,
+        };
+        *out_id = opt.inner.write().register(&desc)?;
+        Ok(())
+    })
+}
+
+/// Number of registered parameters.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_param_count(opt: *const lomo_optimizer, out: *mut u32) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out, "out")?) };
+        *out = opt.inner.read().params().len() as u32;
+        Ok(())
+    })
+}
+
+/// Begins a phase of a training step.
+///
+/// `phase` is `LOMO_PHASE_NORM` (only the global norm and the overflow check; required before
+/// every UPDATE phase when `clip_grad_norm` is set) or `LOMO_PHASE_UPDATE` (each submitted
+/// gradient updates its parameter, with learning rate `lr` times the group's multiplier).
+/// `lr` is ignored by NORM phases. `stream` is the caller's `cudaStream_t`/`CUstream` for CUDA
+/// parameters (NULL = default stream); it is ignored on the CPU. Fails with
+/// `LOMO_STATUS_PHASE_ERROR` if a phase is active or if an UPDATE phase lacks its NORM phase.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_step_begin(
+    opt: *mut lomo_optimizer,
+    phase: u32,
+    lr: f32,
+    stream: *mut c_void,
+) -> Status {
+    guard(|| {
+        let _ = stream;
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        opt.inner.write().begin(Phase::try_from(phase)?, lr as f64)
+    })
+}
+
+/// Hands over the gradient of parameter `param_id` during a phase.
+///
+/// `grad` points to the parameter's number of elements of `grad_dtype` (any of f32/f16/bf16,
+/// independent of the parameter's dtype), contiguous and aligned, in the parameter's memory
+/// (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
+/// the library unscales it. On the CPU the parameter is updated before the call returns and
+/// `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
+/// is never applied: it is reported through `lomo_step_info` (not as an error).
+///
+/// Thread-safe: several threads may submit different parameters at once.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_grad_submit(
+    opt: *mut lomo_optimizer,
+    param_id: u32,
+    grad: *const c_void,
+    grad_dtype: u32,
+    stream: *mut c_void,
+) -> Status {
+    guard(|| {
+        let _ = stream;
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        let dtype = DType::try_from(grad_dtype)?;
+        opt.inner.read().submit(param_id, grad as usize, dtype)
+    })
+}
+
+/// Ends the active phase. After a NORM phase it forms the clip coefficient and the overflow
+/// decision (an overflow turns the following UPDATE phase into a no-op); after an UPDATE phase it
+/// advances the loss scaler and the step counter. `stream`: as for `lomo_step_begin`.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_step_end(opt: *mut lomo_optimizer, stream: *mut c_void) -> Status {
+    guard(|| {
+        let _ = stream;
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        opt.inner.write().end()
+    })
+}
+
+/// Abandons the current step (for example when the trainer's backward raised): the optimizer
+/// returns to "between steps" without advancing the loss scaler or the step counter. Updates an
+/// UPDATE phase already applied stay applied. A no-op between steps.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_step_cancel(opt: *mut lomo_optimizer) -> Status {
+    guard(|| {
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        opt.inner.write().cancel();
+        Ok(())
+    })
+}
+
+/// Copies the diagnostics of the last phase and step into `*out`; set `out->struct_size` to
+/// `sizeof(lomo_step_info)` first. May synchronize with the device for CUDA parameters.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_step_info_get(
+    opt: *const lomo_optimizer,
+    out: *mut lomo_step_info,
+) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out, "out")?) };
+        check_struct_size(
+            "lomo_step_info",
+            out.struct_size,
+            std::mem::size_of::<lomo_step_info>(),
+        )?;
+        *out = lomo_step_info::from_core(&opt.inner.read().step_info());
+        Ok(())
+    })
+}
+
+/// The factor to multiply the loss by before the next backward pass (1 when scaling is off).
+#[no_mangle]
+pub unsafe extern "C" fn lomo_loss_scale(opt: *const lomo_optimizer, out: *mut f32) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out, "out")?) };
+        let s = opt.inner.read().loss_scale();
+        if !s.is_finite() {
+            bail!(InvalidArgument, "loss scale is not finite");
+        }
+        *out = s as f32;
+        Ok(())
+    })
+}

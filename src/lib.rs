@@ -1,0 +1,22 @@
+//! lomo: LOMO and AdaLomo optimizer steps fused into the backward pass, behind a C ABI.
+//!
+//! Layers, each depending only on the ones below it (design.md §2):
+//! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
+//! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`error`], [`dtype`];
+//! - [`backend`]: the passes themselves (CPU threads and SIMD).
+
+pub mod backend;
+pub mod config;
+pub mod dtype;
+pub mod error;
+pub mod ffi;
+pub mod optimizer;
+pub mod param;
+pub mod scaler;
+pub mod update;
+
+pub use config::{Algorithm, Config, LossScaleMode, Rounding};
+pub use dtype::DType;
+pub use error::{Error, Result, Status};
+pub use optimizer::{Optimizer, Phase, StepInfo};
+pub use param::{Device, ParamDesc};

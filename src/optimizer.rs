@@ -1,0 +1,419 @@
+//! Core layer: the optimizer — registry, groups, the step state machine and the loss scaler.
+//!
+//! Protocol (design.md §3): `begin(Norm)` → submits accumulate Σg² → `end` forms the clip
+//! coefficient and the overflow decision; `begin(Update)` → each submit updates its parameter in
+//! place → `end` advances the loss scaler and the step counter. `submit` takes `&self` and may run
+//! on several threads at once (each parameter has its own lock); everything else takes `&mut self`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::backend::RawBuf;
+use crate::config::{Algorithm, Config};
+use crate::dtype::DType;
+use crate::error::{bail, Result};
+use crate::param::{Device, Param, ParamDesc};
+use crate::scaler::LossScaler;
+use crate::update;
+
+/// The two kinds of backward pass in a step.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Gradients only contribute to the global norm and the overflow check.
+    Norm = 0,
+    /// Gradients update their parameters.
+    Update = 1,
+}
+
+impl TryFrom<u32> for Phase {
+    type Error = crate::error::Error;
+    fn try_from(v: u32) -> Result<Phase> {
+        match v {
+            0 => Ok(Phase::Norm),
+            1 => Ok(Phase::Update),
+            _ => bail!(
+                InvalidArgument,
+                "unknown phase {v} (expected 0=NORM, 1=UPDATE)"
+            ),
+        }
+    }
+}
+
+/// Where the optimizer is within a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepState {
+    Idle,
+    Norm,
+    /// A NORM phase ended; an UPDATE phase must follow.
+    NormDone(NormResult),
+    Update {
+        lr: f64,
+        norm: Option<NormResult>,
+    },
+}
+
+/// What a NORM phase found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormResult {
+    pub sum_sq: f64,
+    pub overflow: bool,
+    pub coef: f32,
+}
+
+/// Per-group hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Group {
+    pub lr_multiplier: f64,
+    pub weight_decay: f64,
+}
+
+/// Diagnostics of the last completed phase / step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepInfo {
+    /// Completed, applied UPDATE phases (AdaLomo's t of the last update).
+    pub step: u64,
+    /// Global norm of the unscaled gradients from the last NORM phase (NaN if none or overflow).
+    pub grad_norm: f32,
+    /// Clip coefficient used by the last UPDATE phase (1 when norm clipping is off).
+    pub clip_coef: f32,
+    /// Loss scale the last step's gradients were multiplied by.
+    pub loss_scale: f32,
+    /// Loss scale for the next step.
+    pub next_loss_scale: f32,
+    /// A non-finite gradient was seen in the last step.
+    pub overflow: bool,
+    /// The last step was skipped entirely (overflow found in its NORM phase).
+    pub skipped: bool,
+    pub skipped_total: u64,
+    /// Gradients submitted in the last phase, and how many of them were non-finite.
+    pub grads_submitted: u32,
+    pub grads_nonfinite: u32,
+}
+
+/// A LOMO or AdaLomo optimizer over caller-owned parameter buffers.
+#[derive(Debug)]
+pub struct Optimizer {
+    pub(crate) config: Config,
+    pub(crate) groups: BTreeMap<u32, Group>,
+    pub(crate) params: Vec<Param>,
+    names: HashMap<String, u32>,
+    pub(crate) scaler: LossScaler,
+    pub(crate) state: StepState,
+    /// Incremented by every `begin`; a parameter's epoch equal to it means "already submitted".
+    epoch: u64,
+    /// Applied UPDATE phases so far.
+    pub(crate) steps: u64,
+    pub(crate) skipped_total: u64,
+    info: StepInfo,
+}
+
+impl Optimizer {
+    pub fn new(config: Config) -> Result<Optimizer> {
+        config.validate()?;
+        let scaler = LossScaler::new(&config);
+        let mut groups = BTreeMap::new();
+        groups.insert(
+            0,
+            Group {
+                lr_multiplier: 1.0,
+                weight_decay: config.weight_decay,
+            },
+        );
+        let scale = scaler.scale() as f32;
+        Ok(Optimizer {
+            config,
+            groups,
+            params: Vec::new(),
+            names: HashMap::new(),
+            scaler,
+            state: StepState::Idle,
+            epoch: 0,
+            steps: 0,
+            skipped_total: 0,
+            info: StepInfo {
+                step: 0,
+                grad_norm: f32::NAN,
+                clip_coef: 1.0,
+                loss_scale: scale,
+                next_loss_scale: scale,
+                overflow: false,
+                skipped: false,
+                skipped_total: 0,
+                grads_submitted: 0,
+                grads_nonfinite: 0,
+            },
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Sets (or creates) a group's lr multiplier and weight decay.
+    pub fn group_set(&mut self, group: u32, lr_multiplier: f64, weight_decay: f64) -> Result<()> {
+        if !(lr_multiplier.is_finite() && lr_multiplier >= 0.0) {
+            bail!(
+                InvalidArgument,
+                "group {group}: lr multiplier must be finite and >= 0, got {lr_multiplier}"
+            );
+        }
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            bail!(
+                InvalidArgument,
+                "group {group}: weight decay must be finite and >= 0, got {weight_decay}"
+            );
+        }
+        self.groups.insert(
+            group,
+            Group {
+                lr_multiplier,
+                weight_decay,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn group_get(&self, group: u32) -> Result<Group> {
+        match self.groups.get(&group) {
+            Some(g) => Ok(*g),
+            None => bail!(
+                InvalidArgument,
+                "group {group} does not exist (create it with lomo_group_set)"
+            ),
+        }
+    }
+
+    /// Registers a parameter between steps; returns its id (ids are dense, from 0).
+    pub fn register(&mut self, desc: &ParamDesc<'_>) -> Result<u32> {
+        if self.state != StepState::Idle {
+            bail!(
+                PhaseError,
+                "parameters can only be registered between steps"
+            );
+        }
+        if self.names.contains_key(desc.name) {
+            bail!(
+                InvalidArgument,
+                "a parameter named '{}' is already registered",
+                desc.name
+            );
+        }
+        self.group_get(desc.group)?;
+        if let Device::Cuda(n) = desc.device {
+            bail!(
+                NoCuda,
+                "parameter '{}' is on CUDA device {n}, but this build has no CUDA backend",
+                desc.name
+            );
+        }
+        if self.params.len() >= u32::MAX as usize {
+            bail!(InvalidArgument, "too many parameters");
+        }
+        let param = Param::new(desc, self.config.algorithm)?;
+        let id = self.params.len() as u32;
+        self.names.insert(param.name.clone(), id);
+        self.params.push(param);
+        Ok(id)
+    }
+
+    /// The id of the parameter registered under `name`.
+    pub fn param_id(&self, name: &str) -> Option<u32> {
+        self.names.get(name).copied()
+    }
+
+    /// The scale the trainer multiplies its loss by before the next backward.
+    pub fn loss_scale(&self) -> f64 {
+        self.scaler.scale()
+    }
+
+    pub fn step_info(&self) -> StepInfo {
+        self.info
+    }
+
+    /// Starts a phase. `lr` is used by UPDATE phases only.
+    pub fn begin(&mut self, phase: Phase, lr: f64) -> Result<()> {
+        let next = match (phase, self.state) {
+            (Phase::Norm, StepState::Idle) => StepState::Norm,
+            (Phase::Norm, StepState::NormDone(_)) => {
+                bail!(
+                    PhaseError,
+                    "a NORM phase already ended in this step: begin the UPDATE phase"
+                )
+            }
+            (Phase::Update, StepState::Idle) if self.config.clip_grad_norm > 0.0 => bail!(
+                PhaseError,
+                "clip_grad_norm is set: every step needs a NORM phase (lomo_step_begin(NORM) ... \
+                 lomo_step_end) before its UPDATE phase"
+            ),
+            (Phase::Update, StepState::Idle) => StepState::Update { lr, norm: None },
+            (Phase::Update, StepState::NormDone(n)) => StepState::Update { lr, norm: Some(n) },
+            (_, StepState::Norm | StepState::Update { .. }) => {
+                bail!(
+                    PhaseError,
+                    "a phase is already active: call lomo_step_end first"
+                )
+            }
+        };
+        if phase == Phase::Update && !(lr.is_finite() && lr >= 0.0) {
+            bail!(InvalidArgument, "lr must be finite and >= 0, got {lr}");
+        }
+        self.epoch += 1;
+        self.state = next;
+        Ok(())
+    }
+
+    /// Hands over the gradient of parameter `id` (an address of `numel` elements of `dtype`).
+    pub fn submit(&self, id: u32, grad_addr: usize, dtype: DType) -> Result<()> {
+        let Some(param) = self.params.get(id as usize) else {
+            bail!(
+                UnknownParam,
+                "no parameter with id {id} ({} registered)",
+                self.params.len()
+            );
+        };
+        let grad = param.grad_buf(grad_addr, dtype)?;
+        let mut inner = param.inner.lock();
+        if matches!(self.state, StepState::Norm | StepState::Update { .. })
+            && inner.epoch == self.epoch
+        {
+            bail!(
+                DuplicateGradient,
+                "the gradient of '{}' was already submitted in this phase",
+                param.name
+            );
+        }
+        let ctx = match self.state {
+            StepState::Norm => update::Phase::Norm {
+                inv_scale: self.inv_scale(),
+            },
+            StepState::Update { lr, norm } => {
+                let group = self.groups[&param.group];
+                update::Phase::Update {
+                    skip: norm.map_or(false, |n| n.overflow),
+                    prechecked: norm.is_some(),
+                    xf: self.xform(norm),
+                    lr: lr * group.lr_multiplier,
+                    weight_decay: group.weight_decay,
+                    step: self.steps + 1,
+                    param_id: id,
+                }
+            }
+            _ => bail!(
+                PhaseError,
+                "no phase is active: call lomo_step_begin before submitting gradients"
+            ),
+        };
+        inner.epoch = self.epoch;
+        update::run(&self.config, param, &mut inner, &grad, &ctx);
+        Ok(())
+    }
+
+    /// Ends the active phase.
+    pub fn end(&mut self) -> Result<()> {
+        let (submitted, nonfinite, sum_sq) = self.phase_totals();
+        match self.state {
+            StepState::Norm => {
+                let overflow = nonfinite > 0;
+                let coef = if self.config.clip_grad_norm > 0.0 && !overflow {
+                    crate::backend::scalars::clip_coef(sum_sq, self.config.clip_grad_norm)
+                } else {
+                    1.0
+                };
+                self.info.grad_norm = if overflow {
+                    f32::NAN
+                } else {
+                    sum_sq.sqrt() as f32
+                };
+                self.info.grads_submitted = submitted;
+                self.info.grads_nonfinite = nonfinite;
+                self.state = StepState::NormDone(NormResult {
+                    sum_sq,
+                    overflow,
+                    coef,
+                });
+            }
+            StepState::Update { norm, .. } => {
+                let skipped = norm.map_or(false, |n| n.overflow);
+                let overflow = skipped || nonfinite > 0;
+                let used_scale = self.scaler.scale() as f32;
+                self.scaler.update(overflow);
+                if skipped {
+                    self.skipped_total += 1;
+                } else {
+                    self.steps += 1;
+                }
+                self.info = StepInfo {
+                    step: self.steps,
+                    grad_norm: norm.map_or(f32::NAN, |_| self.info.grad_norm),
+                    clip_coef: if skipped { 0.0 } else { self.xform(norm).coef },
+                    loss_scale: used_scale,
+                    next_loss_scale: self.scaler.scale() as f32,
+                    overflow,
+                    skipped,
+                    skipped_total: self.skipped_total,
+                    grads_submitted: submitted,
+                    grads_nonfinite: nonfinite,
+                };
+                self.state = StepState::Idle;
+            }
+            StepState::Idle | StepState::NormDone(_) => {
+                bail!(
+                    PhaseError,
+                    "no phase is active: lomo_step_end must follow lomo_step_begin"
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// Abandons the current step: back to idle without advancing the scaler or the step counter.
+    /// Updates already applied in an UPDATE phase stay applied.
+    pub fn cancel(&mut self) {
+        self.state = StepState::Idle;
+        self.epoch += 1;
+    }
+
+    /// (submitted, non-finite, Σ sum_sq) over the parameters submitted in the current phase, in
+    /// id order (deterministic whatever the submission order).
+    fn phase_totals(&self) -> (u32, u32, f64) {
+        let (mut submitted, mut nonfinite, mut sum_sq) = (0u32, 0u32, 0f64);
+        for p in &self.params {
+            let inner = p.inner.lock();
+            if inner.epoch == self.epoch {
+                submitted += 1;
+                if inner.finite {
+                    sum_sq += inner.sum_sq;
+                } else {
+                    nonfinite += 1;
+                }
+            }
+        }
+        (submitted, nonfinite, sum_sq)
+    }
+
+    fn inv_scale(&self) -> f32 {
+        (1.0 / self.scaler.scale()) as f32
+    }
+
+    fn xform(&self, norm: Option<NormResult>) -> crate::backend::GradXform {
+        let v = self.config.clip_grad_value;
+        crate::backend::GradXform {
+            inv_scale: self.inv_scale(),
+            clip_value: if v > 0.0 { v as f32 } else { f32::INFINITY },
+            coef: norm.map_or(1.0, |n| n.coef),
+        }
+    }
+
+    /// The caller buffer of parameter `id` (used by state I/O and tests).
+    pub fn param_buf(&self, id: u32) -> Option<RawBuf> {
+        self.params.get(id as usize).map(|p| p.buf)
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.config.algorithm
+    }
+}
