@@ -19,7 +19,15 @@ fn r(bf: bool, v: f32) -> f32 {
 }
 
 /// y = x Wᵀ + b, accumulated in f32 and rounded once.
-fn linear(bf: bool, x: &[f32], n: usize, w: &[f32], b: &[f32], out_f: usize, in_f: usize) -> Vec<f32> {
+fn linear(
+    bf: bool,
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    b: &[f32],
+    out_f: usize,
+    in_f: usize,
+) -> Vec<f32> {
     let mut y = vec![0f32; n * out_f];
     for i in 0..n {
         for o in 0..out_f {
@@ -71,11 +79,21 @@ fn linear_back(
 /// dL/dŷ of L = mean((ŷ − y)²), op by op as autograd does it, times the loss scale.
 fn mse_grad(bf: bool, out: &[f32], y: &[f32], scale: f32) -> Vec<f32> {
     let g0 = r(bf, scale / out.len() as f32);
-    out.iter().zip(y).map(|(&o, &t)| r(bf, g0 * r(bf, 2.0 * r(bf, o - t)))).collect()
+    out.iter()
+        .zip(y)
+        .map(|(&o, &t)| r(bf, g0 * r(bf, 2.0 * r(bf, o - t))))
+        .collect()
 }
 
 /// Gradients of every parameter, in `named_parameters()` order.
-fn grads(model: &str, bf: bool, params: &[Vec<f32>], x: &[f32], y: &[f32], scale: f32) -> Vec<Vec<f32>> {
+fn grads(
+    model: &str,
+    bf: bool,
+    params: &[Vec<f32>],
+    x: &[f32],
+    y: &[f32],
+    scale: f32,
+) -> Vec<Vec<f32>> {
     let n = 8;
     if model == "linear" {
         let out = linear(bf, x, n, &params[0], &params[1], 3, 4);
@@ -88,14 +106,22 @@ fn grads(model: &str, bf: bool, params: &[Vec<f32>], x: &[f32], y: &[f32], scale
         let out = linear(bf, &h, n, &params[2], &params[3], 3, 6);
         let dy = mse_grad(bf, &out, y, scale);
         let (dw2, db2, dh) = linear_back(bf, &h, &dy, &params[2], n, 3, 6);
-        let dz: Vec<f32> = dh.iter().zip(&h).map(|(&g, &hv)| r(bf, g * (1.0 - hv * hv))).collect();
+        let dz: Vec<f32> = dh
+            .iter()
+            .zip(&h)
+            .map(|(&g, &hv)| r(bf, g * (1.0 - hv * hv)))
+            .collect();
         let (dw1, db1, _) = linear_back(bf, x, &dz, &params[0], n, 6, 4);
         vec![dw1, db1, dw2, db2]
     }
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn run_case(name: &str, case: &Value) {
@@ -104,29 +130,57 @@ fn run_case(name: &str, case: &Value) {
     let dtype = if bf { BF16 } else { F32 };
     let kw = &case["kwargs"];
     let mut cfg = config(algorithm);
-    cfg.clip_grad_norm = kw.get("clip_grad_norm").and_then(Value::as_f64).unwrap_or(0.0);
-    cfg.clip_grad_value = kw.get("clip_grad_value").and_then(Value::as_f64).unwrap_or(0.0);
-    cfg.weight_decay = kw.get("weight_decay").and_then(Value::as_f64).unwrap_or(0.0);
+    cfg.clip_grad_norm = kw
+        .get("clip_grad_norm")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    cfg.clip_grad_value = kw
+        .get("clip_grad_value")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    cfg.weight_decay = kw
+        .get("weight_decay")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
     let opt = Opt::new(&cfg).unwrap();
-    let names: Vec<String> = case["initial_params"].as_object().unwrap().keys().cloned().collect();
+    let names: Vec<String> = case["initial_params"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     let model = case["model"].as_str().unwrap();
     // serde_json's map is sorted; restore named_parameters() order.
-    let order: Vec<&str> =
-        if model == "linear" { vec!["weight", "bias"] } else { vec!["0.weight", "0.bias", "2.weight", "2.bias"] };
+    let order: Vec<&str> = if model == "linear" {
+        vec!["weight", "bias"]
+    } else {
+        vec!["0.weight", "0.bias", "2.weight", "2.bias"]
+    };
     assert_eq!(names.len(), order.len());
     let mut bufs: Vec<Buf> = Vec::new();
     let mut ids = Vec::new();
     for n in &order {
         let p = &case["initial_params"][*n];
-        let shape: Vec<i64> = p["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
+        let shape: Vec<i64> = p["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_i64().unwrap())
+            .collect();
         let mut b = Buf::new(dtype, &floats(&p["values"]));
         ids.push(opt.register(n, b.ptr(), dtype, &shape, 0).unwrap());
         bufs.push(b);
     }
     let lrs = floats(&case["lr_per_step"]);
     for (step, lr) in lrs.iter().enumerate() {
-        let x: Vec<f32> = floats(&case["x_per_step"][step]).iter().map(|&v| r(bf, v)).collect();
-        let y: Vec<f32> = floats(&case["y_per_step"][step]).iter().map(|&v| r(bf, v)).collect();
+        let x: Vec<f32> = floats(&case["x_per_step"][step])
+            .iter()
+            .map(|&v| r(bf, v))
+            .collect();
+        let y: Vec<f32> = floats(&case["y_per_step"][step])
+            .iter()
+            .map(|&v| r(bf, v))
+            .collect();
         let scale = opt.loss_scale();
         let params: Vec<Vec<f32>> = bufs.iter().map(Buf::values).collect();
         let gs = grads(model, bf, &params, &x, &y, scale);
@@ -149,10 +203,16 @@ fn run_case(name: &str, case: &Value) {
             let got = bufs[k].values();
             for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                 if bf {
-                    assert!(ulps(BF16, g, w) <= 1.0, "{name} step {step} {n}[{i}]: got {g}, want {w}");
+                    assert!(
+                        ulps(BF16, g, w) <= 1.0,
+                        "{name} step {step} {n}[{i}]: got {g}, want {w}"
+                    );
                 } else {
                     let tol = 1e-6 * w.abs() + 1e-7;
-                    assert!((g - w).abs() <= tol, "{name} step {step} {n}[{i}]: got {g:e}, want {w:e}");
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{name} step {step} {n}[{i}]: got {g:e}, want {w:e}"
+                    );
                 }
             }
         }
@@ -161,8 +221,11 @@ fn run_case(name: &str, case: &Value) {
 
 #[test]
 fn lomo_optim_golden_values() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/lomo_optim_golden.json"))
-        .expect("golden file");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/lomo_optim_golden.json"
+    ))
+    .expect("golden file");
     let golden: Value = serde_json::from_str(&text).unwrap();
     let cases = golden.as_object().unwrap();
     assert_eq!(cases.len(), 8);

@@ -32,7 +32,10 @@ pub fn check(status: lomo::Status) -> Result<(), Failure> {
     if status == lomo::Status::Ok {
         Ok(())
     } else {
-        Err(Failure { status: status as u32, message: last_error() })
+        Err(Failure {
+            status: status as u32,
+            message: last_error(),
+        })
     }
 }
 
@@ -61,7 +64,14 @@ impl Opt {
     }
 
     /// Registers `data` (a host buffer of `dtype` elements) with `shape`.
-    pub fn register(&self, name: &str, data: *mut c_void, dtype: u32, shape: &[i64], group: u32) -> Result<u32, Failure> {
+    pub fn register(
+        &self,
+        name: &str,
+        data: *mut c_void,
+        dtype: u32,
+        shape: &[i64],
+        group: u32,
+    ) -> Result<u32, Failure> {
         self.register_flags(name, data, dtype, shape, group, 0)
     }
 
@@ -113,7 +123,10 @@ impl Opt {
     }
 
     pub fn info(&self) -> lomo_step_info {
-        let mut info = lomo_step_info { struct_size: std::mem::size_of::<lomo_step_info>(), ..Default::default() };
+        let mut info = lomo_step_info {
+            struct_size: std::mem::size_of::<lomo_step_info>(),
+            ..Default::default()
+        };
         // SAFETY: live handle, valid out pointer.
         check(unsafe { lomo_step_info_get(self.0, &mut info) }).unwrap();
         info
@@ -183,9 +196,21 @@ pub struct Buf {
 impl Buf {
     pub fn new(dtype: u32, vals: &[f32]) -> Buf {
         match dtype {
-            F32 => Buf { dtype, f32s: vals.to_vec(), halves: vec![] },
-            F16 => Buf { dtype, f32s: vec![], halves: vals.iter().map(|&v| f16(v)).collect() },
-            _ => Buf { dtype, f32s: vec![], halves: vals.iter().map(|&v| bf16(v)).collect() },
+            F32 => Buf {
+                dtype,
+                f32s: vals.to_vec(),
+                halves: vec![],
+            },
+            F16 => Buf {
+                dtype,
+                f32s: vec![],
+                halves: vals.iter().map(|&v| f16(v)).collect(),
+            },
+            _ => Buf {
+                dtype,
+                f32s: vec![],
+                halves: vals.iter().map(|&v| bf16(v)).collect(),
+            },
         }
     }
     pub fn ptr(&mut self) -> *mut c_void {
@@ -224,7 +249,7 @@ pub fn ulps(dtype: u32, a: f32, b: f32) -> f64 {
     let ulp = |v: f32| -> f64 {
         let v = v.abs().max(match dtype {
             F32 => f32::MIN_POSITIVE,
-            F16 => 6.1e-5,
+            F16 => 6.103_515_6e-5,
             _ => f32::MIN_POSITIVE,
         });
         let bits = match dtype {
