@@ -1,0 +1,53 @@
+//! Builds the C99 and C++17 programs in tests/c against include/lomo.h and the freshly built
+//! liblomo.so with -Wall -Wextra -Werror, and runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// target/<profile>/deps/, where cargo built liblomo.so alongside this test.
+pub fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().to_path_buf()
+}
+
+fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = lib_dir();
+    assert!(lib.join("liblomo.so").exists(), "liblomo.so not found in {}", lib.display());
+    let out = std::env::temp_dir().join(format!("lomo_smoke_{}_{}", std, std::process::id()));
+    let status = Command::new(compiler)
+        .arg(format!("-std={std}"))
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .args(extra)
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join(src))
+        .arg("-o")
+        .arg(&out)
+        .arg("-L")
+        .arg(&lib)
+        .arg("-llomo")
+        .arg("-lm")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .status()
+        .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
+    assert!(status.success(), "{compiler} failed on {src}");
+    let run = Command::new(&out).output().unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        run.status.success(),
+        "{src} failed:\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn c99_program() {
+    build_and_run("cc", "c99", "tests/c/smoke.c", &["-Wpedantic"]);
+}
+
+#[test]
+fn cxx17_program() {
+    build_and_run("c++", "c++17", "tests/c/smoke.cc", &[]);
+}
