@@ -8,13 +8,28 @@ use std::process::Command;
 fn cpp_wrapper_program() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // target/<profile>/deps/, where cargo built liblomo.so alongside this test.
-    let lib = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
-    assert!(lib.join("liblomo.so").exists(), "liblomo.so not found in {}", lib.display());
+    let lib = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        lib.join("liblomo.so").exists(),
+        "liblomo.so not found in {}",
+        lib.display()
+    );
     let dir = std::env::temp_dir().join(format!("lomo_cpp_wrapper_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("wrapper");
     let status = Command::new("c++")
-        .args(["-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wpedantic", "-Wshadow"])
+        .args([
+            "-std=c++17",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-Wpedantic",
+            "-Wshadow",
+        ])
         .arg("-Wconversion")
         .arg("-I")
         .arg(root.join("include"))

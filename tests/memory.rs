@@ -79,7 +79,9 @@ fn counts_match_the_shapes() {
             (d.state_bytes, d.workspace_bytes, d.adamw_bytes),
             (s.state_bytes, s.workspace_bytes, s.adamw_bytes)
         );
-        assert!(s.devices[1..].iter().all(|d| d.param_count == 0 && d.state_bytes == 0));
+        assert!(s.devices[1..]
+            .iter()
+            .all(|d| d.param_count == 0 && d.state_bytes == 0));
     }
 }
 
@@ -88,7 +90,10 @@ fn empty_optimizer_and_bad_arguments() {
     let opt = Opt::new(&config(1)).unwrap();
     let s = stats(&opt);
     assert_eq!((s.param_count, s.state_bytes, s.device_count), (0, 0, 0));
-    let mut bad = lomo_memory_stats { struct_size: 8, ..Default::default() };
+    let mut bad = lomo_memory_stats {
+        struct_size: 8,
+        ..Default::default()
+    };
     // SAFETY: live handle; wrong struct_size is rejected before anything is written.
     let st = unsafe { lomo_memory_stats_get(opt.0, &mut bad) };
     assert_eq!(st, Status::InvalidArgument);

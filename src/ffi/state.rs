@@ -48,7 +48,10 @@ unsafe fn c_path(p: *const c_char) -> Result<PathBuf> {
 /// `path` (NUL-terminated) must not be NULL. For CUDA parameters the state is copied through the
 /// host (the call synchronizes). Not thread-safe with other calls on `opt`.
 #[no_mangle]
-pub unsafe extern "C" fn lomo_state_save(opt: *const lomo_optimizer, path: *const c_char) -> Status {
+pub unsafe extern "C" fn lomo_state_save(
+    opt: *const lomo_optimizer,
+    path: *const c_char,
+) -> Status {
     guard(|| {
         // SAFETY: non-NULL pointers are valid per the documented contract.
         let (opt, path) = unsafe { (deref(opt, "opt")?, c_path(path)?) };
@@ -87,7 +90,10 @@ pub unsafe extern "C" fn lomo_state_load(opt: *mut lomo_optimizer, path: *const 
 /// now. Call between steps (else `LOMO_STATUS_PHASE_ERROR`). `opt` and `out_size` must not be
 /// NULL; `*out_size` is written only on success.
 #[no_mangle]
-pub unsafe extern "C" fn lomo_state_size(opt: *const lomo_optimizer, out_size: *mut usize) -> Status {
+pub unsafe extern "C" fn lomo_state_size(
+    opt: *const lomo_optimizer,
+    out_size: *mut usize,
+) -> Status {
     guard(|| {
         // SAFETY: non-NULL pointers are valid per the documented contract.
         let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out_size, "out_size")?) };

@@ -76,7 +76,13 @@ impl<'a> File<'a> {
             checksum_entry(&mut crc, k, &self.meta[k]);
         }
         for (name, t) in &self.tensors {
-            checksum_tensor(&mut crc, name, &format!("{:?}", t.dtype), &t.shape, t.data_offsets);
+            checksum_tensor(
+                &mut crc,
+                name,
+                &format!("{:?}", t.dtype),
+                &t.shape,
+                t.data_offsets,
+            );
         }
         crc.update(self.data);
         let want = self.get(CHECKSUM_KEY)?;
@@ -99,15 +105,20 @@ fn mismatch(msg: String) -> Error {
 fn check_params(opt: &Optimizer, file: &File<'_>) -> Result<()> {
     let list: Vec<(String, Vec<usize>)> = serde_json::from_str(file.get("params")?)
         .map_err(|e| corrupt(format!("metadata 'params' is not a parameter list ({e})")))?;
-    let saved: HashMap<&str, &[usize]> =
-        list.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let saved: HashMap<&str, &[usize]> = list
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
     if saved.len() != list.len() {
         return Err(corrupt("metadata 'params' names a parameter twice"));
     }
     let mut problems = Vec::new();
     for p in opt.params() {
         match saved.get(p.name.as_str()) {
-            None => problems.push(format!("'{}' is registered but not in the checkpoint", p.name)),
+            None => problems.push(format!(
+                "'{}' is registered but not in the checkpoint",
+                p.name
+            )),
             Some(s) if *s != p.shape.as_slice() => problems.push(format!(
                 "'{}' has shape {:?} in the checkpoint but {:?} here",
                 p.name, s, p.shape
@@ -124,7 +135,11 @@ fn check_params(opt: &Optimizer, file: &File<'_>) -> Result<()> {
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(5);
-        let more = if n > 5 { format!(" (and {} more)", n - 5) } else { String::new() };
+        let more = if n > 5 {
+            format!(" (and {} more)", n - 5)
+        } else {
+            String::new()
+        };
         return Err(mismatch(format!(
             "the checkpoint's parameters do not match the registered ones: {}{more}",
             problems.join("; ")
@@ -136,7 +151,10 @@ fn check_params(opt: &Optimizer, file: &File<'_>) -> Result<()> {
 /// The state tensors a parameter needs: (name, element count).
 fn expected_tensors(p: &Param) -> Vec<(String, usize)> {
     if p.factored {
-        vec![(format!("{}.row", p.name), p.rows), (format!("{}.col", p.name), p.cols)]
+        vec![
+            (format!("{}.row", p.name), p.rows),
+            (format!("{}.col", p.name), p.cols),
+        ]
     } else {
         vec![(format!("{}.v", p.name), p.numel())]
     }
@@ -182,7 +200,11 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
             .filter(|p| p.inner.lock().ada.is_some())
             .flat_map(|p| expected_tensors(p).into_iter().map(|(n, _)| n))
             .collect();
-        let extra = file.tensors.iter().map(|(n, _)| n).find(|n| !expected.contains(*n));
+        let extra = file
+            .tensors
+            .iter()
+            .map(|(n, _)| n)
+            .find(|n| !expected.contains(*n));
         return Err(mismatch(format!(
             "the checkpoint has an unexpected tensor '{}'",
             extra.map_or("?", |s| s.as_str())
@@ -245,7 +267,11 @@ pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
     }
     file.verify_checksum()?;
     for (key, ours) in state_defining(opt.config()) {
-        let meta_key = if key == "algorithm" { key.to_owned() } else { format!("config.{key}") };
+        let meta_key = if key == "algorithm" {
+            key.to_owned()
+        } else {
+            format!("config.{key}")
+        };
         let theirs = file.get(&meta_key)?;
         let same = match key {
             "algorithm" => theirs == ours,
@@ -260,7 +286,9 @@ pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
         }
     }
     if file.get("config_fingerprint")? != fingerprint(opt.config()) {
-        return Err(corrupt("the configuration fingerprint does not match its fields"));
+        return Err(corrupt(
+            "the configuration fingerprint does not match its fields",
+        ));
     }
     check_params(opt, &file)?;
     let slices = state_slices(opt, &file)?;

@@ -46,7 +46,10 @@ fn metadata(opt: &Optimizer) -> BTreeMap<&'static str, String> {
         ("config.weight_decay", fmt_f64(c.weight_decay)),
         ("config.clip_grad_norm", fmt_f64(c.clip_grad_norm)),
         ("config.clip_grad_value", fmt_f64(c.clip_grad_value)),
-        ("config.loss_scale_mode", mode_str(c.loss_scale_mode).to_owned()),
+        (
+            "config.loss_scale_mode",
+            mode_str(c.loss_scale_mode).to_owned(),
+        ),
         ("config.loss_scale", fmt_f64(c.loss_scale)),
         ("config.scale_factor", fmt_f64(c.scale_factor)),
         ("config.scale_window", c.scale_window.to_string()),
@@ -65,7 +68,10 @@ fn metadata(opt: &Optimizer) -> BTreeMap<&'static str, String> {
         ("scaler.scale", fmt_f64(s.scale)),
         ("scaler.cur_hysteresis", s.cur_hysteresis.to_string()),
         ("scaler.cur_iter", s.cur_iter.to_string()),
-        ("scaler.last_overflow_iter", s.last_overflow_iter.to_string()),
+        (
+            "scaler.last_overflow_iter",
+            s.last_overflow_iter.to_string(),
+        ),
     ])
 }
 
@@ -87,11 +93,20 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     for (p, g) in opt.params().iter().zip(&guards) {
         match g.ada.as_ref().map(|a| &a.state) {
             Some(AdaState::Factored { row, col }) => {
-                tensors.push(Tensor { name: format!("{}.row", p.name), values: row });
-                tensors.push(Tensor { name: format!("{}.col", p.name), values: col });
+                tensors.push(Tensor {
+                    name: format!("{}.row", p.name),
+                    values: row,
+                });
+                tensors.push(Tensor {
+                    name: format!("{}.col", p.name),
+                    values: col,
+                });
             }
             Some(AdaState::Vector { v }) => {
-                tensors.push(Tensor { name: format!("{}.v", p.name), values: v });
+                tensors.push(Tensor {
+                    name: format!("{}.v", p.name),
+                    values: v,
+                });
             }
             None => {}
         }

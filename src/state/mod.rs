@@ -50,10 +50,7 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
     let bytes = encoded_to_vec(opt)?;
     let tmp = tmp_path(path);
     let io = |what: &str, e: std::io::Error| {
-        Error::new(
-            Status::IoError,
-            format!("{what} '{}': {e}", tmp.display()),
-        )
+        Error::new(Status::IoError, format!("{what} '{}': {e}", tmp.display()))
     };
     let result = (|| {
         use std::io::Write;
@@ -63,7 +60,11 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
         std::fs::rename(&tmp, path).map_err(|e| {
             Error::new(
                 Status::IoError,
-                format!("cannot rename '{}' to '{}': {e}", tmp.display(), path.display()),
+                format!(
+                    "cannot rename '{}' to '{}': {e}",
+                    tmp.display(),
+                    path.display()
+                ),
             )
         })
     })();
