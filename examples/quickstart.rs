@@ -28,7 +28,11 @@ fn check(st: Status) {
         let mut buf = [0u8; 512];
         // SAFETY: buf is writable for its length.
         let n = unsafe { lomo_last_error_message(buf.as_mut_ptr().cast(), buf.len()) };
-        panic!("{}: {}", st.as_str(), String::from_utf8_lossy(&buf[..n.min(511)]));
+        panic!(
+            "{}: {}",
+            st.as_str(),
+            String::from_utf8_lossy(&buf[..n.min(511)])
+        );
     }
 }
 
@@ -54,7 +58,11 @@ enum Store {
 impl Store {
     fn new(vals: Vec<f32>, bf16: bool) -> Store {
         if bf16 {
-            Store::Bf16(vals.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
+            Store::Bf16(
+                vals.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect(),
+            )
         } else {
             Store::F32(vals)
         }
@@ -132,7 +140,15 @@ fn cross_entropy(z: &[f32], labels: &[usize], scale: f32) -> (f32, Vec<f32>) {
 fn backward(opt: *mut lomo_optimizer, ids: &[u32; 4], m: &Mlp, x: &[f32], h: &[f32], dz: &[f32]) {
     let submit = |id: u32, g: &[f32]| {
         // SAFETY: `opt` is live and `g` holds the parameter's element count of f32 values.
-        check(unsafe { lomo_grad_submit(opt, id, g.as_ptr().cast(), lomo::DType::F32 as u32, null_mut()) })
+        check(unsafe {
+            lomo_grad_submit(
+                opt,
+                id,
+                g.as_ptr().cast(),
+                lomo::DType::F32 as u32,
+                null_mut(),
+            )
+        })
     };
     // Layer 2: dW2 = dzᵀ h, db2 = Σ dz. Its gradient buffers are dropped right after submission.
     {
@@ -211,7 +227,12 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
         b2: Store::new(vec![0.0; OUT], bf16),
     };
     let teacher = rng.vec(OUT * IN, 1.0);
-    let specs: [(&str, usize, usize, u32); 4] = [("w1", HID, IN, 0), ("b1", HID, 0, 1), ("w2", OUT, HID, 0), ("b2", OUT, 0, 1)];
+    let specs: [(&str, usize, usize, u32); 4] = [
+        ("w1", HID, IN, 0),
+        ("b1", HID, 0, 1),
+        ("w2", OUT, HID, 0),
+        ("b2", OUT, 0, 1),
+    ];
     let mut ids = [0u32; 4];
     for (k, (name, rows, cols, group)) in specs.iter().enumerate() {
         let store = match k {
@@ -220,7 +241,11 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
             2 => &mut m.w2,
             _ => &mut m.b2,
         };
-        let shape: Vec<i64> = if *cols > 0 { vec![*rows as i64, *cols as i64] } else { vec![*rows as i64] };
+        let shape: Vec<i64> = if *cols > 0 {
+            vec![*rows as i64, *cols as i64]
+        } else {
+            vec![*rows as i64]
+        };
         let cname = CString::new(*name).unwrap();
         let desc = lomo_param_desc {
             struct_size: std::mem::size_of::<lomo_param_desc>(),
@@ -251,7 +276,11 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
         let x = rng.vec(BATCH * IN, 1.0);
         let labels: Vec<usize> = (0..BATCH)
             .map(|n| {
-                let s = |k: usize| (0..IN).map(|i| teacher[k * IN + i] * x[n * IN + i]).sum::<f32>();
+                let s = |k: usize| {
+                    (0..IN)
+                        .map(|i| teacher[k * IN + i] * x[n * IN + i])
+                        .sum::<f32>()
+                };
                 (0..OUT).max_by(|&a, &b| s(a).total_cmp(&s(b))).unwrap()
             })
             .collect();
@@ -275,14 +304,21 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
         first.get_or_insert(loss);
         last = loss;
         if step % 50 == 0 || step == STEPS - 1 {
-            let mut info = lomo_step_info { struct_size: std::mem::size_of::<lomo_step_info>(), ..Default::default() };
+            let mut info = lomo_step_info {
+                struct_size: std::mem::size_of::<lomo_step_info>(),
+                ..Default::default()
+            };
             // SAFETY: `opt` is live, `info` is writable.
             check(unsafe { lomo_step_info_get(opt, &mut info) });
             println!(
                 "step {:4}  loss {:.4}  grad-norm {:>8}  clip {:.3}",
                 step,
                 loss,
-                if info.grad_norm.is_nan() { "-".to_string() } else { format!("{:.4}", info.grad_norm) },
+                if info.grad_norm.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{:.4}", info.grad_norm)
+                },
                 info.clip_coef
             );
         }

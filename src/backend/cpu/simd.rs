@@ -25,21 +25,22 @@ pub fn has_avx2_fma() -> bool {
     *AVX2_FMA
 }
 
-/// Defines `fn name(args) -> ret` that runs `body` compiled for AVX2+FMA when the CPU has them.
+/// Defines `fn name<T: Bound, ..>(args) -> ret` that runs `body` compiled for AVX2+FMA when the
+/// CPU has them (generic parameters are optional).
 macro_rules! multiversion {
-    ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+    ($vis:vis fn $name:ident $(<$($g:ident : $b:path),*>)? ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $vis fn $name $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
+            fn body $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn fast($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+            unsafe fn fast $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? { body $(::<$($g),*>)? ($($arg),*) }
             #[cfg(target_arch = "x86_64")]
             if $crate::backend::cpu::simd::has_avx2_fma() {
                 // SAFETY: AVX2 and FMA were detected on this CPU at run time.
-                return unsafe { fast($($arg),*) };
+                return unsafe { fast $(::<$($g),*>)? ($($arg),*) };
             }
-            body($($arg),*)
+            body $(::<$($g),*>)? ($($arg),*)
         }
     };
 }
