@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== Rust tests"
-cargo test --release --all-targets
+cargo test --release
+cargo run --release --example quickstart

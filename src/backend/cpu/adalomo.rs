@@ -349,45 +349,30 @@ multiversion! {
         for (i, &old) in row_old.iter().enumerate() {
             let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
             let mut row_lanes = [0f32; 8];
-            let mut p_lanes = [0f32; 8];
-            let mut bad = 0u32;
-            let mut it = grow
-                .chunks_exact(8)
-                .zip(prow.chunks_exact(8))
-                .zip(w.colblk.chunks_exact_mut(8).zip(w.xsq.chunks_exact_mut(8)));
-            for ((g8, p8), (c8, s8)) in &mut it {
-                for k in 0..8 {
-                    bad |= (!g8[k].is_finite_bits()) as u32;
-                    let x = xf.apply(g8[k].to_f32());
-                    let sq = x * x;
-                    let u = sq + eps1;
-                    s8[k] = sq;
-                    c8[k] += u;
-                    row_lanes[k] += u;
-                    if args.need_psq {
-                        let pv = p8[k].to_f32();
-                        p_lanes[k] = pv.mul_add(pv, p_lanes[k]);
-                    }
+            // Simple loops over one tile each, so every one of them vectorizes; the tile stays
+            // in L1 between them.
+            let mut t = 0;
+            while t < cols {
+                let len = TILE.min(cols - t);
+                let gt = &grow[t..t + len];
+                if !all_finite(gt) {
+                    w.finite = false;
+                    return;
                 }
-            }
-            for j in cols - cols % 8..cols {
-                bad |= (!grow[j].is_finite_bits()) as u32;
-                let x = xf.apply(grow[j].to_f32());
-                let sq = x * x;
-                let u = sq + eps1;
-                w.xsq[j] = sq;
-                w.colblk[j] += u;
-                row_lanes[j % 8] += u;
+                let xsq = &mut w.xsq[t..t + len];
+                for (s, gv) in xsq.iter_mut().zip(gt) {
+                    let x = xf.apply(gv.to_f32());
+                    *s = x * x;
+                }
+                for (c, &s) in w.colblk[t..t + len].iter_mut().zip(xsq.iter()) {
+                    *c += s + eps1;
+                }
+                lane_add_plus(&mut row_lanes, xsq, eps1);
                 if args.need_psq {
-                    let pv = prow[j].to_f32();
-                    p_lanes[j % 8] = pv.mul_add(pv, p_lanes[j % 8]);
+                    psq += sum_sq(&prow[t..t + len]);
                 }
+                t += len;
             }
-            if bad != 0 {
-                w.finite = false;
-                return;
-            }
-            psq += lane_sum(&p_lanes) as f64;
             let mean = lane_sum(&row_lanes) / cols as f32;
             let rn = mean.mul_add(args.one_minus_beta, old * args.beta);
             w.new_state[i] = rn;
@@ -412,6 +397,20 @@ fn fold(acc: &mut [f64], blk: &mut [f32]) {
     for (a, b) in acc.iter_mut().zip(blk.iter_mut()) {
         *a += *b as f64;
         *b = 0.0;
+    }
+}
+
+/// Adds `v[k] + c` to lane `k % 8`.
+#[inline(always)]
+fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
+    let mut it = v.chunks_exact(8);
+    for c8 in &mut it {
+        for k in 0..8 {
+            lanes[k] += c8[k] + c;
+        }
+    }
+    for (k, &x) in it.remainder().iter().enumerate() {
+        lanes[k] += x + c;
     }
 }
 
