@@ -8,7 +8,10 @@ use lomo::{Algorithm, Config, DType, Device, Optimizer, ParamDesc, Phase};
 
 /// Process CPU time in seconds (all threads): less sensitive than wall time to other load.
 fn cpu_time() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out pointer for clock_gettime.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9

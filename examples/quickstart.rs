@@ -150,39 +150,32 @@ fn backward(opt: *mut lomo_optimizer, ids: &[u32; 4], m: &Mlp, x: &[f32], h: &[f
             )
         })
     };
-    // Layer 2: dW2 = dzᵀ h, db2 = Σ dz. Its gradient buffers are dropped right after submission.
-    {
-        let mut dw2 = vec![0f32; OUT * HID];
-        let mut db2 = vec![0f32; OUT];
-        for n in 0..BATCH {
-            for k in 0..OUT {
-                let d = dz[n * OUT + k];
-                db2[k] += d;
-                for j in 0..HID {
-                    dw2[k * HID + j] += d * h[n * HID + j];
-                }
+    // Layer 2 first: its gradients are complete before anything of layer 1 is.
+    let (dw2, db2) = linear_grads(dz, h, OUT, HID);
+    submit(ids[3], &db2);
+    // dh must use W2 before its update: compute it, then submit dW2 (and drop that buffer).
+    let dpre = hidden_grad(m, h, dz);
+    submit(ids[2], &dw2);
+    drop(dw2);
+    let (dw1, db1) = linear_grads(&dpre, x, HID, IN);
+    submit(ids[1], &db1);
+    submit(ids[0], &dw1);
+}
+
+/// dW = dyᵀ·input and db = Σ dy for a linear layer with `out` outputs and `inp` inputs.
+fn linear_grads(dy: &[f32], input: &[f32], out: usize, inp: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dw = vec![0f32; out * inp];
+    let mut db = vec![0f32; out];
+    for n in 0..BATCH {
+        for k in 0..out {
+            let d = dy[n * out + k];
+            db[k] += d;
+            for j in 0..inp {
+                dw[k * inp + j] += d * input[n * inp + j];
             }
         }
-        submit(ids[3], &db2);
-        // dh must use W2 before the update: compute it first, then submit dW2.
-        let dpre = hidden_grad(m, h, dz);
-        submit(ids[2], &dw2);
-        drop(dw2);
-        // Layer 1: dW1 = dpreᵀ x, db1 = Σ dpre.
-        let mut dw1 = vec![0f32; HID * IN];
-        let mut db1 = vec![0f32; HID];
-        for n in 0..BATCH {
-            for j in 0..HID {
-                let d = dpre[n * HID + j];
-                db1[j] += d;
-                for i in 0..IN {
-                    dw1[j * IN + i] += d * x[n * IN + i];
-                }
-            }
-        }
-        submit(ids[1], &db1);
-        submit(ids[0], &dw1);
     }
+    (dw, db)
 }
 
 /// Gradient at the hidden pre-activations: (dz W2) ⊙ (1 − h²).
