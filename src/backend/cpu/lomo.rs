@@ -44,6 +44,7 @@ pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
 multiversion! {
     fn chunk_update<P: Elem, G: Elem>(p: &mut [P], g: &[G], args: &LomoArgs, elem0: u64) -> bool {
         let (xf, neg_lr, decay) = (args.xf, args.neg_lr, args.decay);
+        let identity = xf.is_identity();
         // Each tile is computed into `tmp` (in L1) while its gradient is checked, and written
         // back only if every element was finite: one pass over p and g, streamed together.
         let mut tmp = [P::from_f32_rne(0.0); TILE];
@@ -51,6 +52,12 @@ multiversion! {
             let out = &mut tmp[..pt.len()];
             let mut bad = 0u32;
             match args.round.mode {
+                Rounding::Nearest if identity => {
+                    for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
+                        bad |= (!gv.is_finite_bits()) as u32;
+                        *o = P::from_f32_rne(gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay));
+                    }
+                }
                 Rounding::Nearest => {
                     for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
                         bad |= (!gv.is_finite_bits()) as u32;
