@@ -110,9 +110,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(15);
     println!(
-        "threads: {}, avx2+fma: {}",
+        "threads: {}, simd level: {} (0 baseline, 1 AVX2+FMA, 2 AVX-512)",
         lomo::backend::cpu::num_threads(),
-        lomo::backend::cpu::simd::has_avx2_fma()
+        lomo::backend::cpu::simd::level()
     );
     for dtype in [DType::F32, DType::Bf16] {
         bench(Algorithm::Lomo, dtype, 4096, 4096, false, reps);

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 
 echo "== Rust tests"
 cargo test --release
+# The SIMD paths must agree: rerun the numerical tests on the portable baseline path.
+LOMO_CPU_LEVEL=baseline cargo test --release --test golden --test reference --test protocol
 cargo run --release --example quickstart

@@ -5,7 +5,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use lomo::{Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding};
+use lomo::{
+    Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding,
+};
 
 struct Counting;
 static ARMED: AtomicBool = AtomicBool::new(false);
@@ -78,7 +80,11 @@ fn steps_do_not_allocate() {
             step(&mut opt);
         }
         ARMED.store(false, Ordering::SeqCst);
-        assert_eq!(COUNT.swap(0, Ordering::SeqCst), 0, "{algorithm:?}: steps allocated");
+        assert_eq!(
+            COUNT.swap(0, Ordering::SeqCst),
+            0,
+            "{algorithm:?}: steps allocated"
+        );
         assert_eq!(opt.step_info().step, 4);
     }
 }
