@@ -28,7 +28,11 @@ fn check(st: Status) {
         let mut buf = [0u8; 512];
         // SAFETY: buf is writable for its length.
         let n = unsafe { lomo_last_error_message(buf.as_mut_ptr().cast(), buf.len()) };
-        panic!("{}: {}", st.as_str(), String::from_utf8_lossy(&buf[..n.min(511)]));
+        panic!(
+            "{}: {}",
+            st.as_str(),
+            String::from_utf8_lossy(&buf[..n.min(511)])
+        );
     }
 }
 
@@ -54,7 +58,11 @@ enum Store {
 impl Store {
     fn new(vals: Vec<f32>, bf16: bool) -> Store {
         if bf16 {
-            Store::Bf16(vals.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
+            Store::Bf16(
+                vals.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect(),
+            )
         } else {
             Store::F32(vals)
         }
@@ -132,41 +140,42 @@ fn cross_entropy(z: &[f32], labels: &[usize], scale: f32) -> (f32, Vec<f32>) {
 fn backward(opt: *mut lomo_optimizer, ids: &[u32; 4], m: &Mlp, x: &[f32], h: &[f32], dz: &[f32]) {
     let submit = |id: u32, g: &[f32]| {
         // SAFETY: `opt` is live and `g` holds the parameter's element count of f32 values.
-        check(unsafe { lomo_grad_submit(opt, id, g.as_ptr().cast(), lomo::DType::F32 as u32, null_mut()) })
+        check(unsafe {
+            lomo_grad_submit(
+                opt,
+                id,
+                g.as_ptr().cast(),
+                lomo::DType::F32 as u32,
+                null_mut(),
+            )
+        })
     };
-    // Layer 2: dW2 = dzᵀ h, db2 = Σ dz. Its gradient buffers are dropped right after submission.
-    {
-        let mut dw2 = vec![0f32; OUT * HID];
-        let mut db2 = vec![0f32; OUT];
-        for n in 0..BATCH {
-            for k in 0..OUT {
-                let d = dz[n * OUT + k];
-                db2[k] += d;
-                for j in 0..HID {
-                    dw2[k * HID + j] += d * h[n * HID + j];
-                }
+    // Layer 2 first: its gradients are complete before anything of layer 1 is.
+    let (dw2, db2) = linear_grads(dz, h, OUT, HID);
+    submit(ids[3], &db2);
+    // dh must use W2 before its update: compute it, then submit dW2 (and drop that buffer).
+    let dpre = hidden_grad(m, h, dz);
+    submit(ids[2], &dw2);
+    drop(dw2);
+    let (dw1, db1) = linear_grads(&dpre, x, HID, IN);
+    submit(ids[1], &db1);
+    submit(ids[0], &dw1);
+}
+
+/// dW = dyᵀ·input and db = Σ dy for a linear layer with `out` outputs and `inp` inputs.
+fn linear_grads(dy: &[f32], input: &[f32], out: usize, inp: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dw = vec![0f32; out * inp];
+    let mut db = vec![0f32; out];
+    for n in 0..BATCH {
+        for k in 0..out {
+            let d = dy[n * out + k];
+            db[k] += d;
+            for j in 0..inp {
+                dw[k * inp + j] += d * input[n * inp + j];
             }
         }
-        submit(ids[3], &db2);
-        // dh must use W2 before the update: compute it first, then submit dW2.
-        let dpre = hidden_grad(m, h, dz);
-        submit(ids[2], &dw2);
-        drop(dw2);
-        // Layer 1: dW1 = dpreᵀ x, db1 = Σ dpre.
-        let mut dw1 = vec![0f32; HID * IN];
-        let mut db1 = vec![0f32; HID];
-        for n in 0..BATCH {
-            for j in 0..HID {
-                let d = dpre[n * HID + j];
-                db1[j] += d;
-                for i in 0..IN {
-                    dw1[j * IN + i] += d * x[n * IN + i];
-                }
-            }
-        }
-        submit(ids[1], &db1);
-        submit(ids[0], &dw1);
     }
+    (dw, db)
 }
 
 /// Gradient at the hidden pre-activations: (dz W2) ⊙ (1 − h²).
@@ -211,7 +220,12 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
         b2: Store::new(vec![0.0; OUT], bf16),
     };
     let teacher = rng.vec(OUT * IN, 1.0);
-    let specs: [(&str, usize, usize, u32); 4] = [("w1", HID, IN, 0), ("b1", HID, 0, 1), ("w2", OUT, HID, 0), ("b2", OUT, 0, 1)];
+    let specs: [(&str, usize, usize, u32); 4] = [
+        ("w1", HID, IN, 0),
+        ("b1", HID, 0, 1),
+        ("w2", OUT, HID, 0),
+        ("b2", OUT, 0, 1),
+    ];
     let mut ids = [0u32; 4];
     for (k, (name, rows, cols, group)) in specs.iter().enumerate() {
         let store = match k {
@@ -220,7 +234,11 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
             2 => &mut m.w2,
             _ => &mut m.b2,
         };
-        let shape: Vec<i64> = if *cols > 0 { vec![*rows as i64, *cols as i64] } else { vec![*rows as i64] };
+        let shape: Vec<i64> = if *cols > 0 {
+            vec![*rows as i64, *cols as i64]
+        } else {
+            vec![*rows as i64]
+        };
         let cname = CString::new(*name).unwrap();
         let desc = lomo_param_desc {
             struct_size: std::mem::size_of::<lomo_param_desc>(),
@@ -251,7 +269,11 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
         let x = rng.vec(BATCH * IN, 1.0);
         let labels: Vec<usize> = (0..BATCH)
             .map(|n| {
-                let s = |k: usize| (0..IN).map(|i| teacher[k * IN + i] * x[n * IN + i]).sum::<f32>();
+                let s = |k: usize| {
+                    (0..IN)
+                        .map(|i| teacher[k * IN + i] * x[n * IN + i])
+                        .sum::<f32>()
+                };
                 (0..OUT).max_by(|&a, &b| s(a).total_cmp(&s(b))).unwrap()
             })
             .collect();
@@ -275,14 +297,21 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
         first.get_or_insert(loss);
         last = loss;
         if step % 50 == 0 || step == STEPS - 1 {
-            let mut info = lomo_step_info { struct_size: std::mem::size_of::<lomo_step_info>(), ..Default::default() };
+            let mut info = lomo_step_info {
+                struct_size: std::mem::size_of::<lomo_step_info>(),
+                ..Default::default()
+            };
             // SAFETY: `opt` is live, `info` is writable.
             check(unsafe { lomo_step_info_get(opt, &mut info) });
             println!(
                 "step {:4}  loss {:.4}  grad-norm {:>8}  clip {:.3}",
                 step,
                 loss,
-                if info.grad_norm.is_nan() { "-".to_string() } else { format!("{:.4}", info.grad_norm) },
+                if info.grad_norm.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{:.4}", info.grad_norm)
+                },
                 info.clip_coef
             );
         }

@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== Rust tests"
-cargo test --release --all-targets
+cargo test --release
+# The SIMD paths must agree: rerun the numerical tests on the portable baseline path.
+LOMO_CPU_LEVEL=baseline cargo test --release --test golden --test reference --test protocol
+cargo run --release --example quickstart
 
 # ---- BEGIN: installation for C and C++ users (scripts/install.sh, examples/cpp) ----
 echo "== Install, pkg-config and CMake package, C++ example"

@@ -13,7 +13,11 @@ pub fn lib_dir() -> PathBuf {
 fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = lib_dir();
-    assert!(lib.join("liblomo.so").exists(), "liblomo.so not found in {}", lib.display());
+    assert!(
+        lib.join("liblomo.so").exists(),
+        "liblomo.so not found in {}",
+        lib.display()
+    );
     let out = std::env::temp_dir().join(format!("lomo_smoke_{}_{}", std, std::process::id()));
     let status = Command::new(compiler)
         .arg(format!("-std={std}"))

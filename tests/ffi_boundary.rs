@@ -9,7 +9,10 @@ fn exports_in(src: &str) -> Vec<(String, String)> {
     let mut rest = src;
     while let Some(pos) = rest.find("extern \"C\" fn ") {
         let after = &rest[pos + "extern \"C\" fn ".len()..];
-        let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
         // The body starts at the first '{' after the closing parenthesis of the signature.
         let mut depth = 0i32;
         let mut body_start = None;
@@ -25,7 +28,13 @@ fn exports_in(src: &str) -> Vec<(String, String)> {
             }
         }
         let body = &after[body_start.expect("export has a body")..];
-        let first = body.trim_start().lines().next().unwrap_or("").trim().to_owned();
+        let first = body
+            .trim_start()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
         out.push((name, first));
         rest = &after[body_start.unwrap()..];
     }
@@ -46,7 +55,10 @@ fn every_export_is_guarded() {
                 "{}: export {name} must start with guard(..) or guard_or(..), starts with {first:?}",
                 path.display()
             );
-            assert!(name.starts_with("lomo_"), "export {name} lacks the lomo_ prefix");
+            assert!(
+                name.starts_with("lomo_"),
+                "export {name} lacks the lomo_ prefix"
+            );
         }
     }
     assert!(count >= 15, "found only {count} exports");

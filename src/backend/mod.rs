@@ -36,12 +36,26 @@ pub struct GradXform {
 }
 
 impl GradXform {
+    /// Whether `apply` is the identity (no scaling, clipping or coefficient).
+    pub fn is_identity(&self) -> bool {
+        self.inv_scale == 1.0 && self.clip_value == f32::INFINITY && self.coef == 1.0
+    }
+
+    /// For finite `g` (callers check first); compiles to plain vector min/max.
     #[inline(always)]
     pub fn apply(&self, g: f32) -> f32 {
-        (g * self.inv_scale)
-            .max(-self.clip_value)
-            .min(self.clip_value)
-            * self.coef
+        let v = g * self.inv_scale;
+        let v = if v < -self.clip_value {
+            -self.clip_value
+        } else {
+            v
+        };
+        let v = if v > self.clip_value {
+            self.clip_value
+        } else {
+            v
+        };
+        v * self.coef
     }
 }
 

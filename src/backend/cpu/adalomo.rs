@@ -15,10 +15,11 @@
 //! the row is in cache. Nothing is committed until the whole gradient is known to be finite.
 //! Pass C (`apply`) reads g and p and writes p.
 
-use super::convert::{Dst, RoundCtx, Src, TILE};
+use super::convert::{all_finite, Elem, RoundCtx, TILE};
 use super::simd::multiversion;
-use super::{chunk_count, chunk_range, for_each_chunk_mut, lane_add, lane_sum};
+use super::{chunk_count, chunk_range, for_each_chunk_mut, lane_sum, with_dtypes};
 use crate::backend::{GradXform, RawBuf};
+use crate::config::Rounding;
 
 /// Rows accumulated in f32 before folding into the f64 column sums.
 const FOLD_ROWS: usize = 64;
@@ -217,14 +218,12 @@ pub fn stats(
     match state {
         StateView::Factored { row, col } => {
             for_each_chunk_mut(&mut ws.chunks, |_, w| {
-                // SAFETY: buffers validated by the core; only read here.
-                let (g, p) = unsafe {
-                    (
-                        grad.src(w.a * cols, w.b * cols),
-                        param.src(w.a * cols, w.b * cols),
-                    )
-                };
-                stats_rows(w, g, p, &row[w.a..w.b], cols, args);
+                let (a, b) = (w.a * cols, w.b * cols);
+                with_dtypes!(param.dtype, grad.dtype, |P, G| {
+                    // SAFETY: buffers validated by the core; only read here.
+                    let (p, g) = unsafe { (param.slice::<P>(a, b), grad.slice::<G>(a, b)) };
+                    stats_rows::<P, G>(w, g, p, &row[w.a..w.b], cols, args)
+                });
             });
             let stats = gather(ws, args.need_psq);
             if !stats.finite {
@@ -235,9 +234,11 @@ pub fn stats(
         }
         StateView::Vector { v } => {
             for_each_chunk_mut(&mut ws.chunks, |_, w| {
-                // SAFETY: buffers validated by the core; only read here.
-                let (g, p) = unsafe { (grad.src(w.a, w.b), param.src(w.a, w.b)) };
-                stats_vector(w, g, p, &v[w.a..w.b], args);
+                with_dtypes!(param.dtype, grad.dtype, |P, G| {
+                    // SAFETY: buffers validated by the core; only read here.
+                    let (p, g) = unsafe { (param.slice::<P>(w.a, w.b), grad.slice::<G>(w.a, w.b)) };
+                    stats_vector::<P, G>(w, g, p, &v[w.a..w.b], args)
+                });
             });
             gather(ws, args.need_psq)
         }
@@ -317,14 +318,16 @@ pub fn apply(param: &RawBuf, grad: &RawBuf, ws: &mut AdaWorkspace, args: &ApplyA
         } else {
             (w.a, w.b)
         };
-        // SAFETY: buffers validated by the core; chunks are disjoint, so this is the only view
-        // of p[a..b]; the gradient is only read.
-        let (mut p, g) = unsafe { (param.dst(a, b), grad.src(a, b)) };
-        w.psq = if factored {
-            apply_rows(&mut p, g, &w.r_scale, c_scale, args, a as u64)
-        } else {
-            apply_vector(&mut p, g, &w.new_state, args, a as u64)
-        };
+        w.psq = with_dtypes!(param.dtype, grad.dtype, |P, G| {
+            // SAFETY: buffers validated by the core; chunks are disjoint, so this is the only
+            // reference to p[a..b]; the gradient is only read.
+            let (p, g) = unsafe { (param.slice_mut::<P>(a, b), grad.slice::<G>(a, b)) };
+            if factored {
+                apply_rows::<P, G>(p, g, &w.r_scale, c_scale, args, a as u64)
+            } else {
+                apply_vector::<P, G>(p, g, &w.new_state, args, a as u64)
+            }
+        });
     });
     if args.carry {
         ws.chunks.iter().map(|w| w.psq).sum()
@@ -334,54 +337,48 @@ pub fn apply(param: &RawBuf, grad: &RawBuf, ws: &mut AdaWorkspace, args: &ApplyA
 }
 
 multiversion! {
-    fn stats_rows(w: &mut ChunkWs, g: Src<'_>, p: Src<'_>, row_old: &[f32], cols: usize, args: &StatsArgs) {
-        let mut gx = [0f32; TILE];
+    fn stats_rows<P: Elem, G: Elem>(w: &mut ChunkWs, g: &[G], p: &[P], row_old: &[f32], cols: usize, args: &StatsArgs) {
         w.col64.fill(0.0);
         w.d64.fill(0.0);
         w.colblk.fill(0.0);
         w.dblk.fill(0.0);
         w.finite = true;
+        let (xf, eps1) = (args.xf, args.eps1);
         let mut psq = 0f64;
         let mut pending = 0;
         for (i, &old) in row_old.iter().enumerate() {
-            let base = i * cols;
+            let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
             let mut row_lanes = [0f32; 8];
-            let mut psq_lanes = [0f32; 8];
+            // Simple loops over one tile each, so every one of them vectorizes; the tile stays
+            // in L1 between them.
             let mut t = 0;
             while t < cols {
                 let len = TILE.min(cols - t);
-                if !g.all_finite(base + t, base + t + len) {
+                let gt = &grow[t..t + len];
+                if !all_finite(gt) {
                     w.finite = false;
                     return;
                 }
-                let x = &mut gx[..len];
-                g.load(base + t, x);
-                let (colblk, xsq) = (&mut w.colblk[t..t + len], &mut w.xsq[t..t + len]);
-                for k in 0..len {
-                    let v = args.xf.apply(x[k]);
-                    let s = v * v;
-                    let u = s + args.eps1;
-                    xsq[k] = s;
-                    colblk[k] += u;
-                    x[k] = u;
+                let xsq = &mut w.xsq[t..t + len];
+                for (s, gv) in xsq.iter_mut().zip(gt) {
+                    let x = xf.apply(gv.to_f32());
+                    *s = x * x;
                 }
-                lane_add(&mut row_lanes, x);
+                for (c, &s) in w.colblk[t..t + len].iter_mut().zip(xsq.iter()) {
+                    *c += s + eps1;
+                }
+                lane_add_plus(&mut row_lanes, xsq, eps1);
                 if args.need_psq {
-                    p.load(base + t, x);
-                    for v in x.iter_mut() {
-                        *v *= *v;
-                    }
-                    lane_add(&mut psq_lanes, x);
+                    psq += sum_sq(&prow[t..t + len]);
                 }
                 t += len;
             }
-            psq += lane_sum(&psq_lanes) as f64;
             let mean = lane_sum(&row_lanes) / cols as f32;
             let rn = mean.mul_add(args.one_minus_beta, old * args.beta);
             w.new_state[i] = rn;
             let inv = 1.0 / rn;
             for (d, &s) in w.dblk.iter_mut().zip(w.xsq.iter()) {
-                *d += s * inv;
+                *d = s.mul_add(inv, *d);
             }
             pending += 1;
             if pending == FOLD_ROWS || i + 1 == row_old.len() {
@@ -403,74 +400,94 @@ fn fold(acc: &mut [f64], blk: &mut [f32]) {
     }
 }
 
+/// Adds `v[k] + c` to lane `k % 8`.
+#[inline(always)]
+fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
+    let mut it = v.chunks_exact(8);
+    for c8 in &mut it {
+        for k in 0..8 {
+            lanes[k] += c8[k] + c;
+        }
+    }
+    for (k, &x) in it.remainder().iter().enumerate() {
+        lanes[k] += x + c;
+    }
+}
+
+/// Σv² of a slice in f32 lanes, folded to f64 per tile.
+#[inline(always)]
+fn sum_sq<P: Elem>(v: &[P]) -> f64 {
+    let mut total = 0f64;
+    for tile in v.chunks(TILE) {
+        let mut lanes = [0f32; 8];
+        let mut it = tile.chunks_exact(8);
+        for c in &mut it {
+            for k in 0..8 {
+                let x = c[k].to_f32();
+                lanes[k] = x.mul_add(x, lanes[k]);
+            }
+        }
+        for (k, c) in it.remainder().iter().enumerate() {
+            let x = c.to_f32();
+            lanes[k] = x.mul_add(x, lanes[k]);
+        }
+        total += lane_sum(&lanes) as f64;
+    }
+    total
+}
+
 multiversion! {
-    fn stats_vector(w: &mut ChunkWs, g: Src<'_>, p: Src<'_>, v_old: &[f32], args: &StatsArgs) {
-        let n = g.len();
-        let mut gx = [0f32; TILE];
-        let (mut usq, mut psq) = (0f64, 0f64);
+    fn stats_vector<P: Elem, G: Elem>(w: &mut ChunkWs, g: &[G], p: &[P], v_old: &[f32], args: &StatsArgs) {
+        let (xf, eps1, beta, omb) = (args.xf, args.eps1, args.beta, args.one_minus_beta);
+        let mut usq = 0f64;
         w.finite = true;
-        let mut t = 0;
-        while t < n {
-            let len = TILE.min(n - t);
-            if !g.all_finite(t, t + len) {
+        for (t, gt) in g.chunks(TILE).enumerate() {
+            if !all_finite(gt) {
                 w.finite = false;
                 return;
             }
-            let x = &mut gx[..len];
-            g.load(t, x);
-            let vn = &mut w.new_state[t..t + len];
-            for k in 0..len {
-                let xv = args.xf.apply(x[k]);
-                let u = xv * xv + args.eps1;
-                let nv = u.mul_add(args.one_minus_beta, v_old[t + k] * args.beta);
-                vn[k] = nv;
-                let uu = (1.0 / nv.sqrt()) * xv;
-                x[k] = uu * uu;
-            }
+            let base = t * TILE;
+            let (vo, vn) = (&v_old[base..base + gt.len()], &mut w.new_state[base..base + gt.len()]);
             let mut lanes = [0f32; 8];
-            lane_add(&mut lanes, x);
-            usq += lane_sum(&lanes) as f64;
-            if args.need_psq {
-                p.load(t, x);
-                for v in x.iter_mut() {
-                    *v *= *v;
-                }
-                let mut lanes = [0f32; 8];
-                lane_add(&mut lanes, x);
-                psq += lane_sum(&lanes) as f64;
+            for (k, ((gv, &old), nv)) in gt.iter().zip(vo).zip(vn.iter_mut()).enumerate() {
+                let x = xf.apply(gv.to_f32());
+                let u = x * x + eps1;
+                let n = u.mul_add(omb, old * beta);
+                *nv = n;
+                let uu = (1.0 / n.sqrt()) * x;
+                lanes[k % 8] = uu.mul_add(uu, lanes[k % 8]);
             }
-            t += len;
+            usq += lane_sum(&lanes) as f64;
         }
         w.usq = usq;
-        w.psq = psq;
+        w.psq = if args.need_psq { sum_sq(p) } else { 0.0 };
     }
 }
 
 multiversion! {
-    fn apply_rows(p: &mut Dst<'_>, g: Src<'_>, r_scale: &[f32], c_scale: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
+    fn apply_rows<P: Elem, G: Elem>(p: &mut [P], g: &[G], r_scale: &[f32], c_scale: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
         let cols = c_scale.len();
-        let mut gx = [0f32; TILE];
-        let mut px = [0f32; TILE];
+        let (xf, inv_clip, neg_lr, decay) = (args.xf, args.inv_clip, args.neg_lr, args.decay);
         let mut psq = 0f64;
         for (i, &rs) in r_scale.iter().enumerate() {
-            let base = i * cols;
-            let mut t = 0;
-            while t < cols {
-                let len = TILE.min(cols - t);
-                let (gt, pt) = (&mut gx[..len], &mut px[..len]);
-                g.load(base + t, gt);
-                p.as_src().load(base + t, pt);
-                let cs = &c_scale[t..t + len];
-                for k in 0..len {
-                    let x = args.xf.apply(gt[k]);
-                    let u = ((rs * cs[k]) * x) * args.inv_clip;
-                    pt[k] = u.mul_add(args.neg_lr, pt[k] * args.decay);
+            let (prow, grow) = (&mut p[i * cols..(i + 1) * cols], &g[i * cols..(i + 1) * cols]);
+            match args.round.mode {
+                Rounding::Nearest => {
+                    for ((pv, gv), &cs) in prow.iter_mut().zip(grow).zip(c_scale) {
+                        let u = ((rs * cs) * xf.apply(gv.to_f32())) * inv_clip;
+                        *pv = P::from_f32_rne(u.mul_add(neg_lr, pv.to_f32() * decay));
+                    }
                 }
-                p.store(base + t, pt, &args.round, elem0 + (base + t) as u64);
-                if args.carry {
-                    psq += sum_sq_written(p, base + t, pt);
+                Rounding::Stochastic => {
+                    let e0 = elem0 + (i * cols) as u64;
+                    for (k, ((pv, gv), &cs)) in prow.iter_mut().zip(grow).zip(c_scale).enumerate() {
+                        let u = ((rs * cs) * xf.apply(gv.to_f32())) * inv_clip;
+                        *pv = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), e0 + k as u64);
+                    }
                 }
-                t += len;
+            }
+            if args.carry {
+                psq += sum_sq(prow);
             }
         }
         psq
@@ -478,41 +495,16 @@ multiversion! {
 }
 
 multiversion! {
-    fn apply_vector(p: &mut Dst<'_>, g: Src<'_>, v: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
-        let n = g.len();
-        let mut gx = [0f32; TILE];
-        let mut px = [0f32; TILE];
-        let mut psq = 0f64;
-        let mut t = 0;
-        while t < n {
-            let len = TILE.min(n - t);
-            let (gt, pt) = (&mut gx[..len], &mut px[..len]);
-            g.load(t, gt);
-            p.as_src().load(t, pt);
-            for k in 0..len {
-                let x = args.xf.apply(gt[k]);
-                let u = ((1.0 / v[t + k].sqrt()) * x) * args.inv_clip;
-                pt[k] = u.mul_add(args.neg_lr, pt[k] * args.decay);
-            }
-            p.store(t, pt, &args.round, elem0 + t as u64);
-            if args.carry {
-                psq += sum_sq_written(p, t, pt);
-            }
-            t += len;
+    fn apply_vector<P: Elem, G: Elem>(p: &mut [P], g: &[G], v: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
+        let (xf, inv_clip, neg_lr, decay) = (args.xf, args.inv_clip, args.neg_lr, args.decay);
+        for (k, ((pv, gv), &vv)) in p.iter_mut().zip(g).zip(v).enumerate() {
+            let u = ((1.0 / vv.sqrt()) * xf.apply(gv.to_f32())) * inv_clip;
+            *pv = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), elem0 + k as u64);
         }
-        psq
+        if args.carry {
+            sum_sq(p)
+        } else {
+            0.0
+        }
     }
-}
-
-/// Σp² of the values just stored at `[start, start + scratch.len())` (reloaded, so it sees the
-/// rounded values).
-#[inline(always)]
-fn sum_sq_written(p: &Dst<'_>, start: usize, scratch: &mut [f32]) -> f64 {
-    p.as_src().load(start, scratch);
-    for v in scratch.iter_mut() {
-        *v *= *v;
-    }
-    let mut lanes = [0f32; 8];
-    lane_add(&mut lanes, scratch);
-    lane_sum(&lanes) as f64
 }

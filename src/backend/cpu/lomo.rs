@@ -1,13 +1,14 @@
-//! CPU backend, LOMO update (`reference/semantics.md` §2.4), one pass over p and g:
+//! CPU backend, LOMO update (`reference/semantics.md` §2.4), one fused pass over p and g:
 //!
 //! ```text
 //! x = clamp(g / S, −v, v) · c          p ← round( fma(x, −lr, p · (1 − lr·wd)) )
 //! ```
 
-use super::convert::{RoundCtx, Src, TILE};
+use super::convert::{Elem, RoundCtx, TILE};
 use super::simd::multiversion;
-use super::{chunk_count, chunk_range, for_each_chunk, Partials};
+use super::{chunk_count, chunk_range, for_each_chunk, with_dtypes, Partials};
 use crate::backend::{GradXform, RawBuf};
+use crate::config::Rounding;
 
 /// Scalars of one LOMO update.
 #[derive(Clone, Copy, Debug)]
@@ -27,10 +28,13 @@ pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
     let bad = Partials::new();
     for_each_chunk(chunks, |c| {
         let (a, b) = chunk_range(n, chunks, c);
-        // SAFETY: the core validated both buffers for `numel` elements; chunks are disjoint, so
-        // this is the only view of p[a..b]; the gradient is only read.
-        let (mut p, g) = unsafe { (param.dst(a, b), grad.src(a, b)) };
-        if !chunk_update(&mut p, g, args, a as u64) {
+        let ok = with_dtypes!(param.dtype, grad.dtype, |P, G| {
+            // SAFETY: the core validated both buffers for `numel` elements; chunks are disjoint,
+            // so this is the only reference to p[a..b]; the gradient is only read.
+            let (p, g) = unsafe { (param.slice_mut::<P>(a, b), grad.slice::<G>(a, b)) };
+            chunk_update::<P, G>(p, g, args, a as u64)
+        });
+        if !ok {
             bad.set(c, 1.0);
         }
     });
@@ -38,25 +42,42 @@ pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
 }
 
 multiversion! {
-    fn chunk_update(p: &mut super::convert::Dst<'_>, g: Src<'_>, args: &LomoArgs, elem0: u64) -> bool {
-        let n = g.len();
-        let mut gx = [0f32; TILE];
-        let mut px = [0f32; TILE];
-        let mut start = 0;
-        while start < n {
-            let len = TILE.min(n - start);
-            if !g.all_finite(start, start + len) {
+    fn chunk_update<P: Elem, G: Elem>(p: &mut [P], g: &[G], args: &LomoArgs, elem0: u64) -> bool {
+        let (xf, neg_lr, decay) = (args.xf, args.neg_lr, args.decay);
+        let identity = xf.is_identity();
+        // Each tile is computed into `tmp` (in L1) while its gradient is checked, and written
+        // back only if every element was finite: one pass over p and g, streamed together.
+        let mut tmp = [P::from_f32_rne(0.0); TILE];
+        for (t, (pt, gt)) in p.chunks_mut(TILE).zip(g.chunks(TILE)).enumerate() {
+            let out = &mut tmp[..pt.len()];
+            let mut bad = 0u32;
+            match args.round.mode {
+                Rounding::Nearest if identity => {
+                    for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
+                        bad |= (!gv.is_finite_bits()) as u32;
+                        *o = P::from_f32_rne(gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay));
+                    }
+                }
+                Rounding::Nearest => {
+                    for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
+                        bad |= (!gv.is_finite_bits()) as u32;
+                        let x = xf.apply(gv.to_f32());
+                        *o = P::from_f32_rne(x.mul_add(neg_lr, pv.to_f32() * decay));
+                    }
+                }
+                Rounding::Stochastic => {
+                    let e0 = elem0 + (t * TILE) as u64;
+                    for (k, ((o, pv), gv)) in out.iter_mut().zip(pt.iter()).zip(gt).enumerate() {
+                        bad |= (!gv.is_finite_bits()) as u32;
+                        let x = xf.apply(gv.to_f32());
+                        *o = args.round.store(x.mul_add(neg_lr, pv.to_f32() * decay), e0 + k as u64);
+                    }
+                }
+            }
+            if bad != 0 {
                 return false;
             }
-            let (gt, pt) = (&mut gx[..len], &mut px[..len]);
-            g.load(start, gt);
-            p.as_src().load(start, pt);
-            for (pv, &gv) in pt.iter_mut().zip(gt.iter()) {
-                let x = args.xf.apply(gv);
-                *pv = x.mul_add(args.neg_lr, *pv * args.decay);
-            }
-            p.store(start, pt, &args.round, elem0 + start as u64);
-            start += len;
+            pt.copy_from_slice(out);
         }
         true
     }

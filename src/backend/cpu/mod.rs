@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
 
-use self::convert::{Dst, Src};
+use self::convert::Elem;
 use super::RawBuf;
-use crate::dtype::DType;
 
 /// The most chunks one tensor is split into.
 pub(crate) const MAX_CHUNKS: usize = 8;
@@ -108,60 +107,59 @@ impl Default for Partials {
 }
 
 impl RawBuf {
-    /// A read-only view of `[start, end)`.
+    /// The elements `[start, end)` as a typed slice.
     ///
     /// # Safety
-    /// `addr` must point to `numel` valid, aligned elements of `dtype` that nobody writes while
-    /// the view lives, and `start <= end <= numel`.
-    pub unsafe fn src(&self, start: usize, end: usize) -> Src<'_> {
-        debug_assert!(start <= end && end <= self.numel);
-        let n = end - start;
-        // SAFETY: guaranteed by the caller (see above); `start` is within the buffer.
-        unsafe {
-            match self.dtype {
-                DType::F32 => Src::F32(std::slice::from_raw_parts(
-                    (self.addr as *const f32).add(start),
-                    n,
-                )),
-                DType::F16 => Src::F16(std::slice::from_raw_parts(
-                    (self.addr as *const half::f16).add(start),
-                    n,
-                )),
-                DType::Bf16 => Src::Bf16(std::slice::from_raw_parts(
-                    (self.addr as *const u16).add(start),
-                    n,
-                )),
-            }
-        }
+    /// `addr` must point to `numel` valid, aligned elements of `T` (`T::DTYPE == dtype`) that
+    /// nobody writes while the slice lives, and `start <= end <= numel`.
+    pub unsafe fn slice<T: Elem>(&self, start: usize, end: usize) -> &[T] {
+        debug_assert!(T::DTYPE == self.dtype && start <= end && end <= self.numel);
+        // SAFETY: guaranteed by the caller (see above).
+        unsafe { std::slice::from_raw_parts((self.addr as *const T).add(start), end - start) }
     }
 
-    /// A mutable view of `[start, end)`.
+    /// The elements `[start, end)` as a mutable typed slice.
     ///
     /// # Safety
-    /// As for [`RawBuf::src`], and no other view of `[start, end)` may exist while this one lives.
+    /// As for [`RawBuf::slice`], and no other reference to `[start, end)` may exist meanwhile.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn dst(&self, start: usize, end: usize) -> Dst<'_> {
-        debug_assert!(start <= end && end <= self.numel);
-        let n = end - start;
-        // SAFETY: guaranteed by the caller (see above); `start` is within the buffer.
-        unsafe {
-            match self.dtype {
-                DType::F32 => Dst::F32(std::slice::from_raw_parts_mut(
-                    (self.addr as *mut f32).add(start),
-                    n,
-                )),
-                DType::F16 => Dst::F16(std::slice::from_raw_parts_mut(
-                    (self.addr as *mut half::f16).add(start),
-                    n,
-                )),
-                DType::Bf16 => Dst::Bf16(std::slice::from_raw_parts_mut(
-                    (self.addr as *mut u16).add(start),
-                    n,
-                )),
-            }
-        }
+    pub unsafe fn slice_mut<T: Elem>(&self, start: usize, end: usize) -> &mut [T] {
+        debug_assert!(T::DTYPE == self.dtype && start <= end && end <= self.numel);
+        // SAFETY: guaranteed by the caller (see above).
+        unsafe { std::slice::from_raw_parts_mut((self.addr as *mut T).add(start), end - start) }
     }
 }
+
+/// Runs `$body` with `$T` bound to the element type of `$dtype`.
+macro_rules! with_dtype {
+    ($dtype:expr, |$T:ident| $body:expr) => {
+        match $dtype {
+            $crate::dtype::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::dtype::DType::F16 => {
+                type $T = $crate::backend::cpu::convert::F16;
+                $body
+            }
+            $crate::dtype::DType::Bf16 => {
+                type $T = $crate::backend::cpu::convert::Bf16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_dtype;
+
+/// Runs `$body` with `$P` and `$G` bound to the element types of a parameter and a gradient.
+macro_rules! with_dtypes {
+    ($pd:expr, $gd:expr, |$P:ident, $G:ident| $body:expr) => {
+        $crate::backend::cpu::with_dtype!($pd, |$P| $crate::backend::cpu::with_dtype!($gd, |$G| {
+            $body
+        }))
+    };
+}
+pub(crate) use with_dtypes;
 
 /// Sum of `lanes` (8-wide f32 accumulators) in a fixed order.
 #[inline(always)]

@@ -1,0 +1,90 @@
+//! Steps allocate nothing on the CPU backend: a counting global allocator watches every thread
+//! while LOMO and AdaLomo steps (with a NORM phase, dynamic loss scaling and stochastic rounding)
+//! run on tensors large enough to use the thread pool.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use lomo::{
+    Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding,
+};
+
+struct Counting;
+static ARMED: AtomicBool = AtomicBool::new(false);
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if ARMED.load(Ordering::Relaxed) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn steps_do_not_allocate() {
+    for algorithm in [Algorithm::Lomo, Algorithm::Adalomo] {
+        let mut cfg = Config::defaults(algorithm);
+        cfg.clip_grad_norm = 1.0;
+        cfg.loss_scale_mode = LossScaleMode::Dynamic;
+        cfg.rounding = Rounding::Stochastic;
+        let mut opt = Optimizer::new(cfg).unwrap();
+        let shapes: [&[i64]; 3] = [&[512, 1024], &[300_000], &[7]];
+        let mut params: Vec<Vec<u16>> = Vec::new();
+        let mut grads: Vec<Vec<u16>> = Vec::new();
+        for s in shapes {
+            let n = s.iter().product::<i64>() as usize;
+            params.push(vec![0x3c00; n]);
+            grads.push(vec![0x3a00; n]);
+        }
+        let ids: Vec<u32> = params
+            .iter_mut()
+            .zip(shapes)
+            .enumerate()
+            .map(|(k, (p, s))| {
+                let name = format!("p{k}");
+                opt.register(&ParamDesc {
+                    name: &name,
+                    addr: p.as_mut_ptr() as usize,
+                    dtype: DType::Bf16,
+                    shape: s,
+                    device: Device::Cpu,
+                    group: 0,
+                    flags: 0,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut step = |opt: &mut Optimizer| {
+            for phase in [Phase::Norm, Phase::Update] {
+                opt.begin(phase, 1e-3).unwrap();
+                for (id, g) in ids.iter().zip(&grads) {
+                    opt.submit(*id, g.as_ptr() as usize, DType::Bf16).unwrap();
+                }
+                opt.end().unwrap();
+            }
+        };
+        step(&mut opt); // warm-up: the thread pool starts
+        ARMED.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            step(&mut opt);
+        }
+        ARMED.store(false, Ordering::SeqCst);
+        assert_eq!(
+            COUNT.swap(0, Ordering::SeqCst),
+            0,
+            "{algorithm:?}: steps allocated"
+        );
+        assert_eq!(opt.step_info().step, 4);
+    }
+}
