@@ -196,7 +196,7 @@ fn state_calls_check_phase_and_arguments() {
     let ckpt = state_bytes(&opt);
     let mut size = 0usize;
     opt.begin(UPDATE, 0.1).unwrap();
-    let g = vec![0.5f32; 24];
+    let g = [0.5f32; 24];
     opt.submit(ids[0], g.as_ptr().cast(), F32).unwrap();
     assert_eq!(
         load_bytes(&opt, &ckpt).unwrap_err().status,
