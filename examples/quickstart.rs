@@ -323,10 +323,26 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
 }
 
 fn print_memory(opt: *mut lomo_optimizer) {
-    let mut n = 0u32;
-    // SAFETY: `opt` is live.
-    check(unsafe { lomo_param_count(opt, &mut n) });
-    println!("optimizer: {n} parameters registered");
+    let mut st = lomo::ffi::types::lomo_memory_stats {
+        struct_size: std::mem::size_of::<lomo::ffi::types::lomo_memory_stats>(),
+        ..Default::default()
+    };
+    // SAFETY: `opt` is live, `st` is writable.
+    check(unsafe { lomo::ffi::state::lomo_memory_stats_get(opt, &mut st) });
+    let kib = |b: u64| b as f64 / 1024.0;
+    println!(
+        "memory: {} parameters, {} elements, {:.1} KiB of weights (the trainer's)",
+        st.param_count,
+        st.param_elements,
+        kib(st.param_bytes)
+    );
+    println!(
+        "        optimizer state {:.1} KiB + workspace {:.1} KiB; AdamW with f32 master weights \
+         would need {:.1} KiB (m, v, master copy, gradient buffers)",
+        kib(st.state_bytes),
+        kib(st.workspace_bytes),
+        kib(st.adamw_bytes)
+    );
 }
 
 fn main() {

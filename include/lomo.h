@@ -38,6 +38,16 @@
 #define LOMO_PARAM_CARRY_RMS 1
 
 /**
+ * Number of per-device entries in `lomo_memory_stats.devices`.
+ */
+#define LOMO_MEMORY_MAX_DEVICES 16
+
+/**
+ * `format_version` metadata value written by this library (and the newest it reads).
+ */
+#define FORMAT_VERSION 1
+
+/**
  * Stable status numbers (`lomo_status` in C). 0 is success.
  */
 enum lomo_status
@@ -409,7 +419,7 @@ typedef struct lomo_step_info {
    */
   uint32_t skipped;
   /**
-   * Steps skipped since the optimizer was created (or its state loaded).
+   * Steps skipped so far (restored by `lomo_state_load`).
    */
   uint64_t skipped_total;
   /**
@@ -421,6 +431,87 @@ typedef struct lomo_step_info {
    */
   uint32_t grads_nonfinite;
 } lomo_step_info;
+
+/**
+ * Memory of the parameters registered on one device (`lomo_memory_stats.devices`).
+ */
+typedef struct lomo_device_memory {
+  /**
+   * `LOMO_DEVICE_CPU` (−1) or a CUDA ordinal.
+   */
+  int32_t device;
+  /**
+   * Parameters registered on this device.
+   */
+  uint32_t param_count;
+  /**
+   * Their elements.
+   */
+  uint64_t param_elements;
+  /**
+   * Their buffers (the caller's memory; not owned by the optimizer).
+   */
+  uint64_t param_bytes;
+  /**
+   * Optimizer state owned by the library on this device (AdaLomo's f32 second-moment
+   * estimates: rows + cols per factored tensor, numel per vector; 0 for LOMO).
+   */
+  uint64_t state_bytes;
+  /**
+   * Scratch memory owned by the library on this device, allocated at registration.
+   */
+  uint64_t workspace_bytes;
+  /**
+   * What AdamW with f32 master weights would need for the same parameters, besides the
+   * parameters themselves: m and v in f32 (8 B per element), an f32 master copy of f16/bf16
+   * parameters (4 B; none for f32), and a gradient buffer in the parameter's dtype for every
+   * parameter (AdamW steps after backward, with all gradients alive). 14 B per bf16 element,
+   * 12 B per f32 element.
+   */
+  uint64_t adamw_bytes;
+} lomo_device_memory;
+
+/**
+ * Memory accounting of an optimizer (`lomo_memory_stats_get`). Totals cover every device;
+ * `devices` lists the first `LOMO_MEMORY_MAX_DEVICES` devices that hold parameters, the CPU
+ * first, then CUDA ordinals in increasing order.
+ */
+typedef struct lomo_memory_stats {
+  /**
+   * Set to `sizeof(lomo_memory_stats)` before the call.
+   */
+  size_t struct_size;
+  /**
+   * Registered parameters, all devices.
+   */
+  uint64_t param_count;
+  uint64_t param_elements;
+  /**
+   * Parameter buffers (the caller's), all devices.
+   */
+  uint64_t param_bytes;
+  /**
+   * Optimizer state owned by the library, all devices.
+   */
+  uint64_t state_bytes;
+  /**
+   * Scratch memory owned by the library, all devices.
+   */
+  uint64_t workspace_bytes;
+  /**
+   * AdamW's need for the same parameters, all devices (see `lomo_device_memory.adamw_bytes`).
+   */
+  uint64_t adamw_bytes;
+  /**
+   * Devices holding parameters (may exceed `LOMO_MEMORY_MAX_DEVICES`; then only the first
+   * `LOMO_MEMORY_MAX_DEVICES` are listed).
+   */
+  uint32_t device_count;
+  /**
+   * Per-device entries; the first `min(device_count, LOMO_MEMORY_MAX_DEVICES)` are valid.
+   */
+  struct lomo_device_memory devices[LOMO_MEMORY_MAX_DEVICES];
+} lomo_memory_stats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -566,6 +657,79 @@ lomo_status lomo_step_info_get(const struct lomo_optimizer *opt, struct lomo_ste
  * The factor to multiply the loss by before the next backward pass (1 when scaling is off).
  */
 lomo_status lomo_loss_scale(const struct lomo_optimizer *opt, float *out);
+
+/**
+ * Writes the optimizer's state to the file `path` (safetensors; see the README section
+ * "Checkpoints" for its contents): every AdaLomo parameter's second-moment state under its
+ * registered name (`<name>.row`, `<name>.col` or `<name>.v`), the step counters, the loss
+ * scaler's state and the configuration. LOMO's file has no tensors. The parameters' values are
+ * not included: save them with the model.
+ *
+ * The file is written to `<path>.tmp.<pid>`, flushed, and renamed over `path`, so `path` is
+ * either the old file or the complete new one. Call between steps (else
+ * `LOMO_STATUS_PHASE_ERROR`); `LOMO_STATUS_IO_ERROR` if the file cannot be written. `opt` and
+ * `path` (NUL-terminated) must not be NULL. For CUDA parameters the state is copied through the
+ * host (the call synchronizes). Not thread-safe with other calls on `opt`.
+ */
+lomo_status lomo_state_save(const struct lomo_optimizer *opt, const char *path);
+
+/**
+ * Loads a file written by `lomo_state_save` (or `lomo_state_serialize`) into `opt`, between
+ * steps (else `LOMO_STATUS_PHASE_ERROR`). State is matched to the registered parameters by
+ * name; registration order may differ.
+ *
+ * Fails with `LOMO_STATUS_STATE_MISMATCH` when the file is truncated, corrupted (it carries a
+ * CRC-32) or not a lomo checkpoint, or when its algorithm, set of parameter names, parameter
+ * shapes, or (AdaLomo) `eps1` or `decay_rate` differ from the optimizer's; with
+ * `LOMO_STATUS_IO_ERROR` when it cannot be read. On failure `opt` is unchanged; the last-error
+ * message says what differs.
+ *
+ * Restored: the state tensors, the applied and skipped step counts, and, when both the file
+ * and `opt` use dynamic loss scaling, the scaler's scale and counters (clamped to this config's
+ * `min_loss_scale` and `hysteresis`). Everything else (lr, weight decay and groups, clipping,
+ * eps2, clip_threshold, loss-scale options, rounding, seed, parameter dtypes) comes from `opt`.
+ * Carried Σp² (`LOMO_PARAM_CARRY_RMS`) is recomputed on the next step. Loading the same
+ * configuration resumes bit-identically (with stochastic rounding, register parameters in the
+ * same order: the random stream depends on the parameter id). Not thread-safe with other
+ * calls on `opt`.
+ */
+lomo_status lomo_state_load(struct lomo_optimizer *opt, const char *path);
+
+/**
+ * Stores in `*out_size` the exact size in bytes of the state `lomo_state_serialize` would write
+ * now. Call between steps (else `LOMO_STATUS_PHASE_ERROR`). `opt` and `out_size` must not be
+ * NULL; `*out_size` is written only on success.
+ */
+lomo_status lomo_state_size(const struct lomo_optimizer *opt, size_t *out_size);
+
+/**
+ * Writes the optimizer's state into the host buffer `buf` of `len` bytes: a complete
+ * safetensors file, byte for byte what `lomo_state_save` would write. `len` must be at least
+ * `lomo_state_size` (else `LOMO_STATUS_INVALID_ARGUMENT` and nothing is written); the number of
+ * bytes written is stored in `*out_written`. Call between steps. `opt`, `buf` and
+ * `out_written` must not be NULL.
+ */
+lomo_status lomo_state_serialize(const struct lomo_optimizer *opt,
+                                 uint8_t *buf,
+                                 size_t len,
+                                 size_t *out_written);
+
+/**
+ * Loads state from the host buffer `buf` of `len` bytes holding a complete file written by
+ * `lomo_state_serialize` or `lomo_state_save`; exactly as `lomo_state_load` (same checks,
+ * statuses and guarantees; `opt` is unchanged on failure). The buffer is only read during the
+ * call. `opt` and `buf` must not be NULL.
+ */
+lomo_status lomo_state_deserialize(struct lomo_optimizer *opt, const uint8_t *buf, size_t len);
+
+/**
+ * Fills `*out` with the optimizer's memory per device and in total: the library's own state and
+ * workspace bytes, the caller's parameter bytes, and what AdamW with f32 master weights would
+ * need for the same parameters (see `lomo_device_memory`). Set `out->struct_size` to
+ * `sizeof(lomo_memory_stats)` first. Never synchronizes. Not thread-safe with other calls on
+ * `opt` except `lomo_grad_submit`.
+ */
+lomo_status lomo_memory_stats_get(const struct lomo_optimizer *opt, struct lomo_memory_stats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -2,7 +2,8 @@
 //!
 //! Layers, each depending only on the ones below it (design.md §2):
 //! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
-//! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`error`], [`dtype`];
+//! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`state`]
+//!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`];
 //! - [`backend`]: the passes themselves (CPU threads and SIMD).
 
 pub mod backend;
@@ -10,9 +11,11 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod memory;
 pub mod optimizer;
 pub mod param;
 pub mod scaler;
+pub mod state;
 pub mod update;
 
 pub use config::{Algorithm, Config, LossScaleMode, Rounding};

@@ -413,6 +413,27 @@ impl Optimizer {
         self.params.get(id as usize).map(|p| p.buf)
     }
 
+    /// Replaces the step counters and the loss scaler (after a state load); the diagnostics
+    /// then describe the restored position.
+    pub(crate) fn restore_counters(&mut self, steps: u64, skipped_total: u64, scaler: LossScaler) {
+        self.steps = steps;
+        self.skipped_total = skipped_total;
+        self.scaler = scaler;
+        let scale = self.scaler.scale() as f32;
+        self.info = StepInfo {
+            step: steps,
+            grad_norm: f32::NAN,
+            clip_coef: 1.0,
+            loss_scale: scale,
+            next_loss_scale: scale,
+            overflow: false,
+            skipped: false,
+            skipped_total,
+            grads_submitted: 0,
+            grads_nonfinite: 0,
+        };
+    }
+
     pub fn algorithm(&self) -> Algorithm {
         self.config.algorithm
     }

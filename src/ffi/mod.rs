@@ -7,4 +7,5 @@
 pub mod api;
 pub mod guard;
 pub mod optimizer;
+pub mod state;
 pub mod types;

@@ -4,6 +4,7 @@
 use crate::config::{Algorithm, Config, LossScaleMode, Rounding};
 use crate::error::{bail, Result};
 use crate::ffi::guard::check_struct_size;
+use crate::memory::MemoryStats;
 use crate::optimizer::StepInfo;
 
 /// ABI version of this library; bumped on any incompatible change of the C API.
@@ -163,7 +164,7 @@ pub struct lomo_step_info {
     pub overflow: u32,
     /// 1 if the last step was skipped entirely (overflow found in its NORM phase).
     pub skipped: u32,
-    /// Steps skipped since the optimizer was created (or its state loaded).
+    /// Steps skipped so far (restored by `lomo_state_load`).
     pub skipped_total: u64,
     /// Gradients submitted in the last phase.
     pub grads_submitted: u32,
@@ -202,4 +203,86 @@ pub unsafe fn shape_from_raw<'a>(shape: *const i64, n: u32) -> Result<&'a [i64]>
     }
     // SAFETY: `shape` points to `n` int64 values (the caller's contract).
     Ok(unsafe { std::slice::from_raw_parts(shape, n as usize) })
+}
+
+/// Number of per-device entries in `lomo_memory_stats.devices`.
+pub const LOMO_MEMORY_MAX_DEVICES: usize = 16;
+
+/// Memory of the parameters registered on one device (`lomo_memory_stats.devices`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct lomo_device_memory {
+    /// `LOMO_DEVICE_CPU` (−1) or a CUDA ordinal.
+    pub device: i32,
+    /// Parameters registered on this device.
+    pub param_count: u32,
+    /// Their elements.
+    pub param_elements: u64,
+    /// Their buffers (the caller's memory; not owned by the optimizer).
+    pub param_bytes: u64,
+    /// Optimizer state owned by the library on this device (AdaLomo's f32 second-moment
+    /// estimates: rows + cols per factored tensor, numel per vector; 0 for LOMO).
+    pub state_bytes: u64,
+    /// Scratch memory owned by the library on this device, allocated at registration.
+    pub workspace_bytes: u64,
+    /// What AdamW with f32 master weights would need for the same parameters, besides the
+    /// parameters themselves: m and v in f32 (8 B per element), an f32 master copy of f16/bf16
+    /// parameters (4 B; none for f32), and a gradient buffer in the parameter's dtype for every
+    /// parameter (AdamW steps after backward, with all gradients alive). 14 B per bf16 element,
+    /// 12 B per f32 element.
+    pub adamw_bytes: u64,
+}
+
+/// Memory accounting of an optimizer (`lomo_memory_stats_get`). Totals cover every device;
+/// `devices` lists the first `LOMO_MEMORY_MAX_DEVICES` devices that hold parameters, the CPU
+/// first, then CUDA ordinals in increasing order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct lomo_memory_stats {
+    /// Set to `sizeof(lomo_memory_stats)` before the call.
+    pub struct_size: usize,
+    /// Registered parameters, all devices.
+    pub param_count: u64,
+    pub param_elements: u64,
+    /// Parameter buffers (the caller's), all devices.
+    pub param_bytes: u64,
+    /// Optimizer state owned by the library, all devices.
+    pub state_bytes: u64,
+    /// Scratch memory owned by the library, all devices.
+    pub workspace_bytes: u64,
+    /// AdamW's need for the same parameters, all devices (see `lomo_device_memory.adamw_bytes`).
+    pub adamw_bytes: u64,
+    /// Devices holding parameters (may exceed `LOMO_MEMORY_MAX_DEVICES`; then only the first
+    /// `LOMO_MEMORY_MAX_DEVICES` are listed).
+    pub device_count: u32,
+    /// Per-device entries; the first `min(device_count, LOMO_MEMORY_MAX_DEVICES)` are valid.
+    pub devices: [lomo_device_memory; LOMO_MEMORY_MAX_DEVICES],
+}
+
+impl lomo_memory_stats {
+    pub fn from_core(m: &MemoryStats) -> lomo_memory_stats {
+        let mut out = lomo_memory_stats {
+            struct_size: std::mem::size_of::<lomo_memory_stats>(),
+            param_count: m.total.params,
+            param_elements: m.total.elements,
+            param_bytes: m.total.param_bytes,
+            state_bytes: m.total.state_bytes,
+            workspace_bytes: m.total.workspace_bytes,
+            adamw_bytes: m.total.adamw_bytes,
+            device_count: m.devices.len() as u32,
+            ..Default::default()
+        };
+        for (slot, (dev, d)) in out.devices.iter_mut().zip(&m.devices) {
+            *slot = lomo_device_memory {
+                device: dev.raw(),
+                param_count: d.params as u32,
+                param_elements: d.elements,
+                param_bytes: d.param_bytes,
+                state_bytes: d.state_bytes,
+                workspace_bytes: d.workspace_bytes,
+                adamw_bytes: d.adamw_bytes,
+            };
+        }
+        out
+    }
 }

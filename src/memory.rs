@@ -1,0 +1,89 @@
+//! Core layer: memory accounting — what the optimizer holds per device, and what AdamW would
+//! need for the same parameters.
+//!
+//! AdamW reference (mixed-precision accounting of Rajbhandari et al., "ZeRO: Memory
+//! Optimizations Toward Training Trillion Parameter Models", SC 2020, §3.1): besides the
+//! parameters themselves, AdamW keeps per element the first and second moments in f32
+//! (4 + 4 bytes), an f32 master copy when the parameter is f16/bf16 (4 bytes; an f32 parameter
+//! is its own master), and a gradient buffer in the parameter's dtype, because its step runs
+//! after backward and needs every gradient at once. For bf16 parameters that is 14 bytes per
+//! element (ZeRO's 2 + 12), for f32 parameters 12. LOMO and AdaLomo need no gradient buffers of
+//! their own (the trainer's gradient lives only until it is submitted), so they are not counted.
+
+use crate::dtype::DType;
+use crate::optimizer::Optimizer;
+use crate::param::Device;
+
+/// Bytes AdamW with f32 master weights needs for `numel` elements of `dtype`, excluding the
+/// parameters themselves (see the module docs).
+pub fn adamw_bytes(numel: usize, dtype: DType) -> u64 {
+    let master = if dtype == DType::F32 { 0 } else { 4 };
+    numel as u64 * (4 + 4 + master + dtype.size() as u64)
+}
+
+/// Memory of the parameters on one device (or of all of them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub params: u64,
+    pub elements: u64,
+    /// The caller's parameter buffers (not owned by the optimizer).
+    pub param_bytes: u64,
+    /// Optimizer state owned by the library (AdaLomo's second-moment estimates).
+    pub state_bytes: u64,
+    /// Scratch memory owned by the library, sized at registration.
+    pub workspace_bytes: u64,
+    /// What AdamW would need for the same parameters ([`adamw_bytes`]).
+    pub adamw_bytes: u64,
+}
+
+impl DeviceMemory {
+    fn add(&mut self, o: &DeviceMemory) {
+        self.params += o.params;
+        self.elements += o.elements;
+        self.param_bytes += o.param_bytes;
+        self.state_bytes += o.state_bytes;
+        self.workspace_bytes += o.workspace_bytes;
+        self.adamw_bytes += o.adamw_bytes;
+    }
+}
+
+/// Totals plus one entry per device that holds parameters (the CPU first, then CUDA ordinals
+/// in increasing order).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemoryStats {
+    pub total: DeviceMemory,
+    pub devices: Vec<(Device, DeviceMemory)>,
+}
+
+fn device_key(d: Device) -> i64 {
+    d.raw() as i64
+}
+
+/// Accounts every registered parameter of `opt`.
+pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
+    let mut stats = MemoryStats::default();
+    for p in opt.params() {
+        let inner = p.inner.lock();
+        let (state, ws) = inner
+            .ada
+            .as_ref()
+            .map_or((0, 0), |a| (a.state.bytes(), a.ws.bytes()));
+        let m = DeviceMemory {
+            params: 1,
+            elements: p.numel() as u64,
+            param_bytes: p.buf.bytes() as u64,
+            state_bytes: state as u64,
+            workspace_bytes: ws as u64,
+            adamw_bytes: adamw_bytes(p.numel(), p.buf.dtype),
+        };
+        stats.total.add(&m);
+        let pos = stats
+            .devices
+            .binary_search_by_key(&device_key(p.device), |(d, _)| device_key(*d));
+        match pos {
+            Ok(i) => stats.devices[i].1.add(&m),
+            Err(i) => stats.devices.insert(i, (p.device, m)),
+        }
+    }
+    stats
+}

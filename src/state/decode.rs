@@ -1,0 +1,318 @@
+//! Core layer: reading a checkpoint and loading it into an optimizer.
+//!
+//! Everything is parsed and checked before anything is changed: a file that is truncated,
+//! corrupted or made for a different optimizer is an error and leaves the optimizer as it was.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+
+use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, state_defining};
+use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
+use crate::backend::cpu::adalomo::AdaState;
+use crate::config::LossScaleMode;
+use crate::error::{bail, Error, Result, Status};
+use crate::optimizer::{Optimizer, StepState};
+use crate::param::Param;
+use crate::scaler::LossScaler;
+
+fn corrupt(what: impl std::fmt::Display) -> Error {
+    Error::new(
+        Status::StateMismatch,
+        format!("the checkpoint is truncated or corrupted: {what}"),
+    )
+}
+
+/// A parsed safetensors file.
+struct File<'a> {
+    meta: HashMap<String, String>,
+    /// Tensors in file order.
+    tensors: Vec<(String, TensorInfo)>,
+    data: &'a [u8],
+}
+
+impl<'a> File<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<File<'a>> {
+        // The parser runs on untrusted input; contain any panic it might raise on absurd offsets.
+        let parsed = std::panic::catch_unwind(|| SafeTensors::read_metadata(bytes));
+        let (n, metadata): (usize, Metadata) = match parsed {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(corrupt(format!("not a valid safetensors file ({e:?})"))),
+            Err(_) => return Err(corrupt("not a valid safetensors file")),
+        };
+        let mut tensors: Vec<(String, TensorInfo)> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        tensors.sort_by_key(|(_, t)| t.data_offsets);
+        Ok(File {
+            meta: metadata.metadata().clone().unwrap_or_default(),
+            tensors,
+            data: &bytes[8 + n..],
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<&str> {
+        self.meta
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| corrupt(format!("metadata '{key}' is missing")))
+    }
+
+    fn num<T: FromStr>(&self, key: &str) -> Result<T> {
+        let s = self.get(key)?;
+        s.parse()
+            .map_err(|_| corrupt(format!("metadata '{key}' = '{s}' is not a number")))
+    }
+
+    fn verify_checksum(&self) -> Result<()> {
+        let mut keys: Vec<&String> = self.meta.keys().filter(|k| *k != CHECKSUM_KEY).collect();
+        keys.sort();
+        let mut crc = Crc32::new();
+        for k in keys {
+            checksum_entry(&mut crc, k, &self.meta[k]);
+        }
+        for (name, t) in &self.tensors {
+            checksum_tensor(
+                &mut crc,
+                name,
+                &format!("{:?}", t.dtype),
+                &t.shape,
+                t.data_offsets,
+            );
+        }
+        crc.update(self.data);
+        let want = self.get(CHECKSUM_KEY)?;
+        let got = format!("{:08x}", crc.finish());
+        if want != got {
+            return Err(corrupt(format!(
+                "checksum {got} does not match the recorded {want}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn mismatch(msg: String) -> Error {
+    Error::new(Status::StateMismatch, msg)
+}
+
+/// Checks that the file's parameter list names exactly the registered parameters, with the
+/// same shapes (matched by name; registration order may differ).
+fn check_params(opt: &Optimizer, file: &File<'_>) -> Result<()> {
+    let list: Vec<(String, Vec<usize>)> = serde_json::from_str(file.get("params")?)
+        .map_err(|e| corrupt(format!("metadata 'params' is not a parameter list ({e})")))?;
+    let saved: HashMap<&str, &[usize]> = list
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    if saved.len() != list.len() {
+        return Err(corrupt("metadata 'params' names a parameter twice"));
+    }
+    let mut problems = Vec::new();
+    for p in opt.params() {
+        match saved.get(p.name.as_str()) {
+            None => problems.push(format!(
+                "'{}' is registered but not in the checkpoint",
+                p.name
+            )),
+            Some(s) if *s != p.shape.as_slice() => problems.push(format!(
+                "'{}' has shape {:?} in the checkpoint but {:?} here",
+                p.name, s, p.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    let registered: HashSet<&str> = opt.params().iter().map(|p| p.name.as_str()).collect();
+    for (name, _) in &list {
+        if !registered.contains(name.as_str()) {
+            problems.push(format!("'{name}' is in the checkpoint but not registered"));
+        }
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        problems.truncate(5);
+        let more = if n > 5 {
+            format!(" (and {} more)", n - 5)
+        } else {
+            String::new()
+        };
+        return Err(mismatch(format!(
+            "the checkpoint's parameters do not match the registered ones: {}{more}",
+            problems.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+/// The state tensors a parameter needs: (name, element count).
+fn expected_tensors(p: &Param) -> Vec<(String, usize)> {
+    if p.factored {
+        vec![
+            (format!("{}.row", p.name), p.rows),
+            (format!("{}.col", p.name), p.cols),
+        ]
+    } else {
+        vec![(format!("{}.v", p.name), p.numel())]
+    }
+}
+
+/// For every parameter (in id order), the bytes of its state tensors (empty for LOMO).
+fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]>>> {
+    let by_name: HashMap<&str, &TensorInfo> =
+        file.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut used = 0;
+    let mut out = Vec::with_capacity(opt.params().len());
+    for p in opt.params() {
+        let mut slices = Vec::new();
+        if p.inner.lock().ada.is_some() {
+            for (name, len) in expected_tensors(p) {
+                let Some(t) = by_name.get(name.as_str()) else {
+                    return Err(mismatch(format!("the checkpoint has no tensor '{name}'")));
+                };
+                if t.dtype != Dtype::F32 || t.shape != [len] {
+                    return Err(mismatch(format!(
+                        "tensor '{name}' is {:?} {:?} in the checkpoint, expected F32 [{len}]",
+                        t.dtype, t.shape
+                    )));
+                }
+                let bytes = &file.data[t.data_offsets.0..t.data_offsets.1];
+                if let Some(bad) = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .find(|v| !(v.is_finite() && *v >= 0.0))
+                {
+                    return Err(corrupt(format!("tensor '{name}' holds {bad}")));
+                }
+                slices.push(bytes);
+                used += 1;
+            }
+        }
+        out.push(slices);
+    }
+    if used != file.tensors.len() {
+        let expected: HashSet<String> = opt
+            .params()
+            .iter()
+            .filter(|p| p.inner.lock().ada.is_some())
+            .flat_map(|p| expected_tensors(p).into_iter().map(|(n, _)| n))
+            .collect();
+        let extra = file
+            .tensors
+            .iter()
+            .map(|(n, _)| n)
+            .find(|n| !expected.contains(*n));
+        return Err(mismatch(format!(
+            "the checkpoint has an unexpected tensor '{}'",
+            extra.map_or("?", |s| s.as_str())
+        )));
+    }
+    Ok(out)
+}
+
+/// The loss scaler to continue with: the optimizer's options, the file's dynamic state.
+fn restored_scaler(opt: &Optimizer, file: &File<'_>) -> Result<LossScaler> {
+    let mut s = LossScaler::new(opt.config());
+    let file_mode = file.get("config.loss_scale_mode")?;
+    let scale: f64 = file.num("scaler.scale")?;
+    let cur_hysteresis: u32 = file.num("scaler.cur_hysteresis")?;
+    let cur_iter: u64 = file.num("scaler.cur_iter")?;
+    let last_overflow_iter: i64 = file.num("scaler.last_overflow_iter")?;
+    if !(scale.is_finite() && scale > 0.0)
+        || cur_hysteresis == 0
+        || last_overflow_iter < -1
+        || last_overflow_iter >= cur_iter as i64 && last_overflow_iter != -1
+    {
+        return Err(corrupt("the loss-scaler state is inconsistent"));
+    }
+    if s.mode == LossScaleMode::Dynamic && file_mode == mode_str(LossScaleMode::Dynamic) {
+        s.scale = scale.max(s.min_scale);
+        s.cur_hysteresis = cur_hysteresis.min(s.hysteresis);
+        s.cur_iter = cur_iter;
+        s.last_overflow_iter = last_overflow_iter;
+    }
+    Ok(s)
+}
+
+/// Loads a checkpoint (the bytes of a complete file) into `opt`, between steps only.
+///
+/// Errors: `PhaseError` during a step; `StateMismatch` for a truncated, corrupted or foreign
+/// file, or one written for a different algorithm, parameter set, shapes, `eps1` or
+/// `decay_rate`. On any error `opt` is unchanged.
+pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
+    if opt.state != StepState::Idle {
+        bail!(
+            PhaseError,
+            "optimizer state can only be loaded between steps (after lomo_step_end)"
+        );
+    }
+    let file = File::parse(bytes)?;
+    match file.meta.get("format") {
+        Some(f) if f == FORMAT => {}
+        _ => bail!(
+            StateMismatch,
+            "not a lomo optimizer-state checkpoint (no '{FORMAT}' format in its metadata)"
+        ),
+    }
+    let version: u32 = file.num("format_version")?;
+    if version != FORMAT_VERSION {
+        bail!(
+            StateMismatch,
+            "checkpoint format version {version} is not supported (this library reads version \
+             {FORMAT_VERSION})"
+        );
+    }
+    file.verify_checksum()?;
+    for (key, ours) in state_defining(opt.config()) {
+        let meta_key = if key == "algorithm" {
+            key.to_owned()
+        } else {
+            format!("config.{key}")
+        };
+        let theirs = file.get(&meta_key)?;
+        let same = match key {
+            "algorithm" => theirs == ours,
+            _ => theirs.parse::<f64>().map(fmt_f64).ok().as_deref() == Some(ours.as_str()),
+        };
+        if !same {
+            bail!(
+                StateMismatch,
+                "the checkpoint was written with {key} = {theirs}, this optimizer has {ours} \
+                 (the algorithm, eps1 and decay_rate must match to load optimizer state)"
+            );
+        }
+    }
+    if file.get("config_fingerprint")? != fingerprint(opt.config()) {
+        return Err(corrupt(
+            "the configuration fingerprint does not match its fields",
+        ));
+    }
+    check_params(opt, &file)?;
+    let slices = state_slices(opt, &file)?;
+    let steps: u64 = file.num("steps")?;
+    let skipped_total: u64 = file.num("skipped_total")?;
+    let scaler = restored_scaler(opt, &file)?;
+
+    // Everything is checked: commit (cannot fail).
+    for (p, slices) in opt.params.iter_mut().zip(slices) {
+        let Some(ada) = p.inner.get_mut().ada.as_mut() else {
+            continue;
+        };
+        let dsts: Vec<&mut Vec<f32>> = match &mut ada.state {
+            AdaState::Factored { row, col } => vec![row, col],
+            AdaState::Vector { v } => vec![v],
+        };
+        for (dst, src) in dsts.into_iter().zip(slices) {
+            for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        // The carried Σp² described the values before the load; recompute it next step.
+        ada.carried_psq = None;
+    }
+    opt.restore_counters(steps, skipped_total, scaler);
+    Ok(())
+}

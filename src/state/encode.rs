@@ -1,0 +1,193 @@
+//! Core layer: writing a checkpoint (see the module docs of [`crate::state`] for the format).
+//!
+//! The bytes are deterministic: the same optimizer state always encodes to the same file, so
+//! [`encoded_size`] is exact and `lomo_state_serialize` writes what `lomo_state_save` writes.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, rounding_str};
+use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
+use crate::backend::cpu::adalomo::AdaState;
+use crate::error::{bail, Error, Result, Status};
+use crate::optimizer::{Optimizer, StepState};
+
+/// One state tensor: a name and f32 values (shape `[values.len()]`).
+struct Tensor<'a> {
+    name: String,
+    values: &'a [f32],
+}
+
+/// Calls `f` with the little-endian bytes of `values`, a bounded chunk at a time.
+fn for_le_chunks(values: &[f32], mut f: impl FnMut(&[u8])) {
+    let mut buf = [0u8; 16 * 1024];
+    for chunk in values.chunks(buf.len() / 4) {
+        for (d, v) in buf.chunks_exact_mut(4).zip(chunk) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+        f(&buf[..chunk.len() * 4]);
+    }
+}
+
+fn metadata(opt: &Optimizer) -> BTreeMap<&'static str, String> {
+    let c = opt.config();
+    let s = &opt.scaler;
+    let params: Vec<(&str, &[usize])> = opt
+        .params()
+        .iter()
+        .map(|p| (p.name.as_str(), p.shape.as_slice()))
+        .collect();
+    let params = serde_json::to_string(&params).expect("names and shapes serialize");
+    BTreeMap::from([
+        ("format", FORMAT.to_owned()),
+        ("format_version", FORMAT_VERSION.to_string()),
+        ("library_version", env!("CARGO_PKG_VERSION").to_owned()),
+        ("algorithm", c.algorithm.as_str().to_owned()),
+        ("config.weight_decay", fmt_f64(c.weight_decay)),
+        ("config.clip_grad_norm", fmt_f64(c.clip_grad_norm)),
+        ("config.clip_grad_value", fmt_f64(c.clip_grad_value)),
+        (
+            "config.loss_scale_mode",
+            mode_str(c.loss_scale_mode).to_owned(),
+        ),
+        ("config.loss_scale", fmt_f64(c.loss_scale)),
+        ("config.scale_factor", fmt_f64(c.scale_factor)),
+        ("config.scale_window", c.scale_window.to_string()),
+        ("config.min_loss_scale", fmt_f64(c.min_loss_scale)),
+        ("config.hysteresis", c.hysteresis.to_string()),
+        ("config.eps1", fmt_f64(c.eps1)),
+        ("config.eps2", fmt_f64(c.eps2)),
+        ("config.clip_threshold", fmt_f64(c.clip_threshold)),
+        ("config.decay_rate", fmt_f64(c.decay_rate)),
+        ("config.rounding", rounding_str(c.rounding).to_owned()),
+        ("config.seed", c.seed.to_string()),
+        ("config_fingerprint", fingerprint(c)),
+        ("params", params),
+        ("steps", opt.steps.to_string()),
+        ("skipped_total", opt.skipped_total.to_string()),
+        ("scaler.scale", fmt_f64(s.scale)),
+        ("scaler.cur_hysteresis", s.cur_hysteresis.to_string()),
+        ("scaler.cur_iter", s.cur_iter.to_string()),
+        (
+            "scaler.last_overflow_iter",
+            s.last_overflow_iter.to_string(),
+        ),
+    ])
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+/// Writes the checkpoint of `opt` to `out`. Only between steps (else `PhaseError`).
+pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
+    if opt.state != StepState::Idle {
+        bail!(
+            PhaseError,
+            "optimizer state can only be saved between steps (after lomo_step_end)"
+        );
+    }
+    // Hold every parameter's lock while reading, so the file is one consistent snapshot.
+    let guards: Vec<_> = opt.params().iter().map(|p| p.inner.lock()).collect();
+    let mut tensors = Vec::new();
+    for (p, g) in opt.params().iter().zip(&guards) {
+        match g.ada.as_ref().map(|a| &a.state) {
+            Some(AdaState::Factored { row, col }) => {
+                tensors.push(Tensor {
+                    name: format!("{}.row", p.name),
+                    values: row,
+                });
+                tensors.push(Tensor {
+                    name: format!("{}.col", p.name),
+                    values: col,
+                });
+            }
+            Some(AdaState::Vector { v }) => {
+                tensors.push(Tensor {
+                    name: format!("{}.v", p.name),
+                    values: v,
+                });
+            }
+            None => {}
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut meta = metadata(opt);
+    let mut crc = Crc32::new();
+    for (k, v) in &meta {
+        checksum_entry(&mut crc, k, v);
+    }
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut end = 0usize;
+    for t in &tensors {
+        let o = (end, end + 4 * t.values.len());
+        checksum_tensor(&mut crc, &t.name, "F32", &[t.values.len()], o);
+        offsets.push(o);
+        end = o.1;
+    }
+    for t in &tensors {
+        for_le_chunks(t.values, |b| crc.update(b));
+    }
+    meta.insert(CHECKSUM_KEY, format!("{:08x}", crc.finish()));
+
+    let mut header = String::from("{\"__metadata__\":{");
+    for (i, (k, v)) in meta.iter().enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        header += &format!("{sep}{}:{}", json_str(k), json_str(v));
+    }
+    header.push('}');
+    for (t, (a, b)) in tensors.iter().zip(&offsets) {
+        header += &format!(
+            ",{}:{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{a},{b}]}}",
+            json_str(&t.name),
+            t.values.len()
+        );
+    }
+    header.push('}');
+    // safetensors pads the header with spaces to a multiple of 8 bytes.
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+
+    let io = |e: std::io::Error| Error::new(Status::IoError, format!("writing the state: {e}"));
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(header.as_bytes()).map_err(io)?;
+    let mut result = Ok(());
+    for t in &tensors {
+        for_le_chunks(t.values, |b| {
+            if result.is_ok() {
+                result = out.write_all(b);
+            }
+        });
+    }
+    result.map_err(io)
+}
+
+/// Counts bytes instead of storing them.
+struct Counter(usize);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The exact size in bytes of the checkpoint [`encode`] would write now.
+pub fn encoded_size(opt: &Optimizer) -> Result<usize> {
+    let mut c = Counter(0);
+    encode(opt, &mut c)?;
+    Ok(c.0)
+}
+
+/// The checkpoint as a byte vector.
+pub fn encoded_to_vec(opt: &Optimizer) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    encode(opt, &mut v)?;
+    Ok(v)
+}

@@ -1,0 +1,164 @@
+//! Core layer: optimizer-state checkpoints in the safetensors format.
+//!
+//! A checkpoint is a complete safetensors file. Its tensors are the AdaLomo second-moment
+//! estimates (f32, little-endian), named after the registered parameters: `<name>.row` and
+//! `<name>.col` for factored state (rank ≥ 2, shapes `[rows]` and `[cols]` of the
+//! `[prod(shape[:-1]), shape[-1]]` view), `<name>.v` for per-element state (rank ≤ 1, shape
+//! `[numel]`). LOMO has no tensors. Its `__metadata__` (all values are strings) holds:
+//!
+//! | key | value |
+//! |---|---|
+//! | `format`, `format_version` | `lomo.optimizer_state`, `1` |
+//! | `library_version` | the writing library's version (informational) |
+//! | `algorithm` | `lomo` or `adalomo` |
+//! | `config.<field>` | every `lomo_config` field of the writer (informational) |
+//! | `config_fingerprint` | CRC-32 (hex) of the state-defining fields, see [`fingerprint`] |
+//! | `params` | JSON `[[name, [dims...]], ...]` in registration order |
+//! | `steps`, `skipped_total` | applied and skipped update steps |
+//! | `scaler.scale`, `scaler.cur_hysteresis`, `scaler.cur_iter`, `scaler.last_overflow_iter` | dynamic loss-scaler state |
+//! | `checksum` | CRC-32 (hex) over the metadata, the tensor table and the data, see [`encode`] |
+//!
+//! Loading refuses (status `StateMismatch`) a file whose algorithm, parameter names, parameter
+//! shapes, `eps1` or `decay_rate` differ from the optimizer's; everything else (learning rate,
+//! weight decay and groups, clipping, `eps2`, `clip_threshold`, loss-scale options, rounding,
+//! seed, parameter dtypes, registration order, flags) is taken from the loading optimizer.
+//! The dynamic scaler's state is restored only when both the file and the optimizer use dynamic
+//! scaling (clamped to the optimizer's `min_loss_scale` and `hysteresis`).
+
+mod crc32;
+mod decode;
+mod encode;
+
+use std::path::Path;
+
+use crate::config::{Algorithm, Config, LossScaleMode, Rounding};
+use crate::error::{Error, Result, Status};
+use crate::optimizer::Optimizer;
+
+pub use crc32::Crc32;
+pub use decode::load_bytes;
+pub use encode::{encode, encoded_size, encoded_to_vec};
+
+/// `format` metadata value.
+pub const FORMAT: &str = "lomo.optimizer_state";
+/// `format_version` metadata value written by this library (and the newest it reads).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Writes the optimizer's state to `path` atomically: into a temporary file in the same
+/// directory, flushed to disk, then renamed over `path`.
+pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
+    let bytes = encoded_to_vec(opt)?;
+    let tmp = tmp_path(path);
+    let io = |what: &str, e: std::io::Error| {
+        Error::new(Status::IoError, format!("{what} '{}': {e}", tmp.display()))
+    };
+    let result = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
+        f.write_all(&bytes).map_err(|e| io("cannot write", e))?;
+        f.sync_all().map_err(|e| io("cannot flush", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            Error::new(
+                Status::IoError,
+                format!(
+                    "cannot rename '{}' to '{}': {e}",
+                    tmp.display(),
+                    path.display()
+                ),
+            )
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    } else {
+        // Best effort: make the rename itself durable.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Ok(d) = std::fs::File::open(dir.unwrap_or(Path::new("."))) {
+            let _ = d.sync_all();
+        }
+    }
+    result
+}
+
+/// Reads a checkpoint written by [`save`] and loads it (see [`load_bytes`]).
+pub fn load(opt: &mut Optimizer, path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::new(
+            Status::IoError,
+            format!("cannot read '{}': {e}", path.display()),
+        )
+    })?;
+    load_bytes(opt, &bytes)
+}
+
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// The configuration fields that define what stored state means; a checkpoint only loads into an
+/// optimizer with the same values. For LOMO only the algorithm.
+pub(crate) fn state_defining(cfg: &Config) -> Vec<(&'static str, String)> {
+    let mut v = vec![("algorithm", cfg.algorithm.as_str().to_owned())];
+    if cfg.algorithm == Algorithm::Adalomo {
+        v.push(("eps1", fmt_f64(cfg.eps1)));
+        v.push(("decay_rate", fmt_f64(cfg.decay_rate)));
+    }
+    v
+}
+
+/// CRC-32 (8 hex digits) of `name=value;` over [`state_defining`].
+pub fn fingerprint(cfg: &Config) -> String {
+    let mut crc = Crc32::new();
+    for (k, v) in state_defining(cfg) {
+        crc.update(format!("{k}={v};").as_bytes());
+    }
+    format!("{:08x}", crc.finish())
+}
+
+/// f64 as text that parses back to the same bits.
+pub(crate) fn fmt_f64(v: f64) -> String {
+    format!("{v:?}")
+}
+
+pub(crate) fn mode_str(m: LossScaleMode) -> &'static str {
+    match m {
+        LossScaleMode::None => "none",
+        LossScaleMode::Static => "static",
+        LossScaleMode::Dynamic => "dynamic",
+    }
+}
+
+pub(crate) fn rounding_str(r: Rounding) -> &'static str {
+    match r {
+        Rounding::Nearest => "nearest",
+        Rounding::Stochastic => "stochastic",
+    }
+}
+
+/// Feeds one metadata entry into the checksum (length-prefixed, so the encoding is unambiguous).
+pub(crate) fn checksum_entry(crc: &mut Crc32, key: &str, value: &str) {
+    for s in [key, value] {
+        crc.update(&(s.len() as u64).to_le_bytes());
+        crc.update(s.as_bytes());
+    }
+}
+
+/// Feeds one tensor-table entry into the checksum.
+pub(crate) fn checksum_tensor(
+    crc: &mut Crc32,
+    name: &str,
+    dtype: &str,
+    shape: &[usize],
+    offsets: (usize, usize),
+) {
+    checksum_entry(crc, name, dtype);
+    crc.update(&(shape.len() as u64).to_le_bytes());
+    for &d in shape.iter().chain([offsets.0, offsets.1].iter()) {
+        crc.update(&(d as u64).to_le_bytes());
+    }
+}
+
+/// Metadata key of the checksum (not itself covered by it).
+pub(crate) const CHECKSUM_KEY: &str = "checksum";

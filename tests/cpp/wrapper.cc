@@ -1,0 +1,171 @@
+// The C++17 wrapper include/lomo.hpp: RAII, exceptions with the library's message, typed
+// registration and submission, phase scopes, checkpoints and memory stats. Built with
+// -Wall -Wextra -Werror -Wpedantic -Wshadow -Wconversion by tests/cpp_wrapper.rs.
+#include "lomo.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+static_assert(!std::is_copy_constructible_v<lomo::Optimizer>, "move-only");
+static_assert(std::is_nothrow_move_constructible_v<lomo::Optimizer>, "movable");
+static_assert(std::is_base_of_v<std::runtime_error, lomo::Error>, "an std exception");
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char *what) {
+    if (!ok) {
+        std::fprintf(stderr, "FAILED: %s\n", what);
+        ++failures;
+    }
+}
+
+uint16_t to_bf16(float v) {  // round to nearest even (finite inputs)
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return static_cast<uint16_t>(b >> 16);
+}
+
+float from_bf16(uint16_t h) {
+    uint32_t b = static_cast<uint32_t>(h) << 16;
+    float v;
+    std::memcpy(&v, &b, 4);
+    return v;
+}
+
+template <class F>
+lomo_status status_of(F &&f) {
+    try {
+        f();
+    } catch (const lomo::Error &e) {
+        return e.status();
+    }
+    return LOMO_STATUS_OK;
+}
+
+void lomo_sgd_step() {
+    lomo::Optimizer opt(LOMO_ALGORITHM_LOMO);
+    std::vector<float> w{0.5f, -1.0f, 2.0f, 0.25f, 1.5f, -0.75f};
+    std::vector<uint16_t> b{to_bf16(1.0f), to_bf16(-2.0f)};
+    const std::vector<float> w0 = w;
+    opt.group_set(1, 1.0, 0.0);  // group 1: no weight decay (biases)
+    uint32_t iw = opt.register_param("w", w.data(), {2, 3});
+    uint32_t ib = opt.register_param("b", b.data(), LOMO_DTYPE_BF16, std::vector<int64_t>{2},
+                                     lomo::ParamOptions{1, 0, LOMO_DEVICE_CPU});
+    expect(opt.param_count() == 2, "two parameters");
+    const std::vector<float> gw{0.1f, 0.2f, -0.3f, 0.4f, 0.5f, -0.6f};
+    const std::vector<uint16_t> gb{to_bf16(0.5f), to_bf16(-0.5f)};
+    const float lr = 0.125f;
+    {
+        lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, lr);
+        opt.submit(ib, gb.data(), LOMO_DTYPE_BF16);
+        opt.submit(iw, gw.data());
+        update.end();
+    }
+    for (size_t i = 0; i < w.size(); ++i) {
+        // Plain SGD (no decay, scale 1): p - lr * g, lr a power of two, so exact.
+        expect(w[i] == w0[i] - lr * gw[i], "LOMO f32 update is p - lr g");
+    }
+    expect(from_bf16(b[0]) == 1.0f - 0.0625f && from_bf16(b[1]) == -2.0f + 0.0625f,
+           "LOMO bf16 update");
+    expect(opt.step_info().step == 1, "one step counted");
+
+    // Errors carry the status and the library's message.
+    try {
+        lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, lr);
+        opt.submit(7, gw.data());
+        expect(false, "unknown id throws");
+    } catch (const lomo::Error &e) {
+        expect(e.status() == LOMO_STATUS_UNKNOWN_PARAM, "UNKNOWN_PARAM status");
+        expect(std::string(e.what()).find("no parameter with id 7") != std::string::npos,
+               "message from the library");
+    }
+    // The scope cancelled the step during unwinding, so a new phase may begin.
+    expect(status_of([&] { lomo::PhaseScope s(opt, LOMO_PHASE_UPDATE, lr); s.end(); }) ==
+               LOMO_STATUS_OK,
+           "cancelled step leaves the optimizer between steps");
+    expect(status_of([&] { opt.register_param("w", w.data(), {6}); }) ==
+               LOMO_STATUS_INVALID_ARGUMENT,
+           "duplicate name");
+    expect(opt.step_info().step == 2, "steps counted");
+
+    lomo::Optimizer moved = std::move(opt);
+    expect(opt.get() == nullptr && moved.get() != nullptr, "move transfers ownership");
+    expect(moved.param_count() == 2, "moved optimizer works");
+}
+
+void adalomo_state_and_memory() {
+    lomo_config cfg = lomo::default_config(LOMO_ALGORITHM_ADALOMO);
+    expect(cfg.loss_scale == 1024.0 && cfg.decay_rate == -0.8, "AdaLomo defaults");
+    std::vector<float> w(12, 0.5f), v(5, -0.5f);
+    lomo::Optimizer opt(cfg);
+    uint32_t iw = opt.register_param("w", w.data(), {3, 4});
+    uint32_t iv = opt.register_param("v", v.data(), {5});
+    for (int step = 0; step < 3; ++step) {
+        std::vector<float> gw(12), gv(5);
+        for (size_t i = 0; i < gw.size(); ++i) gw[i] = opt.loss_scale() * 0.01f * float(i + 1);
+        for (size_t i = 0; i < gv.size(); ++i) gv[i] = -opt.loss_scale() * 0.02f * float(i + 1);
+        lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, 0.01f);
+        opt.submit(iv, gv.data());
+        opt.submit(iw, gw.data());
+        update.end();
+    }
+    const lomo_memory_stats st = opt.memory_stats();
+    expect(st.param_count == 2 && st.device_count == 1, "memory stats counts");
+    expect(st.state_bytes == 4 * (3 + 4 + 5), "state: rows + cols + vector, f32");
+    expect(st.adamw_bytes == 17 * 12, "AdamW: m + v + f32 gradient for f32 parameters");
+    expect(st.devices[0].device == LOMO_DEVICE_CPU, "CPU entry");
+
+    const std::vector<uint8_t> bytes = opt.state();
+    expect(bytes.size() > 8, "state bytes");
+    std::vector<float> w2 = w, v2 = v;
+    lomo::Optimizer other(cfg);
+    other.register_param("v", v2.data(), {5});  // another order: matched by name
+    other.register_param("w", w2.data(), {3, 4});
+    other.load_state(bytes);
+    expect(other.step_info().step == 3, "step counter restored");
+
+    const std::string path = "lomo_cpp_wrapper_test.safetensors";
+    opt.save(path);
+    lomo::Optimizer third(cfg);
+    third.register_param("w", w2.data(), {3, 4});
+    third.register_param("v", v2.data(), {5});
+    third.load(path);
+    expect(third.state() == bytes, "save/load round trip is byte-identical");
+    std::remove(path.c_str());
+
+    lomo::Optimizer wrong(cfg);
+    wrong.register_param("w", w2.data(), {4, 3});
+    wrong.register_param("v", v2.data(), {5});
+    try {
+        wrong.load_state(bytes);
+        expect(false, "shape mismatch throws");
+    } catch (const lomo::Error &e) {
+        expect(e.status() == LOMO_STATUS_STATE_MISMATCH, "STATE_MISMATCH status");
+        expect(std::string(e.what()).find("shape") != std::string::npos, "says which shape");
+    }
+    expect(status_of([&] { wrong.load("/nonexistent/dir/x.safetensors"); }) ==
+               LOMO_STATUS_IO_ERROR,
+           "missing file is an I/O error");
+}
+
+}  // namespace
+
+int main() {
+    try {
+        expect(!lomo::version().empty(), "version");
+        lomo_sgd_step();
+        adalomo_state_and_memory();
+    } catch (const std::exception &e) {
+        std::fprintf(stderr, "unexpected exception: %s\n", e.what());
+        return 2;
+    }
+    if (failures == 0) std::printf("lomo.hpp: all checks passed\n");
+    return failures == 0 ? 0 : 1;
+}
