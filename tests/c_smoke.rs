@@ -36,7 +36,11 @@ fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
         .status()
         .unwrap_or_else(|e| panic!("running {compiler}: {e}"));
     assert!(status.success(), "{compiler} failed on {src}");
-    let run = Command::new(&out).output().unwrap();
+    // Cargo's LD_LIBRARY_PATH may name target/<profile>, whose liblomo.so can be stale: use ours.
+    let run = Command::new(&out)
+        .env("LD_LIBRARY_PATH", &lib)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&out);
     assert!(
         run.status.success(),

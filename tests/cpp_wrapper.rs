@@ -43,7 +43,12 @@ fn cpp_wrapper_program() {
         .status()
         .expect("running c++");
     assert!(status.success(), "c++ failed on tests/cpp/wrapper.cc");
-    let run = Command::new(&exe).current_dir(&dir).output().unwrap();
+    // Cargo's LD_LIBRARY_PATH may name target/<profile>, whose liblomo.so can be stale: use ours.
+    let run = Command::new(&exe)
+        .current_dir(&dir)
+        .env("LD_LIBRARY_PATH", &lib)
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         run.status.success(),
