@@ -43,6 +43,8 @@ __all__ = [
     "Config",
     "ParamDesc",
     "StepInfo",
+    "MemoryStats",
+    "DeviceMemory",
     "STATUS_OK",
     "DTYPE_F32",
     "DTYPE_F16",
@@ -148,6 +150,39 @@ class StepInfo(Structure):
     ]
 
 
+MEMORY_MAX_DEVICES = 16  # LOMO_MEMORY_MAX_DEVICES
+
+
+class DeviceMemory(Structure):
+    """``struct lomo_device_memory``."""
+
+    _fields_ = [
+        ("device", c_int32),
+        ("param_count", c_uint32),
+        ("param_elements", c_uint64),
+        ("param_bytes", c_uint64),
+        ("state_bytes", c_uint64),
+        ("workspace_bytes", c_uint64),
+        ("adamw_bytes", c_uint64),
+    ]
+
+
+class MemoryStats(Structure):
+    """``struct lomo_memory_stats``."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("param_count", c_uint64),
+        ("param_elements", c_uint64),
+        ("param_bytes", c_uint64),
+        ("state_bytes", c_uint64),
+        ("workspace_bytes", c_uint64),
+        ("adamw_bytes", c_uint64),
+        ("device_count", c_uint32),
+        ("devices", DeviceMemory * MEMORY_MAX_DEVICES),
+    ]
+
+
 # ------------------------------------------------------------------------------ the one table
 
 class _StatusMarker:
@@ -186,7 +221,9 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     "lomo_step_cancel": (_status, [_opt], True),
     "lomo_step_info_get": (_status, [_opt, POINTER(StepInfo)], True),
     "lomo_loss_scale": (_status, [_opt, POINTER(c_float)], True),
-    # optimizer state (checkpoints: the bytes are a safetensors file)
+    # optimizer state (checkpoints: the bytes are a safetensors file) and memory accounting
+    "lomo_state_save": (_status, [_opt, c_char_p], False),
+    "lomo_state_load": (_status, [_opt, c_char_p], False),
     "lomo_state_size": (_status, [_opt, POINTER(c_size_t)], False),
     "lomo_state_serialize": (
         _status,
@@ -194,6 +231,7 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
         False,
     ),
     "lomo_state_deserialize": (_status, [_opt, POINTER(c_uint8), c_size_t], False),
+    "lomo_memory_stats_get": (_status, [_opt, POINTER(MemoryStats)], False),
 }
 
 

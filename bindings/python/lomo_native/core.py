@@ -259,6 +259,28 @@ class Optimizer:
         buf = (ctypes.c_uint8 * max(len(data), 1)).from_buffer_copy(data or b"\0")
         self._lib.lomo_state_deserialize(self.handle, buf, len(data))
 
+    def save(self, path) -> None:
+        """Writes the state to a safetensors file (``lomo_state_save``, atomic)."""
+        self._lib.lomo_state_save(self.handle, str(path).encode())
+
+    def load(self, path) -> None:
+        """Loads a state file written by ``save`` (``lomo_state_load``)."""
+        self._lib.lomo_state_load(self.handle, str(path).encode())
+
+    def memory_stats(self) -> dict:
+        """Memory accounting (``lomo_memory_stats_get``): totals in bytes, and per device
+        (``"devices"``: ``{device: {...}}``, -1 = CPU)."""
+        st = N.MemoryStats(struct_size=ctypes.sizeof(N.MemoryStats))
+        self._lib.lomo_memory_stats_get(self.handle, ctypes.byref(st))
+        keys = ("param_count", "param_elements", "param_bytes", "state_bytes",
+                "workspace_bytes", "adamw_bytes")
+        out = {k: getattr(st, k) for k in keys}
+        out["devices"] = {
+            d.device: {k: getattr(d, k) for k in keys}
+            for d in st.devices[: min(st.device_count, N.MEMORY_MAX_DEVICES)]
+        }
+        return out
+
     @staticmethod
     def supports_state() -> bool:
         """Whether the loaded library has the state functions."""

@@ -286,6 +286,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """The factor the next backward multiplies the loss by (1 when scaling is off)."""
         return self._native.loss_scale
 
+    def memory_stats(self) -> dict:
+        """The library's memory accounting (state, workspace, parameters, and what AdamW would
+        need), see :meth:`lomo_native.Optimizer.memory_stats`."""
+        return self._native.memory_stats()
+
     @property
     def native(self) -> _NativeOptimizer:
         """The underlying :class:`lomo_native.Optimizer`."""
