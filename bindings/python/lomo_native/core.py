@@ -196,12 +196,15 @@ class Optimizer:
         """Abandons the current step (``lomo_step_cancel``); a no-op between steps."""
         self._lib.lomo_step_cancel(self.handle)
 
-    def step(self, grads: Mapping, lr: float) -> StepInfo:
+    def step(self, grads: Mapping, lr: float, norm_pass: bool | None = None) -> StepInfo:
         """One whole step from NumPy gradients ``{param id or name: gradient}``. With
-        ``clip_grad_norm`` set (or ``norm_pass=True``), a NORM phase over the same gradients
-        comes first. The gradients are those of the loss times ``loss_scale``."""
+        ``clip_grad_norm`` set (or ``norm_pass=True``: an overflowing step is then skipped with
+        every parameter untouched), a NORM phase over the same gradients comes first. The
+        gradients are those of the loss times ``loss_scale``."""
         items = [(self._names[k] if isinstance(k, str) else int(k), g) for k, g in grads.items()]
-        if self.config["clip_grad_norm"] > 0:
+        if norm_pass is None:
+            norm_pass = self.config["clip_grad_norm"] > 0
+        if norm_pass:
             self._phase(N.PHASE_NORM, 0.0, items)
         self._phase(N.PHASE_UPDATE, lr, items)
         return self.step_info()

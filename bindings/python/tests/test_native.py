@@ -148,6 +148,14 @@ def test_numpy_loss_scale_is_undone_and_nonfinite_is_never_applied():
     assert info.overflow and info.grads_nonfinite == 1
     np.testing.assert_array_equal(w, np.full(4, 0.5, np.float32))
     assert opt.loss_scale == 512.0
+    # with a NORM phase the whole step is skipped: the finite parameter is untouched too
+    v = np.ones(2, np.float32)
+    opt.register_array("v", v)
+    info = opt.step({"w": np.array([1, np.nan, 1, 1], np.float32), "v": np.ones(2, np.float32)},
+                    lr=0.5, norm_pass=True)
+    assert info.skipped and info.skipped_total == 1
+    np.testing.assert_array_equal(v, np.ones(2, np.float32))
+    assert opt.loss_scale == 256.0
 
 
 def test_numpy_float16_and_groups():
