@@ -54,7 +54,6 @@ def test_resume_continues_identically(cls, lr, kw):
         assert torch.equal(p, q), f"{n} differs after resuming"
 
 
-@needs_state
 def test_state_matters_for_adalomo():
     """The round trip above could pass vacuously if the state did not matter: resuming with a
     fresh optimizer (AdaLomo restarts at t = 1, lomo-optim's B15) gives different parameters."""
