@@ -64,7 +64,7 @@ def test_f32_matches_lomo_optim(algo, kind, option):
     assert changed
 
 
-@pytest.mark.parametrize("option", ["defaults", "all"])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 @pytest.mark.parametrize("algo", ["lomo", "adalomo"])
 def test_bf16_within_one_ulp_of_lomo_optim(algo, kind, option):
