@@ -34,3 +34,26 @@ cc -std=c99 -Wall -Wextra -Werror -o "$stage/pkgconfig" tests/install/pkgconfig.
 "$stage/pkgconfig"
 rm -rf "$stage"
 # ---- END: installation for C and C++ users ----
+
+# ---- Python binding (bindings/python): venv, test requirements, lomo-native, pytest ----------
+echo "== Python binding tests"
+if [ ! -x .venv/bin/python ]; then
+    if ! python3 -m venv .venv; then
+        # Debian/Ubuntu ship venv separately
+        rm -rf .venv
+        SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+        $SUDO apt-get update -q && $SUDO apt-get install -y -q python3-venv
+        python3 -m venv .venv
+    fi
+fi
+PYREQ=bindings/python/requirements-test.txt
+if ! cmp -s "$PYREQ" .venv/.lomo-requirements-test.txt; then   # install once per change
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r "$PYREQ"
+    cp "$PYREQ" .venv/.lomo-requirements-test.txt
+fi
+# builds liblomo.so with cargo (already built above: quick) and bundles it into the package
+.venv/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall ./bindings/python
+.venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
+.venv/bin/python examples/python/finetune.py --steps 2 --no-progress   # smoke run of the example
+# ---- end of the Python binding block ---------------------------------------------------------

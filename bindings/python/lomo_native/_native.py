@@ -1,0 +1,360 @@
+"""The one place that loads ``liblomo.so`` and declares the C API for ctypes.
+
+``load()`` returns the library (a ``ctypes.CDLL``) with ``argtypes``/``restype`` set from
+``SIGNATURES`` for every C function, loaded once per process. Every function that returns a
+``lomo_status`` raises :class:`LomoError` (status number and the thread's last-error message)
+instead of returning a non-OK status, so callers never check numbers by hand.
+
+Where the library comes from, in order: the ``LOMO_LIBRARY`` environment variable (a path to the
+shared library), the copy bundled in this package (``pip install`` puts it there), the
+repository's ``target/release`` (for a source checkout).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from ctypes import (
+    POINTER,
+    Structure,
+    c_bool,
+    c_char,
+    c_char_p,
+    c_double,
+    c_float,
+    c_int32,
+    c_int64,
+    c_size_t,
+    c_uint8,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from pathlib import Path
+
+__all__ = [
+    "LomoError",
+    "load",
+    "check",
+    "has_symbol",
+    "library_path",
+    "SIGNATURES",
+    "Config",
+    "ParamDesc",
+    "StepInfo",
+    "MemoryStats",
+    "DeviceMemory",
+    "STATUS_OK",
+    "DTYPE_F32",
+    "DTYPE_F16",
+    "DTYPE_BF16",
+    "DEVICE_CPU",
+    "ALGORITHM_LOMO",
+    "ALGORITHM_ADALOMO",
+    "PHASE_NORM",
+    "PHASE_UPDATE",
+    "LOSS_SCALE_NONE",
+    "LOSS_SCALE_STATIC",
+    "LOSS_SCALE_DYNAMIC",
+    "ROUNDING_NEAREST",
+    "ROUNDING_STOCHASTIC",
+    "PARAM_CARRY_RMS",
+]
+
+# ---------------------------------------------------------------------------------------- enums
+# Mirrors include/lomo.h (the numbers are stable: they are never renumbered).
+STATUS_OK = 0
+STATUS_NAMES = {
+    0: "OK",
+    1: "NULL_ARGUMENT",
+    2: "INVALID_ARGUMENT",
+    3: "PHASE_ERROR",
+    4: "DUPLICATE_GRADIENT",
+    5: "UNKNOWN_PARAM",
+    6: "DEVICE_MISMATCH",
+    7: "NO_CUDA",
+    8: "CUDA_ERROR",
+    9: "COMPILE_ERROR",
+    10: "IO_ERROR",
+    11: "STATE_MISMATCH",
+    12: "OUT_OF_MEMORY",
+    13: "UNSUPPORTED",
+    14: "PANIC",
+}
+DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
+DEVICE_CPU = -1
+ALGORITHM_LOMO, ALGORITHM_ADALOMO = 0, 1
+PHASE_NORM, PHASE_UPDATE = 0, 1
+LOSS_SCALE_NONE, LOSS_SCALE_STATIC, LOSS_SCALE_DYNAMIC = 0, 1, 2
+ROUNDING_NEAREST, ROUNDING_STOCHASTIC = 0, 1
+PARAM_CARRY_RMS = 1
+
+
+# -------------------------------------------------------------------------------------- structs
+class Config(Structure):
+    """``struct lomo_config``; fill it with ``lomo_config_init``."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("algorithm", c_uint32),
+        ("weight_decay", c_double),
+        ("clip_grad_norm", c_double),
+        ("clip_grad_value", c_double),
+        ("loss_scale_mode", c_uint32),
+        ("loss_scale", c_double),
+        ("scale_factor", c_double),
+        ("scale_window", c_uint32),
+        ("min_loss_scale", c_double),
+        ("hysteresis", c_uint32),
+        ("eps1", c_double),
+        ("eps2", c_double),
+        ("clip_threshold", c_double),
+        ("decay_rate", c_double),
+        ("rounding", c_uint32),
+        ("seed", c_uint64),
+    ]
+
+
+class ParamDesc(Structure):
+    """``struct lomo_param_desc``."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("name", c_char_p),
+        ("data", c_void_p),
+        ("dtype", c_uint32),
+        ("ndim", c_uint32),
+        ("shape", POINTER(c_int64)),
+        ("device", c_int32),
+        ("group", c_uint32),
+        ("flags", c_uint32),
+    ]
+
+
+class StepInfo(Structure):
+    """``struct lomo_step_info``."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("step", c_uint64),
+        ("grad_norm", c_float),
+        ("clip_coef", c_float),
+        ("loss_scale", c_float),
+        ("next_loss_scale", c_float),
+        ("overflow", c_uint32),
+        ("skipped", c_uint32),
+        ("skipped_total", c_uint64),
+        ("grads_submitted", c_uint32),
+        ("grads_nonfinite", c_uint32),
+    ]
+
+
+MEMORY_MAX_DEVICES = 16  # LOMO_MEMORY_MAX_DEVICES
+
+
+class DeviceMemory(Structure):
+    """``struct lomo_device_memory``."""
+
+    _fields_ = [
+        ("device", c_int32),
+        ("param_count", c_uint32),
+        ("param_elements", c_uint64),
+        ("param_bytes", c_uint64),
+        ("state_bytes", c_uint64),
+        ("workspace_bytes", c_uint64),
+        ("adamw_bytes", c_uint64),
+    ]
+
+
+class MemoryStats(Structure):
+    """``struct lomo_memory_stats``."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("param_count", c_uint64),
+        ("param_elements", c_uint64),
+        ("param_bytes", c_uint64),
+        ("state_bytes", c_uint64),
+        ("workspace_bytes", c_uint64),
+        ("adamw_bytes", c_uint64),
+        ("device_count", c_uint32),
+        ("devices", DeviceMemory * MEMORY_MAX_DEVICES),
+    ]
+
+
+# ------------------------------------------------------------------------------ the one table
+
+class _StatusMarker:
+    """Marks functions that return a ``lomo_status`` (a ``uint32_t``) in ``SIGNATURES``."""
+
+    def __repr__(self):
+        return "lomo_status"
+
+
+_status = _StatusMarker()
+_opt = c_void_p  # lomo_optimizer *
+
+# name: (restype, argtypes, required). ``required=False`` marks functions that a library built
+# from an older revision may lack; their absence is reported by ``has_symbol`` and, when called,
+# by a LomoError that says so.
+SIGNATURES: dict[str, tuple[object, list, bool]] = {
+    # introspection
+    "lomo_abi_version": (c_uint32, [], True),
+    "lomo_version": (c_char_p, [], True),
+    "lomo_status_str": (c_char_p, [c_uint32], True),
+    "lomo_last_error_message": (c_size_t, [POINTER(c_char), c_size_t], True),
+    "lomo_cuda_available": (c_bool, [], True),
+    # lifecycle
+    "lomo_config_init": (_status, [POINTER(Config), c_uint32], True),
+    "lomo_optimizer_new": (_status, [POINTER(Config), POINTER(_opt)], True),
+    "lomo_optimizer_free": (None, [_opt], True),
+    # groups and parameters
+    "lomo_group_set": (_status, [_opt, c_uint32, c_double, c_double], True),
+    "lomo_group_get": (_status, [_opt, c_uint32, POINTER(c_double), POINTER(c_double)], True),
+    "lomo_param_register": (_status, [_opt, POINTER(ParamDesc), POINTER(c_uint32)], True),
+    "lomo_param_count": (_status, [_opt, POINTER(c_uint32)], True),
+    # steps
+    "lomo_step_begin": (_status, [_opt, c_uint32, c_float, c_void_p], True),
+    "lomo_grad_submit": (_status, [_opt, c_uint32, c_void_p, c_uint32, c_void_p], True),
+    "lomo_step_end": (_status, [_opt, c_void_p], True),
+    "lomo_step_cancel": (_status, [_opt], True),
+    "lomo_step_info_get": (_status, [_opt, POINTER(StepInfo)], True),
+    "lomo_loss_scale": (_status, [_opt, POINTER(c_float)], True),
+    # optimizer state (checkpoints: the bytes are a safetensors file) and memory accounting
+    "lomo_state_save": (_status, [_opt, c_char_p], False),
+    "lomo_state_load": (_status, [_opt, c_char_p], False),
+    "lomo_state_size": (_status, [_opt, POINTER(c_size_t)], False),
+    "lomo_state_serialize": (
+        _status,
+        [_opt, POINTER(c_uint8), c_size_t, POINTER(c_size_t)],
+        False,
+    ),
+    "lomo_state_deserialize": (_status, [_opt, POINTER(c_uint8), c_size_t], False),
+    "lomo_memory_stats_get": (_status, [_opt, POINTER(MemoryStats)], False),
+}
+
+
+# ------------------------------------------------------------------------------------ errors
+class LomoError(RuntimeError):
+    """A C call returned a non-OK status.
+
+    ``status`` is the status number (``STATUS_NAMES`` has its name), ``message`` the library's
+    last-error message for the calling thread.
+    """
+
+    def __init__(self, status: int, message: str, function: str | None = None):
+        self.status = int(status)
+        self.status_name = STATUS_NAMES.get(self.status, "UNKNOWN")
+        self.message = message
+        self.function = function
+        where = f"{function}: " if function else ""
+        super().__init__(f"{where}{message} [LOMO_STATUS_{self.status_name}]")
+
+
+def _last_error(lib: ctypes.CDLL) -> str:
+    n = lib.lomo_last_error_message(None, 0)
+    buf = ctypes.create_string_buffer(n + 1)
+    lib.lomo_last_error_message(buf, n + 1)
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _make_errcheck(lib: ctypes.CDLL, name: str):
+    def errcheck(result, func, args):
+        if result != STATUS_OK:
+            msg = _last_error(lib) or lib.lomo_status_str(result).decode()
+            raise LomoError(result, msg, name)
+        return result
+
+    return errcheck
+
+
+class _Missing:
+    """Stands in for a symbol the loaded library lacks; calling it raises a clear LomoError."""
+
+    def __init__(self, name: str, path: str):
+        self.name, self.path = name, path
+
+    def __call__(self, *args, **kwargs):
+        raise LomoError(
+            13,
+            f"the loaded library {self.path} has no symbol {self.name}; it was built from an "
+            "older lomo revision (rebuild it, or point LOMO_LIBRARY at a newer liblomo.so)",
+            self.name,
+        )
+
+
+# ------------------------------------------------------------------------------------ loading
+_LIB: ctypes.CDLL | None = None
+_LIB_PATH: str | None = None
+_LOCK = threading.Lock()
+
+
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    out = []
+    env = os.environ.get("LOMO_LIBRARY")
+    if env:
+        return [Path(env)]
+    out.append(here / "liblomo.so")
+    # source checkout: bindings/python/lomo_native -> repository root
+    for root in (here.parent.parent.parent,):
+        out.append(root / "target" / "release" / "liblomo.so")
+    return out
+
+
+def library_path() -> str:
+    """The path ``load()`` uses (or used)."""
+    if _LIB_PATH is not None:
+        return _LIB_PATH
+    cands = _candidates()
+    for c in cands:
+        if c.is_file():
+            return str(c)
+    tried = ", ".join(str(c) for c in cands)
+    raise OSError(
+        f"liblomo.so not found (tried {tried}); install the package with "
+        "`pip install ./bindings/python`, build it with `cargo build --release`, or set "
+        "LOMO_LIBRARY to its path"
+    )
+
+
+def load() -> ctypes.CDLL:
+    """Loads the library once and returns it with every signature of ``SIGNATURES`` declared."""
+    global _LIB, _LIB_PATH
+    if _LIB is not None:
+        return _LIB
+    with _LOCK:
+        if _LIB is not None:
+            return _LIB
+        path = library_path()
+        lib = ctypes.CDLL(path)
+        for name, (restype, argtypes, required) in SIGNATURES.items():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                if required:
+                    raise OSError(f"{path} lacks the required symbol {name}") from None
+                setattr(lib, name, _Missing(name, path))
+                continue
+            fn.argtypes = argtypes
+            if restype is _status:
+                fn.restype = c_uint32
+                fn.errcheck = _make_errcheck(lib, name)
+            else:
+                fn.restype = restype
+        _LIB_PATH = path
+        _LIB = lib
+        return lib
+
+
+def has_symbol(name: str) -> bool:
+    """Whether the loaded library exports ``name`` (False for optional symbols it lacks)."""
+    return not isinstance(getattr(load(), name, None), (_Missing, type(None)))
+
+
+def check(status: int, function: str | None = None) -> None:
+    """Raises LomoError for a non-OK status (for callers that bypass the declared table)."""
+    if status != STATUS_OK:
+        lib = load()
+        raise LomoError(status, _last_error(lib) or lib.lomo_status_str(status).decode(), function)

@@ -1,0 +1,290 @@
+"""Framework-neutral Python API over the C library: an ``Optimizer`` object that owns a
+``lomo_optimizer *``, with a raw-pointer level (used by the PyTorch and JAX layers) and a NumPy
+level (register arrays, submit gradients) for Python users without a deep-learning framework.
+
+NumPy example (LOMO, one step)::
+
+    import numpy as np
+    from lomo_native import Optimizer
+    w = np.random.randn(4, 3).astype(np.float32)
+    opt = Optimizer("lomo")
+    wid = opt.register_array("w", w)            # w is updated in place from now on
+    opt.step({wid: grad_of_w}, lr=0.1)          # begin(UPDATE) + submit + end
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from . import _native as N
+
+__all__ = ["Optimizer", "StepInfo", "ALGORITHMS"]
+
+ALGORITHMS = {"lomo": N.ALGORITHM_LOMO, "adalomo": N.ALGORITHM_ADALOMO}
+_LOSS_SCALE_MODES = {
+    "none": N.LOSS_SCALE_NONE,
+    "static": N.LOSS_SCALE_STATIC,
+    "dynamic": N.LOSS_SCALE_DYNAMIC,
+}
+_ROUNDING = {"nearest": N.ROUNDING_NEAREST, "stochastic": N.ROUNDING_STOCHASTIC}
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Diagnostics of the last phase and step (``lomo_step_info``)."""
+
+    step: int  #: applied update steps so far (AdaLomo's t)
+    grad_norm: float  #: global norm of the unscaled gradients (NaN without a NORM phase)
+    clip_coef: float  #: clip coefficient used (1 without clipping, 0 when skipped)
+    loss_scale: float  #: loss scale of the last step
+    next_loss_scale: float  #: loss scale for the next step
+    overflow: bool  #: a non-finite gradient was seen in the last step
+    skipped: bool  #: the last step was skipped entirely (overflow in its NORM phase)
+    skipped_total: int  #: skipped steps so far
+    grads_submitted: int  #: gradients submitted in the last phase
+    grads_nonfinite: int  #: of those, non-finite ones (never applied)
+
+
+def _numpy_dtype_code(dtype) -> int:
+    name = str(dtype)
+    codes = {"float32": N.DTYPE_F32, "float16": N.DTYPE_F16, "bfloat16": N.DTYPE_BF16}
+    if name not in codes:
+        raise TypeError(f"unsupported dtype {name}: lomo takes float32, float16 or bfloat16")
+    return codes[name]
+
+
+def _stream(stream) -> ctypes.c_void_p | None:
+    return None if not stream else ctypes.c_void_p(int(stream))
+
+
+class Optimizer:
+    """One ``lomo_optimizer``. Not copyable; freed by ``close()`` or when collected.
+
+    ``algorithm`` is ``"lomo"`` or ``"adalomo"``; keyword arguments set ``lomo_config`` fields
+    (``weight_decay``, ``clip_grad_norm``, ``clip_grad_value``, ``loss_scale_mode`` as
+    ``"none"|"static"|"dynamic"``, ``loss_scale``, ``scale_factor``, ``scale_window``,
+    ``min_loss_scale``, ``hysteresis``, ``eps1``, ``eps2``, ``clip_threshold``, ``decay_rate``,
+    ``rounding`` as ``"nearest"|"stochastic"``, ``seed``); the others keep the library defaults
+    (lomo-optim's). Every failing call raises :class:`lomo_native.LomoError`.
+    """
+
+    def __init__(self, algorithm: str = "lomo", **config):
+        self._lib = N.load()
+        self._handle = None
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+        cfg = N.Config()
+        self._lib.lomo_config_init(ctypes.byref(cfg), ALGORITHMS[algorithm])
+        for key, value in config.items():
+            if key == "loss_scale_mode" and isinstance(value, str):
+                value = _LOSS_SCALE_MODES[value]
+            if key == "rounding" and isinstance(value, str):
+                value = _ROUNDING[value]
+            if key in ("struct_size", "algorithm") or key not in dict(N.Config._fields_):
+                raise TypeError(f"unknown config field {key!r}")
+            setattr(cfg, key, value)
+        handle = ctypes.c_void_p()
+        self._lib.lomo_optimizer_new(ctypes.byref(cfg), ctypes.byref(handle))
+        self._handle = handle
+        self.algorithm = algorithm
+        self.config = {name: getattr(cfg, name) for name, _ in N.Config._fields_}
+        self._arrays: dict[int, object] = {}  # keeps registered NumPy buffers alive
+        self._names: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Frees the optimizer (idempotent). Parameter buffers are not touched."""
+        if self._handle is not None:
+            self._lib.lomo_optimizer_free(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def handle(self) -> ctypes.c_void_p:
+        if self._handle is None:
+            raise ValueError("the optimizer was closed")
+        return self._handle
+
+    # ---------------------------------------------------------------------- groups and params
+    def group_set(self, group: int, lr_multiplier: float = 1.0, weight_decay: float = 0.0) -> None:
+        """Creates or changes a parameter group (group 0 always exists)."""
+        self._lib.lomo_group_set(self.handle, group, lr_multiplier, weight_decay)
+
+    def group_get(self, group: int) -> tuple[float, float]:
+        """(lr_multiplier, weight_decay) of a group."""
+        m, wd = ctypes.c_double(), ctypes.c_double()
+        self._lib.lomo_group_get(self.handle, group, ctypes.byref(m), ctypes.byref(wd))
+        return m.value, wd.value
+
+    def register_pointer(self, name: str, data: int, dtype: int, shape: Iterable[int],
+                         device: int = N.DEVICE_CPU, group: int = 0, flags: int = 0) -> int:
+        """Registers a raw buffer (``data`` is an address; host memory for ``device=-1``, else
+        CUDA memory of that ordinal). The buffer must stay valid and in place while the optimizer
+        lives. Returns the parameter id."""
+        shape = [int(s) for s in shape]
+        dims = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+        desc = N.ParamDesc(
+            struct_size=ctypes.sizeof(N.ParamDesc),
+            name=name.encode("utf-8"),
+            data=ctypes.c_void_p(int(data) if data else None),
+            dtype=dtype,
+            ndim=len(shape),
+            shape=ctypes.cast(dims, ctypes.POINTER(ctypes.c_int64)),
+            device=device,
+            group=group,
+            flags=flags,
+        )
+        out = ctypes.c_uint32()
+        self._lib.lomo_param_register(self.handle, ctypes.byref(desc), ctypes.byref(out))
+        self._names[name] = out.value
+        return out.value
+
+    def register_array(self, name: str, array, group: int = 0, flags: int = 0) -> int:
+        """Registers a NumPy array (C-contiguous, writeable; float32, float16 or ml_dtypes'
+        bfloat16) that the optimizer updates in place. The optimizer keeps a reference to it."""
+        if not array.flags["C_CONTIGUOUS"] or not array.flags["WRITEABLE"]:
+            raise ValueError(f"{name}: the array must be C-contiguous and writeable")
+        code = _numpy_dtype_code(array.dtype)
+        pid = self.register_pointer(name, array.ctypes.data, code, array.shape,
+                                    N.DEVICE_CPU, group, flags)
+        self._arrays[pid] = array
+        return pid
+
+    def param_id(self, name: str) -> int:
+        return self._names[name]
+
+    @property
+    def param_count(self) -> int:
+        out = ctypes.c_uint32()
+        self._lib.lomo_param_count(self.handle, ctypes.byref(out))
+        return out.value
+
+    # ---------------------------------------------------------------------------------- steps
+    def begin(self, phase: int, lr: float = 0.0, stream=None) -> None:
+        """``lomo_step_begin``: ``phase`` is ``PHASE_NORM`` (0) or ``PHASE_UPDATE`` (1)."""
+        self._lib.lomo_step_begin(self.handle, phase, lr, _stream(stream))
+
+    def submit_pointer(self, param_id: int, grad: int, dtype: int, stream=None) -> None:
+        """``lomo_grad_submit`` with a raw gradient address (scaled by ``loss_scale``)."""
+        self._lib.lomo_grad_submit(self.handle, param_id, ctypes.c_void_p(int(grad) or None),
+                                   dtype, _stream(stream))
+
+    def submit_array(self, param_id: int, grad) -> None:
+        """Submits a NumPy gradient (any of the three dtypes, the parameter's shape)."""
+        import numpy as np
+
+        grad = np.ascontiguousarray(grad)
+        self.submit_pointer(param_id, grad.ctypes.data, _numpy_dtype_code(grad.dtype))
+
+    def end(self, stream=None) -> None:
+        self._lib.lomo_step_end(self.handle, _stream(stream))
+
+    def cancel(self) -> None:
+        """Abandons the current step (``lomo_step_cancel``); a no-op between steps."""
+        self._lib.lomo_step_cancel(self.handle)
+
+    def step(self, grads: Mapping, lr: float, norm_pass: bool | None = None) -> StepInfo:
+        """One whole step from NumPy gradients ``{param id or name: gradient}``. With
+        ``clip_grad_norm`` set (or ``norm_pass=True``: an overflowing step is then skipped with
+        every parameter untouched), a NORM phase over the same gradients comes first. The
+        gradients are those of the loss times ``loss_scale``."""
+        items = [(self._names[k] if isinstance(k, str) else int(k), g) for k, g in grads.items()]
+        if norm_pass is None:
+            norm_pass = self.config["clip_grad_norm"] > 0
+        if norm_pass:
+            self._phase(N.PHASE_NORM, 0.0, items)
+        self._phase(N.PHASE_UPDATE, lr, items)
+        return self.step_info()
+
+    def _phase(self, phase, lr, items):
+        self.begin(phase, lr)
+        try:
+            for pid, g in items:
+                self.submit_array(pid, g)
+        except BaseException:
+            self.cancel()
+            raise
+        self.end()
+
+    # ----------------------------------------------------------------------------- diagnostics
+    def step_info(self) -> StepInfo:
+        """Diagnostics of the last phase and step (may synchronize with the GPU)."""
+        info = N.StepInfo(struct_size=ctypes.sizeof(N.StepInfo))
+        self._lib.lomo_step_info_get(self.handle, ctypes.byref(info))
+        return StepInfo(
+            step=info.step,
+            grad_norm=info.grad_norm,
+            clip_coef=info.clip_coef,
+            loss_scale=info.loss_scale,
+            next_loss_scale=info.next_loss_scale,
+            overflow=bool(info.overflow),
+            skipped=bool(info.skipped),
+            skipped_total=info.skipped_total,
+            grads_submitted=info.grads_submitted,
+            grads_nonfinite=info.grads_nonfinite,
+        )
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor to multiply the loss by before the next backward (1 when off)."""
+        out = ctypes.c_float()
+        self._lib.lomo_loss_scale(self.handle, ctypes.byref(out))
+        return out.value
+
+    # ----------------------------------------------------------------------------------- state
+    def state_bytes(self) -> bytes:
+        """The complete optimizer state (AdaLomo statistics, step counter, loss scaler) as the
+        bytes of a safetensors file (``lomo_state_serialize``)."""
+        size = ctypes.c_size_t()
+        self._lib.lomo_state_size(self.handle, ctypes.byref(size))
+        buf = (ctypes.c_uint8 * max(size.value, 1))()
+        written = ctypes.c_size_t()
+        self._lib.lomo_state_serialize(self.handle, buf, size.value, ctypes.byref(written))
+        return bytes(buf)[: written.value]
+
+    def load_state_bytes(self, data: bytes) -> None:
+        """Restores a state written by ``state_bytes`` for the same parameters (names, shapes,
+        algorithm); raises LomoError (STATE_MISMATCH) otherwise, leaving the optimizer as it was."""
+        data = bytes(data)
+        buf = (ctypes.c_uint8 * max(len(data), 1)).from_buffer_copy(data or b"\0")
+        self._lib.lomo_state_deserialize(self.handle, buf, len(data))
+
+    def save(self, path) -> None:
+        """Writes the state to a safetensors file (``lomo_state_save``, atomic)."""
+        self._lib.lomo_state_save(self.handle, str(path).encode())
+
+    def load(self, path) -> None:
+        """Loads a state file written by ``save`` (``lomo_state_load``)."""
+        self._lib.lomo_state_load(self.handle, str(path).encode())
+
+    def memory_stats(self) -> dict:
+        """Memory accounting (``lomo_memory_stats_get``): totals in bytes, and per device
+        (``"devices"``: ``{device: {...}}``, -1 = CPU)."""
+        st = N.MemoryStats(struct_size=ctypes.sizeof(N.MemoryStats))
+        self._lib.lomo_memory_stats_get(self.handle, ctypes.byref(st))
+        keys = ("param_count", "param_elements", "param_bytes", "state_bytes",
+                "workspace_bytes", "adamw_bytes")
+        out = {k: getattr(st, k) for k in keys}
+        out["devices"] = {
+            d.device: {k: getattr(d, k) for k in keys}
+            for d in st.devices[: min(st.device_count, N.MEMORY_MAX_DEVICES)]
+        }
+        return out
+
+    @staticmethod
+    def supports_state() -> bool:
+        """Whether the loaded library has the state functions."""
+        return N.has_symbol("lomo_state_serialize") and N.has_symbol("lomo_state_deserialize")

@@ -1,0 +1,500 @@
+"""PyTorch drop-ins for ``lomo_optim.Lomo`` and ``lomo_optim.AdaLomo`` on the C library.
+
+Replace the import and nothing else::
+
+    # from lomo_optim import AdaLomo
+    from lomo_native.torch import AdaLomo
+
+    opt = AdaLomo(model, lr=1e-3)
+    for batch in loader:
+        loss = model(**batch).loss
+        opt.fused_backward(loss, lr)          # backward + update, no gradients kept
+
+Same constructor arguments and defaults (the model first), the same ``fused_backward(loss, lr)``
+and ``grad_norm(loss)``. Each parameter that requires a gradient gets one
+``register_post_accumulate_grad_hook`` that hands its gradient to the library the moment it is
+complete (O(1) per parameter, no scan, no one-hook lag) and then drops it. Differences from
+lomo-optim 0.1.1 (bug numbers of ``reference/semantics.md`` §7) are listed in the README section
+"Python and PyTorch"; the main ones:
+
+* ``clip_grad_norm`` set → ``grad_norm(loss)`` must precede every ``fused_backward`` for *both*
+  classes (lomo-optim: Lomo raises, AdaLomo silently skips clipping — B17). A missing call raises.
+* fp16 models get dynamic loss scaling starting at 2**16 that grows back, single-process (B6-B8);
+  an overflowing step is skipped with every parameter untouched: models with fp16 parameters run a
+  norm pass before the update even without clipping (``two_pass``), as lomo-optim needed anyway (B3).
+* ``state_dict()`` holds the complete optimizer state (B15); hooks are removable (B16).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from . import _native as N
+from .core import Optimizer as _NativeOptimizer
+from .core import StepInfo
+
+__all__ = ["Lomo", "AdaLomo", "StepInfo", "is_no_decay"]
+
+_DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
+_STATE_FORMAT = "lomo_native.torch/1"
+
+
+def is_no_decay(name: str, param: torch.Tensor, module: torch.nn.Module) -> bool:
+    """The default rule of ``no_decay=True``: biases and the weights of normalization layers
+    (any module whose class name contains "Norm": LayerNorm, RMSNorm, GroupNorm, BatchNorm...)."""
+    return name.rsplit(".", 1)[-1] == "bias" or "norm" in type(module).__name__.lower()
+
+
+class _LossScalerView:
+    """Read-only stand-in for lomo-optim's ``DynamicLossScaler`` (``opt.loss_scaler``), so that
+    lomo-optim loops that test ``opt.loss_scaler.has_overflow_serial`` keep working."""
+
+    def __init__(self, opt: "_FusedOptimizer"):
+        self._opt = weakref.ref(opt)
+
+    @property
+    def cur_scale(self) -> float:
+        return self._opt().loss_scale
+
+    loss_scale = cur_scale
+
+    @property
+    def has_overflow_serial(self) -> bool:
+        """Whether the last ``grad_norm`` (or step) saw a non-finite gradient."""
+        opt = self._opt()
+        info = opt.step_info()
+        return bool(info.grads_nonfinite > 0 or (not opt._norm_pending and info.overflow))
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """Shared machinery of :class:`Lomo` and :class:`AdaLomo` (not used directly)."""
+
+    _ALGORITHM = "lomo"
+
+    def __init__(self, model: torch.nn.Module, lr: float, native_config: dict,
+                 clip_grad_norm: Optional[float], clip_grad_value: Optional[float],
+                 weight_decay: float, groups: Optional[list], no_decay, two_pass: Optional[bool]):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("the first argument is the model (a torch.nn.Module), as in lomo_optim")
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}.")
+        self.model = model
+        self.lr = lr
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.weight_decay = weight_decay
+        wd = float(weight_decay) if weight_decay and weight_decay > 0 else 0.0
+        config = dict(native_config)
+        config.update(
+            weight_decay=wd,
+            clip_grad_norm=float(clip_grad_norm or 0.0),
+            clip_grad_value=float(clip_grad_value) if clip_grad_value and clip_grad_value > 0 else 0.0,
+        )
+        named = self._trainable(model)
+        self._group_of, group_settings = self._assign_groups(model, named, groups, no_decay, wd)
+
+        self._native = _NativeOptimizer(self._ALGORITHM, **config)
+        for gid, (lr_scale, gwd) in enumerate(group_settings):
+            if gid > 0 or gwd != wd or lr_scale != 1.0:
+                self._native.group_set(gid, lr_scale, gwd)
+
+        torch_groups = [
+            {"params": [], "lomo_group": gid, "lr": lr, "lr_scale": s, "weight_decay": gwd}
+            for gid, (s, gwd) in enumerate(group_settings)
+        ]
+        for name, p in named:
+            torch_groups[self._group_of[name]]["params"].append(p)
+        defaults = dict(lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value)
+        if not named:
+            raise ValueError("no parameter of the model requires a gradient")
+        super().__init__(torch_groups, defaults)
+
+        self._phase: Optional[int] = None
+        self._norm_pending = False
+        self._stray: Optional[str] = None
+        self._handles = []
+        self._param_names = []
+        self._cuda_devices = set()
+        self._has_fp16 = False
+        self._register(named)
+        self.two_pass = self._has_fp16 if two_pass is None else bool(two_pass)
+
+    # ---------------------------------------------------------------------------- construction
+    @staticmethod
+    def _trainable(model):
+        """(name, parameter) of every distinct parameter that requires a gradient; a tied
+        parameter appears once, under its first name."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    @staticmethod
+    def _assign_groups(model, named, groups, no_decay, wd):
+        """Maps parameter names to native group ids; returns (map, [(lr_scale, wd) per id])."""
+        by_id = {id(p): n for n, p in named}
+        group_of = {n: 0 for n, _ in named}
+        settings = [(1.0, wd)]
+        for spec in groups or []:
+            spec = dict(spec)
+            members = spec.pop("params")
+            s = float(spec.pop("lr_scale", 1.0))
+            g_wd = spec.pop("weight_decay", wd)
+            g_wd = float(g_wd) if g_wd and g_wd > 0 else 0.0
+            if spec:
+                raise TypeError(f"unknown parameter-group keys {sorted(spec)} "
+                                "(accepted: params, lr_scale, weight_decay)")
+            gid = len(settings)
+            settings.append((s, g_wd))
+            for m in [members] if isinstance(members, (torch.Tensor, str)) else members:
+                name = m if isinstance(m, str) else by_id.get(id(m))
+                if name not in group_of:
+                    raise ValueError(f"group {gid}: {m if isinstance(m, str) else 'a parameter'} "
+                                     "is not a trainable parameter of the model")
+                group_of[name] = gid
+        if no_decay:
+            rule = is_no_decay if no_decay is True else no_decay
+            modules = dict(model.named_modules())
+            gid = len(settings)
+            settings.append((1.0, 0.0))
+            for name, p in named:
+                owner = modules.get(name.rsplit(".", 1)[0] if "." in name else "", model)
+                if group_of[name] == 0 and rule(name, p, owner):
+                    group_of[name] = gid
+        return group_of, settings
+
+    def _register(self, named):
+        ref = weakref.ref(self)
+        for name, p in named:
+            if p.dtype not in _DTYPES:
+                raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32, float16, bfloat16)")
+            if p.layout != torch.strided or not p.is_contiguous():
+                raise ValueError(f"{name}: the parameter must be a dense contiguous tensor")
+            if p.device.type == "cpu":
+                device = N.DEVICE_CPU
+            elif p.device.type == "cuda":
+                device = p.device.index if p.device.index is not None else torch.cuda.current_device()
+                self._cuda_devices.add(device)
+            else:
+                raise ValueError(f"{name}: device {p.device} is not supported (cpu, cuda)")
+            self._has_fp16 |= p.dtype == torch.float16
+            pid = self._native.register_pointer(name, p.data_ptr(), _DTYPES[p.dtype], p.shape,
+                                                device, self._group_of[name])
+            self._param_names.append(name)
+            self._handles.append(
+                p.register_post_accumulate_grad_hook(_make_hook(ref, pid, name, p.data_ptr()))
+            )
+
+    # ------------------------------------------------------------------------------ the steps
+    def fused_backward(self, loss: torch.Tensor, lr: Optional[float] = None) -> None:
+        """Backward pass with each parameter updated (and its gradient dropped) as soon as its
+        gradient is complete. ``lr`` is this step's learning rate (group multipliers apply);
+        None uses ``param_groups[0]["lr"]``, so torch LR schedulers also work. With
+        ``clip_grad_norm`` set, ``grad_norm(loss)`` must have been called first in this step."""
+        self._check_usable()
+        if lr is None:
+            lr = self.param_groups[0]["lr"]
+        if not self._norm_pending:
+            if self.clip_grad_norm is not None:
+                raise ValueError(
+                    "clip_grad_norm is set, so every step needs grad_norm(loss) before "
+                    "fused_backward(loss, lr) (lomo_native requires this for Lomo and AdaLomo)")
+            if self.two_pass:
+                self._norm_backward(loss)
+        stream = self._stream()
+        self._native.begin(N.PHASE_UPDATE, float(lr), stream)
+        self._norm_pending = False
+        self._backward(loss, N.PHASE_UPDATE, retain_graph=False)
+        self._native.end(stream)
+        self.lr = lr
+
+    def grad_norm(self, loss: torch.Tensor) -> None:
+        """First backward of a step: computes the global gradient norm (for ``clip_grad_norm``)
+        and checks for overflow, without updating anything. The graph is retained for
+        ``fused_backward``. The norm is in ``step_info().grad_norm``."""
+        self._check_usable()
+        self._norm_backward(loss)
+
+    def _norm_backward(self, loss):
+        if self._norm_pending:
+            self._finish_pending()
+        stream = self._stream()
+        self._native.begin(N.PHASE_NORM, 0.0, stream)
+        self._backward(loss, N.PHASE_NORM, retain_graph=True)
+        self._native.end(stream)
+        self._norm_pending = True
+
+    def _finish_pending(self):
+        """A NORM phase was not followed by fused_backward (lomo-optim loops skip the update
+        after an overflow): record an overflowing step as skipped, abandon a clean one."""
+        if self._native.step_info().grads_nonfinite > 0:
+            stream = self._stream()
+            self._native.begin(N.PHASE_UPDATE, 0.0, stream)
+            self._native.end(stream)
+        else:
+            self._native.cancel()
+        self._norm_pending = False
+
+    def _backward(self, loss, phase, retain_graph):
+        scale = self._native.loss_scale
+        if scale != 1.0:
+            # lomo-optim scales in the loss dtype; an fp16 loss is scaled in f32 instead so
+            # that the scaled loss itself cannot saturate (the gradients are checked anyway).
+            loss = (loss.float() if loss.dtype == torch.float16 else loss) * scale
+        self._phase = phase
+        try:
+            loss.backward(retain_graph=retain_graph)
+        except BaseException:
+            self._phase = None
+            self._norm_pending = False
+            self._native.cancel()
+            raise
+        self._phase = None
+
+    def _stream(self):
+        if not self._cuda_devices:
+            return None
+        return torch.cuda.current_stream(min(self._cuda_devices)).cuda_stream
+
+    def _check_usable(self):
+        if not self._handles:
+            raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
+        if self._stray is not None:
+            name, self._stray = self._stray, None
+            raise RuntimeError(
+                f"'{name}' received a gradient from a backward() outside fused_backward/grad_norm; "
+                "it is left in .grad and would be applied on top of the next step's gradient. "
+                "Call zero_grad(set_to_none=True) first (or use fused_backward for every backward)")
+
+    def step(self, closure=None):  # noqa: D401 - torch.optim.Optimizer API
+        """Not used: the update happens inside ``fused_backward`` (as in lomo-optim)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} updates inside fused_backward(loss, lr); call that instead of "
+            "loss.backward() + step()")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._stray = None
+
+    # ---------------------------------------------------------------------------- diagnostics
+    def step_info(self) -> StepInfo:
+        """Diagnostics of the last step: grad norm, clip coefficient, loss scale, skipped..."""
+        return self._native.step_info()
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor the next backward multiplies the loss by (1 when scaling is off)."""
+        return self._native.loss_scale
+
+    def memory_stats(self) -> dict:
+        """The library's memory accounting (state, workspace, parameters, and what AdamW would
+        need), see :meth:`lomo_native.Optimizer.memory_stats`."""
+        return self._native.memory_stats()
+
+    @property
+    def native(self) -> _NativeOptimizer:
+        """The underlying :class:`lomo_native.Optimizer`."""
+        return self._native
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The complete optimizer state: the library's (AdaLomo statistics, step counter, loss
+        scaler; a safetensors blob as a uint8 tensor) and the Python side (lr, groups,
+        settings). ``torch.save`` it; ``load_state_dict`` on an optimizer built the same way
+        resumes identically."""
+        self._check_usable()
+        if self._phase is not None or self._norm_pending:
+            raise RuntimeError("state_dict() must be called between steps")
+        if not self._native.supports_state():
+            raise RuntimeError(
+                f"the loaded liblomo ({N.library_path()}) has no lomo_state_serialize/"
+                "lomo_state_deserialize; state_dict needs a newer library")
+        blob = self._native.state_bytes()
+        return {
+            "format": _STATE_FORMAT,
+            "algorithm": self._ALGORITHM,
+            "native": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else
+            torch.empty(0, dtype=torch.uint8),
+            "param_names": list(self._param_names),
+            "groups": [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
+                        "lr": g["lr"]} for g in self.param_groups],
+            "lr": self.lr,
+            "settings": self._settings(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores a ``state_dict()`` of an optimizer over the same parameters."""
+        self._check_usable()
+        if state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a {_STATE_FORMAT} state dict (lomo-optim's hold no state)")
+        if state_dict["algorithm"] != self._ALGORITHM:
+            raise ValueError(f"state of {state_dict['algorithm']} loaded into {self._ALGORITHM}")
+        if list(state_dict["param_names"]) != self._param_names:
+            raise ValueError("the state dict was saved for different parameters")
+        if len(state_dict["groups"]) != len(self.param_groups):
+            raise ValueError("the state dict has a different number of parameter groups")
+        if self._phase is not None or self._norm_pending:
+            raise RuntimeError("load_state_dict() must be called between steps")
+        if not self._native.supports_state():
+            raise RuntimeError(
+                f"the loaded liblomo ({N.library_path()}) has no lomo_state_deserialize; "
+                "load_state_dict needs a newer library")
+        blob = state_dict["native"]
+        if isinstance(blob, torch.Tensor):
+            blob = blob.cpu().contiguous().numpy().tobytes()
+        self._native.load_state_bytes(blob)
+        for gid, (g, saved) in enumerate(zip(self.param_groups, state_dict["groups"])):
+            g.update(lr_scale=saved["lr_scale"], weight_decay=saved["weight_decay"], lr=saved["lr"])
+            self._native.group_set(gid, saved["lr_scale"], saved["weight_decay"])
+        self.lr = state_dict["lr"]
+
+    def _settings(self) -> dict:
+        return {"clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
+                "weight_decay": self.weight_decay, "two_pass": self.two_pass,
+                "config": dict(self._native.config)}
+
+    # ------------------------------------------------------------------------------- removal
+    def remove(self) -> None:
+        """Removes every hook and frees the native optimizer; the model trains normally again.
+        Idempotent. Also done at the end of ``with opt:`` and when the optimizer is collected."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if getattr(self, "_native", None) is not None:
+            self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __del__(self):
+        try:
+            self.remove()
+        except Exception:
+            pass
+
+
+def _make_hook(opt_ref, pid: int, name: str, ptr: int):
+    """The post-accumulate-grad hook of one parameter: O(1), holds the optimizer weakly."""
+
+    def hook(p: torch.Tensor) -> None:
+        opt = opt_ref()
+        if opt is None:
+            return
+        if opt._phase is None:
+            opt._stray = name  # a plain backward(): leave .grad as PyTorch would
+            return
+        g = p.grad
+        if g is None:
+            return
+        if p.data_ptr() != ptr:
+            raise RuntimeError(f"'{name}' was moved or reallocated after the optimizer was built "
+                               "(e.g. .to() or .data =); build the optimizer after that")
+        if g.layout != torch.strided:
+            raise RuntimeError(f"'{name}': sparse gradients are not supported")
+        if not g.is_contiguous():
+            g = g.contiguous()
+        stream = None
+        if g.is_cuda:
+            s = torch.cuda.current_stream(g.device)
+            g.record_stream(s)
+            stream = s.cuda_stream
+        opt._native.submit_pointer(pid, g.data_ptr(), _DTYPES[g.dtype], stream)
+        p.grad = None
+
+    return hook
+
+
+class Lomo(_FusedOptimizer):
+    """Drop-in for ``lomo_optim.Lomo`` (fused SGD with decoupled weight decay).
+
+    ``Lomo(model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
+    loss_scale_args={})`` as in lomo-optim. Models with fp16 parameters get dynamic loss scaling
+    (``loss_scale_args``: ``init_scale`` (default 2**16), ``scale_factor`` (2), ``scale_window``
+    (1000), ``min_scale`` (1), ``delayed_shift`` (1)); bf16 and f32 need none.
+
+    Beyond lomo-optim (keyword-only): ``groups`` — a list of ``{"params": [parameters or names],
+    "weight_decay": wd, "lr_scale": m}``; ``no_decay`` — True (biases and norm weights, see
+    :func:`is_no_decay`) or a callable ``(name, param, module) -> bool`` selecting parameters
+    without weight decay; ``two_pass`` — run a norm backward before every update so an
+    overflowing step leaves every parameter untouched (default: models with fp16 parameters);
+    ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back.
+    """
+
+    _ALGORITHM = "lomo"
+
+    def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
+                 weight_decay=0.0, loss_scale_args={}, *, groups=None, no_decay=None,
+                 two_pass=None, rounding="nearest", seed=0):  # noqa: B006 - lomo-optim's default
+        args = dict(loss_scale_args or {})
+        fp16 = any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
+        config = dict(rounding=rounding, seed=seed)
+        if fp16:
+            config.update(_dynamic_scale_config(args))
+        elif args:
+            _dynamic_scale_config(args)  # validate the keys even when unused
+        self.loss_scale_args = args
+        super().__init__(model, lr, config, clip_grad_norm, clip_grad_value, weight_decay,
+                         groups, no_decay, two_pass)
+
+    @property
+    def loss_scaler(self):
+        """lomo-optim compatibility: an object with ``cur_scale``/``loss_scale`` and
+        ``has_overflow_serial`` when dynamic loss scaling is on (fp16), else None."""
+        if self._native.config["loss_scale_mode"] != N.LOSS_SCALE_DYNAMIC:
+            return None
+        return _LossScalerView(self)
+
+
+def _dynamic_scale_config(args: dict) -> dict:
+    known = {"init_scale", "scale_factor", "scale_window", "min_scale", "delayed_shift",
+             "consecutive_hysteresis", "raise_error_at_min_scale", "dtype"}
+    unknown = set(args) - known
+    if unknown:
+        raise TypeError(f"unknown loss_scale_args {sorted(unknown)} (DynamicLossScaler's: {sorted(known)})")
+    if args.get("consecutive_hysteresis"):
+        raise NotImplementedError("consecutive_hysteresis=True is not supported")
+    return dict(
+        loss_scale_mode=N.LOSS_SCALE_DYNAMIC,
+        loss_scale=float(args.get("init_scale", 2.0 ** 16)),
+        scale_factor=float(args.get("scale_factor", 2.0)),
+        scale_window=int(args.get("scale_window", 1000)),
+        min_loss_scale=float(args.get("min_scale", 1.0)),
+        hysteresis=int(args.get("delayed_shift", 1)),
+    )
+
+
+class AdaLomo(_FusedOptimizer):
+    """Drop-in for ``lomo_optim.AdaLomo`` (factored second moment, grouped update
+    normalization, relative step size).
+
+    ``AdaLomo(model, lr=1e-3, loss_scale=2**10, eps=(1e-30, 1e-3), clip_threshold=1.0,
+    decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0)`` as in
+    lomo-optim: a static loss scale (None or 0 disables it). State lives in the library (any
+    rank, on the parameter's device), created only for trainable parameters. The keyword-only
+    extras are those of :class:`Lomo`.
+    """
+
+    _ALGORITHM = "adalomo"
+
+    def __init__(self, model, lr=1e-3, loss_scale=2 ** 10, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                 decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
+                 *, groups=None, no_decay=None, two_pass=None, rounding="nearest", seed=0):
+        eps1, eps2 = eps
+        config = dict(eps1=float(eps1), eps2=float(eps2), clip_threshold=float(clip_threshold),
+                      decay_rate=float(decay_rate), rounding=rounding, seed=seed)
+        if loss_scale:
+            config.update(loss_scale_mode=N.LOSS_SCALE_STATIC, loss_scale=float(loss_scale))
+        else:
+            config.update(loss_scale_mode=N.LOSS_SCALE_NONE)
+        self.loss_scale_value = loss_scale
+        self.eps, self.clip_threshold, self.decay_rate = eps, clip_threshold, decay_rate
+        super().__init__(model, lr, config, clip_grad_norm, clip_grad_value, weight_decay,
+                         groups, no_decay, two_pass)
+
+    @property
+    def step_num(self) -> int:
+        """lomo-optim compatibility: the number of applied update steps (AdaLomo's t)."""
+        return self._native.step_info().step

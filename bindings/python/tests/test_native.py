@@ -1,0 +1,180 @@
+"""The ctypes layer and the NumPy-level Optimizer, against include/lomo.h and NumPy references."""
+
+import ctypes
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lomo_native
+from lomo_native import LomoError, Optimizer, _native
+
+HEADER = Path(__file__).resolve().parents[3] / "include" / "lomo.h"
+
+
+def test_one_table_declares_every_c_function():
+    if not HEADER.is_file():
+        pytest.skip("not run from a source checkout")
+    declared = set(re.findall(r"^\S.*?\b(lomo_\w+)\(", HEADER.read_text(), re.M))
+    assert declared, "no function found in the header"
+    missing = declared - set(_native.SIGNATURES)
+    assert not missing, f"functions of lomo.h without a signature: {sorted(missing)}"
+    lib = _native.load()
+    for name in declared:
+        fn = getattr(lib, name)
+        assert fn.argtypes is not None, name
+
+
+def test_struct_sizes_match_the_library():
+    lib = _native.load()
+    cfg = _native.Config()
+    lib.lomo_config_init(ctypes.byref(cfg), _native.ALGORITHM_ADALOMO)
+    assert cfg.struct_size == ctypes.sizeof(_native.Config)
+    assert cfg.loss_scale == 1024.0 and cfg.eps1 == 1e-30 and cfg.decay_rate == -0.8
+
+
+def test_errors_carry_status_and_message():
+    with pytest.raises(LomoError) as e:
+        Optimizer("adalomo", decay_rate=0.5)
+    assert e.value.status == 2 and "decay_rate" in e.value.message
+    with pytest.raises(TypeError):
+        Optimizer("lomo", no_such_field=1.0)
+    opt = Optimizer("lomo", clip_grad_norm=1.0)
+    with pytest.raises(LomoError) as e:
+        opt.begin(_native.PHASE_UPDATE, 0.1)
+    assert e.value.status == 3 and "NORM" in str(e.value)
+    w = np.zeros(3, np.float32)
+    pid = opt.register_array("w", w)
+    with pytest.raises(LomoError) as e:
+        opt.register_array("w", np.zeros(3, np.float32))
+    assert "already registered" in e.value.message
+    opt.begin(_native.PHASE_NORM)
+    opt.submit_array(pid, np.ones(3, np.float32))
+    with pytest.raises(LomoError) as e:
+        opt.submit_array(pid, np.ones(3, np.float32))
+    assert e.value.status == 4
+    opt.cancel()
+
+
+def test_library_facts():
+    assert lomo_native.version() == "0.1.0"
+    assert isinstance(lomo_native.cuda_available(), bool)
+    assert Path(lomo_native.library_path()).is_file()
+
+
+def lomo_reference(p, grads, lrs, clip_norm=0.0, clip_value=0.0, wd=0.0):
+    """LOMO in float64: p ← p·(1 − lr·wd) − lr·c·clamp(g, −v, v)."""
+    p = p.astype(np.float64)
+    for g, lr in zip(grads, lrs):
+        g = g.astype(np.float64)
+        c = min(1.0, clip_norm / (np.linalg.norm(g) + 1e-6)) if clip_norm else 1.0
+        if clip_value:
+            g = np.clip(g, -clip_value, clip_value)
+        p = p * (1 - lr * wd) - lr * c * g
+    return p
+
+
+def test_numpy_lomo_steps_match_a_float64_reference():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 7)).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    w0, b0 = w.copy(), b.copy()
+    opt = Optimizer("lomo", clip_grad_norm=1.0, clip_grad_value=0.3, weight_decay=0.1)
+    ids = opt.register_array("w", w), opt.register_array("b", b)
+    gw = [rng.standard_normal((5, 7)).astype(np.float32) for _ in range(3)]
+    gb = [rng.standard_normal(7).astype(np.float32) for _ in range(3)]
+    for t in range(3):
+        info = opt.step({ids[0]: gw[t], "b": gb[t]}, lr=0.1 / (t + 1))
+        assert info.step == t + 1
+    # the global norm couples w and b: compute it over both
+    pw, pb = w0.astype(np.float64), b0.astype(np.float64)
+    for t in range(3):
+        lr = 0.1 / (t + 1)
+        norm = np.sqrt(np.sum(gw[t].astype(np.float64) ** 2) + np.sum(gb[t].astype(np.float64) ** 2))
+        c = min(1.0, 1.0 / (norm + 1e-6))
+        pw = pw * (1 - lr * 0.1) - lr * c * np.clip(gw[t], -0.3, 0.3)
+        pb = pb * (1 - lr * 0.1) - lr * c * np.clip(gb[t], -0.3, 0.3)
+    np.testing.assert_allclose(w, pw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, pb, rtol=1e-5, atol=1e-6)
+
+
+def adalomo_reference(p, grads, lrs, eps1=1e-30, eps2=1e-3, tau=1.0, decay=-0.8):
+    """AdaLomo (semantics.md §3.3) in float64 for a 1-D or 2-D parameter."""
+    p = p.astype(np.float64)
+    row = col = v = None
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = g.astype(np.float64)
+        beta = 1.0 - t ** decay
+        u2 = g * g + eps1
+        if p.ndim == 2:
+            row = u2.mean(-1) if row is None else beta * row + (1 - beta) * u2.mean(-1)
+            col = u2.mean(-2) if col is None else beta * col + (1 - beta) * u2.mean(-2)
+            u = g / np.sqrt(np.outer(row / row.mean(), col))
+        else:
+            v = u2 if v is None else beta * v + (1 - beta) * u2
+            u = g / np.sqrt(v)
+        u = u / max(1.0, np.sqrt(np.mean(u * u)) / tau)
+        eta = lr * max(eps2, np.sqrt(np.mean(p * p)))
+        p = p - eta * u
+    return p
+
+
+def test_numpy_adalomo_matches_a_float64_reference():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    w0, b0 = w.copy(), b.copy()
+    opt = Optimizer("adalomo", loss_scale_mode="none")
+    opt.register_array("w", w)
+    opt.register_array("b", b)
+    gw = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(4)]
+    gb = [rng.standard_normal(4).astype(np.float32) for _ in range(4)]
+    lrs = [0.01, 0.02, 0.01, 0.005]
+    for t in range(4):
+        opt.step({"w": gw[t], "b": gb[t]}, lrs[t])
+    np.testing.assert_allclose(w, adalomo_reference(w0, gw, lrs), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b, adalomo_reference(b0, gb, lrs), rtol=1e-5, atol=1e-7)
+
+
+def test_numpy_loss_scale_is_undone_and_nonfinite_is_never_applied():
+    w = np.ones(4, np.float32)
+    opt = Optimizer("lomo", loss_scale_mode="dynamic", loss_scale=1024.0)
+    opt.register_array("w", w)
+    assert opt.loss_scale == 1024.0
+    opt.step({"w": np.full(4, 1024.0, np.float32)}, lr=0.5)  # gradient of loss·1024
+    np.testing.assert_array_equal(w, np.full(4, 0.5, np.float32))
+    info = opt.step({"w": np.array([1, np.inf, 1, 1], np.float32)}, lr=0.5)
+    assert info.overflow and info.grads_nonfinite == 1
+    np.testing.assert_array_equal(w, np.full(4, 0.5, np.float32))
+    assert opt.loss_scale == 512.0
+    # with a NORM phase the whole step is skipped: the finite parameter is untouched too
+    v = np.ones(2, np.float32)
+    opt.register_array("v", v)
+    info = opt.step({"w": np.array([1, np.nan, 1, 1], np.float32), "v": np.ones(2, np.float32)},
+                    lr=0.5, norm_pass=True)
+    assert info.skipped and info.skipped_total == 1
+    np.testing.assert_array_equal(v, np.ones(2, np.float32))
+    assert opt.loss_scale == 256.0
+
+
+def test_numpy_float16_and_groups():
+    w = np.ones(8, np.float16)
+    opt = Optimizer("lomo")
+    opt.group_set(1, lr_multiplier=0.5, weight_decay=0.0)
+    assert opt.group_get(1) == (0.5, 0.0)
+    opt.register_array("w", w, group=1)
+    opt.step({"w": np.ones(8, np.float32)}, lr=0.25)  # gradient dtype may differ
+    np.testing.assert_array_equal(w, np.full(8, 0.875, np.float16))
+    with pytest.raises(TypeError):
+        opt.register_array("i", np.zeros(2, np.int32))
+    with pytest.raises(ValueError):
+        opt.register_array("t", np.zeros((3, 2), np.float32).T)
+
+
+def test_close_is_idempotent():
+    opt = Optimizer("adalomo")
+    opt.close()
+    opt.close()
+    with pytest.raises(ValueError):
+        opt.loss_scale
