@@ -2,6 +2,7 @@
 //!
 //! Layers, each depending only on the ones below it (design.md §2):
 //! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
+//! - [`xla`]: XLA FFI custom-call handlers for JAX (same level as `ffi`, not in the header);
 //! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`error`], [`dtype`];
 //! - [`backend`]: the passes themselves (CPU threads and SIMD).
 
@@ -14,6 +15,7 @@ pub mod optimizer;
 pub mod param;
 pub mod scaler;
 pub mod update;
+pub mod xla;
 
 pub use config::{Algorithm, Config, LossScaleMode, Rounding};
 pub use dtype::DType;
