@@ -14,6 +14,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod frame;
 pub mod ops;
+#[cfg(test)]
+mod tests;
 
 use self::abi::{XLA_FFI_CallFrame, XLA_FFI_Error};
 use self::frame::boundary;
