@@ -14,6 +14,10 @@ use std::mem::{offset_of, size_of};
 /// The FFI API version these handlers are written against (jaxlib 0.12: 0.5).
 pub(crate) const XLA_FFI_API_MAJOR: i32 = 0;
 pub(crate) const XLA_FFI_API_MINOR: i32 = 5;
+/// The oldest minor version whose layout of every struct and table entry mirrored here is the
+/// same as in 0.5 (checked against jaxlib 0.10.2's `c_api.h`, API 0.3). A framework of a minor
+/// version in `[XLA_FFI_API_MINOR_OLDEST, XLA_FFI_API_MINOR)` is answered with its own version.
+pub(crate) const XLA_FFI_API_MINOR_OLDEST: i32 = 3;
 
 /// `XLA_FFI_InternalExtension_Type`.
 pub(crate) const XLA_FFI_EXTENSION_METADATA: i32 = 1;
@@ -158,6 +162,9 @@ pub struct XLA_FFI_Api {
     pub XLA_FFI_CustomOptions_Get: *const c_void,
 }
 
+/// How much of `XLA_FFI_Api` must be present to read `api_version`.
+pub(crate) const XLA_FFI_API_SIZE_FOR_VERSION: usize =
+    offset_of!(XLA_FFI_Api, api_version) + size_of::<XLA_FFI_Api_Version>();
 /// How much of `XLA_FFI_Api` must be present to read `XLA_FFI_Error_Create`.
 pub(crate) const XLA_FFI_API_SIZE_FOR_ERROR_CREATE: usize =
     offset_of!(XLA_FFI_Api, XLA_FFI_Error_Create) + size_of::<usize>();

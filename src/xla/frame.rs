@@ -247,8 +247,26 @@ impl<'a> Frame<'a> {
         Ok(Frame { raw })
     }
 
-    /// If the frame carries XLA's metadata extension, fills in the API version (0.5) and the
-    /// traits (none: not command-buffer compatible) and returns true.
+    /// The API version to report: 0.5, or the framework's own version when it is an older one
+    /// with the same layout of everything mirrored in `abi.rs` (0.3, 0.4).
+    fn reported_minor(&self) -> i32 {
+        // SAFETY: a non-NULL `api` is XLA's table; its size is checked before `api_version`.
+        let framework = unsafe { self.raw.api.as_ref() }
+            .filter(|api| api.struct_size >= XLA_FFI_API_SIZE_FOR_VERSION)
+            .map(|api| (api.api_version.major_version, api.api_version.minor_version));
+        match framework {
+            Some((XLA_FFI_API_MAJOR, minor))
+                if (XLA_FFI_API_MINOR_OLDEST..XLA_FFI_API_MINOR).contains(&minor) =>
+            {
+                minor
+            }
+            _ => XLA_FFI_API_MINOR,
+        }
+    }
+
+    /// If the frame carries XLA's metadata extension, fills in the API version (see
+    /// [`Frame::reported_minor`]) and the traits (none: not command-buffer compatible) and
+    /// returns true.
     ///
     /// # Safety
     /// The extension chain of the frame is XLA's.
@@ -282,7 +300,7 @@ impl<'a> Frame<'a> {
                 struct_size: XLA_FFI_API_VERSION_STRUCT_SIZE,
                 extension_start: std::ptr::null_mut(),
                 major_version: XLA_FFI_API_MAJOR,
-                minor_version: XLA_FFI_API_MINOR,
+                minor_version: self.reported_minor(),
             };
             (*md).traits = 0;
         }

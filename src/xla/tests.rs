@@ -234,6 +234,23 @@ fn answers_the_metadata_query_with_api_0_5() {
         assert_eq!(md.api_version.struct_size, XLA_FFI_API_VERSION_STRUCT_SIZE);
         assert_eq!(md.traits, 0);
     }
+    // An older framework with the same layouts (jaxlib 0.10: API 0.3) gets its own version;
+    // anything else gets 0.5 (and XLA decides).
+    for (framework, want) in [
+        ((0, 3), (0, 3)),
+        ((0, 4), (0, 4)),
+        ((0, 2), (0, 5)),
+        ((0, 7), (0, 5)),
+    ] {
+        c._api.api_version.major_version = framework.0;
+        c._api.api_version.minor_version = framework.1;
+        // SAFETY: a complete fake frame.
+        assert!(unsafe { lomo_xla_adalomo_update(&mut *c.frame) }.is_null());
+        assert_eq!(
+            (md.api_version.major_version, md.api_version.minor_version),
+            want
+        );
+    }
 }
 
 #[test]
