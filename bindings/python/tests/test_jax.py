@@ -319,3 +319,18 @@ def test_training_loop_loss_falls(algorithm, dtype, lr):
     assert int(state.step) == 60
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_example_script_runs():
+    import subprocess
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "python", "jax_train.py"), "--steps", "30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "adalomo, float32 params: 30 steps" in out.stdout, out.stdout
