@@ -330,7 +330,13 @@ def test_example_script_runs():
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        env=dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=os.pathsep.join(
+                [os.path.join(root, "bindings", "python"), os.environ.get("PYTHONPATH", "")]
+            ),
+        ),
     )
     assert out.returncode == 0, out.stderr
     assert "adalomo, float32 params: 30 steps" in out.stdout, out.stdout
