@@ -129,7 +129,9 @@ def dtype_code(dt) -> int:
 class CApiOptimizer:
     """A C API optimizer over NumPy parameter copies (which it updates in place)."""
 
-    def __init__(self, algorithm, params, *, no_decay=(), **options):
+    def __init__(self, algorithm, params, *, no_decay=(), group_of=None, groups=None, **options):
+        """``no_decay``: indices of parameters put in a group without weight decay;
+        ``groups``: {group id: (lr_multiplier, weight_decay)} and ``group_of``: group per index."""
         lib = _lib()
         cfg = lomo_config()
         _check(lib.lomo_config_init(byref(cfg), ALGORITHMS[algorithm]))
@@ -143,6 +145,8 @@ class CApiOptimizer:
         _check(lib.lomo_optimizer_new(byref(cfg), byref(self._opt)))
         if no_decay:
             _check(lib.lomo_group_set(self._opt, 1, 1.0, 0.0))
+        for gid, (mult, wd) in (groups or {}).items():
+            _check(lib.lomo_group_set(self._opt, gid, mult, wd))
         self.params = [np.array(p, copy=True) for p in params]
         self._shapes = []
         for i, p in enumerate(self.params):
@@ -156,7 +160,7 @@ class CApiOptimizer:
                 ndim=p.ndim,
                 shape=shape,
                 device=DEVICE_CPU,
-                group=1 if i in no_decay else 0,
+                group=(group_of[i] if group_of else (1 if i in no_decay else 0)),
                 flags=0,
             )
             pid = c_uint32()
