@@ -1,6 +1,8 @@
 //! Handler tests without JAX: hand-built call frames and a fake `XLA_FFI_Api` whose
 //! `Error_Create` records the code and message, and whose `Stream_Get` returns a sentinel.
 
+#![allow(clippy::vec_box, clippy::type_complexity)] // boxes keep the addresses the frame points to
+
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
