@@ -2,7 +2,7 @@
 //!
 //! The CUDA backend is not part of this build yet, so every handler checks its operands (the
 //! same plans as the Host platform), obtains XLA's stream with `XLA_FFI_Stream_Get`, and then
-//! returns UNIMPLEMENTED. To wire the backend in, replace the body of [`run`]: on `stream`,
+//! returns UNIMPLEMENTED. To wire the backend in, implement the three functions below: on `stream`,
 //! copy each `InOut` operand to its result when `!aliased()` (`cuMemcpyDtoDAsync`), then launch
 //! the norm / update kernels on the result buffers. The per-step scalars (`Scalars`) are device
 //! memory here: kernels must read lr, loss_scale, clip_coef and step from those pointers (never
@@ -13,6 +13,7 @@ use std::ffi::c_void;
 
 use super::abi::*;
 use super::frame::{Frame, XResult, XlaError};
+use super::ops::{AdaPlan, LomoPlan, NormPlan};
 
 /// The platform stream of this call (a `CUstream`/`cudaStream_t` on the CUDA platform).
 pub fn stream(f: &Frame<'_>) -> XResult<*mut c_void> {
@@ -46,11 +47,28 @@ pub fn stream(f: &Frame<'_>) -> XResult<*mut c_void> {
     Ok(args.stream)
 }
 
-/// Runs operation `op` (already decoded and checked) on `stream`.
-pub fn run(op: &str, stream: *mut c_void) -> XResult<()> {
-    let _ = stream;
-    Err(XlaError::unimplemented(format!(
+fn no_backend(op: &str) -> XlaError {
+    XlaError::unimplemented(format!(
         "lomo {op} on the CUDA platform: CUDA backend not available in this build (use the \
          CPU platform, e.g. JAX_PLATFORMS=cpu)"
-    )))
+    ))
+}
+
+/// `grad_sum_sq` on `stream`: one Σg² pass per gradient into a device f64 accumulator, then a
+/// finalize kernel writing sum_sq, clip_coef and finite.
+pub fn grad_sum_sq(plan: &NormPlan<'_>, stream: *mut c_void) -> XResult<()> {
+    let _ = (plan, stream);
+    Err(no_backend("grad_sum_sq"))
+}
+
+/// `lomo_update` on `stream`: copy p when not aliased, then the LOMO kernel on the result.
+pub fn lomo_update(plan: &LomoPlan<'_>, stream: *mut c_void) -> XResult<()> {
+    let _ = (plan, stream);
+    Err(no_backend("lomo_update"))
+}
+
+/// `adalomo_update` on `stream`: copy p and state when not aliased, then the AdaLomo passes.
+pub fn adalomo_update(plan: &AdaPlan<'_>, stream: *mut c_void) -> XResult<()> {
+    let _ = (plan, stream);
+    Err(no_backend("adalomo_update"))
 }

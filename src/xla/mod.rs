@@ -76,8 +76,8 @@ pub unsafe extern "C" fn lomo_xla_grad_sum_sq_cuda(
     // SAFETY: `frame` is XLA's call frame for this invocation.
     unsafe {
         boundary(frame, "lomo_xla_grad_sum_sq_cuda", |f| {
-            let _plan = ops::norm_plan(f)?;
-            cuda::run("grad_sum_sq", cuda::stream(f)?)
+            let plan = ops::norm_plan(f)?;
+            cuda::grad_sum_sq(&plan, cuda::stream(f)?)
         })
     }
 }
@@ -93,8 +93,8 @@ pub unsafe extern "C" fn lomo_xla_lomo_update_cuda(
     // SAFETY: `frame` is XLA's call frame for this invocation.
     unsafe {
         boundary(frame, "lomo_xla_lomo_update_cuda", |f| {
-            let _plan = ops::lomo_plan(f)?;
-            cuda::run("lomo_update", cuda::stream(f)?)
+            let plan = ops::lomo_plan(f)?;
+            cuda::lomo_update(&plan, cuda::stream(f)?)
         })
     }
 }
@@ -110,8 +110,8 @@ pub unsafe extern "C" fn lomo_xla_adalomo_update_cuda(
     // SAFETY: `frame` is XLA's call frame for this invocation.
     unsafe {
         boundary(frame, "lomo_xla_adalomo_update_cuda", |f| {
-            let _plan = ops::adalomo_plan(f)?;
-            cuda::run("adalomo_update", cuda::stream(f)?)
+            let plan = ops::adalomo_plan(f)?;
+            cuda::adalomo_update(&plan, cuda::stream(f)?)
         })
     }
 }
