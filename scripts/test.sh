@@ -50,7 +50,8 @@ echo "== JAX tests"
 if jax_setup; then
     cargo build --release --lib
     echo "   $(.venv-jax/bin/python -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__)')"
-    LOMO_LIBRARY="$PWD/target/release/liblomo.so" PYTHONPATH="$PWD/bindings/python" JAX_PLATFORMS=cpu \
+    LOMO_LIBRARY="$PWD/target/release/liblomo.so" LOMO_LIBRARY_PATH="$PWD/target/release/liblomo.so" \
+        PYTHONPATH="$PWD/bindings/python" JAX_PLATFORMS=cpu \
         .venv-jax/bin/python -m pytest -q bindings/python/tests/test_jax.py
 else
     echo "SKIP: JAX tests: no Python >= 3.10 with a pip-installable jax found (tried: $(jax_python_candidates | tr '\n' ' '))"
