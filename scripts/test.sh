@@ -57,3 +57,53 @@ fi
 .venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 .venv/bin/python examples/python/finetune.py --steps 2 --no-progress   # smoke run of the example
 # ---- end of the Python binding block ---------------------------------------------------------
+
+# ---- JAX (bindings/python/lomo_native/jax.py, src/xla) -- begin ---------------------------------
+# A private venv (.venv-jax) with jax (CPU), numpy and pytest, preferring Python >= 3.12 (jax
+# 0.12; Python 3.10/3.11 get an older jax, which the handlers also support). Reused as is when it
+# already imports them. Prints SKIP only if no Python can get a working jax.
+jax_python_candidates() {
+    local c
+    for c in python3.13 python3.12; do command -v "$c" || true; done
+    for c in "$HOME"/.pyenv/versions/3.13*/bin/python3 "$HOME"/.pyenv/versions/3.12*/bin/python3; do
+        [ -x "$c" ] && echo "$c"
+    done
+    command -v python3 || true
+}
+jax_venv_ok() {
+    [ -x .venv-jax/bin/python ] && .venv-jax/bin/python -c 'import jax, numpy, pytest' >/dev/null 2>&1
+}
+jax_setup() {
+    jax_venv_ok && return 0
+    local py
+    for py in $(jax_python_candidates); do
+        "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || continue
+        rm -rf .venv-jax
+        if ! "$py" -m venv .venv-jax >/dev/null 2>&1; then
+            # Debian's python3 needs python3-venv for `-m venv`.
+            if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+                apt-get update -qq >/dev/null 2>&1 || true
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 || true
+            fi
+            rm -rf .venv-jax
+            "$py" -m venv .venv-jax >/dev/null 2>&1 || continue
+        fi
+        .venv-jax/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+        if .venv-jax/bin/python -m pip install -q jax numpy pytest && jax_venv_ok; then
+            return 0
+        fi
+    done
+    rm -rf .venv-jax
+    return 1
+}
+echo "== JAX tests"
+if jax_setup; then
+    cargo build --release --lib
+    echo "   $(.venv-jax/bin/python -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__)')"
+    LOMO_LIBRARY="$PWD/target/release/liblomo.so" \
+        PYTHONPATH="$PWD/bindings/python" JAX_PLATFORMS=cpu \
+        .venv-jax/bin/python -m pytest -q bindings/python/tests/test_jax.py
+else
+    echo "SKIP: JAX tests: no Python >= 3.10 with a pip-installable jax found (tried: $(jax_python_candidates | tr '\n' ' '))"
+fi
+# ---- JAX -- end ---------------------------------------------------------------------------------

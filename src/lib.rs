@@ -2,6 +2,7 @@
 //!
 //! Layers, each depending only on the ones below it (design.md §2):
 //! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
+//! - [`xla`]: XLA FFI custom-call handlers for JAX (same level as `ffi`, not in the header);
 //! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`state`]
 //!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`];
 //! - [`backend`]: the passes themselves (CPU threads and SIMD).
@@ -17,6 +18,7 @@ pub mod param;
 pub mod scaler;
 pub mod state;
 pub mod update;
+pub mod xla;
 
 pub use config::{Algorithm, Config, LossScaleMode, Rounding};
 pub use dtype::DType;

@@ -1,0 +1,498 @@
+//! Handler tests without JAX: hand-built call frames and a fake `XLA_FFI_Api` whose
+//! `Error_Create` records the code and message, and whose `Stream_Get` returns a sentinel.
+
+#![allow(clippy::vec_box, clippy::type_complexity)] // boxes keep the addresses the frame points to
+
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::abi::*;
+use super::frame::{boundary, XlaError};
+use super::*;
+
+/// What the fake `Error_Create` received.
+struct Recorded {
+    code: i32,
+    message: String,
+}
+
+unsafe extern "C" fn fake_error_create(args: *mut XLA_FFI_Error_Create_Args) -> *mut XLA_FFI_Error {
+    // SAFETY: called by the code under test with valid args.
+    let (code, message) = unsafe {
+        assert!((*args).struct_size >= XLA_FFI_ERROR_CREATE_ARGS_STRUCT_SIZE);
+        (
+            (*args).errc,
+            CStr::from_ptr((*args).message)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    Box::into_raw(Box::new(Recorded { code, message })).cast()
+}
+
+static STREAM_CTX: AtomicUsize = AtomicUsize::new(0);
+
+unsafe extern "C" fn fake_stream_get(args: *mut XLA_FFI_Stream_Get_Args) -> *mut XLA_FFI_Error {
+    // SAFETY: called by the code under test with valid args.
+    unsafe {
+        STREAM_CTX.store((*args).ctx as usize, Ordering::SeqCst);
+        (*args).stream = 0x5eed as *mut c_void;
+    }
+    std::ptr::null_mut()
+}
+
+fn take_error(e: *mut XLA_FFI_Error) -> Option<Recorded> {
+    // SAFETY: errors in these tests all come from `fake_error_create`.
+    (!e.is_null()).then(|| *unsafe { Box::from_raw(e.cast::<Recorded>()) })
+}
+
+fn fake_api() -> Box<XLA_FFI_Api> {
+    // SAFETY: all-zero is a valid XLA_FFI_Api (NULL pointers, None function pointers).
+    let mut api: Box<XLA_FFI_Api> = Box::new(unsafe { std::mem::zeroed() });
+    api.struct_size = std::mem::size_of::<XLA_FFI_Api>();
+    api.XLA_FFI_Error_Create = Some(fake_error_create);
+    api.XLA_FFI_Stream_Get = Some(fake_stream_get);
+    api
+}
+
+/// Owns everything a call frame points to.
+struct Call {
+    _api: Box<XLA_FFI_Api>,
+    _dims: Vec<Box<[i64]>>,
+    _bufs: Vec<Box<XLA_FFI_Buffer>>,
+    _arg_types: Vec<i32>,
+    _arg_ptrs: Vec<*mut c_void>,
+    _ret_types: Vec<i32>,
+    _ret_ptrs: Vec<*mut c_void>,
+    _names: Vec<Box<XLA_FFI_ByteSpan>>,
+    _name_ptrs: Vec<*mut XLA_FFI_ByteSpan>,
+    _scalars: Vec<Box<XLA_FFI_Scalar>>,
+    _values: Vec<Box<f64>>,
+    _attr_types: Vec<i32>,
+    _attr_ptrs: Vec<*mut c_void>,
+    frame: Box<XLA_FFI_CallFrame>,
+}
+
+/// (dtype, data, dims) of one buffer.
+type Arr = (i32, *mut c_void, Vec<i64>);
+
+fn call(args: &[Arr], rets: &[Arr], attrs: &[(&'static str, f64)]) -> Call {
+    let api = fake_api();
+    let (mut dims, mut bufs) = (Vec::new(), Vec::new());
+    let mut mk = |a: &Arr| -> *mut c_void {
+        let mut d: Box<[i64]> = a.2.clone().into_boxed_slice();
+        let b = Box::new(XLA_FFI_Buffer {
+            struct_size: XLA_FFI_BUFFER_STRUCT_SIZE,
+            extension_start: std::ptr::null_mut(),
+            dtype: a.0,
+            data: a.1,
+            rank: a.2.len() as i64,
+            dims: d.as_mut_ptr(),
+        });
+        dims.push(d);
+        let p = &*b as *const XLA_FFI_Buffer as *mut c_void;
+        bufs.push(b);
+        p
+    };
+    let mut arg_ptrs: Vec<*mut c_void> = args.iter().map(&mut mk).collect();
+    let mut ret_ptrs: Vec<*mut c_void> = rets.iter().map(&mut mk).collect();
+    let mut arg_types = vec![XLA_FFI_BUFFER; args.len()];
+    let mut ret_types = vec![XLA_FFI_BUFFER; rets.len()];
+    let mut names: Vec<Box<XLA_FFI_ByteSpan>> = attrs
+        .iter()
+        .map(|(n, _)| {
+            Box::new(XLA_FFI_ByteSpan {
+                ptr: n.as_ptr().cast(),
+                len: n.len(),
+            })
+        })
+        .collect();
+    let mut name_ptrs: Vec<*mut XLA_FFI_ByteSpan> =
+        names.iter_mut().map(|b| &mut **b as *mut _).collect();
+    let mut values: Vec<Box<f64>> = attrs.iter().map(|(_, v)| Box::new(*v)).collect();
+    let mut scalars: Vec<Box<XLA_FFI_Scalar>> = values
+        .iter_mut()
+        .map(|v| {
+            Box::new(XLA_FFI_Scalar {
+                dtype: dtype::F64,
+                value: (&mut **v as *mut f64).cast(),
+            })
+        })
+        .collect();
+    let mut attr_ptrs: Vec<*mut c_void> = scalars
+        .iter_mut()
+        .map(|s| (&mut **s as *mut XLA_FFI_Scalar).cast())
+        .collect();
+    let mut attr_types = vec![XLA_FFI_ATTR_SCALAR; attrs.len()];
+    let frame = Box::new(XLA_FFI_CallFrame {
+        struct_size: XLA_FFI_CALL_FRAME_STRUCT_SIZE,
+        extension_start: std::ptr::null_mut(),
+        api: &*api,
+        ctx: 0xc7c as *mut XLA_FFI_ExecutionContext,
+        stage: XLA_FFI_STAGE_EXECUTE,
+        args: XLA_FFI_Args {
+            struct_size: XLA_FFI_ARGS_STRUCT_SIZE,
+            extension_start: std::ptr::null_mut(),
+            size: args.len() as i64,
+            types: arg_types.as_mut_ptr(),
+            args: arg_ptrs.as_mut_ptr(),
+        },
+        rets: XLA_FFI_Rets {
+            struct_size: XLA_FFI_RETS_STRUCT_SIZE,
+            extension_start: std::ptr::null_mut(),
+            size: rets.len() as i64,
+            types: ret_types.as_mut_ptr(),
+            rets: ret_ptrs.as_mut_ptr(),
+        },
+        attrs: XLA_FFI_Attrs {
+            struct_size: XLA_FFI_ATTRS_STRUCT_SIZE,
+            extension_start: std::ptr::null_mut(),
+            size: attrs.len() as i64,
+            types: attr_types.as_mut_ptr(),
+            names: name_ptrs.as_mut_ptr(),
+            attrs: attr_ptrs.as_mut_ptr(),
+        },
+        future: std::ptr::null_mut(),
+    });
+    Call {
+        _api: api,
+        _dims: dims,
+        _bufs: bufs,
+        _arg_types: arg_types,
+        _arg_ptrs: arg_ptrs,
+        _ret_types: ret_types,
+        _ret_ptrs: ret_ptrs,
+        _names: names,
+        _name_ptrs: name_ptrs,
+        _scalars: scalars,
+        _values: values,
+        _attr_types: attr_types,
+        _attr_ptrs: attr_ptrs,
+        frame,
+    }
+}
+
+fn arr<T>(dtype: i32, v: &mut [T], dims: &[i64]) -> Arr {
+    (dtype, v.as_mut_ptr().cast(), dims.to_vec())
+}
+
+/// Operands (lr, loss_scale, clip_coef, step) as host scalars.
+struct Hyper {
+    lr: f32,
+    scale: f32,
+    coef: f32,
+    step: i32,
+}
+
+impl Hyper {
+    fn arrs(&mut self) -> [Arr; 4] {
+        [
+            (dtype::F32, (&mut self.lr as *mut f32).cast(), vec![]),
+            (dtype::F32, (&mut self.scale as *mut f32).cast(), vec![]),
+            (dtype::F32, (&mut self.coef as *mut f32).cast(), vec![]),
+            (dtype::S32, (&mut self.step as *mut i32).cast(), vec![]),
+        ]
+    }
+}
+
+fn hyper(lr: f32, step: i32) -> Hyper {
+    Hyper {
+        lr,
+        scale: 1.0,
+        coef: 1.0,
+        step,
+    }
+}
+
+#[test]
+fn answers_the_metadata_query_with_api_0_5() {
+    let mut c = call(&[], &[], &[]);
+    // SAFETY: zeroed plain-data structs.
+    let mut md: XLA_FFI_Metadata = unsafe { std::mem::zeroed() };
+    md.struct_size = XLA_FFI_METADATA_STRUCT_SIZE;
+    let mut ext = XLA_FFI_Metadata_Extension {
+        extension_base: XLA_FFI_InternalExtension {
+            struct_size: XLA_FFI_METADATA_EXTENSION_STRUCT_SIZE,
+            type_: XLA_FFI_EXTENSION_METADATA,
+            next: std::ptr::null_mut(),
+        },
+        metadata: &mut md,
+    };
+    c.frame.extension_start = (&mut ext as *mut XLA_FFI_Metadata_Extension).cast();
+    for handler in [
+        lomo_xla_grad_sum_sq,
+        lomo_xla_lomo_update,
+        lomo_xla_adalomo_update,
+        lomo_xla_lomo_update_cuda,
+    ] {
+        md.api_version.major_version = -1;
+        // SAFETY: a complete fake frame.
+        let err = unsafe { handler(&mut *c.frame) };
+        assert!(err.is_null());
+        assert_eq!(
+            (md.api_version.major_version, md.api_version.minor_version),
+            (0, 5)
+        );
+        assert_eq!(md.api_version.struct_size, XLA_FFI_API_VERSION_STRUCT_SIZE);
+        assert_eq!(md.traits, 0);
+    }
+    // An older framework with the same layouts (jaxlib 0.10: API 0.3) gets its own version;
+    // anything else gets 0.5 (and XLA decides).
+    for (framework, want) in [
+        ((0, 3), (0, 3)),
+        ((0, 4), (0, 4)),
+        ((0, 2), (0, 5)),
+        ((0, 7), (0, 5)),
+    ] {
+        c._api.api_version.major_version = framework.0;
+        c._api.api_version.minor_version = framework.1;
+        // SAFETY: a complete fake frame.
+        assert!(unsafe { lomo_xla_adalomo_update(&mut *c.frame) }.is_null());
+        assert_eq!(
+            (md.api_version.major_version, md.api_version.minor_version),
+            want
+        );
+    }
+}
+
+#[test]
+fn rejects_short_structs() {
+    let mut c = call(&[], &[], &[]);
+    c.frame.struct_size = XLA_FFI_CALL_FRAME_STRUCT_SIZE - 8;
+    // SAFETY: a complete fake frame (claiming to be smaller).
+    let e = take_error(unsafe { lomo_xla_lomo_update(&mut *c.frame) }).unwrap();
+    assert_eq!(e.code, XLA_FFI_ERROR_INVALID_ARGUMENT);
+    assert!(
+        e.message.contains("XLA_FFI_CallFrame is 160 bytes"),
+        "{}",
+        e.message
+    );
+
+    let (mut p, mut g, mut ok) = (vec![1f32; 6], vec![1f32; 6], [0u8]);
+    let mut h = hyper(0.1, 1);
+    let [a, b, cc, d] = h.arrs();
+    let mut c = call(
+        &[
+            arr(dtype::F32, &mut p, &[2, 3]),
+            arr(dtype::F32, &mut g, &[2, 3]),
+            a,
+            b,
+            cc,
+            d,
+        ],
+        &[
+            arr(dtype::F32, &mut p, &[2, 3]),
+            arr(dtype::PRED, &mut ok, &[]),
+        ],
+        &[],
+    );
+    c._bufs[1].struct_size = 40;
+    // SAFETY: a complete fake frame.
+    let e = take_error(unsafe { lomo_xla_lomo_update(&mut *c.frame) }).unwrap();
+    assert!(
+        e.message.contains("grad: XLA_FFI_Buffer is 40 bytes"),
+        "{}",
+        e.message
+    );
+}
+
+/// LOMO with decay against an f64 reference: p·(1 − lr·wd) + (−lr)·clamp(g/S, ±v)·c, rounded
+/// once (the core fuses the last multiply-add).
+#[test]
+fn lomo_update_in_a_separate_result_buffer() {
+    let p: Vec<f32> = (0..6).map(|i| 0.25 * i as f32 - 0.6).collect();
+    let g: Vec<f32> = (0..6).map(|i| 3.0 - 1.7 * i as f32).collect();
+    let (mut p_in, mut g_in, mut p_out, mut ok) = (p.clone(), g.clone(), vec![0f32; 6], [9u8]);
+    let mut h = Hyper {
+        lr: 0.1,
+        scale: 4.0,
+        coef: 0.5,
+        step: 3,
+    };
+    let [a, b, cc, d] = h.arrs();
+    let c = call(
+        &[
+            arr(dtype::F32, &mut p_in, &[2, 3]),
+            arr(dtype::F32, &mut g_in, &[2, 3]),
+            a,
+            b,
+            cc,
+            d,
+        ],
+        &[
+            arr(dtype::F32, &mut p_out, &[2, 3]),
+            arr(dtype::PRED, &mut ok, &[]),
+        ],
+        &[("clip_grad_value", 0.5), ("weight_decay", 0.2)],
+    );
+    let mut frame = c.frame;
+    // SAFETY: a complete fake frame.
+    assert!(take_error(unsafe { lomo_xla_lomo_update(&mut *frame) }).is_none());
+    assert_eq!(ok, [1]);
+    assert_eq!(
+        p_in, p,
+        "the operand stays intact when the result is a separate buffer"
+    );
+    let decay = (1.0f64 - 0.1f32 as f64 * 0.2) as f32;
+    let neg_lr = -(0.1f32 as f64) as f32;
+    for i in 0..6 {
+        let x = ((g[i] / 4.0).clamp(-0.5, 0.5) * 0.5) as f64;
+        let want = (x * neg_lr as f64 + (p[i] * decay) as f64) as f32;
+        assert_eq!(p_out[i], want, "element {i}");
+    }
+}
+
+#[test]
+fn adalomo_vector_update_in_place_and_runtime_checks() {
+    let (mut p, mut g, mut v, mut ok) = (vec![0.5f32; 4], vec![2f32; 4], vec![0f32; 4], [0u8]);
+    let (pp, vp) = (p.as_mut_ptr(), v.as_mut_ptr());
+    let mut h = hyper(0.1, 1);
+    let [a, b, cc, d] = h.arrs();
+    let mut c = call(
+        &[
+            (dtype::F32, pp.cast(), vec![4]),
+            arr(dtype::F32, &mut g, &[4]),
+            (dtype::F32, vp.cast(), vec![4]),
+            a,
+            b,
+            cc,
+            d,
+        ],
+        &[
+            (dtype::F32, pp.cast(), vec![4]),
+            (dtype::F32, vp.cast(), vec![4]),
+            arr(dtype::PRED, &mut ok, &[]),
+        ],
+        &[],
+    );
+    // SAFETY: a complete fake frame.
+    assert!(take_error(unsafe { lomo_xla_adalomo_update(&mut *c.frame) }).is_none());
+    assert_eq!(ok, [1]);
+    // t = 1: β = 0, v = g² + eps1 = 4, u = g / 2 = 1, RMS(u) = 1 (no clip),
+    // step = lr · max(eps2, RMS(p) = 0.5) = 0.05 → p = 0.45.
+    assert_eq!(v, vec![4.0; 4]);
+    assert_eq!(p, vec![0.45; 4]);
+    // SAFETY: the frame reads `h.step` through a pointer; write it where the frame looks.
+    unsafe { std::ptr::write_volatile(&mut h.step, 0) };
+    // SAFETY: as above.
+    let e = take_error(unsafe { lomo_xla_adalomo_update(&mut *c.frame) }).unwrap();
+    assert_eq!(e.code, XLA_FFI_ERROR_INVALID_ARGUMENT);
+    assert!(e.message.contains("step must be >= 1"), "{}", e.message);
+    assert_eq!(p, vec![0.45; 4], "a failed call changes nothing");
+}
+
+#[test]
+fn checks_attributes_dtypes_and_counts() {
+    let (mut p, mut g, mut i32s, mut ok) = (vec![1f32; 6], vec![1f32; 6], vec![1i32; 6], [0u8]);
+    let mut h = hyper(0.1, 1);
+    let cases: Vec<(Vec<Arr>, Vec<(&'static str, f64)>, &str)> = vec![
+        (
+            vec![
+                arr(dtype::F32, &mut p, &[2, 3]),
+                arr(dtype::F32, &mut g, &[3, 2]),
+            ],
+            vec![],
+            "grad shape must equal the parameter's: param f32[2,3], grad f32[3,2]",
+        ),
+        (
+            vec![
+                arr(dtype::F32, &mut p, &[2, 3]),
+                arr(dtype::S32, &mut i32s, &[2, 3]),
+            ],
+            vec![],
+            "grad must be f32, f16 or bf16, got s32[2,3]",
+        ),
+        (
+            vec![
+                arr(dtype::F32, &mut p, &[2, 3]),
+                arr(dtype::F32, &mut g, &[2, 3]),
+            ],
+            vec![("weight_dacay", 0.1)],
+            "unknown attribute(s) [\"weight_dacay\"]",
+        ),
+        (
+            vec![
+                arr(dtype::F32, &mut p, &[2, 3]),
+                arr(dtype::F32, &mut g, &[2, 3]),
+            ],
+            vec![("weight_decay", -1.0)],
+            "weight_decay must be finite and >= 0",
+        ),
+        (
+            vec![
+                arr(dtype::F32, &mut p, &[2, 3]),
+                arr(dtype::F32, &mut g, &[2, 3]),
+            ],
+            vec![("param_id", 1.5)],
+            "attribute 'param_id' must be an integer",
+        ),
+    ];
+    for (mut args, attrs, want) in cases {
+        let [a, b, cc, d] = h.arrs();
+        args.extend([a, b, cc, d]);
+        let rets = [
+            arr(dtype::F32, &mut p, &[2, 3]),
+            arr(dtype::PRED, &mut ok, &[]),
+        ];
+        let mut c = call(&args, &rets, &attrs);
+        // SAFETY: a complete fake frame.
+        let e = take_error(unsafe { lomo_xla_lomo_update(&mut *c.frame) }).unwrap();
+        assert_eq!(e.code, XLA_FFI_ERROR_INVALID_ARGUMENT);
+        assert!(e.message.contains(want), "{} (wanted {want})", e.message);
+    }
+    let mut c = call(&[arr(dtype::F32, &mut p, &[2, 3])], &[], &[]);
+    // SAFETY: a complete fake frame.
+    let e = take_error(unsafe { lomo_xla_lomo_update(&mut *c.frame) }).unwrap();
+    assert!(
+        e.message.contains("expected 6 operands and 2 results"),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn panics_become_internal_errors() {
+    let mut c = call(&[], &[], &[]);
+    // SAFETY: a complete fake frame.
+    let e = take_error(unsafe {
+        boundary(&mut *c.frame, "test_op", |_| -> Result<(), XlaError> {
+            panic!("boom")
+        })
+    })
+    .unwrap();
+    assert_eq!(e.code, XLA_FFI_ERROR_INTERNAL);
+    assert_eq!(e.message, "panic in test_op: boom");
+}
+
+#[test]
+fn cuda_handlers_read_the_stream_then_report_no_backend() {
+    let mut g = vec![1f32; 3];
+    let (mut scale, mut sum, mut coef, mut ok) = (1f32, 0f32, 0f32, [0u8]);
+    let mut c = call(
+        &[
+            (dtype::F32, (&mut scale as *mut f32).cast(), vec![]),
+            arr(dtype::F32, &mut g, &[3]),
+        ],
+        &[
+            (dtype::F32, (&mut sum as *mut f32).cast(), vec![]),
+            (dtype::F32, (&mut coef as *mut f32).cast(), vec![]),
+            arr(dtype::PRED, &mut ok, &[]),
+        ],
+        &[],
+    );
+    STREAM_CTX.store(0, Ordering::SeqCst);
+    // SAFETY: a complete fake frame.
+    let e = take_error(unsafe { lomo_xla_grad_sum_sq_cuda(&mut *c.frame) }).unwrap();
+    assert_eq!(STREAM_CTX.load(Ordering::SeqCst), 0xc7c);
+    assert_eq!(e.code, XLA_FFI_ERROR_UNIMPLEMENTED);
+    assert!(
+        e.message
+            .contains("CUDA backend not available in this build"),
+        "{}",
+        e.message
+    );
+    // The Host handler computes on the same frame.
+    // SAFETY: as above.
+    assert!(take_error(unsafe { lomo_xla_grad_sum_sq(&mut *c.frame) }).is_none());
+    assert_eq!((sum, coef, ok), (3.0, 1.0, [1]));
+}
