@@ -54,7 +54,7 @@ if ! cmp -s "$PYREQ" .venv/.lomo-requirements-test.txt; then   # install once pe
 fi
 # builds liblomo.so with cargo (already built above: quick) and bundles it into the package
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall ./bindings/python
-.venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests --ignore=bindings/python/tests/test_jax.py  # JAX: own block below
+.venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 .venv/bin/python examples/python/finetune.py --steps 2 --no-progress   # smoke run of the example
 # ---- end of the Python binding block ---------------------------------------------------------
 
@@ -102,7 +102,7 @@ if jax_setup; then
     echo "   $(.venv-jax/bin/python -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__)')"
     LOMO_LIBRARY="$PWD/target/release/liblomo.so" \
         PYTHONPATH="$PWD/bindings/python" JAX_PLATFORMS=cpu \
-        .venv-jax/bin/python -m pytest -q bindings/python/tests/test_jax.py
+        .venv-jax/bin/python -m pytest -q bindings/python/tests_jax
 else
     echo "SKIP: JAX tests: no Python >= 3.10 with a pip-installable jax found (tried: $(jax_python_candidates | tr '\n' ' '))"
 fi
