@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
 """Side-by-side CPU benchmark: lomo-optim 0.1.1 (PyTorch) versus liblomo, in one process.
 
-    python benches/vs_lomo_optim.py [--lib target/release/liblomo.so] [--reps 7]
+    LOMO_LIBRARY=target/release/liblomo.so .venv/bin/python benches/vs_lomo_optim.py [--reps 7]
 
 Needs torch, transformers and lomo-optim==0.1.1 (scripts/test.sh installs them into .venv).
 Both sides use the same tensors and 2 threads. lomo-optim is timed on its own per-parameter
 update path (`grad_func`, which scans the parameters and applies `fuse_update` to each one that
-holds a gradient); liblomo through its C API (ctypes), one `lomo_grad_submit` per parameter.
+holds a gradient); liblomo through its C API (lomo_native's NumPy level, one C call each), one
+`lomo_grad_submit` per parameter.
 Each figure is the median of --reps runs; the ratio column is what to quote.
 """
 import argparse
 import contextlib
-import ctypes
 import os
 import platform
 import statistics
@@ -21,78 +21,34 @@ import warnings
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-import torch  # noqa: E402
-from lomo_optim import AdaLomo, Lomo  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))  # lomo_native, if not installed
+sys.path.insert(0, os.path.join(ROOT, "bindings", "python", "tests"))  # conftest's shim
+
+import torch  # noqa: E402
+from conftest import reference_optimizer  # noqa: E402
+from lomo_native.core import Optimizer  # noqa: E402
+
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-class Config(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("algorithm", ctypes.c_uint32),
-                ("weight_decay", ctypes.c_double), ("clip_grad_norm", ctypes.c_double),
-                ("clip_grad_value", ctypes.c_double), ("loss_scale_mode", ctypes.c_uint32),
-                ("loss_scale", ctypes.c_double), ("scale_factor", ctypes.c_double),
-                ("scale_window", ctypes.c_uint32), ("min_loss_scale", ctypes.c_double),
-                ("hysteresis", ctypes.c_uint32), ("eps1", ctypes.c_double), ("eps2", ctypes.c_double),
-                ("clip_threshold", ctypes.c_double), ("decay_rate", ctypes.c_double),
-                ("rounding", ctypes.c_uint32), ("seed", ctypes.c_uint64)]
-
-
-class ParamDesc(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("name", ctypes.c_char_p), ("data", ctypes.c_void_p),
-                ("dtype", ctypes.c_uint32), ("ndim", ctypes.c_uint32), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("device", ctypes.c_int32), ("group", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+PHASE_UPDATE = 1
 
 
 class Native:
-    """The few C calls the benchmark needs."""
+    """liblomo through lomo_native's NumPy-level optimizer (each call is one C function)."""
 
-    def __init__(self, path, algorithm):
-        self.lib = lib = ctypes.CDLL(path)
-        vp, u32 = ctypes.c_void_p, ctypes.c_uint32
-        for name, args in [("lomo_config_init", [ctypes.POINTER(Config), u32]),
-                           ("lomo_optimizer_new", [ctypes.POINTER(Config), ctypes.POINTER(vp)]),
-                           ("lomo_param_register", [vp, ctypes.POINTER(ParamDesc), ctypes.POINTER(u32)]),
-                           ("lomo_step_begin", [vp, u32, ctypes.c_float, vp]),
-                           ("lomo_grad_submit", [vp, u32, vp, u32, vp]),
-                           ("lomo_step_end", [vp, vp])]:
-            f = getattr(lib, name)
-            f.argtypes, f.restype = args, u32
-        lib.lomo_optimizer_free.argtypes, lib.lomo_optimizer_free.restype = [vp], None
-        cfg = Config()
-        self.check(lib.lomo_config_init(ctypes.byref(cfg), algorithm))
-        self.opt = vp()
-        self.check(lib.lomo_optimizer_new(ctypes.byref(cfg), ctypes.byref(self.opt)))
+    def __init__(self, algorithm):
+        self.opt = Optimizer(algorithm)
         self.keep = []
 
-    def check(self, st):
-        if st:
-            raise RuntimeError(f"liblomo status {st}")
-
     def register(self, name, t):
-        shape = (ctypes.c_int64 * max(t.dim(), 1))(*t.shape)
-        d = ParamDesc(ctypes.sizeof(ParamDesc), name.encode(), t.data_ptr(), DTYPES[t.dtype], t.dim(), shape, -1, 0, 0)
-        self.keep.append(shape)
-        pid = ctypes.c_uint32()
-        self.check(self.lib.lomo_param_register(self.opt, ctypes.byref(d), ctypes.byref(pid)))
-        return pid.value
+        self.keep.append(t)
+        return self.opt.register_pointer(name, t.data_ptr(), DTYPES[t.dtype], t.shape)
 
     def step(self, items, lr):
-        self.check(self.lib.lomo_step_begin(self.opt, 1, lr, None))
+        self.opt.begin(PHASE_UPDATE, lr)
         for pid, g in items:
-            self.check(self.lib.lomo_grad_submit(self.opt, pid, g.data_ptr(), DTYPES[g.dtype], None))
-        self.check(self.lib.lomo_step_end(self.opt, None))
-
-
-@contextlib.contextmanager
-def cuda_is_identity():
-    orig = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = orig
+            self.opt.submit_pointer(pid, g.data_ptr(), DTYPES[g.dtype])
+        self.opt.end()
 
 
 def median_ms(fn, reps):
@@ -119,16 +75,13 @@ def model_for(kind, dtype):
     return torch.nn.Sequential(*mods).to(dtype)
 
 
-def bench(lib, kind, dtype, algorithm, reps):
+def bench(kind, dtype, algorithm, reps):
     model = model_for(kind, dtype)
     params = list(model.named_parameters())
     grads = [torch.randn(p.shape).to(dtype) * 1e-2 for _, p in params]
     lr = 1e-4
-    if algorithm == 0:
-        ref = Lomo(model, lr=lr)
-    else:
-        with cuda_is_identity():
-            ref = AdaLomo(model, lr=lr)
+    ref = reference_optimizer(algorithm, model, lr=lr)
+    if algorithm == "adalomo":
         ref.step_num = 1  # as inside fused_backward
 
     def run_ref():
@@ -139,7 +92,7 @@ def bench(lib, kind, dtype, algorithm, reps):
     t_ref = median_ms(run_ref, reps)
     with torch.no_grad():
         model2 = model_for(kind, dtype)
-    native = Native(lib, algorithm)
+    native = Native(algorithm)
     items = [(native.register(n, p.data), g) for (n, p), g in zip(model2.named_parameters(), grads)]
     t_ours = median_ms(lambda: native.step(items, lr), reps)
     n = sum(p.numel() for _, p in params)
@@ -148,7 +101,6 @@ def bench(lib, kind, dtype, algorithm, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", default=os.environ.get("LOMO_LIBRARY", os.path.join(ROOT, "target/release/liblomo.so")))
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -160,8 +112,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for kind in ("4096x4096", "small GPT"):
         for dtype in (torch.float32, torch.bfloat16):
-            for algorithm, name in ((0, "LOMO"), (1, "AdaLomo")):
-                n, t_ref, t_ours = bench(args.lib, kind, dtype, algorithm, args.reps)
+            for algorithm, name in (("lomo", "LOMO"), ("adalomo", "AdaLomo")):
+                n, t_ref, t_ours = bench(kind, dtype, algorithm, args.reps)
                 dt = str(dtype).replace("torch.", "")
                 print(f"| {kind} | {dt} | {name} | {n/1e6:.1f}M | {t_ref:.1f} ms | {t_ours:.2f} ms | {t_ref/t_ours:.1f}x |")
                 sys.stdout.flush()

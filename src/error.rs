@@ -135,6 +135,17 @@ impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The message of a caught panic (for the boundaries that turn panics into errors).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
 /// Returns early with an [`Error`] of the given status and formatted message.
 macro_rules! bail {
     ($status:ident, $($fmt:tt)+) => {

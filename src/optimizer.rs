@@ -90,6 +90,24 @@ pub struct StepInfo {
     pub grads_nonfinite: u32,
 }
 
+impl StepInfo {
+    /// Diagnostics before any phase has run (after creation or a state load).
+    fn fresh(step: u64, skipped_total: u64, scale: f32) -> StepInfo {
+        StepInfo {
+            step,
+            grad_norm: f32::NAN,
+            clip_coef: 1.0,
+            loss_scale: scale,
+            next_loss_scale: scale,
+            overflow: false,
+            skipped: false,
+            skipped_total,
+            grads_submitted: 0,
+            grads_nonfinite: 0,
+        }
+    }
+}
+
 /// A LOMO or AdaLomo optimizer over caller-owned parameter buffers.
 #[derive(Debug)]
 pub struct Optimizer {
@@ -130,18 +148,7 @@ impl Optimizer {
             epoch: 0,
             steps: 0,
             skipped_total: 0,
-            info: StepInfo {
-                step: 0,
-                grad_norm: f32::NAN,
-                clip_coef: 1.0,
-                loss_scale: scale,
-                next_loss_scale: scale,
-                overflow: false,
-                skipped: false,
-                skipped_total: 0,
-                grads_submitted: 0,
-                grads_nonfinite: 0,
-            },
+            info: StepInfo::fresh(0, 0, scale),
         })
     }
 
@@ -420,18 +427,7 @@ impl Optimizer {
         self.skipped_total = skipped_total;
         self.scaler = scaler;
         let scale = self.scaler.scale() as f32;
-        self.info = StepInfo {
-            step: steps,
-            grad_norm: f32::NAN,
-            clip_coef: 1.0,
-            loss_scale: scale,
-            next_loss_scale: scale,
-            overflow: false,
-            skipped: false,
-            skipped_total,
-            grads_submitted: 0,
-            grads_nonfinite: 0,
-        };
+        self.info = StepInfo::fresh(steps, skipped_total, scale);
     }
 
     pub fn algorithm(&self) -> Algorithm {

@@ -4,7 +4,6 @@
 //! keeps its message as the calling thread's last error; [`guard_or`] does the same for exports
 //! that return a plain value. Pointer helpers turn NULL into `LOMO_STATUS_NULL_ARGUMENT`.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -13,16 +12,6 @@ use crate::error::{Error, Result, Status};
 
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic payload".to_owned()
-    }
 }
 
 /// Records `message` as this thread's last error.
@@ -47,7 +36,7 @@ pub fn guard<F: FnOnce() -> Result<()>>(f: F) -> Status {
         Err(payload) => {
             set_last_error(format!(
                 "internal panic: {}",
-                panic_message(payload.as_ref())
+                crate::error::panic_message(payload.as_ref())
             ));
             Status::Panic
         }
@@ -61,7 +50,7 @@ pub fn guard_or<T, F: FnOnce() -> T>(on_panic: T, f: F) -> T {
         Err(payload) => {
             set_last_error(format!(
                 "internal panic: {}",
-                panic_message(payload.as_ref())
+                crate::error::panic_message(payload.as_ref())
             ));
             on_panic
         }

@@ -6,7 +6,6 @@
 //! checking every `struct_size` against the sizes of `c_api.h` (with `>=`, since XLA may append
 //! fields).
 
-use std::any::Any;
 use std::ffi::{c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -70,16 +69,6 @@ macro_rules! invalid {
     };
 }
 pub(crate) use invalid;
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic payload".to_owned()
-    }
-}
 
 /// Creates an `XLA_FFI_Error` through the API table; NULL if the table cannot create errors
 /// (never the case with a conforming XLA).
@@ -153,7 +142,7 @@ pub unsafe fn boundary(
         Ok(Err(e)) => e,
         Err(payload) => XlaError::internal(format!(
             "panic in {name}: {}",
-            panic_message(payload.as_ref())
+            crate::error::panic_message(payload.as_ref())
         )),
     };
     // SAFETY: `api` is NULL or XLA's table; creating the error must not unwind into XLA.
