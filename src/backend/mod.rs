@@ -5,6 +5,7 @@
 //! core has established at registration, and plain scalar structs ([`GradXform`], ...).
 
 pub mod cpu;
+pub mod cuda;
 pub mod scalars;
 
 use crate::dtype::DType;
