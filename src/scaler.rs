@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn static_and_none_never_change() {
-        let mut s = LossScaler::new(&Config::defaults(Algorithm::AdaLomo));
+        let mut s = LossScaler::new(&Config::defaults(Algorithm::Adalomo));
         s.update(true);
         s.update(false);
         assert_eq!(s.scale(), 1024.0);

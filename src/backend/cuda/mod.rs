@@ -9,4 +9,6 @@ pub mod abi;
 pub mod device;
 pub mod emu;
 pub mod launcher;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod registry;
