@@ -450,7 +450,8 @@ size_t lomo_last_error_message(char *buf, size_t len);
 
 /**
  * Whether CUDA parameters can be registered: the library was built with its CUDA backend and a
- * CUDA driver with at least one device was found. Probes once, never fails. Thread-safe.
+ * CUDA driver with at least one device was found (or the host emulation is selected with
+ * `LOMO_CUDA_EMULATE=1`). Probes the driver once, never fails. Thread-safe.
  */
 bool lomo_cuda_available(void);
 

@@ -44,13 +44,22 @@ fn ulp(dtype: u32, v: f32) -> f64 {
     2f64.powi(e - bits)
 }
 
+/// Copies the CPU run's parameter values into the device run's buffers, so that one-ulp
+/// differences (allowed per step) do not accumulate across steps.
+fn resync(cpu: &[Buf], dev: &mut [Buf]) {
+    for (c, d) in cpu.iter().zip(dev.iter_mut()) {
+        d.f32s.clone_from(&c.f32s);
+        d.halves.clone_from(&c.halves);
+    }
+}
+
 struct Case {
     cfg: Config,
     p_dtype: u32,
     g_dtype: u32,
     steps: usize,
     carry: bool,
-    /// (step, shape index) whose gradient gets an inf.
+    /// (step, shape index) whose gradient gets an inf (odd steps) or a NaN (even steps).
     inject_inf: Option<(usize, usize)>,
 }
 
@@ -97,7 +106,7 @@ fn run(case: &Case) {
                 let n: i64 = shape.iter().product();
                 let mut g: Vec<f32> = rng.vec(n as usize, 0.5 * scale.min(1e4));
                 if case.inject_inf == Some((step, i)) {
-                    g[n as usize / 2] = f32::INFINITY;
+                    g[n as usize / 2] = if step % 2 == 0 { f32::NAN } else { f32::INFINITY };
                 }
                 Buf::new(case.g_dtype, &g)
             })
@@ -140,6 +149,7 @@ fn run(case: &Case) {
                 panic!("{what}: shape {:?}: {bad} elements differ, first at {k}: cpu {} dev {}", SHAPES[i], cv[k], dv[k]);
             }
         }
+        resync(&cpu_bufs, &mut dev_bufs);
         let info = cpu.step_info();
         let ds = dev.read_step(0).unwrap();
         assert_eq!(info.step, ds.info_step, "{what}: step");
@@ -228,7 +238,7 @@ fn nonfinite(algorithm: Algorithm) {
             c.loss_scale_mode = mode;
             c.loss_scale = 256.0;
             for shape in [0, 3] {
-                run(&Case { inject_inf: Some((1, shape)), steps: 3, ..case(c.clone(), BF16, F32) });
+                run(&Case { inject_inf: Some((if shape == 0 { 1 } else { 2 }, shape)), steps: 4, ..case(c.clone(), BF16, F32) });
             }
         }
     }
@@ -269,4 +279,131 @@ fn adalomo_carried_rms() {
 #[test]
 fn adalomo_nonfinite_gradients() {
     nonfinite(Algorithm::Adalomo);
+}
+
+// ---- End to end through the C API: CUDA parameters (device 0, emulated) against CPU ones ----
+
+use lomo::ffi::optimizer::{lomo_grad_submit, lomo_param_register, lomo_step_begin, lomo_step_end};
+use lomo::ffi::types::lomo_param_desc;
+
+fn emulate() {
+    std::env::set_var("LOMO_CUDA_EMULATE", "1");
+}
+
+fn register_on(opt: &Opt, name: &str, data: *mut std::ffi::c_void, dtype: u32, shape: &[i64], device: i32, group: u32) -> Result<u32, Failure> {
+    let cname = std::ffi::CString::new(name).unwrap();
+    let desc = lomo_param_desc {
+        struct_size: std::mem::size_of::<lomo_param_desc>(),
+        name: cname.as_ptr(),
+        data,
+        dtype,
+        ndim: shape.len() as u32,
+        shape: shape.as_ptr(),
+        device,
+        group,
+        flags: 0,
+    };
+    let mut id = u32::MAX;
+    // SAFETY: valid pointers for the duration of the call.
+    check(unsafe { lomo_param_register(opt.0, &desc, &mut id) })?;
+    Ok(id)
+}
+
+fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
+    emulate();
+    let mut cfg = config(algorithm);
+    cfg.clip_grad_norm = clip_norm;
+    cfg.loss_scale_mode = 2;
+    cfg.loss_scale = 512.0;
+    cfg.scale_window = 2;
+    cfg.weight_decay = 0.01;
+    let cpu = Opt::new(&cfg).unwrap();
+    let dev = Opt::new(&cfg).unwrap();
+    let stream = 0x1234usize as *mut std::ffi::c_void; // ignored by the emulation, passed through
+    for o in [&cpu, &dev] {
+        o.group_set(1, 0.5, 0.0).unwrap();
+    }
+    let mut rng = Rng::new(99);
+    let (mut cb, mut db) = (Vec::new(), Vec::new());
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let n: i64 = shape.iter().product();
+        let v = rng.vec(n as usize, 1.0);
+        cb.push(Buf::new(p_dtype, &v));
+        db.push(Buf::new(p_dtype, &v));
+        let group = (i % 2) as u32;
+        register_on(&cpu, &format!("p{i}"), cb[i].ptr(), p_dtype, shape, -1, group).unwrap();
+        register_on(&dev, &format!("p{i}"), db[i].ptr(), p_dtype, shape, 0, group).unwrap();
+    }
+    for step in 0..5 {
+        let scale = cpu.loss_scale();
+        assert_eq!(scale, dev.loss_scale(), "step {step}: loss scale");
+        let mut grads: Vec<Buf> = SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, shape)| {
+                let n: i64 = shape.iter().product();
+                let mut g = rng.vec(n as usize, 0.3 * scale);
+                if step == 2 && i == 3 {
+                    g[5] = f32::NAN;
+                }
+                Buf::new(g_dtype, &g)
+            })
+            .collect();
+        let phases: &[u32] = if clip_norm > 0.0 { &[0, 1] } else { &[1] };
+        for &phase in phases {
+            // SAFETY: live handles, valid gradient buffers of the registered sizes.
+            unsafe {
+                check(lomo_step_begin(cpu.0, phase, 0.02, std::ptr::null_mut())).unwrap();
+                check(lomo_step_begin(dev.0, phase, 0.02, stream)).unwrap();
+                for (i, g) in grads.iter_mut().enumerate() {
+                    check(lomo_grad_submit(cpu.0, i as u32, g.ptr(), g_dtype, std::ptr::null_mut())).unwrap();
+                    check(lomo_grad_submit(dev.0, i as u32, g.ptr(), g_dtype, stream)).unwrap();
+                }
+                check(lomo_step_end(cpu.0, std::ptr::null_mut())).unwrap();
+                check(lomo_step_end(dev.0, stream)).unwrap();
+            }
+        }
+        for (i, (c, d)) in cb.iter().zip(&db).enumerate() {
+            for (k, (x, y)) in c.values().iter().zip(d.values()).enumerate() {
+                assert!(close(p_dtype, *x, y), "algo {algorithm} step {step} shape {:?} elem {k}: cpu {x} dev {y}", SHAPES[i]);
+            }
+        }
+        resync(&cb, &mut db);
+        let (a, b) = (cpu.info(), dev.info());
+        assert_eq!((a.step, a.overflow, a.skipped, a.skipped_total), (b.step, b.overflow, b.skipped, b.skipped_total), "step {step}");
+        assert_eq!((a.grads_submitted, a.grads_nonfinite), (b.grads_submitted, b.grads_nonfinite), "step {step}");
+        assert_eq!((a.loss_scale, a.next_loss_scale), (b.loss_scale, b.next_loss_scale), "step {step}");
+        assert!((a.clip_coef - b.clip_coef).abs() <= 1e-6, "step {step}: clip coef {} vs {}", a.clip_coef, b.clip_coef);
+        assert_eq!(a.grad_norm.is_nan(), b.grad_norm.is_nan());
+    }
+}
+
+#[test]
+fn c_api_lomo_on_emulated_cuda() {
+    c_api_case(0, 0.0, BF16, BF16);
+    c_api_case(0, 1.0, F32, BF16);
+}
+
+#[test]
+fn c_api_adalomo_on_emulated_cuda() {
+    c_api_case(1, 0.0, BF16, F32);
+    c_api_case(1, 1.0, F16, F16);
+}
+
+#[test]
+fn one_device_per_optimizer() {
+    emulate();
+    assert!(lomo::ffi::api::lomo_cuda_available());
+    let opt = Opt::new(&config(0)).unwrap();
+    let mut a = vec![0f32; 4];
+    let mut b = vec![0f32; 4];
+    register_on(&opt, "a", a.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap();
+    let e = register_on(&opt, "b", b.as_mut_ptr().cast(), F32, &[4], -1, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    let e = register_on(&opt, "c", b.as_mut_ptr().cast(), F32, &[4], 1, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    let cpu = Opt::new(&config(0)).unwrap();
+    cpu.register("a", a.as_mut_ptr().cast(), F32, &[4], 0).unwrap();
+    let e = register_on(&cpu, "b", b.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
 }

@@ -7,8 +7,11 @@
 
 pub mod abi;
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod driver;
 pub mod emu;
 pub mod launcher;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod registry;
+pub mod side;
