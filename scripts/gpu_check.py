@@ -133,7 +133,7 @@ def close(cpu, dev):
     if cpu.dtype == torch.float32:
         bad = (a - b).abs() > 2e-6 * torch.maximum(a.abs(), b.abs()) + 1e-7
     else:
-        bad = (a - b).abs() > torch.minimum(ulp(a, cpu.dtype), ulp(b, cpu.dtype))
+        bad = (a - b).abs() > torch.minimum(ulp(a, cpu.dtype), ulp(b, cpu.dtype)).clamp_min(1e-7)
     n = int(bad.sum())
     return n == 0, f"{n} of {a.numel()} differ" + (f", first cpu {a[bad][0]} dev {b[bad][0]}" if n else "")
 

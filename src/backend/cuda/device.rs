@@ -11,6 +11,7 @@
 //! update); AdaLomo UPDATE 3 (stats, finalize, apply; 2 for rank ≤ 1 tensors).
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::abi::*;
@@ -70,6 +71,8 @@ pub struct DeviceOpt {
     params: Vec<DevParam>,
     allocs: Vec<DevPtr>,
     max_blocks: u32,
+    /// The stream of the latest launch: read-backs and re-allocations wait for it.
+    last_stream: AtomicUsize,
 }
 
 impl Drop for DeviceOpt {
@@ -107,7 +110,7 @@ impl DeviceOpt {
         let tensors = launcher.alloc(cap * std::mem::size_of::<LomoTensor>())?;
         launcher.copy_from_host(tensors, &vec![0u8; cap * std::mem::size_of::<LomoTensor>()])?;
         let max_blocks = (launcher.sm_count() * 4).clamp(1, 1024);
-        Ok(DeviceOpt { launcher, cfg: cfg.clone(), step, tensors, cap, params: Vec::new(), allocs: Vec::new(), max_blocks })
+        Ok(DeviceOpt { launcher, cfg: cfg.clone(), step, tensors, cap, params: Vec::new(), allocs: Vec::new(), max_blocks, last_stream: AtomicUsize::new(0) })
     }
 
     /// The device address of the `LomoStep` record (graph-capture users read the scale there).
@@ -177,7 +180,7 @@ impl DeviceOpt {
     fn grow(&mut self) -> Result<()> {
         let sz = std::mem::size_of::<LomoTensor>();
         let mut old = vec![0u8; self.cap * sz];
-        self.launcher.copy_to_host(&mut old, self.tensors, 0)?;
+        self.launcher.copy_to_host(&mut old, self.tensors, self.last_stream.load(Ordering::Relaxed))?;
         let cap = self.cap * 2;
         let fresh = self.launcher.alloc(cap * sz)?;
         old.resize(cap * sz, 0);
@@ -192,6 +195,7 @@ impl DeviceOpt {
         // The launch copies the argument struct before returning (cuLaunchKernel semantics).
         let mut a = *args;
         let mut ptrs = [(&mut a as *mut A).cast::<c_void>()];
+        self.last_stream.store(stream, Ordering::Relaxed);
         self.launcher.launch(&Kernel::new(module, name), geo, &mut ptrs, stream)
     }
 
@@ -276,6 +280,11 @@ impl DeviceOpt {
                 }
             },
         }
+    }
+
+    /// The stream of the latest launch (0 before any).
+    pub fn last_stream(&self) -> usize {
+        self.last_stream.load(Ordering::Relaxed)
     }
 
     /// Copies the step record back (synchronizes with `stream`).

@@ -91,9 +91,10 @@ impl CudaSide {
         self.dev.end(update, stream)
     }
 
-    /// Diagnostics from the device (synchronizes). `submitted` is counted on the host.
+    /// Diagnostics from the device (waits for the stream of the latest launch). `submitted` is
+    /// counted on the host.
     pub fn step_info(&self, submitted: u32) -> Result<StepInfo> {
-        let s = self.dev.read_step(0)?;
+        let s = self.dev.read_step(self.dev.last_stream())?;
         Ok(StepInfo {
             step: s.info_step,
             grad_norm: s.info_grad_norm,
@@ -110,6 +111,6 @@ impl CudaSide {
 
     /// The loss scale for the next backward (synchronizes).
     pub fn loss_scale(&self) -> Result<f64> {
-        Ok(self.dev.read_step(0)?.scale)
+        Ok(self.dev.read_step(self.dev.last_stream())?.scale)
     }
 }
