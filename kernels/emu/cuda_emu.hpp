@@ -1,8 +1,10 @@
 // lomo: a small CUDA emulation for the host, so the kernel sources in kernels/ run unchanged on
-// CPU threads (tests without a GPU). Only what the kernels use is provided:
+// the CPU (tests without a GPU). Only what the kernels use is provided:
 //
-// - a launch runs the grid's blocks one after another; each block runs on blockDim.x real
-//   threads (one std::thread per CUDA thread), so __syncthreads is a real barrier;
+// - a launch runs the grid's blocks one after another; the blockDim.x threads of a block are
+//   cooperative fibers on the launching OS thread (started with makecontext, then switched with
+//   _setjmp/_longjmp, which avoid swapcontext's signal-mask system calls), switched only at
+//   __syncthreads and warp shuffles, so barriers are real (every thread must arrive) and cheap;
 // - __shared__ variables are function statics: correct because blocks never overlap and
 //   launches are serialized process-wide; dynamic shared memory is one buffer per launch;
 // - warp shuffles exchange through a per-warp slot array between two warp barriers (every lane
@@ -15,14 +17,13 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <setjmp.h>
+#include <ucontext.h>
 
 #include <atomic>
-#include <barrier>
 #include <cstddef>
 #include <functional>
-#include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 struct uint3 { unsigned x, y, z; };
@@ -46,18 +47,27 @@ inline thread_local dim3 gridDim;
 
 namespace emu {
 
+// A barrier over `n` fibers: arrive, then yield until the generation moves on.
+struct Barrier {
+  unsigned n = 0, count = 0;
+  unsigned long long gen = 0;
+};
+
 struct Launch {
-  explicit Launch(unsigned threads, size_t smem)
-      : block_barrier((std::ptrdiff_t)threads), smem_buf(smem + 16) {
-    unsigned warps = threads / 32;
-    warp_barriers.reserve(warps);
-    for (unsigned w = 0; w < warps; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
-    slots.resize((size_t)warps * 32);
-  }
-  std::barrier<> block_barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  unsigned n = 0;
+  ucontext_t sched;
+  jmp_buf sched_jb;
+  std::vector<ucontext_t> ctx;
+  struct Jmp { jmp_buf b; };
+  std::vector<Jmp> jb;
+  std::vector<char> started;
+  std::vector<char> done;
+  unsigned cur = 0;
+  Barrier block;
+  std::vector<Barrier> warps;
   std::vector<uint64_t> slots;
   std::vector<unsigned char> smem_buf;
+  const std::function<void()>* body = nullptr;
 };
 
 inline thread_local Launch* current = nullptr;
@@ -67,29 +77,94 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
+// Back to the scheduler; it resumes the other fibers, then this one.
+inline void yield() {
+  Launch* c = current;
+  if (_setjmp(c->jb[c->cur].b) == 0) _longjmp(c->sched_jb, 1);
+}
+
+inline void wait(Barrier& b) {
+  unsigned long long gen = b.gen;
+  if (++b.count == b.n) {
+    b.count = 0;
+    b.gen += 1;
+    return;
+  }
+  while (b.gen == gen) yield();
+}
+
+inline void fiber_main() {
+  Launch* c = current;
+  (*c->body)();
+  c->done[c->cur] = 1;
+  _longjmp(c->sched_jb, 1);
+}
+
+// Runs fiber `t` until its next yield or its end.
+__attribute__((noinline)) inline void resume(Launch& L, unsigned t) {
+  L.cur = t;
+  threadIdx = uint3{t, 0, 0};
+  if (_setjmp(L.sched_jb) == 0) {
+    if (!L.started[t]) {
+      L.started[t] = 1;
+      swapcontext(&L.sched, &L.ctx[t]);
+    } else {
+      _longjmp(L.jb[t].b, 1);
+    }
+  }
+}
+
+// Fiber stacks, reused by every launch (launches are serialized).
+inline std::vector<std::vector<char>>& stack_pool() {
+  static std::vector<std::vector<char>> pool;
+  return pool;
+}
+
 // Runs `body` as a grid of `grid` blocks of `block` threads with `smem` bytes of dynamic
 // shared memory. Launches are serialized (kernels keep __shared__ data in statics).
 inline void launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(launch_mutex());
-  unsigned n = block.x;
-  Launch ctx(n, smem);
-  std::vector<std::thread> threads;
-  threads.reserve(n);
-  for (unsigned t = 0; t < n; ++t) {
-    threads.emplace_back([&, t] {
-      current = &ctx;
-      threadIdx = uint3{t, 0, 0};
-      blockDim = block;
-      gridDim = grid;
-      for (unsigned b = 0; b < grid.x; ++b) {
-        blockIdx = uint3{b, 0, 0};
-        body();
-        ctx.block_barrier.arrive_and_wait();
+  const size_t stack_bytes = 64 * 1024;
+  Launch L;
+  L.n = block.x;
+  L.ctx.resize(L.n);
+  L.jb.resize(L.n);
+  L.started.assign(L.n, 0);
+  L.done.assign(L.n, 0);
+  L.block.n = L.n;
+  L.warps.resize(L.n / 32);
+  for (auto& w : L.warps) w.n = 32;
+  L.slots.resize(L.n);
+  L.smem_buf.resize(smem + 16);
+  L.body = &body;
+  auto& stacks = stack_pool();
+  while (stacks.size() < L.n) stacks.emplace_back(stack_bytes);
+  Launch* saved = current;
+  current = &L;
+  blockDim = block;
+  gridDim = grid;
+  for (unsigned b = 0; b < grid.x; ++b) {
+    blockIdx = uint3{b, 0, 0};
+    for (unsigned t = 0; t < L.n; ++t) {
+      getcontext(&L.ctx[t]);
+      L.ctx[t].uc_stack.ss_sp = stacks[t].data();
+      L.ctx[t].uc_stack.ss_size = stack_bytes;
+      L.ctx[t].uc_link = nullptr;
+      makecontext(&L.ctx[t], fiber_main, 0);
+      L.done[t] = 0;
+      L.started[t] = 0;
+    }
+    unsigned alive = L.n;
+    while (alive > 0) {
+      alive = 0;
+      for (unsigned t = 0; t < L.n; ++t) {
+        if (L.done[t]) continue;
+        resume(L, t);
+        if (!L.done[t]) alive += 1;
       }
-      current = nullptr;
-    });
+    }
   }
-  for (auto& th : threads) th.join();
+  current = saved;
 }
 
 inline void* dyn_smem() {
@@ -99,7 +174,7 @@ inline void* dyn_smem() {
 
 }  // namespace emu
 
-inline void __syncthreads() { emu::current->block_barrier.arrive_and_wait(); }
+inline void __syncthreads() { emu::wait(emu::current->block); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
@@ -110,9 +185,9 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
   uint64_t bits = 0;
   memcpy(&bits, &v, sizeof(T));
   c->slots[warp * 32 + lane] = bits;
-  c->warp_barriers[warp]->arrive_and_wait();
+  emu::wait(c->warps[warp]);
   uint64_t other = c->slots[warp * 32 + (lane ^ (unsigned)lane_mask)];
-  c->warp_barriers[warp]->arrive_and_wait();
+  emu::wait(c->warps[warp]);
   T out;
   memcpy(&out, &other, sizeof(T));
   return out;
