@@ -318,3 +318,17 @@ impl DevParam {
         Geometry { smem: 0, ..self.stats }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_tensors_get_one_block_and_large_ones_fill_the_device() {
+        let per = THREADS as u64 * ELEMS_PER_THREAD;
+        assert_eq!(blocks_for(1, per, 528), 1);
+        assert_eq!(blocks_for(4096, per, 528), 2);
+        assert_eq!(blocks_for(0, per, 528), 1);
+        assert_eq!(blocks_for(4096 * 11008, per, 528), 528);
+    }
+}
