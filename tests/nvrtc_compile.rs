@@ -42,6 +42,22 @@ fn every_kernel_compiles_without_spills() {
 }
 
 #[test]
+fn on_disk_cache_returns_the_compiled_cubin() {
+    if !nvrtc::available() {
+        eprintln!("SKIPPED: libnvrtc not found");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lomo-nvrtc-cache-{}", std::process::id()));
+    std::env::set_var("LOMO_CACHE_DIR", &dir);
+    let first = nvrtc::cubin_cached(Module::Step, "sm_80").unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(files.len(), 1, "one cache file written");
+    let second = nvrtc::cubin_cached(Module::Step, "sm_80").unwrap();
+    assert_eq!(first, second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn parses_the_ptxas_report() {
     let log = "ptxas info    : Compiling entry function 'k1' for 'sm_90'\n\
                ptxas info    : Function properties for k1\n\

@@ -2,9 +2,9 @@
 //!
 //! Every call runs in the **primary context** of the parameter's device (the one PyTorch and
 //! XLA use), pushed for the call and popped afterwards, so the caller's current context is left
-//! as it was. Modules are compiled by NVRTC for the device's exact `sm_XY` at first use and cached
-//! per device for the life of the process. Launches go to the caller's stream with raw device
-//! addresses; nothing on the step path synchronizes.
+//! as it was. Modules are compiled by NVRTC for the device's exact `sm_XY` at first use (or read
+//! from the on-disk cache, see `nvrtc::cubin_cached`) and loaded once per device. Launches go
+//! to the caller's stream with raw device addresses; nothing on the step path synchronizes.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
@@ -143,10 +143,10 @@ impl DriverLauncher {
         let module = match mods.get(&(self.ordinal, kernel.module)) {
             Some(&m) => m as sys::CUmodule,
             None => {
-                let compiled = nvrtc::compile(kernel.module, &self.arch)?;
+                let cubin = nvrtc::cubin_cached(kernel.module, &self.arch)?;
                 let mut m: sys::CUmodule = std::ptr::null_mut();
                 // SAFETY: `cubin` is a complete ELF image for this device's architecture.
-                check(unsafe { sys::cuModuleLoadData(&mut m, compiled.cubin.as_ptr().cast()) }, "cuModuleLoadData")?;
+                check(unsafe { sys::cuModuleLoadData(&mut m, cubin.as_ptr().cast()) }, "cuModuleLoadData")?;
                 mods.insert((self.ordinal, kernel.module), m as usize);
                 m
             }

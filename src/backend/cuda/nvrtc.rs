@@ -172,3 +172,41 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     }
     out
 }
+
+/// The CUBIN of `module` for `arch`, from the on-disk cache when present, else compiled (and
+/// stored). The cache key covers the sources, the options, the architecture and NVRTC's version;
+/// the directory is `$LOMO_CACHE_DIR`, else `$XDG_CACHE_HOME/lomo`, else `~/.cache/lomo`.
+/// Cache failures are never errors (the module is compiled instead).
+pub fn cubin_cached(module: Module, arch: &str) -> Result<Vec<u8>> {
+    let path = cache_path(module, arch);
+    if let Some(p) = &path {
+        if let Ok(bytes) = std::fs::read(p) {
+            if bytes.starts_with(b"\x7fELF") {
+                return Ok(bytes);
+            }
+        }
+    }
+    let compiled = compile(module, arch)?;
+    if let Some(p) = &path {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &compiled.cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok(compiled.cubin)
+}
+
+fn cache_path(module: Module, arch: &str) -> Option<std::path::PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let dir = std::env::var_os("LOMO_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| std::path::PathBuf::from(d).join("lomo")))
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lomo")))?;
+    let (major, minor) = version().ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (module.source(), COMMON_HEADER, options(arch), env!("CARGO_PKG_VERSION")).hash(&mut h);
+    Some(dir.join(format!("{}-{arch}-nvrtc{major}.{minor}-{:016x}.cubin", module.file_name().trim_end_matches(".cu"), h.finish())))
+}
