@@ -563,6 +563,17 @@ lomo_status lomo_step_info_get(const struct lomo_optimizer *opt, struct lomo_ste
  */
 lomo_status lomo_loss_scale(const struct lomo_optimizer *opt, float *out);
 
+/**
+ * Stores in `*out` the device address of a `float` holding the loss scale for the next
+ * backward pass, for CUDA-graph capture: multiply the loss by it on the device instead of
+ * reading `lomo_loss_scale` on the host. The value is updated in stream order by the
+ * `lomo_step_end` that ends an UPDATE phase (the dynamic scaler runs on the device). The address
+ * stays valid until the optimizer is freed; never write through it. Fails with
+ * `LOMO_STATUS_UNSUPPORTED` when the optimizer has no CUDA parameters. Thread-safe as
+ * `lomo_loss_scale`.
+ */
+lomo_status lomo_cuda_loss_scale_ptr(const struct lomo_optimizer *opt, const float **out);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

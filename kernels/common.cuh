@@ -55,7 +55,7 @@ struct LomoStep {
   u32 info_overflow;
   u32 info_skipped;
   u32 info_nonfinite;
-  u32 pad0;
+  float scale_f32;        // the loss scale as f32 (lomo_cuda_loss_scale_ptr points here)
   u64 info_step;
 };
 

@@ -112,6 +112,7 @@ LOMO_DEV void step_update_end_body(const StepArgs& a) {
   s->info_skipped = skipped ? 1u : 0u;
   s->info_nonfinite = nonfinite;
   s->inv_scale = (float)(1.0 / s->scale);
+  s->scale_f32 = (float)s->scale;
   s->has_norm = 0;
   s->skip = 0;
   s->coef = 1.0f;

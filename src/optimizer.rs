@@ -278,6 +278,17 @@ impl Optimizer {
         }
     }
 
+    /// Device address of the f32 loss scale for the next backward (CUDA parameters only).
+    pub fn cuda_loss_scale_ptr(&self) -> Result<u64> {
+        match &self.cuda {
+            Some(side) => Ok(side.loss_scale_ptr()),
+            None => bail!(
+                Unsupported,
+                "the optimizer has no CUDA parameters (register one before asking for device pointers)"
+            ),
+        }
+    }
+
     /// Whether the parameters live on a CUDA device.
     pub fn is_cuda(&self) -> bool {
         self.cuda.is_some()

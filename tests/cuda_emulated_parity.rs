@@ -374,6 +374,11 @@ fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
             }
         }
         resync(&cb, &mut db);
+        let mut ptr: *const f32 = std::ptr::null();
+        // SAFETY: live handle, valid out pointer; under emulation the address is host memory.
+        check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(dev.0, &mut ptr) }).unwrap();
+        // SAFETY: emulated device memory is host memory; the step has completed.
+        assert_eq!(unsafe { *ptr }, cpu.loss_scale(), "step {step}: device loss scale");
         let (a, b) = (cpu.info(), dev.info());
         assert_eq!((a.step, a.overflow, a.skipped, a.skipped_total), (b.step, b.overflow, b.skipped, b.skipped_total), "step {step}");
         assert_eq!((a.grads_submitted, a.grads_nonfinite), (b.grads_submitted, b.grads_nonfinite), "step {step}");
@@ -409,6 +414,11 @@ fn one_device_per_optimizer() {
     assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
     let cpu = Opt::new(&config(0)).unwrap();
     cpu.register("a", a.as_mut_ptr().cast(), F32, &[4], 0).unwrap();
+    let mut ptr: *const f32 = std::ptr::null();
+    // SAFETY: live handle, valid out pointer.
+    let e = check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(cpu.0, &mut ptr) }).unwrap_err();
+    assert_eq!(e.status, lomo::Status::Unsupported as u32, "{}", e.message);
+    assert!(ptr.is_null());
     let e = register_on(&cpu, "b", b.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap_err();
     assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
 }

@@ -279,3 +279,23 @@ pub unsafe extern "C" fn lomo_loss_scale(opt: *const lomo_optimizer, out: *mut f
         Ok(())
     })
 }
+
+/// Stores in `*out` the device address of a `float` holding the loss scale for the next
+/// backward pass, for CUDA-graph capture: multiply the loss by it on the device instead of
+/// reading `lomo_loss_scale` on the host. The value is updated in stream order by the
+/// `lomo_step_end` that ends an UPDATE phase (the dynamic scaler runs on the device). The address
+/// stays valid until the optimizer is freed; never write through it. Fails with
+/// `LOMO_STATUS_UNSUPPORTED` when the optimizer has no CUDA parameters. Thread-safe as
+/// `lomo_loss_scale`.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_cuda_loss_scale_ptr(
+    opt: *const lomo_optimizer,
+    out: *mut *const f32,
+) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out, "out")?) };
+        *out = opt.inner.read().cuda_loss_scale_ptr()? as usize as *const f32;
+        Ok(())
+    })
+}

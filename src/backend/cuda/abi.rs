@@ -27,7 +27,7 @@ pub struct LomoStep {
     pub info_overflow: u32,
     pub info_skipped: u32,
     pub info_nonfinite: u32,
-    pub pad0: u32,
+    pub scale_f32: f32,
     pub info_step: u64,
 }
 

@@ -103,6 +103,7 @@ impl DeviceOpt {
             info_clip_coef: 1.0,
             info_loss_scale: scale as f32,
             info_next_loss_scale: scale as f32,
+            scale_f32: scale as f32,
             ..LomoStep::default()
         };
         launcher.copy_from_host(step, as_bytes(&init))?;
@@ -113,9 +114,9 @@ impl DeviceOpt {
         Ok(DeviceOpt { launcher, cfg: cfg.clone(), step, tensors, cap, params: Vec::new(), allocs: Vec::new(), max_blocks, last_stream: AtomicUsize::new(0) })
     }
 
-    /// The device address of the `LomoStep` record (graph-capture users read the scale there).
-    pub fn step_ptr(&self) -> DevPtr {
-        self.step
+    /// The device address of the f32 loss scale for the next backward (in the step record).
+    pub fn loss_scale_ptr(&self) -> DevPtr {
+        self.step + std::mem::offset_of!(LomoStep, scale_f32) as u64
     }
 
     /// A workspace: contents unspecified (every kernel writes before it reads).

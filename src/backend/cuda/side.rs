@@ -109,6 +109,11 @@ impl CudaSide {
         })
     }
 
+    /// Device address of the f32 loss scale for the next backward.
+    pub fn loss_scale_ptr(&self) -> u64 {
+        self.dev.loss_scale_ptr()
+    }
+
     /// The loss scale for the next backward (synchronizes).
     pub fn loss_scale(&self) -> Result<f64> {
         Ok(self.dev.read_step(self.dev.last_stream())?.scale)
