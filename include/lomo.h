@@ -546,7 +546,8 @@ size_t lomo_last_error_message(char *buf, size_t len);
 
 /**
  * Whether CUDA parameters can be registered: the library was built with its CUDA backend and a
- * CUDA driver with at least one device was found. Probes once, never fails. Thread-safe.
+ * CUDA driver with at least one device was found (or the host emulation is selected with
+ * `LOMO_CUDA_EMULATE=1`). Probes the driver once, never fails. Thread-safe.
  */
 bool lomo_cuda_available(void);
 
@@ -657,6 +658,17 @@ lomo_status lomo_step_info_get(const struct lomo_optimizer *opt, struct lomo_ste
  * The factor to multiply the loss by before the next backward pass (1 when scaling is off).
  */
 lomo_status lomo_loss_scale(const struct lomo_optimizer *opt, float *out);
+
+/**
+ * Stores in `*out` the device address of a `float` holding the loss scale for the next
+ * backward pass, for CUDA-graph capture: multiply the loss by it on the device instead of
+ * reading `lomo_loss_scale` on the host. The value is updated in stream order by the
+ * `lomo_step_end` that ends an UPDATE phase (the dynamic scaler runs on the device). The address
+ * stays valid until the optimizer is freed; never write through it. Fails with
+ * `LOMO_STATUS_UNSUPPORTED` when the optimizer has no CUDA parameters. Thread-safe as
+ * `lomo_loss_scale`.
+ */
+lomo_status lomo_cuda_loss_scale_ptr(const struct lomo_optimizer *opt, const float **out);
 
 /**
  * Writes the optimizer's state to the file `path` (safetensors; see the README section

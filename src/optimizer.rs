@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::backend::cuda::device::Pass;
+use crate::backend::cuda::side::CudaSide;
 use crate::backend::RawBuf;
 use crate::config::{Algorithm, Config};
 use crate::dtype::DType;
@@ -123,6 +125,8 @@ pub struct Optimizer {
     pub(crate) steps: u64,
     pub(crate) skipped_total: u64,
     info: StepInfo,
+    /// The device side when the parameters live on a CUDA device (all on one device).
+    cuda: Option<CudaSide>,
 }
 
 impl Optimizer {
@@ -149,6 +153,7 @@ impl Optimizer {
             steps: 0,
             skipped_total: 0,
             info: StepInfo::fresh(0, 0, scale),
+            cuda: None,
         })
     }
 
@@ -210,18 +215,39 @@ impl Optimizer {
             );
         }
         self.group_get(desc.group)?;
-        if let Device::Cuda(n) = desc.device {
-            bail!(
-                NoCuda,
-                "parameter '{}' is on CUDA device {n}, but this build has no CUDA backend",
+        let on_cpu = self.params.iter().any(|p| p.device == Device::Cpu);
+        match desc.device {
+            Device::Cuda(n) if on_cpu => bail!(
+                DeviceMismatch,
+                "parameter '{}' is on CUDA device {n}, but this optimizer already has CPU \
+                 parameters: one optimizer's parameters must all be on one device",
                 desc.name
-            );
+            ),
+            Device::Cpu if self.cuda.is_some() => bail!(
+                DeviceMismatch,
+                "parameter '{}' is on the CPU, but this optimizer already has CUDA parameters: \
+                 one optimizer's parameters must all be on one device",
+                desc.name
+            ),
+            _ => {}
         }
         if self.params.len() >= u32::MAX as usize {
             bail!(InvalidArgument, "too many parameters");
         }
         let param = Param::new(desc, self.config.algorithm)?;
         let id = self.params.len() as u32;
+        if let Device::Cuda(n) = desc.device {
+            let mut created = None;
+            let side = match self.cuda.as_mut() {
+                Some(s) => s,
+                None => created.insert(CudaSide::new(n, &self.config)?),
+            };
+            let carry = param.flags & crate::param::PARAM_FLAG_CARRY_RMS != 0;
+            side.register(id, n, param.buf.addr, param.buf.dtype, param.numel(), param.rows, param.cols, param.factored, carry)?;
+            if created.is_some() {
+                self.cuda = created;
+            }
+        }
         self.names.insert(param.name.clone(), id);
         self.params.push(param);
         Ok(id)
@@ -237,12 +263,51 @@ impl Optimizer {
         self.scaler.scale()
     }
 
+    /// As [`Optimizer::loss_scale`], read from the device for CUDA parameters (synchronizes).
+    pub fn try_loss_scale(&self) -> Result<f64> {
+        match &self.cuda {
+            Some(side) => side.loss_scale(),
+            None => Ok(self.scaler.scale()),
+        }
+    }
+
+    /// Host-side diagnostics (CPU parameters; see [`Optimizer::try_step_info`] for CUDA).
     pub fn step_info(&self) -> StepInfo {
         self.info
     }
 
+    /// Diagnostics of the last phase and step; for CUDA parameters they are read from the
+    /// device (synchronizes).
+    pub fn try_step_info(&self) -> Result<StepInfo> {
+        match &self.cuda {
+            Some(side) => side.step_info(self.info.grads_submitted),
+            None => Ok(self.info),
+        }
+    }
+
+    /// Device address of the f32 loss scale for the next backward (CUDA parameters only).
+    pub fn cuda_loss_scale_ptr(&self) -> Result<u64> {
+        match &self.cuda {
+            Some(side) => Ok(side.loss_scale_ptr()),
+            None => bail!(
+                Unsupported,
+                "the optimizer has no CUDA parameters (register one before asking for device pointers)"
+            ),
+        }
+    }
+
+    /// Whether the parameters live on a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        self.cuda.is_some()
+    }
+
     /// Starts a phase. `lr` is used by UPDATE phases only.
     pub fn begin(&mut self, phase: Phase, lr: f64) -> Result<()> {
+        self.begin_on(phase, lr, 0)
+    }
+
+    /// [`Optimizer::begin`] with the caller's CUDA stream (ignored for CPU parameters).
+    pub fn begin_on(&mut self, phase: Phase, lr: f64, stream: usize) -> Result<()> {
         let next = match (phase, self.state) {
             (Phase::Norm, StepState::Idle) => StepState::Norm,
             (Phase::Norm, StepState::NormDone(_)) => {
@@ -268,6 +333,9 @@ impl Optimizer {
         if phase == Phase::Update && !(lr.is_finite() && lr >= 0.0) {
             bail!(InvalidArgument, "lr must be finite and >= 0, got {lr}");
         }
+        if let Some(side) = &self.cuda {
+            side.begin(phase == Phase::Update, lr as f32, stream)?;
+        }
         self.epoch += 1;
         self.state = next;
         Ok(())
@@ -275,6 +343,11 @@ impl Optimizer {
 
     /// Hands over the gradient of parameter `id` (an address of `numel` elements of `dtype`).
     pub fn submit(&self, id: u32, grad_addr: usize, dtype: DType) -> Result<()> {
+        self.submit_on(id, grad_addr, dtype, 0)
+    }
+
+    /// [`Optimizer::submit`] with the caller's CUDA stream (ignored for CPU parameters).
+    pub fn submit_on(&self, id: u32, grad_addr: usize, dtype: DType, stream: usize) -> Result<()> {
         let Some(param) = self.params.get(id as usize) else {
             bail!(
                 UnknownParam,
@@ -314,6 +387,22 @@ impl Optimizer {
                 "no phase is active: call lomo_step_begin before submitting gradients"
             ),
         };
+        if let Some(side) = &self.cuda {
+            let pass = match ctx {
+                update::Phase::Norm { .. } => Pass::Norm,
+                update::Phase::Update { prechecked, .. } => {
+                    let group = self.groups[&param.group];
+                    Pass::Update {
+                        prechecked,
+                        lr_mult: group.lr_multiplier,
+                        weight_decay: group.weight_decay,
+                    }
+                }
+            };
+            side.submit(id, grad.addr, dtype, pass, stream)?;
+            inner.epoch = self.epoch;
+            return Ok(());
+        }
         inner.epoch = self.epoch;
         update::run(&self.config, param, &mut inner, &grad, &ctx);
         Ok(())
@@ -321,6 +410,16 @@ impl Optimizer {
 
     /// Ends the active phase.
     pub fn end(&mut self) -> Result<()> {
+        self.end_on(0)
+    }
+
+    /// [`Optimizer::end`] with the caller's CUDA stream (ignored for CPU parameters). For CUDA
+    /// parameters the clip coefficient, overflow, loss scaler and step counter advance on the
+    /// device; the host keeps only the protocol state.
+    pub fn end_on(&mut self, stream: usize) -> Result<()> {
+        if let (Some(side), StepState::Norm | StepState::Update { .. }) = (&self.cuda, self.state) {
+            side.end(matches!(self.state, StepState::Update { .. }), stream)?;
+        }
         let (submitted, nonfinite, sum_sq) = self.phase_totals();
         match self.state {
             StepState::Norm => {

@@ -5,6 +5,9 @@
 //! core has established at registration, and plain scalar structs ([`GradXform`], ...).
 
 pub mod cpu;
+/// Nothing in the CUDA backend is part of the C API:
+/// cbindgen:ignore
+pub mod cuda;
 pub mod scalars;
 
 use crate::dtype::DType;

@@ -54,8 +54,9 @@ pub unsafe extern "C" fn lomo_last_error_message(buf: *mut c_char, len: usize) -
 }
 
 /// Whether CUDA parameters can be registered: the library was built with its CUDA backend and a
-/// CUDA driver with at least one device was found. Probes once, never fails. Thread-safe.
+/// CUDA driver with at least one device was found (or the host emulation is selected with
+/// `LOMO_CUDA_EMULATE=1`). Probes the driver once, never fails. Thread-safe.
 #[no_mangle]
 pub extern "C" fn lomo_cuda_available() -> bool {
-    guard_or(false, || false)
+    guard_or(false, crate::backend::cuda::side::available)
 }

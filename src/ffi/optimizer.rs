@@ -184,10 +184,11 @@ pub unsafe extern "C" fn lomo_step_begin(
     stream: *mut c_void,
 ) -> Status {
     guard(|| {
-        let _ = stream;
         // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
         let opt = unsafe { deref(opt, "opt") }?;
-        opt.inner.write().begin(Phase::try_from(phase)?, lr as f64)
+        opt.inner
+            .write()
+            .begin_on(Phase::try_from(phase)?, lr as f64, stream as usize)
     })
 }
 
@@ -210,11 +211,12 @@ pub unsafe extern "C" fn lomo_grad_submit(
     stream: *mut c_void,
 ) -> Status {
     guard(|| {
-        let _ = stream;
         // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
         let opt = unsafe { deref(opt, "opt") }?;
         let dtype = DType::try_from(grad_dtype)?;
-        opt.inner.read().submit(param_id, grad as usize, dtype)
+        opt.inner
+            .read()
+            .submit_on(param_id, grad as usize, dtype, stream as usize)
     })
 }
 
@@ -224,10 +226,9 @@ pub unsafe extern "C" fn lomo_grad_submit(
 #[no_mangle]
 pub unsafe extern "C" fn lomo_step_end(opt: *mut lomo_optimizer, stream: *mut c_void) -> Status {
     guard(|| {
-        let _ = stream;
         // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
         let opt = unsafe { deref(opt, "opt") }?;
-        opt.inner.write().end()
+        opt.inner.write().end_on(stream as usize)
     })
 }
 
@@ -259,7 +260,7 @@ pub unsafe extern "C" fn lomo_step_info_get(
             out.struct_size,
             std::mem::size_of::<lomo_step_info>(),
         )?;
-        *out = lomo_step_info::from_core(&opt.inner.read().step_info());
+        *out = lomo_step_info::from_core(&opt.inner.read().try_step_info()?);
         Ok(())
     })
 }
@@ -270,11 +271,31 @@ pub unsafe extern "C" fn lomo_loss_scale(opt: *const lomo_optimizer, out: *mut f
     guard(|| {
         // SAFETY: non-NULL pointers are valid per the documented contract.
         let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out, "out")?) };
-        let s = opt.inner.read().loss_scale();
+        let s = opt.inner.read().try_loss_scale()?;
         if !s.is_finite() {
             bail!(InvalidArgument, "loss scale is not finite");
         }
         *out = s as f32;
+        Ok(())
+    })
+}
+
+/// Stores in `*out` the device address of a `float` holding the loss scale for the next
+/// backward pass, for CUDA-graph capture: multiply the loss by it on the device instead of
+/// reading `lomo_loss_scale` on the host. The value is updated in stream order by the
+/// `lomo_step_end` that ends an UPDATE phase (the dynamic scaler runs on the device). The address
+/// stays valid until the optimizer is freed; never write through it. Fails with
+/// `LOMO_STATUS_UNSUPPORTED` when the optimizer has no CUDA parameters. Thread-safe as
+/// `lomo_loss_scale`.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_cuda_loss_scale_ptr(
+    opt: *const lomo_optimizer,
+    out: *mut *const f32,
+) -> Status {
+    guard(|| {
+        // SAFETY: non-NULL pointers are valid per the documented contract.
+        let (opt, out) = unsafe { (deref(opt, "opt")?, deref_mut(out, "out")?) };
+        *out = opt.inner.read().cuda_loss_scale_ptr()? as usize as *const f32;
         Ok(())
     })
 }

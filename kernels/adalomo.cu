@@ -1,0 +1,341 @@
+// lomo kernels: AdaLomo (reference/semantics.md §3.3; src/backend/cpu/adalomo.rs is the spec).
+//
+//   x = clamp(g · inv_scale, −v, v) · coef,   U = x² + ε1,   β = 1 − t^d  (f64 → f32)
+//   factored ([R, C] view of rank ≥ 2):
+//     row_i ← fma(mean_j U_ij, 1−β, row_i·β)      col_j ← fma(mean_i U_ij, 1−β, col_j·β)
+//     r_i = 1/sqrt(row_i / mean(row)),  c_j = 1/sqrt(col_j),  u_ij = (r_i·c_j)·x_ij
+//     Σu² = mean(row) · Σ_j D_j / col_j  with  D_j = Σ_i x²_ij / row_i   (no extra pass over g)
+//   vector (rank ≤ 1):  v ← fma(U, 1−β, v·β),  u = (1/sqrt(v))·x,  Σu² directly
+//   û = u / max(1, RMS(u)/τ);   p ← round( fma(û, −η_eff, p·decay) ),  η_eff = η·max(ε2, RMS(p))
+//
+// Factored, three launches: stats (pass A: reads g, and p for Σp² unless carried; blocks own
+// whole rows, keep per-column Σ U and D_j in shared memory — or their own global slab when the
+// row is too long — and publish per-block partials), finalize (sums the partials per column in
+// block order, commits row/column state, forms Σu² and the step scalars in its last block), apply
+// (pass C). Vector, two launches: stats (finishing with the scalars) and apply. Nothing is
+// committed when the gradient has a non-finite element (LomoTensor::bad) or the step is skipped.
+#include "common.cuh"
+
+#define ADA_CARRY 1u  // use Σp² carried from the last apply when valid; carry the written Σp²
+#define ADA_SMEM 2u   // stats keeps the column accumulators in dynamic shared memory
+
+struct AdaArgs {
+  void* p;
+  const void* g;
+  u64 rows;          // factored: R; vector: numel
+  u64 cols;          // factored: C; vector: 1
+  float* state_a;    // factored: row state [R]; vector: v [numel]
+  float* state_b;    // factored: column state [C]
+  float* ws_a;       // factored: new rows [R]; vector: new v [numel]
+  float* ws_r;       // factored: r_i [R]
+  float* ws_c;       // factored: c_j [C]
+  float* col_part;   // factored: [stats blocks][2][C]
+  double* partials;  // 2 × stats blocks
+  LomoStep* step;
+  LomoTensor* t;
+  double lr_mult;
+  double weight_decay;
+  double eps2;
+  double clip_threshold;
+  float eps1;
+  float clip_value;
+  u64 seed;
+  u32 param_id;
+  u32 rounding;
+  u32 flags;
+  u32 stats_blocks;  // finalize: the grid of the stats launch
+};
+
+LOMO_DEV bool ada_need_psq(const AdaArgs& a) {
+  return !((a.flags & ADA_CARRY) && a.t->carried_valid);
+}
+
+// Column ownership: thread t owns columns [c0, c0 + V) with c0 = (t + k·blockDim)·V (vector
+// path) or c ≡ t mod blockDim (scalar path), for both sweeps of every row.
+template <typename P, typename G>
+LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
+  __shared__ float sf[LOMO_WARPS];
+  __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 su[LOMO_WARPS];
+  __shared__ u32 last;
+  const LomoStep* st = a.step;
+  if (st->skip) return;
+  const float beta = st->beta, omb = st->omb;
+  const Xform xf = {st->inv_scale, a.clip_value, st->coef};
+  const bool need_psq = ada_need_psq(a);
+  const P* p = static_cast<const P*>(a.p);
+  const G* g = static_cast<const G*>(a.g);
+  const u64 cols = a.cols;
+  float* acc_c;
+  if (a.flags & ADA_SMEM) {
+    LOMO_DYN_SMEM(float, sm);
+    acc_c = sm;
+  } else {
+    acc_c = a.col_part + (u64)blockIdx.x * 2 * cols;
+  }
+  float* acc_d = acc_c + cols;
+  for (u64 j = threadIdx.x; j < 2 * cols; j += blockDim.x) acc_c[j] = 0.0f;
+  __syncthreads();
+  const int V = VecWidth<P, G>::value;
+  const bool vec = vec_ok<P, G, V>(p, g) && cols % V == 0;
+  u32 bad = 0;
+  double psq = 0.0, row_total = 0.0;
+  for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const u64 base = row * cols;
+    float racc = 0.0f, pacc = 0.0f;
+    if (vec) {
+      for (u64 c0 = (u64)threadIdx.x * V; c0 < cols; c0 += (u64)blockDim.x * V) {
+        G gv[V];
+        load_vec<G, V>(g, base + c0, gv);
+        for (int k = 0; k < V; ++k) {
+          bad |= bad_bits(gv[k]) ? 1u : 0u;
+          float x = xform(xf, to_f32(gv[k]));
+          racc += x * x + a.eps1;
+        }
+        if (need_psq) {
+          P pv[V];
+          load_vec<P, V>(p, base + c0, pv);
+          for (int k = 0; k < V; ++k) pacc += to_f32(pv[k]) * to_f32(pv[k]);
+        }
+      }
+    } else {
+      for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        bad |= bad_bits(g[base + c]) ? 1u : 0u;
+        float x = xform(xf, to_f32(g[base + c]));
+        racc += x * x + a.eps1;
+        if (need_psq) pacc += to_f32(p[base + c]) * to_f32(p[base + c]);
+      }
+    }
+    psq += (double)pacc;
+    const float mean = div_rn(block_sum(racc, sf), (float)cols);
+    const float rn = fmaf(mean, omb, a.state_a[row] * beta);
+    if (threadIdx.x == 0) {
+      a.ws_a[row] = rn;
+      row_total += (double)rn;
+    }
+    const float inv = div_rn(1.0f, rn);
+    if (vec) {
+      for (u64 c0 = (u64)threadIdx.x * V; c0 < cols; c0 += (u64)blockDim.x * V) {
+        G gv[V];
+        load_vec<G, V>(g, base + c0, gv);
+        for (int k = 0; k < V; ++k) {
+          float x = xform(xf, to_f32(gv[k]));
+          float s = x * x;
+          acc_c[c0 + k] += s + a.eps1;
+          acc_d[c0 + k] += s * inv;
+        }
+      }
+    } else {
+      for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        float x = xform(xf, to_f32(g[base + c]));
+        float s = x * x;
+        acc_c[c] += s + a.eps1;
+        acc_d[c] += s * inv;
+      }
+    }
+  }
+  __syncthreads();
+  if (a.flags & ADA_SMEM) {
+    float* slab = a.col_part + (u64)blockIdx.x * 2 * cols;
+    for (u64 j = threadIdx.x; j < 2 * cols; j += blockDim.x) slab[j] = acc_c[j];
+  }
+  const double psq_b = block_sum(psq, sd);
+  const u32 bad_b = block_or(bad, su);
+  if (threadIdx.x == 0) {
+    a.partials[blockIdx.x] = row_total;
+    a.partials[gridDim.x + blockIdx.x] = psq_b;
+    if (bad_b) atomicOr(&a.t->bad, 1u);
+  }
+  if (last_block(&a.t->ticket, &last)) {
+    const double rs = block_sum_array(a.partials, gridDim.x, sd);
+    const double ps = block_sum_array(a.partials + gridDim.x, gridDim.x, sd);
+    if (threadIdx.x == 0) {
+      a.t->row_sum = rs;
+      a.t->psq = need_psq ? ps : a.t->psq_carried;
+    }
+  }
+}
+
+// Column state, r_i, c_j, Σu² and the step scalars (one instantiation: no gradient access).
+LOMO_DEV void ada_finalize(const AdaArgs& a) {
+  __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 last;
+  const LomoStep* st = a.step;
+  if (st->skip || a.t->bad) return;
+  const float beta = st->beta, omb = st->omb;
+  const u64 rows = a.rows, cols = a.cols;
+  const u64 span = rows > cols ? rows : cols;
+  const float row_mean = (float)(a.t->row_sum / (double)rows);
+  const u32 nb = a.stats_blocks;
+  double usq = 0.0;
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < span;
+       i += (u64)gridDim.x * blockDim.x) {
+    if (i < cols) {
+      double c = 0.0, d = 0.0;
+      for (u32 b = 0; b < nb; ++b) {
+        c += (double)a.col_part[(u64)b * 2 * cols + i];
+        d += (double)a.col_part[(u64)b * 2 * cols + cols + i];
+      }
+      const float col_mean = (float)(c / (double)rows);
+      const float cn = fmaf(col_mean, omb, a.state_b[i] * beta);
+      a.state_b[i] = cn;
+      a.ws_c[i] = 1.0f / sqrtf(cn);
+      usq += d / (double)cn;
+    }
+    if (i < rows) {
+      const float rn = a.ws_a[i];
+      a.state_a[i] = rn;
+      a.ws_r[i] = 1.0f / sqrtf(rn / row_mean);
+    }
+  }
+  const double usq_b = block_sum(usq, sd);
+  if (threadIdx.x == 0) a.partials[blockIdx.x] = usq_b;
+  if (last_block(&a.t->ticket, &last)) {
+    const double total = block_sum_array(a.partials, gridDim.x, sd) * (double)row_mean;
+    if (threadIdx.x == 0) {
+      const double lr = (double)st->lr * a.lr_mult;
+      adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, total,
+                      rows * cols, a.t);
+    }
+  }
+}
+
+// Σp² of the written values (carry) in each block's partial; the last block publishes it.
+LOMO_DEV void ada_carry_finish(const AdaArgs& a, double psq, double* sd, u32* last) {
+  if (!(a.flags & ADA_CARRY)) return;
+  const double b = block_sum(psq, sd);
+  if (threadIdx.x == 0) a.partials[blockIdx.x] = b;
+  if (last_block(&a.t->ticket, last)) {
+    const double s = block_sum_array(a.partials, gridDim.x, sd);
+    if (threadIdx.x == 0) {
+      a.t->psq_carried = s;
+      a.t->carried_valid = 1;
+    }
+  }
+}
+
+template <typename P, typename G>
+LOMO_DEV float ada_write(P* p, G g, float scale, const Xform& xf, const LomoTensor* t, bool sr,
+                         u32 w) {
+  const float x = xform(xf, to_f32(g));
+  const float u = (scale * x) * t->inv_clip;
+  store_f32(p, fmaf(u, t->neg_lr, to_f32(*p) * t->decay), sr, w);
+  const float back = to_f32(*p);
+  return back * back;
+}
+
+template <typename P, typename G>
+LOMO_DEV void ada_apply_rows(const AdaArgs& a) {
+  __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 last;
+  const LomoStep* st = a.step;
+  if (st->skip || a.t->bad) return;
+  const Xform xf = {st->inv_scale, a.clip_value, st->coef};
+  const RoundCtx rc = {a.rounding == 1, a.seed, (u32)(st->steps + 1), a.param_id};
+  P* p = static_cast<P*>(a.p);
+  const G* g = static_cast<const G*>(a.g);
+  const u64 cols = a.cols;
+  const int V = VecWidth<P, G>::value;
+  const bool vec = vec_ok<P, G, V>(p, g) && cols % V == 0;
+  double psq = 0.0;
+  for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const u64 base = row * cols;
+    const float rs = a.ws_r[row];
+    float acc = 0.0f;
+    if (vec) {
+      for (u64 c0 = (u64)threadIdx.x * V; c0 < cols; c0 += (u64)blockDim.x * V) {
+        P pv[V];
+        G gv[V];
+        u32 w[V];
+        load_vec<P, V>(p, base + c0, pv);
+        load_vec<G, V>(g, base + c0, gv);
+        random_words<V>(rc, base + c0, w);
+        for (int k = 0; k < V; ++k)
+          acc += ada_write(&pv[k], gv[k], rs * a.ws_c[c0 + k], xf, a.t, rc.sr, w[k]);
+        store_vec<P, V>(p, base + c0, pv);
+      }
+    } else {
+      for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
+        const u32 w = rc.sr ? random_word(rc, base + c) : 0u;
+        acc += ada_write(&p[base + c], g[base + c], rs * a.ws_c[c], xf, a.t, rc.sr, w);
+      }
+    }
+    psq += (double)acc;
+  }
+  ada_carry_finish(a, psq, sd, &last);
+}
+
+template <typename P, typename G>
+LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
+  __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 su[LOMO_WARPS];
+  __shared__ u32 last;
+  const LomoStep* st = a.step;
+  if (st->skip) return;
+  const float beta = st->beta, omb = st->omb;
+  const Xform xf = {st->inv_scale, a.clip_value, st->coef};
+  const bool need_psq = ada_need_psq(a);
+  const P* p = static_cast<const P*>(a.p);
+  const G* g = static_cast<const G*>(a.g);
+  float usq = 0.0f, psq = 0.0f;
+  u32 bad = 0;
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < a.rows;
+       i += (u64)gridDim.x * blockDim.x) {
+    bad |= bad_bits(g[i]) ? 1u : 0u;
+    const float x = xform(xf, to_f32(g[i]));
+    const float u = x * x + a.eps1;
+    const float nv = fmaf(u, omb, a.state_a[i] * beta);
+    a.ws_a[i] = nv;
+    const float uu = (1.0f / sqrtf(nv)) * x;
+    usq += uu * uu;
+    if (need_psq) psq += to_f32(p[i]) * to_f32(p[i]);
+  }
+  const double usq_b = block_sum((double)usq, sd);
+  const double psq_b = block_sum((double)psq, sd);
+  const u32 bad_b = block_or(bad, su);
+  if (threadIdx.x == 0) {
+    a.partials[blockIdx.x] = usq_b;
+    a.partials[gridDim.x + blockIdx.x] = psq_b;
+    if (bad_b) atomicOr(&a.t->bad, 1u);
+  }
+  if (last_block(&a.t->ticket, &last)) {
+    const double us = block_sum_array(a.partials, gridDim.x, sd);
+    const double ps = block_sum_array(a.partials + gridDim.x, gridDim.x, sd);
+    if (threadIdx.x == 0 && !a.t->bad) {
+      a.t->psq = need_psq ? ps : a.t->psq_carried;
+      const double lr = (double)st->lr * a.lr_mult;
+      adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, us, a.rows, a.t);
+    }
+  }
+}
+
+template <typename P, typename G>
+LOMO_DEV void ada_apply_vector(const AdaArgs& a) {
+  __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 last;
+  const LomoStep* st = a.step;
+  if (st->skip || a.t->bad) return;
+  const Xform xf = {st->inv_scale, a.clip_value, st->coef};
+  const RoundCtx rc = {a.rounding == 1, a.seed, (u32)(st->steps + 1), a.param_id};
+  P* p = static_cast<P*>(a.p);
+  const G* g = static_cast<const G*>(a.g);
+  float acc = 0.0f;
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < a.rows;
+       i += (u64)gridDim.x * blockDim.x) {
+    const float nv = a.ws_a[i];
+    a.state_a[i] = nv;
+    const u32 w = rc.sr ? random_word(rc, i) : 0u;
+    acc += ada_write(&p[i], g[i], 1.0f / sqrtf(nv), xf, a.t, rc.sr, w);
+  }
+  ada_carry_finish(a, (double)acc, sd, &last);
+}
+
+LOMO_KERNEL(adalomo_finalize, AdaArgs, ada_finalize(a))
+#define ADA_STATS(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_stats_rows<P, G>(a)))
+#define ADA_APPLY(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_apply_rows<P, G>(a)))
+#define ADA_VSTATS(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_stats_vector<P, G>(a)))
+#define ADA_VAPPLY(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_apply_vector<P, G>(a)))
+LOMO_FOR_DTYPE_PAIRS(ADA_STATS, adalomo_stats)
+LOMO_FOR_DTYPE_PAIRS(ADA_APPLY, adalomo_apply)
+LOMO_FOR_DTYPE_PAIRS(ADA_VSTATS, adalomo_vstats)
+LOMO_FOR_DTYPE_PAIRS(ADA_VAPPLY, adalomo_vapply)

@@ -1,0 +1,81 @@
+// lomo kernels: the LOMO update, one pass over p and g (reference/semantics.md §2.4):
+//
+//   x = clamp(g · inv_scale, −v, v) · coef
+//   p ← round( fma(x, −lr, p · (1 − lr·wd)) )      lr = step.lr · group multiplier (f64 → f32)
+//
+// inv_scale, coef, lr, skip and the step counter (stochastic rounding) are read from the device
+// LomoStep. A non-finite gradient element is never written: without a clean NORM phase the
+// pre-check (norm.cu, check_only) has set LomoTensor::bad and the whole tensor is left alone;
+// after a clean NORM phase each element is checked before its write. 16-byte vectors when both
+// buffers are aligned, scalar tail, grid-stride loop.
+#include "common.cuh"
+
+struct LomoArgs {
+  void* p;
+  const void* g;
+  u64 n;
+  LomoStep* step;
+  LomoTensor* t;
+  double lr_mult;
+  double weight_decay;
+  float clip_value;  // +inf when off
+  u32 param_id;
+  u64 seed;
+  u32 prechecked;  // a clean NORM phase checked every gradient (no pre-check launch)
+  u32 rounding;    // 0 nearest, 1 stochastic
+};
+
+template <typename P, typename G>
+LOMO_DEV float lomo_elem(P* p, G g, const Xform& xf, float decay, float neg_lr, bool sr, u32 w,
+                         u32* bad) {
+  if (bad_bits(g)) {
+    *bad = 1;
+    return 0.0f;
+  }
+  float x = xform(xf, to_f32(g));
+  float v = fmaf(x, neg_lr, to_f32(*p) * decay);
+  store_f32(p, v, sr, w);
+  return v;
+}
+
+template <typename P, typename G>
+LOMO_DEV void lomo_body(const LomoArgs& a) {
+  __shared__ u32 su[LOMO_WARPS];
+  const LomoStep* st = a.step;
+  if (st->skip) return;
+  if (!a.prechecked && a.t->bad) return;
+  const double lr = (double)st->lr * a.lr_mult;
+  const float decay = (float)(1.0 - lr * a.weight_decay);
+  const float neg_lr = (float)(-lr);
+  const Xform xf = {st->inv_scale, a.clip_value, st->coef};
+  const RoundCtx rc = {a.rounding == 1, a.seed, (u32)(st->steps + 1), a.param_id};
+  P* p = static_cast<P*>(a.p);
+  const G* g = static_cast<const G*>(a.g);
+  const int V = VecWidth<P, G>::value;
+  const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  u32 bad = 0;
+  u64 done = 0;
+  if (vec_ok<P, G, V>(p, g)) {
+    const u64 nv = a.n / V;
+    for (u64 i = tid; i < nv; i += stride) {
+      P pv[V];
+      G gv[V];
+      u32 w[V];
+      load_vec<P, V>(p, i * V, pv);
+      load_vec<G, V>(g, i * V, gv);
+      random_words<V>(rc, i * V, w);
+      for (int k = 0; k < V; ++k) lomo_elem(&pv[k], gv[k], xf, decay, neg_lr, rc.sr, w[k], &bad);
+      store_vec<P, V>(p, i * V, pv);
+    }
+    done = nv * V;
+  }
+  for (u64 i = done + tid; i < a.n; i += stride) {
+    u32 w = rc.sr ? random_word(rc, i) : 0u;
+    lomo_elem(&p[i], g[i], xf, decay, neg_lr, rc.sr, w, &bad);
+  }
+  if (block_or(bad, su) && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+}
+
+#define LOMO_UPDATE(name, P, G) LOMO_KERNEL(name, LomoArgs, (lomo_body<P, G>(a)))
+LOMO_FOR_DTYPE_PAIRS(LOMO_UPDATE, lomo_update)

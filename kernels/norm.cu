@@ -1,0 +1,68 @@
+// lomo kernels: the NORM-phase pass (reference/semantics.md §1.2, §2.4 a), also used as the
+// non-finite pre-check of LOMO's UPDATE phase when no NORM phase ran.
+//
+//   sum_sq = Σ_i (g_i · inv_scale)²        bad = ∃ i: g_i is ±inf or NaN
+//
+// One launch per tensor: every block accumulates its grid-stride share in f32 per thread, reduces
+// in f64, and publishes one partial; the last block (ticket) sums the partials in block order into
+// LomoTensor::sum_sq (0 when bad). Deterministic for a given grid. With check_only only the flag
+// is formed. inv_scale comes from the device LomoStep, so no host value is needed per step.
+#include "common.cuh"
+
+struct NormArgs {
+  const void* g;
+  u64 n;
+  LomoStep* step;
+  LomoTensor* t;
+  double* partials;  // one slot per block
+  u32 check_only;
+  u32 pad;
+};
+
+template <typename G>
+LOMO_DEV void norm_body(const NormArgs& a) {
+  __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 su[LOMO_WARPS];
+  __shared__ u32 last;
+  const G* g = static_cast<const G*>(a.g);
+  const float inv = a.step->inv_scale;
+  const bool sum = a.check_only == 0;
+  const int V = 16 / (int)sizeof(G);
+  const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  float acc = 0.0f;
+  u32 bad = 0;
+  u64 done = 0;
+  if ((u64)g % 16 == 0) {
+    const u64 nv = a.n / V;
+    for (u64 i = tid; i < nv; i += stride) {
+      G e[V];
+      load_vec<G, V>(g, i * V, e);
+      for (int k = 0; k < V; ++k) {
+        bad |= bad_bits(e[k]) ? 1u : 0u;
+        float v = to_f32(e[k]) * inv;
+        if (sum) acc += v * v;
+      }
+    }
+    done = nv * V;
+  }
+  for (u64 i = done + tid; i < a.n; i += stride) {
+    bad |= bad_bits(g[i]) ? 1u : 0u;
+    float v = to_f32(g[i]) * inv;
+    if (sum) acc += v * v;
+  }
+  double total = block_sum((double)acc, sd);
+  u32 any_bad = block_or(bad, su);
+  if (threadIdx.x == 0) {
+    a.partials[blockIdx.x] = total;
+    if (any_bad) atomicOr(&a.t->bad, 1u);
+  }
+  if (last_block(&a.t->ticket, &last)) {
+    double s = block_sum_array(a.partials, gridDim.x, sd);
+    if (threadIdx.x == 0) a.t->sum_sq = (sum && a.t->bad == 0) ? s : 0.0;
+  }
+}
+
+LOMO_KERNEL(norm_sumsq_f32, NormArgs, norm_body<float>(a))
+LOMO_KERNEL(norm_sumsq_f16, NormArgs, norm_body<lomo_h16>(a))
+LOMO_KERNEL(norm_sumsq_bf16, NormArgs, norm_body<lomo_b16>(a))

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""lomo GPU check (driven by scripts/gpu-check.sh): CUDA-vs-CPU parity through the C API on real
+hardware, and a benchmark of LOMO/AdaLomo on bf16 tensors against a device-to-device copy and
+lomo-optim 0.1.1.
+
+Usage: gpu_check.py parity [--quick] [--emulate] | bench [--emulate]
+  --emulate  runs on this CPU with LOMO_CUDA_EMULATE=1 ("device" tensors are host tensors);
+             used to test this script without a GPU.
+Needs: torch, liblomo.so (LOMO_LIBRARY, default target/release/liblomo.so).
+"""
+import ctypes as C
+import json
+import os
+import sys
+import time
+
+import torch
+
+LIB = os.environ.get("LOMO_LIBRARY", "target/release/liblomo.so")
+EMULATE = "--emulate" in sys.argv
+if EMULATE:
+    os.environ["LOMO_CUDA_EMULATE"] = "1"
+lib = C.CDLL(LIB)
+
+
+class Config(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("algorithm", C.c_uint32), ("weight_decay", C.c_double),
+                ("clip_grad_norm", C.c_double), ("clip_grad_value", C.c_double),
+                ("loss_scale_mode", C.c_uint32), ("loss_scale", C.c_double), ("scale_factor", C.c_double),
+                ("scale_window", C.c_uint32), ("min_loss_scale", C.c_double), ("hysteresis", C.c_uint32),
+                ("eps1", C.c_double), ("eps2", C.c_double), ("clip_threshold", C.c_double),
+                ("decay_rate", C.c_double), ("rounding", C.c_uint32), ("seed", C.c_uint64)]
+
+
+class ParamDesc(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("name", C.c_char_p), ("data", C.c_void_p),
+                ("dtype", C.c_uint32), ("ndim", C.c_uint32), ("shape", C.POINTER(C.c_int64)),
+                ("device", C.c_int32), ("group", C.c_uint32), ("flags", C.c_uint32)]
+
+
+class StepInfo(C.Structure):
+    _fields_ = [("struct_size", C.c_size_t), ("step", C.c_uint64), ("grad_norm", C.c_float),
+                ("clip_coef", C.c_float), ("loss_scale", C.c_float), ("next_loss_scale", C.c_float),
+                ("overflow", C.c_uint32), ("skipped", C.c_uint32), ("skipped_total", C.c_uint64),
+                ("grads_submitted", C.c_uint32), ("grads_nonfinite", C.c_uint32)]
+
+
+P = C.c_void_p
+for name, args in {
+    "lomo_config_init": [C.POINTER(Config), C.c_uint32],
+    "lomo_optimizer_new": [C.POINTER(Config), C.POINTER(P)],
+    "lomo_group_set": [P, C.c_uint32, C.c_double, C.c_double],
+    "lomo_param_register": [P, C.POINTER(ParamDesc), C.POINTER(C.c_uint32)],
+    "lomo_step_begin": [P, C.c_uint32, C.c_float, P],
+    "lomo_grad_submit": [P, C.c_uint32, P, C.c_uint32, P],
+    "lomo_step_end": [P, P],
+    "lomo_step_info_get": [P, C.POINTER(StepInfo)],
+    "lomo_loss_scale": [P, C.POINTER(C.c_float)],
+}.items():
+    getattr(lib, name).argtypes = args
+    getattr(lib, name).restype = C.c_uint32
+lib.lomo_optimizer_free.argtypes = [P]
+lib.lomo_optimizer_free.restype = None
+lib.lomo_last_error_message.argtypes = [C.c_char_p, C.c_size_t]
+lib.lomo_last_error_message.restype = C.c_size_t
+lib.lomo_cuda_available.restype = C.c_bool
+
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DEV = "cpu" if EMULATE else "cuda"
+
+
+def ok(status):
+    if status != 0:
+        buf = C.create_string_buffer(4096)
+        lib.lomo_last_error_message(buf, 4096)
+        raise RuntimeError(f"lomo status {status}: {buf.value.decode()}")
+
+
+class Opt:
+    def __init__(self, algorithm, **fields):
+        self.cfg = Config()
+        ok(lib.lomo_config_init(C.byref(self.cfg), algorithm))
+        for k, v in fields.items():
+            setattr(self.cfg, k, v)
+        self.h = P()
+        ok(lib.lomo_optimizer_new(C.byref(self.cfg), C.byref(self.h)))
+        self.keep = []
+
+    def __del__(self):
+        lib.lomo_optimizer_free(self.h)
+
+    def register(self, name, t, device, group=0, flags=0):
+        shape = (C.c_int64 * max(t.dim(), 1))(*t.shape)
+        nm = name.encode()
+        self.keep += [shape, nm]
+        d = ParamDesc(C.sizeof(ParamDesc), nm, t.data_ptr(), DT[t.dtype], t.dim(), shape, device, group, flags)
+        pid = C.c_uint32()
+        ok(lib.lomo_param_register(self.h, C.byref(d), C.byref(pid)))
+        return pid.value
+
+    def step(self, phase, lr, grads, stream):
+        ok(lib.lomo_step_begin(self.h, phase, lr, stream))
+        for i, g in enumerate(grads):
+            ok(lib.lomo_grad_submit(self.h, i, g.data_ptr(), DT[g.dtype], stream))
+        ok(lib.lomo_step_end(self.h, stream))
+
+    def info(self):
+        i = StepInfo()
+        i.struct_size = C.sizeof(StepInfo)
+        ok(lib.lomo_step_info_get(self.h, C.byref(i)))
+        return i
+
+    def loss_scale(self):
+        s = C.c_float()
+        ok(lib.lomo_loss_scale(self.h, C.byref(s)))
+        return s.value
+
+
+def stream_ptr():
+    return None if EMULATE else C.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def ulp(x, dtype):
+    bits, emin = {torch.float16: (10, -14), torch.bfloat16: (7, -126)}[dtype]
+    e = torch.floor(torch.log2(x.abs().double().clamp_min(1e-300))).clamp_min(emin)
+    return torch.pow(2.0, e - bits)
+
+
+def close(cpu, dev):
+    a, b = cpu.double(), dev.cpu().double()
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return False, "NaN"
+    if cpu.dtype == torch.float32:
+        bad = (a - b).abs() > 2e-6 * torch.maximum(a.abs(), b.abs()) + 1e-7
+    else:
+        bad = (a - b).abs() > torch.minimum(ulp(a, cpu.dtype), ulp(b, cpu.dtype)).clamp_min(1e-7)
+    n = int(bad.sum())
+    return n == 0, f"{n} of {a.numel()} differ" + (f", first cpu {a[bad][0]} dev {b[bad][0]}" if n else "")
+
+
+SHAPES = [(1,), (31,), (4097,), (3, 4097), (3, 5, 7)]
+
+
+def parity_case(algorithm, pd, gd, steps=3, **fields):
+    gen = torch.Generator().manual_seed(1)
+    clip = fields.get("clip_grad_norm", 0.0) > 0
+    cpu, dev = Opt(algorithm, **fields), Opt(algorithm, **fields)
+    cp = [torch.randn(s, generator=gen).to(pd) for s in SHAPES]
+    dp = [t.clone().to(DEV) for t in cp]
+    flags = 1 if fields.pop("carry", False) else 0
+    for i, (a, b) in enumerate(zip(cp, dp)):
+        cpu.register(f"p{i}", a, -1, 0, flags)
+        dev.register(f"p{i}", b, 0, 0, flags)
+    failures = []
+    for step in range(steps):
+        scale = cpu.loss_scale()
+        gs = [(torch.randn(s, generator=gen) * 0.5 * min(scale, 1e4)) for s in SHAPES]
+        if step == 1:
+            gs[3].view(-1)[7] = float("nan")
+        gc = [g.to(gd) for g in gs]
+        gdv = [g.to(DEV) for g in gc]
+        for phase in ([0, 1] if clip else [1]):
+            cpu.step(phase, 0.01, gc, None)
+            dev.step(phase, 0.01, gdv, stream_ptr())
+        for i, (a, b) in enumerate(zip(cp, dp)):
+            good, msg = close(a, b)
+            if not good:
+                failures.append(f"step {step} shape {SHAPES[i]}: {msg}")
+            b.copy_(a.to(b.device))
+        ci, di = cpu.info(), dev.info()
+        for f in ("step", "overflow", "skipped", "skipped_total", "grads_nonfinite", "loss_scale", "next_loss_scale"):
+            if getattr(ci, f) != getattr(di, f):
+                failures.append(f"step {step} info.{f}: cpu {getattr(ci, f)} dev {getattr(di, f)}")
+    return failures
+
+
+def parity(quick):
+    dts = [torch.float32, torch.float16, torch.bfloat16]
+    cases = []
+    for algo in (0, 1):
+        pairs = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)] if quick else [(p, g) for p in dts for g in dts]
+        for pd, gd in pairs:
+            cases.append((algo, pd, gd, {}))
+        if not quick:
+            for pd, gd in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]:
+                cases.append((algo, pd, gd, {"clip_grad_norm": 0.5, "clip_grad_value": 0.01, "weight_decay": 0.1}))
+                cases.append((algo, pd, gd, {"rounding": 1, "seed": 7, "weight_decay": 0.05}))
+                cases.append((algo, pd, gd, {"loss_scale_mode": 2, "loss_scale": 1024.0, "scale_window": 2}))
+                if algo == 1:
+                    cases.append((algo, pd, gd, {"carry": True}))
+    total_fail = 0
+    for algo, pd, gd, f in cases:
+        fails = parity_case(algo, pd, gd, **dict(f))
+        tag = f"{'adalomo' if algo else 'lomo'} p={pd} g={gd} {f}"
+        print(("FAIL " if fails else "ok   ") + tag)
+        for x in fails[:5]:
+            print("     " + x)
+        total_fail += bool(fails)
+    print(f"parity: {len(cases) - total_fail}/{len(cases)} cases passed")
+    return total_fail == 0
+
+
+def timed(fn, iters):
+    if EMULATE:
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def bench():
+    shapes = [(256, 256), (256, 1024)] if EMULATE else [(4096, 4096), (4096, 11008), (32000, 4096)]
+    iters = 2 if EMULATE else 20
+    src = torch.empty(256 << 20 if not EMULATE else 1 << 20, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), iters)
+    copy_bw = 2 * src.numel() / copy_s
+    out = {"device": "emulated" if EMULATE else torch.cuda.get_device_name(), "copy_GBps": copy_bw / 1e9, "rows": []}
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    try:
+        import lomo_optim  # noqa: F401
+        have_ref = True
+    except ImportError:
+        have_ref = False
+        print("lomo-optim not installed: no speed-up column")
+    for shape in shapes:
+        n = shape[0] * shape[1]
+        for algo, name, bpe, flags in [(0, "LOMO", 6, 0), (1, "AdaLomo", 10, 0), (1, "AdaLomo carried RMS", 8, 1)]:
+            p = torch.randn(shape, device=DEV).to(torch.bfloat16)
+            g = (torch.randn(shape, device=DEV) * 1e-3).to(torch.bfloat16)
+            fields = {"loss_scale_mode": 0} if algo == 1 else {}
+            opt = Opt(algo, **fields)
+            opt.register("w", p, 0, 0, flags)
+            s = stream_ptr()
+            secs = timed(lambda: opt.step(1, 1e-4, [g], s), iters)
+            bw = bpe * n / secs
+            row = {"shape": list(shape), "algo": name, "bytes_per_elem": bpe, "ms": secs * 1e3,
+                   "GBps": bw / 1e9, "frac_copy": bw / copy_bw}
+            if have_ref and flags == 0 and not (EMULATE and algo == 1):  # AdaLomo needs .cuda()
+                try:
+                    row["lomo_optim_ms"] = ref_time(algo, p, g, iters) * 1e3
+                    row["speedup"] = row["lomo_optim_ms"] / row["ms"]
+                except Exception as e:  # report, keep benchmarking
+                    row["lomo_optim_error"] = repr(e)
+            out["rows"].append(row)
+            print(json.dumps(row))
+    return out
+
+
+def ref_time(algo, p, g, iters):
+    """lomo-optim 0.1.1's update of one tensor: fused_backward on loss = (W·G).sum() (dL/dW = G),
+    minus the same backward without the optimizer."""
+    from lomo_optim import AdaLomo, Lomo
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(p.clone())
+    gf = g.clone()
+    opt = AdaLomo(model, lr=1e-4, loss_scale=1.0) if algo else Lomo(model, lr=1e-4)
+
+    def step():
+        loss = (model.w * gf).sum()
+        opt.fused_backward(loss, 1e-4)
+
+    def plain():
+        loss = (model.w * gf).sum()
+        loss.backward()
+        model.w.grad = None
+
+    return max(timed(step, iters) - timed(plain, iters), 1e-9)
+
+
+if __name__ == "__main__":
+    if not EMULATE and not torch.cuda.is_available():
+        sys.exit("no CUDA device visible to torch")
+    print("lomo_cuda_available:", lib.lomo_cuda_available())
+    if "parity" in sys.argv:
+        sys.exit(0 if parity("--quick" in sys.argv) else 1)
+    if "bench" in sys.argv:
+        res = bench()
+        path = os.environ.get("LOMO_BENCH_JSON")
+        if path:
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)

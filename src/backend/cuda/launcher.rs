@@ -1,0 +1,38 @@
+//! CUDA backend: what the orchestration needs from a device — memory, copies and launches.
+//!
+//! Two implementations: [`super::driver::DriverLauncher`] (cudarc, real GPUs) and
+//! [`super::emu::EmuLauncher`] (the same kernel sources compiled for the host, run on CPU threads,
+//! host memory standing in for device memory).
+
+use std::ffi::c_void;
+
+use super::abi::DevPtr;
+use super::registry::Kernel;
+use crate::error::Result;
+
+/// Launch geometry of one kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub grid: u32,
+    pub block: u32,
+    pub smem: u32,
+}
+
+pub trait Launcher: Send + Sync + std::fmt::Debug {
+    /// Device memory of `bytes` bytes (16-byte aligned, contents unspecified). Not on the step
+    /// path.
+    fn alloc(&self, bytes: usize) -> Result<DevPtr>;
+    /// Frees memory from `alloc`.
+    fn free(&self, ptr: DevPtr);
+    /// Synchronous device → host copy (waits for `stream`).
+    fn copy_to_host(&self, dst: &mut [u8], src: DevPtr, stream: usize) -> Result<()>;
+    /// Synchronous host → device copy. Not on the step path.
+    fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Enqueues `kernel` on `stream` (0 = default stream). `args` follows cuLaunchKernel: one
+    /// pointer per kernel parameter (every lomo kernel has exactly one, its argument struct).
+    fn launch(&self, kernel: &Kernel, geo: Geometry, args: &mut [*mut c_void], stream: usize) -> Result<()>;
+    /// Streaming multiprocessors (sizes grids).
+    fn sm_count(&self) -> u32;
+    /// The most dynamic shared memory one block may use (bytes).
+    fn max_smem(&self) -> u32;
+}

@@ -1,0 +1,17 @@
+//! CUDA backend: LOMO and AdaLomo on CUDA devices, behind the same core as the CPU backend.
+//!
+//! - [`abi`]: mirrors of the kernels' structs; [`registry`]: kernel sources and names;
+//! - [`launcher`]: the device interface, implemented by [`emu`] (host emulation of the same
+//!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
+//! - [`device`]: the orchestration of one optimizer's parameters over a launcher.
+
+pub mod abi;
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod driver;
+pub mod emu;
+pub mod launcher;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+pub mod registry;
+pub mod side;

@@ -1,0 +1,121 @@
+//! CUDA backend: what the core holds for an optimizer whose parameters live on a CUDA device —
+//! the device, the launcher chosen for it and the [`DeviceOpt`] orchestration — and the launcher
+//! selection (`LOMO_CUDA_EMULATE=1` picks the host emulation; otherwise the cudarc driver path).
+
+use std::sync::Arc;
+
+use super::device::{DeviceOpt, Pass};
+use super::launcher::Launcher;
+use crate::config::Config;
+use crate::dtype::DType;
+use crate::error::{bail, Result};
+use crate::optimizer::StepInfo;
+
+/// Emulated "device" size: grids are sized as on a GPU with this many SMs.
+const EMU_SMS: u32 = 4;
+
+/// Whether the emulated launcher was requested (`LOMO_CUDA_EMULATE=1`).
+pub fn emulated() -> bool {
+    std::env::var("LOMO_CUDA_EMULATE").map_or(false, |v| v == "1")
+}
+
+/// A launcher for CUDA device `ordinal`.
+pub fn launcher_for(ordinal: i32) -> Result<Arc<dyn Launcher>> {
+    if emulated() {
+        return Ok(Arc::new(super::emu::EmuLauncher::new(EMU_SMS)));
+    }
+    driver_launcher(ordinal)
+}
+
+#[cfg(feature = "cuda")]
+fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
+    Ok(Arc::new(super::driver::DriverLauncher::new(ordinal)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
+    bail!(NoCuda, "CUDA device {ordinal} requested, but this build has no CUDA backend (feature \"cuda\" is off)")
+}
+
+/// Whether CUDA parameters can be registered (emulation, or a driver with a device).
+pub fn available() -> bool {
+    if emulated() {
+        return true;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        super::driver::device_count() > 0
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// The CUDA half of an optimizer.
+#[derive(Debug)]
+pub struct CudaSide {
+    pub ordinal: i32,
+    pub dev: DeviceOpt,
+    /// Device index of each optimizer parameter id.
+    index: Vec<usize>,
+}
+
+impl CudaSide {
+    pub fn new(ordinal: i32, cfg: &Config) -> Result<CudaSide> {
+        let launcher = launcher_for(ordinal)?;
+        Ok(CudaSide { ordinal, dev: DeviceOpt::new(launcher, cfg)?, index: Vec::new() })
+    }
+
+    /// Registers parameter `id` (ids arrive densely, in order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(&mut self, id: u32, ordinal: i32, addr: usize, dtype: DType, numel: usize, rows: usize, cols: usize, factored: bool, carry: bool) -> Result<()> {
+        if ordinal != self.ordinal {
+            bail!(DeviceMismatch, "all CUDA parameters of one optimizer must be on one device: this one has device {} and the new one device {ordinal}", self.ordinal);
+        }
+        debug_assert_eq!(id as usize, self.index.len());
+        let i = self.dev.register(id, addr as u64, dtype, numel as u64, rows as u64, cols as u64, factored, carry)?;
+        self.index.push(i);
+        Ok(())
+    }
+
+    pub fn begin(&self, update: bool, lr: f32, stream: usize) -> Result<()> {
+        self.dev.begin(update, lr, stream)
+    }
+
+    pub fn submit(&self, id: u32, grad: usize, dtype: DType, pass: Pass, stream: usize) -> Result<()> {
+        self.dev.submit(self.index[id as usize], grad as u64, dtype, pass, stream)
+    }
+
+    pub fn end(&self, update: bool, stream: usize) -> Result<()> {
+        self.dev.end(update, stream)
+    }
+
+    /// Diagnostics from the device (waits for the stream of the latest launch). `submitted` is
+    /// counted on the host.
+    pub fn step_info(&self, submitted: u32) -> Result<StepInfo> {
+        let s = self.dev.read_step(self.dev.last_stream())?;
+        Ok(StepInfo {
+            step: s.info_step,
+            grad_norm: s.info_grad_norm,
+            clip_coef: s.info_clip_coef,
+            loss_scale: s.info_loss_scale,
+            next_loss_scale: s.info_next_loss_scale,
+            overflow: s.info_overflow != 0,
+            skipped: s.info_skipped != 0,
+            skipped_total: s.skipped_total,
+            grads_submitted: submitted,
+            grads_nonfinite: s.info_nonfinite,
+        })
+    }
+
+    /// Device address of the f32 loss scale for the next backward.
+    pub fn loss_scale_ptr(&self) -> u64 {
+        self.dev.loss_scale_ptr()
+    }
+
+    /// The loss scale for the next backward (synchronizes).
+    pub fn loss_scale(&self) -> Result<f64> {
+        Ok(self.dev.read_step(self.dev.last_stream())?.scale)
+    }
+}

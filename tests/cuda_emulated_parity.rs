@@ -1,0 +1,424 @@
+//! The CUDA backend's orchestration and kernels, run through the emulated launcher (the kernel
+//! sources compiled for the host, host memory standing in for device memory, workspaces
+//! poisoned with NaN), against the CPU backend: every algorithm, parameter/gradient dtype pair
+//! and option, on shapes 1, 31, 4097, 3×4097, 3×5×7, 16×64 and 2×8192, over several steps.
+//! Parameters must agree per element after every step (f32: 2e-6 relative; f16/bf16: 1 ulp;
+//! reductions run in a different order), with 1e-7 absolute slack near zero; NaN never passes.
+//! Optimizer state and step diagnostics are compared too.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use lomo::backend::cuda::device::{DeviceOpt, Pass};
+use lomo::backend::cuda::emu::EmuLauncher;
+use lomo::{Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding};
+
+/// Absolute slack for values that an update brought close to zero: cancellation turns the ~1e-6
+/// relative differences of the reduced scalars (summation order) into ~1e-8 absolute ones, which
+/// near zero exceed an ulp. Parameters are O(1) and updates O(1e-2), so real errors are far larger.
+const ATOL: f64 = 1e-7;
+
+/// The shapes, plus two whose rows allow 16-byte vector access in the row kernels:
+/// 16×64 (column sums in shared memory) and 2×8192 (too long for the emulated 48 KiB of shared
+/// memory: column sums in each block's global slab).
+const SHAPES: [&[i64]; 7] = [&[1], &[31], &[4097], &[3, 4097], &[3, 5, 7], &[16, 64], &[2, 8192]];
+
+fn dt(code: u32) -> DType {
+    DType::try_from(code).unwrap()
+}
+
+fn close(dtype: u32, cpu: f32, dev: f32) -> bool {
+    if cpu.is_nan() || dev.is_nan() {
+        return false;
+    }
+    if cpu == dev {
+        return true;
+    }
+    match dtype {
+        F32 => ((cpu - dev).abs() as f64) <= 2e-6 * (cpu.abs().max(dev.abs()) as f64) + ATOL,
+        _ => ((cpu - dev).abs() as f64) <= ulp(dtype, cpu).min(ulp(dtype, dev)).max(ATOL),
+    }
+}
+
+/// The spacing of `dtype` values at `v` (subnormal spacing below the smallest normal).
+fn ulp(dtype: u32, v: f32) -> f64 {
+    let (bits, min_exp) = if dtype == F16 { (10, -14) } else { (7, -126) };
+    let e = (v.abs() as f64).log2().floor().max(min_exp as f64) as i32;
+    2f64.powi(e - bits)
+}
+
+/// Copies the CPU run's parameter values into the device run's buffers, so that one-ulp
+/// differences (allowed per step) do not accumulate across steps.
+fn resync(cpu: &[Buf], dev: &mut [Buf]) {
+    for (c, d) in cpu.iter().zip(dev.iter_mut()) {
+        d.f32s.clone_from(&c.f32s);
+        d.halves.clone_from(&c.halves);
+    }
+}
+
+struct Case {
+    cfg: Config,
+    p_dtype: u32,
+    g_dtype: u32,
+    steps: usize,
+    carry: bool,
+    /// (step, shape index) whose gradient gets an inf (odd steps) or a NaN (even steps).
+    inject_inf: Option<(usize, usize)>,
+}
+
+fn run(case: &Case) {
+    let mut rng = Rng::new(7 + case.p_dtype as u64 * 3 + case.g_dtype as u64);
+    let cfg = &case.cfg;
+    let mut cpu = Optimizer::new(cfg.clone()).unwrap();
+    let launcher = Arc::new(EmuLauncher::new(3));
+    let mut dev = DeviceOpt::new(launcher, cfg).unwrap();
+    let mut cpu_bufs = Vec::new();
+    let mut dev_bufs = Vec::new();
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let n: i64 = shape.iter().product();
+        let vals = rng.vec(n as usize, 1.0);
+        cpu_bufs.push(Buf::new(case.p_dtype, &vals));
+        dev_bufs.push(Buf::new(case.p_dtype, &vals));
+        let name = format!("p{i}");
+        let desc = ParamDesc {
+            name: &name,
+            addr: cpu_bufs[i].ptr() as usize,
+            dtype: dt(case.p_dtype),
+            shape,
+            device: Device::Cpu,
+            group: 0,
+            flags: case.carry as u32,
+        };
+        let id = cpu.register(&desc).unwrap();
+        let factored = shape.len() >= 2;
+        let cols = *shape.last().unwrap() as u64;
+        let rows = if factored { n as u64 / cols } else { n as u64 };
+        let idx = dev
+            .register(id, dev_bufs[i].ptr() as u64, dt(case.p_dtype), n as u64, rows, cols, factored, case.carry)
+            .unwrap();
+        assert_eq!(idx, i);
+    }
+    let scale = cfg.initial_scale() as f32;
+    let norm_phase = cfg.clip_grad_norm > 0.0;
+    for step in 0..case.steps {
+        let lr = [1e-2f32, 3e-3, 5e-2][step % 3];
+        let grads: Vec<Buf> = SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, shape)| {
+                let n: i64 = shape.iter().product();
+                let mut g: Vec<f32> = rng.vec(n as usize, 0.5 * scale.min(1e4));
+                if case.inject_inf == Some((step, i)) {
+                    g[n as usize / 2] = if step % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                }
+                Buf::new(case.g_dtype, &g)
+            })
+            .collect();
+        let mut grads = grads;
+        let phases: &[Phase] = if norm_phase { &[Phase::Norm, Phase::Update] } else { &[Phase::Update] };
+        for &phase in phases {
+            let update = phase == Phase::Update;
+            cpu.begin(phase, lr as f64).unwrap();
+            dev.begin(update, lr, 0).unwrap();
+            for (i, g) in grads.iter_mut().enumerate() {
+                cpu.submit(i as u32, g.ptr() as usize, dt(case.g_dtype)).unwrap();
+                let pass = if update {
+                    Pass::Update { prechecked: norm_phase, lr_mult: 1.0, weight_decay: cfg.weight_decay }
+                } else {
+                    Pass::Norm
+                };
+                dev.submit(i, g.ptr() as u64, dt(case.g_dtype), pass, 0).unwrap();
+            }
+            cpu.end().unwrap();
+            dev.end(update, 0).unwrap();
+        }
+        let what = format!(
+            "{} p={} g={} step {step} (carry {}, {:?}, clip_norm {}, clip_value {}, wd {}, {:?})",
+            cfg.algorithm.as_str(),
+            dt(case.p_dtype).as_str(),
+            dt(case.g_dtype).as_str(),
+            case.carry,
+            cfg.rounding,
+            cfg.clip_grad_norm,
+            cfg.clip_grad_value,
+            cfg.weight_decay,
+            cfg.loss_scale_mode
+        );
+        for (i, (c, d)) in cpu_bufs.iter().zip(&dev_bufs).enumerate() {
+            let (cv, dv) = (c.values(), d.values());
+            let bad = cv.iter().zip(&dv).filter(|(a, b)| !close(case.p_dtype, **a, **b)).count();
+            if bad > 0 {
+                let k = cv.iter().zip(&dv).position(|(a, b)| !close(case.p_dtype, *a, *b)).unwrap();
+                panic!("{what}: shape {:?}: {bad} elements differ, first at {k}: cpu {} dev {}", SHAPES[i], cv[k], dv[k]);
+            }
+        }
+        resync(&cpu_bufs, &mut dev_bufs);
+        let info = cpu.step_info();
+        let ds = dev.read_step(0).unwrap();
+        assert_eq!(info.step, ds.info_step, "{what}: step");
+        assert_eq!(info.overflow, ds.info_overflow != 0, "{what}: overflow");
+        assert_eq!(info.skipped, ds.info_skipped != 0, "{what}: skipped");
+        assert_eq!(info.skipped_total, ds.skipped_total, "{what}: skipped_total");
+        assert_eq!(info.grads_nonfinite, ds.info_nonfinite, "{what}: nonfinite");
+        assert_eq!(info.loss_scale, ds.info_loss_scale, "{what}: loss scale");
+        assert_eq!(info.next_loss_scale, ds.info_next_loss_scale, "{what}: next loss scale");
+        assert_eq!(cpu.loss_scale(), ds.scale, "{what}: scale");
+        assert_eq!(info.grad_norm.is_nan(), ds.info_grad_norm.is_nan(), "{what}: grad norm");
+        if !info.grad_norm.is_nan() {
+            assert!((info.grad_norm - ds.info_grad_norm).abs() <= 1e-6 * info.grad_norm.abs(), "{what}: grad norm");
+        }
+        assert!((info.clip_coef - ds.info_clip_coef).abs() <= 1e-6 * info.clip_coef.abs(), "{what}: clip coef");
+        if cfg.algorithm == Algorithm::Adalomo {
+            for i in 0..SHAPES.len() {
+                let (a, b) = dev.read_state(i, 0).unwrap();
+                let cpu_state = cpu_state(&cpu, i);
+                let dev_state: Vec<f32> = a.into_iter().chain(b).collect();
+                assert_eq!(cpu_state.len(), dev_state.len());
+                for (k, (x, y)) in cpu_state.iter().zip(&dev_state).enumerate() {
+                    assert!(
+                        !y.is_nan() && (x - y).abs() <= 1e-5 * x.abs().max(y.abs()),
+                        "{what}: state of {:?} at {k}: cpu {x} dev {y}",
+                        SHAPES[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The CPU optimizer's AdaLomo state of parameter `i` (row state then column state, or v).
+fn cpu_state(cpu: &Optimizer, i: usize) -> Vec<f32> {
+    let inner = cpu.params()[i].inner.lock();
+    match &inner.ada.as_ref().unwrap().state {
+        lomo::backend::cpu::adalomo::AdaState::Factored { row, col } => row.iter().chain(col).copied().collect(),
+        lomo::backend::cpu::adalomo::AdaState::Vector { v } => v.clone(),
+    }
+}
+
+fn base(algorithm: Algorithm) -> Config {
+    Config::defaults(algorithm)
+}
+
+fn case(cfg: Config, p: u32, g: u32) -> Case {
+    Case { cfg, p_dtype: p, g_dtype: g, steps: 3, carry: false, inject_inf: None }
+}
+
+fn all_pairs(algorithm: Algorithm) {
+    for p in [F32, F16, BF16] {
+        for g in [F32, F16, BF16] {
+            run(&case(base(algorithm), p, g));
+        }
+    }
+}
+
+/// Option variants on two dtype pairs.
+fn options(algorithm: Algorithm) {
+    for (p, g) in [(F32, F32), (BF16, BF16), (F16, F32)] {
+        let mut c = base(algorithm);
+        c.clip_grad_norm = 0.5;
+        run(&case(c.clone(), p, g));
+        c.clip_grad_value = 0.01;
+        c.weight_decay = 0.1;
+        run(&case(c, p, g));
+        let mut c = base(algorithm);
+        c.rounding = Rounding::Stochastic;
+        c.seed = 1234;
+        c.weight_decay = 0.05;
+        run(&case(c, p, g));
+        let mut c = base(algorithm);
+        c.loss_scale_mode = LossScaleMode::Dynamic;
+        c.loss_scale = 1024.0;
+        c.scale_window = 2;
+        run(&Case { steps: 5, ..case(c, p, g) });
+    }
+}
+
+fn nonfinite(algorithm: Algorithm) {
+    for clip in [0.0, 1.0] {
+        for mode in [LossScaleMode::Static, LossScaleMode::Dynamic] {
+            let mut c = base(algorithm);
+            c.clip_grad_norm = clip;
+            c.loss_scale_mode = mode;
+            c.loss_scale = 256.0;
+            for shape in [0, 3] {
+                run(&Case { inject_inf: Some((if shape == 0 { 1 } else { 2 }, shape)), steps: 4, ..case(c.clone(), BF16, F32) });
+            }
+        }
+    }
+}
+
+#[test]
+fn lomo_all_dtype_pairs() {
+    all_pairs(Algorithm::Lomo);
+}
+
+#[test]
+fn lomo_options() {
+    options(Algorithm::Lomo);
+}
+
+#[test]
+fn lomo_nonfinite_gradients() {
+    nonfinite(Algorithm::Lomo);
+}
+
+#[test]
+fn adalomo_all_dtype_pairs() {
+    all_pairs(Algorithm::Adalomo);
+}
+
+#[test]
+fn adalomo_options() {
+    options(Algorithm::Adalomo);
+}
+
+#[test]
+fn adalomo_carried_rms() {
+    for (p, g) in [(F32, F32), (BF16, BF16)] {
+        run(&Case { carry: true, steps: 4, ..case(base(Algorithm::Adalomo), p, g) });
+    }
+}
+
+#[test]
+fn adalomo_nonfinite_gradients() {
+    nonfinite(Algorithm::Adalomo);
+}
+
+// ---- End to end through the C API: CUDA parameters (device 0, emulated) against CPU ones ----
+
+use lomo::ffi::optimizer::{lomo_grad_submit, lomo_param_register, lomo_step_begin, lomo_step_end};
+use lomo::ffi::types::lomo_param_desc;
+
+fn emulate() {
+    std::env::set_var("LOMO_CUDA_EMULATE", "1");
+}
+
+fn register_on(opt: &Opt, name: &str, data: *mut std::ffi::c_void, dtype: u32, shape: &[i64], device: i32, group: u32) -> Result<u32, Failure> {
+    let cname = std::ffi::CString::new(name).unwrap();
+    let desc = lomo_param_desc {
+        struct_size: std::mem::size_of::<lomo_param_desc>(),
+        name: cname.as_ptr(),
+        data,
+        dtype,
+        ndim: shape.len() as u32,
+        shape: shape.as_ptr(),
+        device,
+        group,
+        flags: 0,
+    };
+    let mut id = u32::MAX;
+    // SAFETY: valid pointers for the duration of the call.
+    check(unsafe { lomo_param_register(opt.0, &desc, &mut id) })?;
+    Ok(id)
+}
+
+fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
+    emulate();
+    let mut cfg = config(algorithm);
+    cfg.clip_grad_norm = clip_norm;
+    cfg.loss_scale_mode = 2;
+    cfg.loss_scale = 512.0;
+    cfg.scale_window = 2;
+    cfg.weight_decay = 0.01;
+    let cpu = Opt::new(&cfg).unwrap();
+    let dev = Opt::new(&cfg).unwrap();
+    let stream = 0x1234usize as *mut std::ffi::c_void; // ignored by the emulation, passed through
+    for o in [&cpu, &dev] {
+        o.group_set(1, 0.5, 0.0).unwrap();
+    }
+    let mut rng = Rng::new(99);
+    let (mut cb, mut db) = (Vec::new(), Vec::new());
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let n: i64 = shape.iter().product();
+        let v = rng.vec(n as usize, 1.0);
+        cb.push(Buf::new(p_dtype, &v));
+        db.push(Buf::new(p_dtype, &v));
+        let group = (i % 2) as u32;
+        register_on(&cpu, &format!("p{i}"), cb[i].ptr(), p_dtype, shape, -1, group).unwrap();
+        register_on(&dev, &format!("p{i}"), db[i].ptr(), p_dtype, shape, 0, group).unwrap();
+    }
+    for step in 0..5 {
+        let scale = cpu.loss_scale();
+        assert_eq!(scale, dev.loss_scale(), "step {step}: loss scale");
+        let mut grads: Vec<Buf> = SHAPES
+            .iter()
+            .enumerate()
+            .map(|(i, shape)| {
+                let n: i64 = shape.iter().product();
+                let mut g = rng.vec(n as usize, 0.3 * scale);
+                if step == 2 && i == 3 {
+                    g[5] = f32::NAN;
+                }
+                Buf::new(g_dtype, &g)
+            })
+            .collect();
+        let phases: &[u32] = if clip_norm > 0.0 { &[0, 1] } else { &[1] };
+        for &phase in phases {
+            // SAFETY: live handles, valid gradient buffers of the registered sizes.
+            unsafe {
+                check(lomo_step_begin(cpu.0, phase, 0.02, std::ptr::null_mut())).unwrap();
+                check(lomo_step_begin(dev.0, phase, 0.02, stream)).unwrap();
+                for (i, g) in grads.iter_mut().enumerate() {
+                    check(lomo_grad_submit(cpu.0, i as u32, g.ptr(), g_dtype, std::ptr::null_mut())).unwrap();
+                    check(lomo_grad_submit(dev.0, i as u32, g.ptr(), g_dtype, stream)).unwrap();
+                }
+                check(lomo_step_end(cpu.0, std::ptr::null_mut())).unwrap();
+                check(lomo_step_end(dev.0, stream)).unwrap();
+            }
+        }
+        for (i, (c, d)) in cb.iter().zip(&db).enumerate() {
+            for (k, (x, y)) in c.values().iter().zip(d.values()).enumerate() {
+                assert!(close(p_dtype, *x, y), "algo {algorithm} step {step} shape {:?} elem {k}: cpu {x} dev {y}", SHAPES[i]);
+            }
+        }
+        resync(&cb, &mut db);
+        let mut ptr: *const f32 = std::ptr::null();
+        // SAFETY: live handle, valid out pointer; under emulation the address is host memory.
+        check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(dev.0, &mut ptr) }).unwrap();
+        // SAFETY: emulated device memory is host memory; the step has completed.
+        assert_eq!(unsafe { *ptr }, cpu.loss_scale(), "step {step}: device loss scale");
+        let (a, b) = (cpu.info(), dev.info());
+        assert_eq!((a.step, a.overflow, a.skipped, a.skipped_total), (b.step, b.overflow, b.skipped, b.skipped_total), "step {step}");
+        assert_eq!((a.grads_submitted, a.grads_nonfinite), (b.grads_submitted, b.grads_nonfinite), "step {step}");
+        assert_eq!((a.loss_scale, a.next_loss_scale), (b.loss_scale, b.next_loss_scale), "step {step}");
+        assert!((a.clip_coef - b.clip_coef).abs() <= 1e-6, "step {step}: clip coef {} vs {}", a.clip_coef, b.clip_coef);
+        assert_eq!(a.grad_norm.is_nan(), b.grad_norm.is_nan());
+    }
+}
+
+#[test]
+fn c_api_lomo_on_emulated_cuda() {
+    c_api_case(0, 0.0, BF16, BF16);
+    c_api_case(0, 1.0, F32, BF16);
+}
+
+#[test]
+fn c_api_adalomo_on_emulated_cuda() {
+    c_api_case(1, 0.0, BF16, F32);
+    c_api_case(1, 1.0, F16, F16);
+}
+
+#[test]
+fn one_device_per_optimizer() {
+    emulate();
+    assert!(lomo::ffi::api::lomo_cuda_available());
+    let opt = Opt::new(&config(0)).unwrap();
+    let mut a = vec![0f32; 4];
+    let mut b = vec![0f32; 4];
+    register_on(&opt, "a", a.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap();
+    let e = register_on(&opt, "b", b.as_mut_ptr().cast(), F32, &[4], -1, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    let e = register_on(&opt, "c", b.as_mut_ptr().cast(), F32, &[4], 1, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    let cpu = Opt::new(&config(0)).unwrap();
+    cpu.register("a", a.as_mut_ptr().cast(), F32, &[4], 0).unwrap();
+    let mut ptr: *const f32 = std::ptr::null();
+    // SAFETY: live handle, valid out pointer.
+    let e = check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(cpu.0, &mut ptr) }).unwrap_err();
+    assert_eq!(e.status, lomo::Status::Unsupported as u32, "{}", e.message);
+    assert!(ptr.is_null());
+    let e = register_on(&cpu, "b", b.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+}
