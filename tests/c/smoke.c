@@ -94,14 +94,23 @@ int main(void) {
     CHECK(lomo_loss_scale(opt, &scale));
     EXPECT(scale == 1.0f);
 
-    /* CUDA parameters need a CUDA device. */
-    if (!lomo_cuda_available()) {
-        d.name = "cuda";
-        d.device = 0;
-        uint32_t id;
-        EXPECT(lomo_param_register(opt, &d, &id) == LOMO_STATUS_NO_CUDA);
-    }
+    /* One optimizer holds parameters of one device; CUDA parameters need a CUDA device. */
+    d.name = "cuda";
+    d.device = 0;
+    d.group = 0;
+    uint32_t id;
+    EXPECT(lomo_param_register(opt, &d, &id) == LOMO_STATUS_DEVICE_MISMATCH);
     lomo_optimizer_free(opt);
+    if (!lomo_cuda_available()) {
+        CHECK(lomo_optimizer_new(&cfg, &opt));
+        lomo_status st = lomo_param_register(opt, &d, &id);
+        if (st != LOMO_STATUS_NO_CUDA) {
+            lomo_last_error_message(msg, sizeof msg);
+            fprintf(stderr, "status %u: %s\n", (unsigned)st, msg);
+        }
+        EXPECT(st == LOMO_STATUS_NO_CUDA);
+        lomo_optimizer_free(opt);
+    }
     lomo_optimizer_free(NULL);
     printf("c smoke ok\n");
     return 0;
