@@ -286,6 +286,11 @@ impl Optimizer {
     }
 
     /// Device address of the f32 loss scale for the next backward (CUDA parameters only).
+    /// Whether this optimizer's parameters live on a CUDA device.
+    pub(crate) fn has_cuda(&self) -> bool {
+        self.cuda.is_some()
+    }
+
     pub fn cuda_loss_scale_ptr(&self) -> Result<u64> {
         match &self.cuda {
             Some(side) => Ok(side.loss_scale_ptr()),

@@ -243,6 +243,12 @@ fn restored_scaler(opt: &Optimizer, file: &File<'_>) -> Result<LossScaler> {
 /// file, or one written for a different algorithm, parameter set, shapes, `eps1` or
 /// `decay_rate`. On any error `opt` is unchanged.
 pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
+    if opt.has_cuda() {
+        bail!(
+            Unsupported,
+            "checkpoints of CUDA parameters are not implemented yet (their state lives on the device)"
+        );
+    }
     if opt.state != StepState::Idle {
         bail!(
             PhaseError,

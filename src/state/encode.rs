@@ -81,6 +81,12 @@ fn json_str(s: &str) -> String {
 
 /// Writes the checkpoint of `opt` to `out`. Only between steps (else `PhaseError`).
 pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
+    if opt.has_cuda() {
+        bail!(
+            Unsupported,
+            "checkpoints of CUDA parameters are not implemented yet (their state lives on the device)"
+        );
+    }
     if opt.state != StepState::Idle {
         bail!(
             PhaseError,
