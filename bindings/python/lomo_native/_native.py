@@ -221,6 +221,8 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     "lomo_step_cancel": (_status, [_opt], True),
     "lomo_step_info_get": (_status, [_opt, POINTER(StepInfo)], True),
     "lomo_loss_scale": (_status, [_opt, POINTER(c_float)], True),
+    # device address of the f32 loss scale (CUDA optimizers; for graph capture)
+    "lomo_cuda_loss_scale_ptr": (_status, [_opt, POINTER(c_void_p)], False),
     # optimizer state (checkpoints: the bytes are a safetensors file) and memory accounting
     "lomo_state_save": (_status, [_opt, c_char_p], False),
     "lomo_state_load": (_status, [_opt, c_char_p], False),
