@@ -243,7 +243,17 @@ impl Optimizer {
                 None => created.insert(CudaSide::new(n, &self.config)?),
             };
             let carry = param.flags & crate::param::PARAM_FLAG_CARRY_RMS != 0;
-            side.register(id, n, param.buf.addr, param.buf.dtype, param.numel(), param.rows, param.cols, param.factored, carry)?;
+            side.register(
+                id,
+                n,
+                param.buf.addr,
+                param.buf.dtype,
+                param.numel(),
+                param.rows,
+                param.cols,
+                param.factored,
+                carry,
+            )?;
             if created.is_some() {
                 self.cuda = created;
             }

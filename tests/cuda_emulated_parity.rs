@@ -13,7 +13,9 @@ use std::sync::Arc;
 use common::*;
 use lomo::backend::cuda::device::{DeviceOpt, Pass};
 use lomo::backend::cuda::emu::EmuLauncher;
-use lomo::{Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding};
+use lomo::{
+    Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding,
+};
 
 /// Absolute slack for values that an update brought close to zero: cancellation turns the ~1e-6
 /// relative differences of the reduced scalars (summation order) into ~1e-8 absolute ones, which
@@ -23,7 +25,15 @@ const ATOL: f64 = 1e-7;
 /// The shapes, plus two whose rows allow 16-byte vector access in the row kernels:
 /// 16×64 (column sums in shared memory) and 2×8192 (too long for the emulated 48 KiB of shared
 /// memory: column sums in each block's global slab).
-const SHAPES: [&[i64]; 7] = [&[1], &[31], &[4097], &[3, 4097], &[3, 5, 7], &[16, 64], &[2, 8192]];
+const SHAPES: [&[i64]; 7] = [
+    &[1],
+    &[31],
+    &[4097],
+    &[3, 4097],
+    &[3, 5, 7],
+    &[16, 64],
+    &[2, 8192],
+];
 
 fn dt(code: u32) -> DType {
     DType::try_from(code).unwrap()
@@ -96,7 +106,16 @@ fn run(case: &Case) {
         let cols = *shape.last().unwrap() as u64;
         let rows = if factored { n as u64 / cols } else { n as u64 };
         let idx = dev
-            .register(id, dev_bufs[i].ptr() as u64, dt(case.p_dtype), n as u64, rows, cols, factored, case.carry)
+            .register(
+                id,
+                dev_bufs[i].ptr() as u64,
+                dt(case.p_dtype),
+                n as u64,
+                rows,
+                cols,
+                factored,
+                case.carry,
+            )
             .unwrap();
         assert_eq!(idx, i);
     }
@@ -111,25 +130,39 @@ fn run(case: &Case) {
                 let n: i64 = shape.iter().product();
                 let mut g: Vec<f32> = rng.vec(n as usize, 0.5 * scale.min(1e4));
                 if case.inject_inf == Some((step, i)) {
-                    g[n as usize / 2] = if step % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                    g[n as usize / 2] = if step % 2 == 0 {
+                        f32::NAN
+                    } else {
+                        f32::INFINITY
+                    };
                 }
                 Buf::new(case.g_dtype, &g)
             })
             .collect();
         let mut grads = grads;
-        let phases: &[Phase] = if norm_phase { &[Phase::Norm, Phase::Update] } else { &[Phase::Update] };
+        let phases: &[Phase] = if norm_phase {
+            &[Phase::Norm, Phase::Update]
+        } else {
+            &[Phase::Update]
+        };
         for &phase in phases {
             let update = phase == Phase::Update;
             cpu.begin(phase, lr as f64).unwrap();
             dev.begin(update, lr, 0).unwrap();
             for (i, g) in grads.iter_mut().enumerate() {
-                cpu.submit(i as u32, g.ptr() as usize, dt(case.g_dtype)).unwrap();
+                cpu.submit(i as u32, g.ptr() as usize, dt(case.g_dtype))
+                    .unwrap();
                 let pass = if update {
-                    Pass::Update { prechecked: norm_phase, lr_mult: 1.0, weight_decay: cfg.weight_decay }
+                    Pass::Update {
+                        prechecked: norm_phase,
+                        lr_mult: 1.0,
+                        weight_decay: cfg.weight_decay,
+                    }
                 } else {
                     Pass::Norm
                 };
-                dev.submit(i, g.ptr() as u64, dt(case.g_dtype), pass, 0).unwrap();
+                dev.submit(i, g.ptr() as u64, dt(case.g_dtype), pass, 0)
+                    .unwrap();
             }
             cpu.end().unwrap();
             dev.end(update, 0).unwrap();
@@ -148,10 +181,21 @@ fn run(case: &Case) {
         );
         for (i, (c, d)) in cpu_bufs.iter().zip(&dev_bufs).enumerate() {
             let (cv, dv) = (c.values(), d.values());
-            let bad = cv.iter().zip(&dv).filter(|(a, b)| !close(case.p_dtype, **a, **b)).count();
+            let bad = cv
+                .iter()
+                .zip(&dv)
+                .filter(|(a, b)| !close(case.p_dtype, **a, **b))
+                .count();
             if bad > 0 {
-                let k = cv.iter().zip(&dv).position(|(a, b)| !close(case.p_dtype, *a, *b)).unwrap();
-                panic!("{what}: shape {:?}: {bad} elements differ, first at {k}: cpu {} dev {}", SHAPES[i], cv[k], dv[k]);
+                let k = cv
+                    .iter()
+                    .zip(&dv)
+                    .position(|(a, b)| !close(case.p_dtype, *a, *b))
+                    .unwrap();
+                panic!(
+                    "{what}: shape {:?}: {bad} elements differ, first at {k}: cpu {} dev {}",
+                    SHAPES[i], cv[k], dv[k]
+                );
             }
         }
         resync(&cpu_bufs, &mut dev_bufs);
@@ -160,16 +204,32 @@ fn run(case: &Case) {
         assert_eq!(info.step, ds.info_step, "{what}: step");
         assert_eq!(info.overflow, ds.info_overflow != 0, "{what}: overflow");
         assert_eq!(info.skipped, ds.info_skipped != 0, "{what}: skipped");
-        assert_eq!(info.skipped_total, ds.skipped_total, "{what}: skipped_total");
+        assert_eq!(
+            info.skipped_total, ds.skipped_total,
+            "{what}: skipped_total"
+        );
         assert_eq!(info.grads_nonfinite, ds.info_nonfinite, "{what}: nonfinite");
         assert_eq!(info.loss_scale, ds.info_loss_scale, "{what}: loss scale");
-        assert_eq!(info.next_loss_scale, ds.info_next_loss_scale, "{what}: next loss scale");
+        assert_eq!(
+            info.next_loss_scale, ds.info_next_loss_scale,
+            "{what}: next loss scale"
+        );
         assert_eq!(cpu.loss_scale(), ds.scale, "{what}: scale");
-        assert_eq!(info.grad_norm.is_nan(), ds.info_grad_norm.is_nan(), "{what}: grad norm");
+        assert_eq!(
+            info.grad_norm.is_nan(),
+            ds.info_grad_norm.is_nan(),
+            "{what}: grad norm"
+        );
         if !info.grad_norm.is_nan() {
-            assert!((info.grad_norm - ds.info_grad_norm).abs() <= 1e-6 * info.grad_norm.abs(), "{what}: grad norm");
+            assert!(
+                (info.grad_norm - ds.info_grad_norm).abs() <= 1e-6 * info.grad_norm.abs(),
+                "{what}: grad norm"
+            );
         }
-        assert!((info.clip_coef - ds.info_clip_coef).abs() <= 1e-6 * info.clip_coef.abs(), "{what}: clip coef");
+        assert!(
+            (info.clip_coef - ds.info_clip_coef).abs() <= 1e-6 * info.clip_coef.abs(),
+            "{what}: clip coef"
+        );
         if cfg.algorithm == Algorithm::Adalomo {
             for i in 0..SHAPES.len() {
                 let (a, b) = dev.read_state(i, 0).unwrap();
@@ -192,7 +252,9 @@ fn run(case: &Case) {
 fn cpu_state(cpu: &Optimizer, i: usize) -> Vec<f32> {
     let inner = cpu.params()[i].inner.lock();
     match &inner.ada.as_ref().unwrap().state {
-        lomo::backend::cpu::adalomo::AdaState::Factored { row, col } => row.iter().chain(col).copied().collect(),
+        lomo::backend::cpu::adalomo::AdaState::Factored { row, col } => {
+            row.iter().chain(col).copied().collect()
+        }
         lomo::backend::cpu::adalomo::AdaState::Vector { v } => v.clone(),
     }
 }
@@ -202,7 +264,14 @@ fn base(algorithm: Algorithm) -> Config {
 }
 
 fn case(cfg: Config, p: u32, g: u32) -> Case {
-    Case { cfg, p_dtype: p, g_dtype: g, steps: 3, carry: false, inject_inf: None }
+    Case {
+        cfg,
+        p_dtype: p,
+        g_dtype: g,
+        steps: 3,
+        carry: false,
+        inject_inf: None,
+    }
 }
 
 fn all_pairs(algorithm: Algorithm) {
@@ -231,7 +300,10 @@ fn options(algorithm: Algorithm) {
         c.loss_scale_mode = LossScaleMode::Dynamic;
         c.loss_scale = 1024.0;
         c.scale_window = 2;
-        run(&Case { steps: 5, ..case(c, p, g) });
+        run(&Case {
+            steps: 5,
+            ..case(c, p, g)
+        });
     }
 }
 
@@ -243,7 +315,11 @@ fn nonfinite(algorithm: Algorithm) {
             c.loss_scale_mode = mode;
             c.loss_scale = 256.0;
             for shape in [0, 3] {
-                run(&Case { inject_inf: Some((if shape == 0 { 1 } else { 2 }, shape)), steps: 4, ..case(c.clone(), BF16, F32) });
+                run(&Case {
+                    inject_inf: Some((if shape == 0 { 1 } else { 2 }, shape)),
+                    steps: 4,
+                    ..case(c.clone(), BF16, F32)
+                });
             }
         }
     }
@@ -277,7 +353,11 @@ fn adalomo_options() {
 #[test]
 fn adalomo_carried_rms() {
     for (p, g) in [(F32, F32), (BF16, BF16)] {
-        run(&Case { carry: true, steps: 4, ..case(base(Algorithm::Adalomo), p, g) });
+        run(&Case {
+            carry: true,
+            steps: 4,
+            ..case(base(Algorithm::Adalomo), p, g)
+        });
     }
 }
 
@@ -295,7 +375,15 @@ fn emulate() {
     std::env::set_var("LOMO_CUDA_EMULATE", "1");
 }
 
-fn register_on(opt: &Opt, name: &str, data: *mut std::ffi::c_void, dtype: u32, shape: &[i64], device: i32, group: u32) -> Result<u32, Failure> {
+fn register_on(
+    opt: &Opt,
+    name: &str,
+    data: *mut std::ffi::c_void,
+    dtype: u32,
+    shape: &[i64],
+    device: i32,
+    group: u32,
+) -> Result<u32, Failure> {
     let cname = std::ffi::CString::new(name).unwrap();
     let desc = lomo_param_desc {
         struct_size: std::mem::size_of::<lomo_param_desc>(),
@@ -336,8 +424,26 @@ fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
         cb.push(Buf::new(p_dtype, &v));
         db.push(Buf::new(p_dtype, &v));
         let group = (i % 2) as u32;
-        register_on(&cpu, &format!("p{i}"), cb[i].ptr(), p_dtype, shape, -1, group).unwrap();
-        register_on(&dev, &format!("p{i}"), db[i].ptr(), p_dtype, shape, 0, group).unwrap();
+        register_on(
+            &cpu,
+            &format!("p{i}"),
+            cb[i].ptr(),
+            p_dtype,
+            shape,
+            -1,
+            group,
+        )
+        .unwrap();
+        register_on(
+            &dev,
+            &format!("p{i}"),
+            db[i].ptr(),
+            p_dtype,
+            shape,
+            0,
+            group,
+        )
+        .unwrap();
     }
     for step in 0..5 {
         let scale = cpu.loss_scale();
@@ -361,7 +467,14 @@ fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
                 check(lomo_step_begin(cpu.0, phase, 0.02, std::ptr::null_mut())).unwrap();
                 check(lomo_step_begin(dev.0, phase, 0.02, stream)).unwrap();
                 for (i, g) in grads.iter_mut().enumerate() {
-                    check(lomo_grad_submit(cpu.0, i as u32, g.ptr(), g_dtype, std::ptr::null_mut())).unwrap();
+                    check(lomo_grad_submit(
+                        cpu.0,
+                        i as u32,
+                        g.ptr(),
+                        g_dtype,
+                        std::ptr::null_mut(),
+                    ))
+                    .unwrap();
                     check(lomo_grad_submit(dev.0, i as u32, g.ptr(), g_dtype, stream)).unwrap();
                 }
                 check(lomo_step_end(cpu.0, std::ptr::null_mut())).unwrap();
@@ -370,7 +483,11 @@ fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
         }
         for (i, (c, d)) in cb.iter().zip(&db).enumerate() {
             for (k, (x, y)) in c.values().iter().zip(d.values()).enumerate() {
-                assert!(close(p_dtype, *x, y), "algo {algorithm} step {step} shape {:?} elem {k}: cpu {x} dev {y}", SHAPES[i]);
+                assert!(
+                    close(p_dtype, *x, y),
+                    "algo {algorithm} step {step} shape {:?} elem {k}: cpu {x} dev {y}",
+                    SHAPES[i]
+                );
             }
         }
         resync(&cb, &mut db);
@@ -378,12 +495,33 @@ fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
         // SAFETY: live handle, valid out pointer; under emulation the address is host memory.
         check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(dev.0, &mut ptr) }).unwrap();
         // SAFETY: emulated device memory is host memory; the step has completed.
-        assert_eq!(unsafe { *ptr }, cpu.loss_scale(), "step {step}: device loss scale");
+        assert_eq!(
+            unsafe { *ptr },
+            cpu.loss_scale(),
+            "step {step}: device loss scale"
+        );
         let (a, b) = (cpu.info(), dev.info());
-        assert_eq!((a.step, a.overflow, a.skipped, a.skipped_total), (b.step, b.overflow, b.skipped, b.skipped_total), "step {step}");
-        assert_eq!((a.grads_submitted, a.grads_nonfinite), (b.grads_submitted, b.grads_nonfinite), "step {step}");
-        assert_eq!((a.loss_scale, a.next_loss_scale), (b.loss_scale, b.next_loss_scale), "step {step}");
-        assert!((a.clip_coef - b.clip_coef).abs() <= 1e-6, "step {step}: clip coef {} vs {}", a.clip_coef, b.clip_coef);
+        assert_eq!(
+            (a.step, a.overflow, a.skipped, a.skipped_total),
+            (b.step, b.overflow, b.skipped, b.skipped_total),
+            "step {step}"
+        );
+        assert_eq!(
+            (a.grads_submitted, a.grads_nonfinite),
+            (b.grads_submitted, b.grads_nonfinite),
+            "step {step}"
+        );
+        assert_eq!(
+            (a.loss_scale, a.next_loss_scale),
+            (b.loss_scale, b.next_loss_scale),
+            "step {step}"
+        );
+        assert!(
+            (a.clip_coef - b.clip_coef).abs() <= 1e-6,
+            "step {step}: clip coef {} vs {}",
+            a.clip_coef,
+            b.clip_coef
+        );
         assert_eq!(a.grad_norm.is_nan(), b.grad_norm.is_nan());
     }
 }
@@ -409,16 +547,33 @@ fn one_device_per_optimizer() {
     let mut b = vec![0f32; 4];
     register_on(&opt, "a", a.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap();
     let e = register_on(&opt, "b", b.as_mut_ptr().cast(), F32, &[4], -1, 0).unwrap_err();
-    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    assert_eq!(
+        e.status,
+        lomo::Status::DeviceMismatch as u32,
+        "{}",
+        e.message
+    );
     let e = register_on(&opt, "c", b.as_mut_ptr().cast(), F32, &[4], 1, 0).unwrap_err();
-    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    assert_eq!(
+        e.status,
+        lomo::Status::DeviceMismatch as u32,
+        "{}",
+        e.message
+    );
     let cpu = Opt::new(&config(0)).unwrap();
-    cpu.register("a", a.as_mut_ptr().cast(), F32, &[4], 0).unwrap();
+    cpu.register("a", a.as_mut_ptr().cast(), F32, &[4], 0)
+        .unwrap();
     let mut ptr: *const f32 = std::ptr::null();
     // SAFETY: live handle, valid out pointer.
-    let e = check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(cpu.0, &mut ptr) }).unwrap_err();
+    let e = check(unsafe { lomo::ffi::optimizer::lomo_cuda_loss_scale_ptr(cpu.0, &mut ptr) })
+        .unwrap_err();
     assert_eq!(e.status, lomo::Status::Unsupported as u32, "{}", e.message);
     assert!(ptr.is_null());
     let e = register_on(&cpu, "b", b.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap_err();
-    assert_eq!(e.status, lomo::Status::DeviceMismatch as u32, "{}", e.message);
+    assert_eq!(
+        e.status,
+        lomo::Status::DeviceMismatch as u32,
+        "{}",
+        e.message
+    );
 }

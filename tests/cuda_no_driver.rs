@@ -10,7 +10,9 @@ use lomo::ffi::types::lomo_param_desc;
 
 #[test]
 fn cuda_parameter_without_driver_is_no_cuda() {
-    if std::env::var("LOMO_CUDA_EMULATE").as_deref() == Ok("1") || lomo::ffi::api::lomo_cuda_available() {
+    if std::env::var("LOMO_CUDA_EMULATE").as_deref() == Ok("1")
+        || lomo::ffi::api::lomo_cuda_available()
+    {
         eprintln!("SKIPPED: a CUDA device (or the emulation) is available here");
         return;
     }
@@ -33,8 +35,13 @@ fn cuda_parameter_without_driver_is_no_cuda() {
     // SAFETY: valid pointers for the duration of the call.
     let r = check(unsafe { lomo_param_register(opt.0, &desc, &mut id) }).unwrap_err();
     assert_eq!(r.status, lomo::Status::NoCuda as u32);
-    assert!(r.message.contains("CUDA") && r.message.contains("device 0"), "{}", r.message);
+    assert!(
+        r.message.contains("CUDA") && r.message.contains("device 0"),
+        "{}",
+        r.message
+    );
     assert_eq!(id, 77, "outputs are written only on success");
     // The optimizer is unchanged and still usable for CPU parameters.
-    opt.register("cpu", data.as_mut_ptr().cast(), F32, &[8], 0).unwrap();
+    opt.register("cpu", data.as_mut_ptr().cast(), F32, &[8], 0)
+        .unwrap();
 }

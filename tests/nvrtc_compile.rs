@@ -11,7 +11,8 @@ use lomo::backend::cuda::registry::Module;
 #[test]
 fn every_kernel_compiles_without_spills() {
     if !nvrtc::available() {
-        let msg = "SKIPPED nvrtc_compile: libnvrtc not found (set LOMO_NVRTC_PATH; scripts/test.sh does)";
+        let msg =
+            "SKIPPED nvrtc_compile: libnvrtc not found (set LOMO_NVRTC_PATH; scripts/test.sh does)";
         assert!(std::env::var_os("LOMO_REQUIRE_NVRTC").is_none(), "{msg}");
         eprintln!("{msg}");
         return;
@@ -21,24 +22,48 @@ fn every_kernel_compiles_without_spills() {
     let mut failures = Vec::new();
     for arch in ["sm_80", "sm_90"] {
         for module in Module::ALL {
-            let compiled = nvrtc::compile(module, arch).unwrap_or_else(|e| panic!("{}", e.message()));
-            assert!(compiled.cubin.starts_with(b"\x7fELF"), "{arch} {}: not an ELF cubin", module.file_name());
+            let compiled =
+                nvrtc::compile(module, arch).unwrap_or_else(|e| panic!("{}", e.message()));
+            assert!(
+                compiled.cubin.starts_with(b"\x7fELF"),
+                "{arch} {}: not an ELF cubin",
+                module.file_name()
+            );
             let usage = nvrtc::parse_usage(&compiled.log);
             let mut expected = module.kernels();
             expected.sort();
             let mut found: Vec<String> = usage.iter().map(|u| u.name.clone()).collect();
             found.sort();
-            assert_eq!(found, expected, "{arch} {}: kernels in the ptxas report", module.file_name());
+            assert_eq!(
+                found,
+                expected,
+                "{arch} {}: kernels in the ptxas report",
+                module.file_name()
+            );
             for u in &usage {
-                println!("{arch} {:<28} {:>3} registers, spill {}/{} bytes", u.name, u.registers, u.spill_stores, u.spill_loads);
-                assert!(u.registers > 0, "{arch} {}: no register count parsed", u.name);
+                println!(
+                    "{arch} {:<28} {:>3} registers, spill {}/{} bytes",
+                    u.name, u.registers, u.spill_stores, u.spill_loads
+                );
+                assert!(
+                    u.registers > 0,
+                    "{arch} {}: no register count parsed",
+                    u.name
+                );
                 if u.spill_stores > 0 || u.spill_loads > 0 {
-                    failures.push(format!("{arch} {}: spills {}/{} bytes", u.name, u.spill_stores, u.spill_loads));
+                    failures.push(format!(
+                        "{arch} {}: spills {}/{} bytes",
+                        u.name, u.spill_stores, u.spill_loads
+                    ));
                 }
             }
         }
     }
-    assert!(failures.is_empty(), "register spills:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "register spills:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -65,5 +90,13 @@ fn parses_the_ptxas_report() {
                ptxas info    : Used 32 registers, used 1 barriers, 144 bytes smem\n";
     let u = nvrtc::parse_usage(log);
     assert_eq!(u.len(), 1);
-    assert_eq!((u[0].name.as_str(), u[0].registers, u[0].spill_stores, u[0].spill_loads), ("k1", 32, 4, 12));
+    assert_eq!(
+        (
+            u[0].name.as_str(),
+            u[0].registers,
+            u[0].spill_stores,
+            u[0].spill_loads
+        ),
+        ("k1", 32, 4, 12)
+    );
 }

@@ -14,7 +14,7 @@ use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
 use crate::config::LossScaleMode;
 use crate::error::{bail, Error, Result, Status};
-use crate::optimizer::{Optimizer, StepState};
+use crate::optimizer::Optimizer;
 use crate::param::Param;
 use crate::scaler::LossScaler;
 
@@ -243,18 +243,7 @@ fn restored_scaler(opt: &Optimizer, file: &File<'_>) -> Result<LossScaler> {
 /// file, or one written for a different algorithm, parameter set, shapes, `eps1` or
 /// `decay_rate`. On any error `opt` is unchanged.
 pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
-    if opt.has_cuda() {
-        bail!(
-            Unsupported,
-            "checkpoints of CUDA parameters are not implemented yet (their state lives on the device)"
-        );
-    }
-    if opt.state != StepState::Idle {
-        bail!(
-            PhaseError,
-            "optimizer state can only be loaded between steps (after lomo_step_end)"
-        );
-    }
+    super::check_checkpointable(opt, "loaded")?;
     let file = File::parse(bytes)?;
     match file.meta.get("format") {
         Some(f) if f == FORMAT => {}

@@ -9,8 +9,8 @@ use std::io::Write;
 use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, rounding_str};
 use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
-use crate::error::{bail, Error, Result, Status};
-use crate::optimizer::{Optimizer, StepState};
+use crate::error::{Error, Result, Status};
+use crate::optimizer::Optimizer;
 
 /// One state tensor: a name and f32 values (shape `[values.len()]`).
 struct Tensor<'a> {
@@ -81,18 +81,7 @@ fn json_str(s: &str) -> String {
 
 /// Writes the checkpoint of `opt` to `out`. Only between steps (else `PhaseError`).
 pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
-    if opt.has_cuda() {
-        bail!(
-            Unsupported,
-            "checkpoints of CUDA parameters are not implemented yet (their state lives on the device)"
-        );
-    }
-    if opt.state != StepState::Idle {
-        bail!(
-            PhaseError,
-            "optimizer state can only be saved between steps (after lomo_step_end)"
-        );
-    }
+    super::check_checkpointable(opt, "saved")?;
     // Hold every parameter's lock while reading, so the file is one consistent snapshot.
     let guards: Vec<_> = opt.params().iter().map(|p| p.inner.lock()).collect();
     let mut tensors = Vec::new();

@@ -118,6 +118,23 @@ pub fn fingerprint(cfg: &Config) -> String {
 }
 
 /// f64 as text that parses back to the same bits.
+/// Checkpoints are taken between steps, of CPU optimizers only (CUDA state lives on the device).
+pub(crate) fn check_checkpointable(opt: &Optimizer, verb: &str) -> Result<()> {
+    if opt.has_cuda() {
+        crate::error::bail!(
+            Unsupported,
+            "checkpoints of CUDA parameters are not implemented yet (their state lives on the device)"
+        );
+    }
+    if opt.state != crate::optimizer::StepState::Idle {
+        crate::error::bail!(
+            PhaseError,
+            "optimizer state can only be {verb} between steps (after lomo_step_end)"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn fmt_f64(v: f64) -> String {
     format!("{v:?}")
 }

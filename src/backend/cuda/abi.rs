@@ -154,10 +154,22 @@ mod tests {
     fn mirrors_match_the_kernels() {
         assert_eq!(emu::sizeof_step(), std::mem::size_of::<LomoStep>());
         assert_eq!(emu::sizeof_tensor(), std::mem::size_of::<LomoTensor>());
-        assert_eq!(emu::arg_size("norm_sumsq_f32"), std::mem::size_of::<NormArgs>());
-        assert_eq!(emu::arg_size("lomo_update_bf16_f16"), std::mem::size_of::<LomoArgs>());
-        assert_eq!(emu::arg_size("adalomo_stats_f32_f32"), std::mem::size_of::<AdaArgs>());
-        assert_eq!(emu::arg_size("adalomo_finalize"), std::mem::size_of::<AdaArgs>());
+        assert_eq!(
+            emu::arg_size("norm_sumsq_f32"),
+            std::mem::size_of::<NormArgs>()
+        );
+        assert_eq!(
+            emu::arg_size("lomo_update_bf16_f16"),
+            std::mem::size_of::<LomoArgs>()
+        );
+        assert_eq!(
+            emu::arg_size("adalomo_stats_f32_f32"),
+            std::mem::size_of::<AdaArgs>()
+        );
+        assert_eq!(
+            emu::arg_size("adalomo_finalize"),
+            std::mem::size_of::<AdaArgs>()
+        );
         assert_eq!(emu::arg_size("step_begin"), std::mem::size_of::<StepArgs>());
     }
 }

@@ -111,7 +111,17 @@ impl DeviceOpt {
         let tensors = launcher.alloc(cap * std::mem::size_of::<LomoTensor>())?;
         launcher.copy_from_host(tensors, &vec![0u8; cap * std::mem::size_of::<LomoTensor>()])?;
         let max_blocks = (launcher.sm_count() * 4).clamp(1, 1024);
-        Ok(DeviceOpt { launcher, cfg: cfg.clone(), step, tensors, cap, params: Vec::new(), allocs: Vec::new(), max_blocks, last_stream: AtomicUsize::new(0) })
+        Ok(DeviceOpt {
+            launcher,
+            cfg: cfg.clone(),
+            step,
+            tensors,
+            cap,
+            params: Vec::new(),
+            allocs: Vec::new(),
+            max_blocks,
+            last_stream: AtomicUsize::new(0),
+        })
     }
 
     /// The device address of the f32 loss scale for the next backward (in the step record).
@@ -144,21 +154,48 @@ impl DeviceOpt {
 
     /// Registers a parameter (between steps): allocates its record, state and workspaces.
     #[allow(clippy::too_many_arguments)]
-    pub fn register(&mut self, param_id: u32, p: DevPtr, dtype: DType, numel: u64, rows: u64, cols: u64, factored: bool, carry: bool) -> Result<usize> {
+    pub fn register(
+        &mut self,
+        param_id: u32,
+        p: DevPtr,
+        dtype: DType,
+        numel: u64,
+        rows: u64,
+        cols: u64,
+        factored: bool,
+        carry: bool,
+    ) -> Result<usize> {
         if self.params.len() == self.cap {
             self.grow()?;
         }
         let mb = self.max_blocks;
-        let elementwise = Geometry { grid: blocks_for(numel, THREADS as u64 * ELEMS_PER_THREAD, mb), block: THREADS, smem: 0 };
+        let elementwise = Geometry {
+            grid: blocks_for(numel, THREADS as u64 * ELEMS_PER_THREAD, mb),
+            block: THREADS,
+            smem: 0,
+        };
         let ada = self.cfg.algorithm == Algorithm::Adalomo && numel > 0;
         let (mut stats, mut finalize) = (elementwise, elementwise);
-        let (mut state_a, mut state_b, mut ws_a, mut ws_r, mut ws_c, mut col_part) = (0, 0, 0, 0, 0, 0);
+        let (mut state_a, mut state_b, mut ws_a, mut ws_r, mut ws_c, mut col_part) =
+            (0, 0, 0, 0, 0, 0);
         if ada && factored {
             let grid = rows.clamp(1, mb as u64) as u32;
             let smem_bytes = 8 * cols;
-            let smem = if smem_bytes <= self.launcher.max_smem() as u64 { smem_bytes as u32 } else { 0 };
-            stats = Geometry { grid, block: THREADS, smem };
-            finalize = Geometry { grid: blocks_for(rows.max(cols), THREADS as u64, mb), block: THREADS, smem: 0 };
+            let smem = if smem_bytes <= self.launcher.max_smem() as u64 {
+                smem_bytes as u32
+            } else {
+                0
+            };
+            stats = Geometry {
+                grid,
+                block: THREADS,
+                smem,
+            };
+            finalize = Geometry {
+                grid: blocks_for(rows.max(cols), THREADS as u64, mb),
+                block: THREADS,
+                smem: 0,
+            };
             state_a = self.alloc_zeroed(4 * rows as usize)?;
             state_b = self.alloc_zeroed(4 * cols as usize)?;
             ws_a = self.alloc(4 * rows as usize)?;
@@ -172,7 +209,24 @@ impl DeviceOpt {
         let partials = self.alloc(8 * 2 * mb as usize)?;
         let (rows, cols) = if factored { (rows, cols) } else { (numel, 1) };
         self.params.push(DevParam {
-            param_id, p, dtype, numel, rows, cols, factored, carry, partials, state_a, state_b, ws_a, ws_r, ws_c, col_part, stats, elementwise, finalize,
+            param_id,
+            p,
+            dtype,
+            numel,
+            rows,
+            cols,
+            factored,
+            carry,
+            partials,
+            state_a,
+            state_b,
+            ws_a,
+            ws_r,
+            ws_c,
+            col_part,
+            stats,
+            elementwise,
+            finalize,
         });
         Ok(self.params.len() - 1)
     }
@@ -181,7 +235,11 @@ impl DeviceOpt {
     fn grow(&mut self) -> Result<()> {
         let sz = std::mem::size_of::<LomoTensor>();
         let mut old = vec![0u8; self.cap * sz];
-        self.launcher.copy_to_host(&mut old, self.tensors, self.last_stream.load(Ordering::Relaxed))?;
+        self.launcher.copy_to_host(
+            &mut old,
+            self.tensors,
+            self.last_stream.load(Ordering::Relaxed),
+        )?;
         let cap = self.cap * 2;
         let fresh = self.launcher.alloc(cap * sz)?;
         old.resize(cap * sz, 0);
@@ -192,12 +250,20 @@ impl DeviceOpt {
         Ok(())
     }
 
-    fn launch<A: Copy>(&self, module: Module, name: &str, geo: Geometry, args: &A, stream: usize) -> Result<()> {
+    fn launch<A: Copy>(
+        &self,
+        module: Module,
+        name: &str,
+        geo: Geometry,
+        args: &A,
+        stream: usize,
+    ) -> Result<()> {
         // The launch copies the argument struct before returning (cuLaunchKernel semantics).
         let mut a = *args;
         let mut ptrs = [(&mut a as *mut A).cast::<c_void>()];
         self.last_stream.store(stream, Ordering::Relaxed);
-        self.launcher.launch(&Kernel::new(module, name), geo, &mut ptrs, stream)
+        self.launcher
+            .launch(&Kernel::new(module, name), geo, &mut ptrs, stream)
     }
 
     fn step_args(&self, phase: u32, lr: f32) -> StepArgs {
@@ -210,7 +276,11 @@ impl DeviceOpt {
             lr,
             loss_scale_mode: c.loss_scale_mode as u32,
             clip_grad_norm: c.clip_grad_norm,
-            decay_rate: if c.algorithm == Algorithm::Adalomo { c.decay_rate } else { 0.0 },
+            decay_rate: if c.algorithm == Algorithm::Adalomo {
+                c.decay_rate
+            } else {
+                0.0
+            },
             scale_factor: c.scale_factor,
             min_scale: c.min_loss_scale,
             scale_window: c.scale_window,
@@ -221,19 +291,50 @@ impl DeviceOpt {
     /// Starts a phase: clears the per-phase records; UPDATE also sets lr and β on the device.
     pub fn begin(&self, update: bool, lr: f32, stream: usize) -> Result<()> {
         let a = self.step_args(update as u32, lr);
-        self.launch(Module::Step, "step_begin", Geometry { grid: 1, block: THREADS, smem: 0 }, &a, stream)
+        self.launch(
+            Module::Step,
+            "step_begin",
+            Geometry {
+                grid: 1,
+                block: THREADS,
+                smem: 0,
+            },
+            &a,
+            stream,
+        )
     }
 
     /// Ends a phase: NORM forms the clip coefficient and the skip flag; UPDATE advances the
     /// scaler and the step counter.
     pub fn end(&self, update: bool, stream: usize) -> Result<()> {
         let a = self.step_args(update as u32, 0.0);
-        let name = if update { "step_update_end" } else { "step_norm_end" };
-        self.launch(Module::Step, name, Geometry { grid: 1, block: 32, smem: 0 }, &a, stream)
+        let name = if update {
+            "step_update_end"
+        } else {
+            "step_norm_end"
+        };
+        self.launch(
+            Module::Step,
+            name,
+            Geometry {
+                grid: 1,
+                block: 32,
+                smem: 0,
+            },
+            &a,
+            stream,
+        )
     }
 
     /// Enqueues the passes of one submission of parameter `idx`'s gradient.
-    pub fn submit(&self, idx: usize, g: DevPtr, g_dtype: DType, pass: Pass, stream: usize) -> Result<()> {
+    pub fn submit(
+        &self,
+        idx: usize,
+        g: DevPtr,
+        g_dtype: DType,
+        pass: Pass,
+        stream: usize,
+    ) -> Result<()> {
         let Some(dp) = self.params.get(idx) else {
             bail!(UnknownParam, "no CUDA parameter with index {idx}");
         };
@@ -242,41 +343,116 @@ impl DeviceOpt {
         }
         let t = self.tensor_ptr(idx);
         let c = &self.cfg;
-        let clip_value = if c.clip_grad_value > 0.0 { c.clip_grad_value as f32 } else { f32::INFINITY };
+        let clip_value = if c.clip_grad_value > 0.0 {
+            c.clip_grad_value as f32
+        } else {
+            f32::INFINITY
+        };
         let rounding = (c.rounding == Rounding::Stochastic) as u32;
-        let norm = |check_only: u32| NormArgs { g, n: dp.numel, step: self.step, t, partials: dp.partials, check_only, pad: 0 };
+        let norm = |check_only: u32| NormArgs {
+            g,
+            n: dp.numel,
+            step: self.step,
+            t,
+            partials: dp.partials,
+            check_only,
+            pad: 0,
+        };
         let norm_name = format!("norm_sumsq_{}", g_dtype.as_str());
         match pass {
             Pass::Norm => self.launch(Module::Norm, &norm_name, dp.elementwise, &norm(0), stream),
-            Pass::Update { prechecked, lr_mult, weight_decay } => match c.algorithm {
+            Pass::Update {
+                prechecked,
+                lr_mult,
+                weight_decay,
+            } => match c.algorithm {
                 Algorithm::Lomo => {
                     if !prechecked {
                         self.launch(Module::Norm, &norm_name, dp.elementwise, &norm(1), stream)?;
                     }
                     let a = LomoArgs {
-                        p: dp.p, g, n: dp.numel, step: self.step, t, lr_mult, weight_decay, clip_value,
-                        param_id: dp.param_id, seed: c.seed, prechecked: prechecked as u32, rounding,
+                        p: dp.p,
+                        g,
+                        n: dp.numel,
+                        step: self.step,
+                        t,
+                        lr_mult,
+                        weight_decay,
+                        clip_value,
+                        param_id: dp.param_id,
+                        seed: c.seed,
+                        prechecked: prechecked as u32,
+                        rounding,
                     };
-                    self.launch(Module::Lomo, &pair_name("lomo_update", dp.dtype, g_dtype), dp.elementwise, &a, stream)
+                    self.launch(
+                        Module::Lomo,
+                        &pair_name("lomo_update", dp.dtype, g_dtype),
+                        dp.elementwise,
+                        &a,
+                        stream,
+                    )
                 }
                 Algorithm::Adalomo => {
                     let mut a = AdaArgs {
-                        p: dp.p, g, rows: dp.rows, cols: dp.cols, state_a: dp.state_a, state_b: dp.state_b,
-                        ws_a: dp.ws_a, ws_r: dp.ws_r, ws_c: dp.ws_c, col_part: dp.col_part, partials: dp.partials,
-                        step: self.step, t, lr_mult, weight_decay, eps2: c.eps2, clip_threshold: c.clip_threshold,
-                        eps1: c.eps1 as f32, clip_value, seed: c.seed, param_id: dp.param_id, rounding,
-                        flags: if dp.carry { ADA_CARRY } else { 0 }, stats_blocks: dp.stats.grid,
+                        p: dp.p,
+                        g,
+                        rows: dp.rows,
+                        cols: dp.cols,
+                        state_a: dp.state_a,
+                        state_b: dp.state_b,
+                        ws_a: dp.ws_a,
+                        ws_r: dp.ws_r,
+                        ws_c: dp.ws_c,
+                        col_part: dp.col_part,
+                        partials: dp.partials,
+                        step: self.step,
+                        t,
+                        lr_mult,
+                        weight_decay,
+                        eps2: c.eps2,
+                        clip_threshold: c.clip_threshold,
+                        eps1: c.eps1 as f32,
+                        clip_value,
+                        seed: c.seed,
+                        param_id: dp.param_id,
+                        rounding,
+                        flags: if dp.carry { ADA_CARRY } else { 0 },
+                        stats_blocks: dp.stats.grid,
                     };
                     if dp.factored {
                         if dp.stats.smem > 0 {
                             a.flags |= ADA_SMEM;
                         }
-                        self.launch(Module::Adalomo, &pair_name("adalomo_stats", dp.dtype, g_dtype), dp.stats, &a, stream)?;
+                        self.launch(
+                            Module::Adalomo,
+                            &pair_name("adalomo_stats", dp.dtype, g_dtype),
+                            dp.stats,
+                            &a,
+                            stream,
+                        )?;
                         self.launch(Module::Adalomo, "adalomo_finalize", dp.finalize, &a, stream)?;
-                        self.launch(Module::Adalomo, &pair_name("adalomo_apply", dp.dtype, g_dtype), dp.stats_apply(), &a, stream)
+                        self.launch(
+                            Module::Adalomo,
+                            &pair_name("adalomo_apply", dp.dtype, g_dtype),
+                            dp.stats_apply(),
+                            &a,
+                            stream,
+                        )
                     } else {
-                        self.launch(Module::Adalomo, &pair_name("adalomo_vstats", dp.dtype, g_dtype), dp.elementwise, &a, stream)?;
-                        self.launch(Module::Adalomo, &pair_name("adalomo_vapply", dp.dtype, g_dtype), dp.elementwise, &a, stream)
+                        self.launch(
+                            Module::Adalomo,
+                            &pair_name("adalomo_vstats", dp.dtype, g_dtype),
+                            dp.elementwise,
+                            &a,
+                            stream,
+                        )?;
+                        self.launch(
+                            Module::Adalomo,
+                            &pair_name("adalomo_vapply", dp.dtype, g_dtype),
+                            dp.elementwise,
+                            &a,
+                            stream,
+                        )
                     }
                 }
             },
@@ -303,7 +479,9 @@ impl DeviceOpt {
             if n > 0 && ptr != 0 {
                 self.launcher.copy_to_host(&mut b, ptr, stream)?;
             }
-            Ok(b.chunks_exact(4).map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect())
+            Ok(b.chunks_exact(4)
+                .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
         };
         if dp.factored {
             Ok((read(dp.state_a, dp.rows)?, read(dp.state_b, dp.cols)?))
@@ -316,7 +494,10 @@ impl DeviceOpt {
 impl DevParam {
     /// Apply uses the stats grid (blocks own whole rows) without dynamic shared memory.
     fn stats_apply(&self) -> Geometry {
-        Geometry { smem: 0, ..self.stats }
+        Geometry {
+            smem: 0,
+            ..self.stats
+        }
     }
 }
 

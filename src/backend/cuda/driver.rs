@@ -39,7 +39,10 @@ pub fn device_count() -> i32 {
     }
     let mut n = 0;
     // SAFETY: the driver is initialized; `n` is a valid out pointer.
-    let ok = catch_unwind(AssertUnwindSafe(|| unsafe { sys::cuDeviceGetCount(&mut n) })).ok();
+    let ok = catch_unwind(AssertUnwindSafe(|| unsafe {
+        sys::cuDeviceGetCount(&mut n)
+    }))
+    .ok();
     if ok == Some(sys::CUresult::CUDA_SUCCESS) {
         n
     } else {
@@ -60,7 +63,10 @@ fn check(r: sys::CUresult, what: &str) -> Result<()> {
         // SAFETY: a non-NULL result is a static NUL-terminated string.
         unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
     };
-    Err(Error::new(Status::CudaError, format!("{what} failed: {r:?} ({text})")))
+    Err(Error::new(
+        Status::CudaError,
+        format!("{what} failed: {r:?} ({text})"),
+    ))
 }
 
 /// Compiled modules per (device, module), and functions per (device, kernel name).
@@ -100,7 +106,10 @@ impl DriverLauncher {
         }
         let n = device_count();
         if ordinal >= n {
-            bail!(NoCuda, "CUDA device {ordinal} does not exist ({n} devices found)");
+            bail!(
+                NoCuda,
+                "CUDA device {ordinal} does not exist ({n} devices found)"
+            );
         }
         if !nvrtc::available() {
             bail!(NoCuda, "NVRTC (libnvrtc.so) was not found: install the CUDA toolkit or the nvidia-cuda-nvrtc-cu12 wheel (LOMO_NVRTC_PATH names the file)");
@@ -110,24 +119,43 @@ impl DriverLauncher {
         // SAFETY: the driver is initialized; out pointers are valid.
         unsafe {
             check(sys::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")?;
-            check(sys::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+            check(
+                sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
         }
         let attr = |a: sys::CUdevice_attribute| -> Result<i32> {
             let mut v = 0;
             // SAFETY: valid device and out pointer.
-            check(unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) }, "cuDeviceGetAttribute")?;
+            check(
+                unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) },
+                "cuDeviceGetAttribute",
+            )?;
             Ok(v)
         };
         let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let max_smem = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
-        Ok(DriverLauncher { ordinal, dev, ctx: ctx as usize, arch: format!("sm_{major}{minor}"), sm_count, max_smem })
+        let sm_count =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let max_smem =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                as u32;
+        Ok(DriverLauncher {
+            ordinal,
+            dev,
+            ctx: ctx as usize,
+            arch: format!("sm_{major}{minor}"),
+            sm_count,
+            max_smem,
+        })
     }
 
     fn push(&self) -> Result<Pushed> {
         // SAFETY: the primary context is retained for this launcher's lifetime.
-        check(unsafe { sys::cuCtxPushCurrent_v2(self.ctx as sys::CUcontext) }, "cuCtxPushCurrent")?;
+        check(
+            unsafe { sys::cuCtxPushCurrent_v2(self.ctx as sys::CUcontext) },
+            "cuCtxPushCurrent",
+        )?;
         Ok(Pushed)
     }
 
@@ -146,7 +174,10 @@ impl DriverLauncher {
                 let cubin = nvrtc::cubin_cached(kernel.module, &self.arch)?;
                 let mut m: sys::CUmodule = std::ptr::null_mut();
                 // SAFETY: `cubin` is a complete ELF image for this device's architecture.
-                check(unsafe { sys::cuModuleLoadData(&mut m, cubin.as_ptr().cast()) }, "cuModuleLoadData")?;
+                check(
+                    unsafe { sys::cuModuleLoadData(&mut m, cubin.as_ptr().cast()) },
+                    "cuModuleLoadData",
+                )?;
                 mods.insert((self.ordinal, kernel.module), m as usize);
                 m
             }
@@ -154,7 +185,10 @@ impl DriverLauncher {
         let name = CString::new(kernel.name.as_str()).expect("no NUL");
         let mut f: sys::CUfunction = std::ptr::null_mut();
         // SAFETY: `module` is loaded in this context; `name` is NUL-terminated.
-        check(unsafe { sys::cuModuleGetFunction(&mut f, module, name.as_ptr()) }, "cuModuleGetFunction")?;
+        check(
+            unsafe { sys::cuModuleGetFunction(&mut f, module, name.as_ptr()) },
+            "cuModuleGetFunction",
+        )?;
         functions.lock().insert(key, f as usize);
         Ok(f)
     }
@@ -172,7 +206,10 @@ impl Launcher for DriverLauncher {
         let _c = self.push()?;
         let mut p: sys::CUdeviceptr = 0;
         // SAFETY: valid out pointer; the context is current.
-        check(unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(16)) }, "cuMemAlloc")?;
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(16)) },
+            "cuMemAlloc",
+        )?;
         Ok(p)
     }
 
@@ -187,25 +224,44 @@ impl Launcher for DriverLauncher {
         let _c = self.push()?;
         // SAFETY: `stream` is the caller's stream (or 0); `dst` has room for dst.len() bytes.
         unsafe {
-            check(sys::cuStreamSynchronize(stream as sys::CUstream), "cuStreamSynchronize")?;
-            check(sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len()), "cuMemcpyDtoH")
+            check(
+                sys::cuStreamSynchronize(stream as sys::CUstream),
+                "cuStreamSynchronize",
+            )?;
+            check(
+                sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len()),
+                "cuMemcpyDtoH",
+            )
         }
     }
 
     fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
         let _c = self.push()?;
         // SAFETY: `dst` is device memory from `alloc` with room for src.len() bytes.
-        check(unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) }, "cuMemcpyHtoD")
+        check(
+            unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) },
+            "cuMemcpyHtoD",
+        )
     }
 
-    fn launch(&self, kernel: &Kernel, geo: Geometry, args: &mut [*mut c_void], stream: usize) -> Result<()> {
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        geo: Geometry,
+        args: &mut [*mut c_void],
+        stream: usize,
+    ) -> Result<()> {
         let _c = self.push()?;
         let f = self.function(kernel)?;
         if geo.smem > 48 * 1024 {
             // SAFETY: valid function handle; the size was checked against the device's opt-in limit.
             check(
                 unsafe {
-                    sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geo.smem as i32)
+                    sys::cuFuncSetAttribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        geo.smem as i32,
+                    )
                 },
                 "cuFuncSetAttribute",
             )?;
@@ -214,7 +270,19 @@ impl Launcher for DriverLauncher {
         // size against the kernels in abi.rs tests); the stream belongs to this context.
         check(
             unsafe {
-                sys::cuLaunchKernel(f, geo.grid, 1, 1, geo.block, 1, 1, geo.smem, stream as sys::CUstream, args.as_mut_ptr(), std::ptr::null_mut())
+                sys::cuLaunchKernel(
+                    f,
+                    geo.grid,
+                    1,
+                    1,
+                    geo.block,
+                    1,
+                    1,
+                    geo.smem,
+                    stream as sys::CUstream,
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
             },
             &format!("launching {}", kernel.name),
         )

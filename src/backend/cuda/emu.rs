@@ -16,7 +16,13 @@ use super::registry::Kernel;
 use crate::error::{bail, Result};
 
 extern "C" {
-    fn lomo_emu_launch(name: *const c_char, grid: u32, block: u32, smem: usize, args: *mut *mut c_void) -> i32;
+    fn lomo_emu_launch(
+        name: *const c_char,
+        grid: u32,
+        block: u32,
+        smem: usize,
+        args: *mut *mut c_void,
+    ) -> i32;
     fn lomo_emu_arg_size(name: *const c_char) -> usize;
     fn lomo_emu_sizeof_step() -> usize;
     fn lomo_emu_sizeof_tensor() -> usize;
@@ -48,7 +54,11 @@ pub struct EmuLauncher {
 
 impl EmuLauncher {
     pub fn new(sm_count: u32) -> EmuLauncher {
-        EmuLauncher { sm_count, allocs: Mutex::new(HashMap::new()), names: Mutex::new(HashMap::new()) }
+        EmuLauncher {
+            sm_count,
+            allocs: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -72,7 +82,10 @@ impl Launcher for EmuLauncher {
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc(layout) };
         if p.is_null() {
-            bail!(OutOfMemory, "emulated device allocation of {bytes} bytes failed");
+            bail!(
+                OutOfMemory,
+                "emulated device allocation of {bytes} bytes failed"
+            );
         }
         // SAFETY: `p` points to layout.size() writable bytes.
         unsafe { std::ptr::write_bytes(p, 0xff, layout.size()) };
@@ -99,7 +112,13 @@ impl Launcher for EmuLauncher {
         Ok(())
     }
 
-    fn launch(&self, kernel: &Kernel, geo: Geometry, args: &mut [*mut c_void], _stream: usize) -> Result<()> {
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        geo: Geometry,
+        args: &mut [*mut c_void],
+        _stream: usize,
+    ) -> Result<()> {
         let name = {
             let mut names = self.names.lock();
             names
@@ -109,11 +128,28 @@ impl Launcher for EmuLauncher {
         };
         // SAFETY: `args` follows the kernel's parameter list (one pointer to its argument struct,
         // checked by size in abi.rs tests); every pointer inside is emulated device memory.
-        let rc = unsafe { lomo_emu_launch(name.as_ptr(), geo.grid, geo.block, geo.smem as usize, args.as_mut_ptr()) };
+        let rc = unsafe {
+            lomo_emu_launch(
+                name.as_ptr(),
+                geo.grid,
+                geo.block,
+                geo.smem as usize,
+                args.as_mut_ptr(),
+            )
+        };
         match rc {
             0 => Ok(()),
-            1 => bail!(CudaError, "emulated launch: unknown kernel '{}'", kernel.name),
-            _ => bail!(CudaError, "emulated launch of '{}': bad block size {}", kernel.name, geo.block),
+            1 => bail!(
+                CudaError,
+                "emulated launch: unknown kernel '{}'",
+                kernel.name
+            ),
+            _ => bail!(
+                CudaError,
+                "emulated launch of '{}': bad block size {}",
+                kernel.name,
+                geo.block
+            ),
         }
     }
 

@@ -30,7 +30,13 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Enqueues `kernel` on `stream` (0 = default stream). `args` follows cuLaunchKernel: one
     /// pointer per kernel parameter (every lomo kernel has exactly one, its argument struct).
-    fn launch(&self, kernel: &Kernel, geo: Geometry, args: &mut [*mut c_void], stream: usize) -> Result<()>;
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        geo: Geometry,
+        args: &mut [*mut c_void],
+        stream: usize,
+    ) -> Result<()>;
     /// Streaming multiprocessors (sizes grids).
     fn sm_count(&self) -> u32;
     /// The most dynamic shared memory one block may use (bytes).

@@ -35,11 +35,16 @@ pub fn available() -> bool {
 /// NVRTC's version `(major, minor)`.
 pub fn version() -> Result<(i32, i32)> {
     if !available() {
-        bail!(NoCuda, "NVRTC (libnvrtc.so) was not found; set LOMO_NVRTC_PATH or LD_LIBRARY_PATH");
+        bail!(
+            NoCuda,
+            "NVRTC (libnvrtc.so) was not found; set LOMO_NVRTC_PATH or LD_LIBRARY_PATH"
+        );
     }
     let (mut major, mut minor): (c_int, c_int) = (0, 0);
     // SAFETY: valid out pointers; the library is present.
-    let r = catch_unwind(AssertUnwindSafe(|| unsafe { sys::nvrtcVersion(&mut major, &mut minor) }));
+    let r = catch_unwind(AssertUnwindSafe(|| unsafe {
+        sys::nvrtcVersion(&mut major, &mut minor)
+    }));
     match r {
         Ok(sys::nvrtcResult::NVRTC_SUCCESS) => Ok((major, minor)),
         _ => bail!(CompileError, "nvrtcVersion failed"),
@@ -67,11 +72,18 @@ pub fn options(arch: &str) -> Vec<String> {
 /// Compiles `module` for `arch` (a real architecture, `sm_XY`).
 pub fn compile(module: Module, arch: &str) -> Result<Compiled> {
     if !available() {
-        bail!(NoCuda, "NVRTC (libnvrtc.so) was not found; set LOMO_NVRTC_PATH or LD_LIBRARY_PATH");
+        bail!(
+            NoCuda,
+            "NVRTC (libnvrtc.so) was not found; set LOMO_NVRTC_PATH or LD_LIBRARY_PATH"
+        );
     }
     match catch_unwind(AssertUnwindSafe(|| compile_inner(module, arch))) {
         Ok(r) => r,
-        Err(_) => bail!(CompileError, "NVRTC panicked while compiling {} for {arch}", module.file_name()),
+        Err(_) => bail!(
+            CompileError,
+            "NVRTC panicked while compiling {} for {arch}",
+            module.file_name()
+        ),
     }
 }
 
@@ -92,18 +104,34 @@ fn compile_inner(module: Module, arch: &str) -> Result<Compiled> {
     let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
     check(
-        unsafe { sys::nvrtcCreateProgram(&mut prog, src.as_ptr(), name.as_ptr(), 1, headers.as_ptr(), names.as_ptr()) },
+        unsafe {
+            sys::nvrtcCreateProgram(
+                &mut prog,
+                src.as_ptr(),
+                name.as_ptr(),
+                1,
+                headers.as_ptr(),
+                names.as_ptr(),
+            )
+        },
         "nvrtcCreateProgram",
     )?;
-    let opts: Vec<CString> = options(arch).into_iter().map(|o| CString::new(o).expect("no NUL")).collect();
+    let opts: Vec<CString> = options(arch)
+        .into_iter()
+        .map(|o| CString::new(o).expect("no NUL"))
+        .collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     // SAFETY: `prog` was created above; the options outlive the call.
-    let compiled = unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+    let compiled =
+        unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
     let log = program_log(prog);
     let result = if compiled != sys::nvrtcResult::NVRTC_SUCCESS {
         Err(crate::error::Error::new(
             crate::error::Status::CompileError,
-            format!("NVRTC could not compile {} for {arch}: {compiled:?}\n{log}", module.file_name()),
+            format!(
+                "NVRTC could not compile {} for {arch}: {compiled:?}\n{log}",
+                module.file_name()
+            ),
         ))
     } else {
         cubin(prog).map(|cubin| Compiled { cubin, log })
@@ -122,19 +150,30 @@ fn program_log(prog: sys::nvrtcProgram) -> String {
     let mut buf = vec![0u8; n.max(1)];
     // SAFETY: `buf` holds the `n` bytes NVRTC reported.
     unsafe { sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr().cast()) };
-    String::from_utf8_lossy(&buf).trim_end_matches('\0').to_owned()
+    String::from_utf8_lossy(&buf)
+        .trim_end_matches('\0')
+        .to_owned()
 }
 
 fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
     let mut n = 0usize;
     // SAFETY: `prog` compiled successfully; `n` is a valid out pointer.
-    check(unsafe { sys::nvrtcGetCUBINSize(prog, &mut n) }, "nvrtcGetCUBINSize")?;
+    check(
+        unsafe { sys::nvrtcGetCUBINSize(prog, &mut n) },
+        "nvrtcGetCUBINSize",
+    )?;
     if n == 0 {
-        bail!(CompileError, "NVRTC produced no CUBIN (virtual architecture?)");
+        bail!(
+            CompileError,
+            "NVRTC produced no CUBIN (virtual architecture?)"
+        );
     }
     let mut buf = vec![0u8; n];
     // SAFETY: `buf` holds the `n` bytes NVRTC reported.
-    check(unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) }, "nvrtcGetCUBIN")?;
+    check(
+        unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) },
+        "nvrtcGetCUBIN",
+    )?;
     Ok(buf)
 }
 
@@ -157,7 +196,12 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or("").to_owned();
-            out.push(KernelUsage { name, registers: 0, spill_stores: 0, spill_loads: 0 });
+            out.push(KernelUsage {
+                name,
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
         } else if let Some(k) = out.last_mut() {
             if let Some(v) = num_before(line, "bytes spill stores") {
                 k.spill_stores = v;
@@ -203,10 +247,24 @@ fn cache_path(module: Module, arch: &str) -> Option<std::path::PathBuf> {
     use std::hash::{Hash, Hasher};
     let dir = std::env::var_os("LOMO_CACHE_DIR")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| std::path::PathBuf::from(d).join("lomo")))
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lomo")))?;
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME").map(|d| std::path::PathBuf::from(d).join("lomo"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lomo"))
+        })?;
     let (major, minor) = version().ok()?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (module.source(), COMMON_HEADER, options(arch), env!("CARGO_PKG_VERSION")).hash(&mut h);
-    Some(dir.join(format!("{}-{arch}-nvrtc{major}.{minor}-{:016x}.cubin", module.file_name().trim_end_matches(".cu"), h.finish())))
+    (
+        module.source(),
+        COMMON_HEADER,
+        options(arch),
+        env!("CARGO_PKG_VERSION"),
+    )
+        .hash(&mut h);
+    Some(dir.join(format!(
+        "{}-{arch}-nvrtc{major}.{minor}-{:016x}.cubin",
+        module.file_name().trim_end_matches(".cu"),
+        h.finish()
+    )))
 }

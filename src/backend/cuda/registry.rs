@@ -7,7 +7,8 @@
 use crate::dtype::DType;
 
 /// The shared header, passed to NVRTC by name (`#include "common.cuh"`).
-pub const COMMON_HEADER: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/common.cuh"));
+pub const COMMON_HEADER: &str =
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/common.cuh"));
 
 /// One source file = one NVRTC program = one module per device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,16 +54,28 @@ impl Module {
             v
         };
         match self {
-            Module::Norm => DType::all().iter().map(|g| format!("norm_sumsq_{}", g.as_str())).collect(),
+            Module::Norm => DType::all()
+                .iter()
+                .map(|g| format!("norm_sumsq_{}", g.as_str()))
+                .collect(),
             Module::Lomo => pairs("lomo_update"),
             Module::Adalomo => {
                 let mut v = vec!["adalomo_finalize".to_owned()];
-                for k in ["adalomo_stats", "adalomo_apply", "adalomo_vstats", "adalomo_vapply"] {
+                for k in [
+                    "adalomo_stats",
+                    "adalomo_apply",
+                    "adalomo_vstats",
+                    "adalomo_vapply",
+                ] {
                     v.extend(pairs(k));
                 }
                 v
             }
-            Module::Step => vec!["step_begin".into(), "step_norm_end".into(), "step_update_end".into()],
+            Module::Step => vec![
+                "step_begin".into(),
+                "step_norm_end".into(),
+                "step_update_end".into(),
+            ],
         }
     }
 }
@@ -81,6 +94,9 @@ pub struct Kernel {
 
 impl Kernel {
     pub fn new(module: Module, name: impl Into<String>) -> Kernel {
-        Kernel { module, name: name.into() }
+        Kernel {
+            module,
+            name: name.into(),
+        }
     }
 }

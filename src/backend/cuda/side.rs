@@ -64,17 +64,41 @@ pub struct CudaSide {
 impl CudaSide {
     pub fn new(ordinal: i32, cfg: &Config) -> Result<CudaSide> {
         let launcher = launcher_for(ordinal)?;
-        Ok(CudaSide { ordinal, dev: DeviceOpt::new(launcher, cfg)?, index: Vec::new() })
+        Ok(CudaSide {
+            ordinal,
+            dev: DeviceOpt::new(launcher, cfg)?,
+            index: Vec::new(),
+        })
     }
 
     /// Registers parameter `id` (ids arrive densely, in order).
     #[allow(clippy::too_many_arguments)]
-    pub fn register(&mut self, id: u32, ordinal: i32, addr: usize, dtype: DType, numel: usize, rows: usize, cols: usize, factored: bool, carry: bool) -> Result<()> {
+    pub fn register(
+        &mut self,
+        id: u32,
+        ordinal: i32,
+        addr: usize,
+        dtype: DType,
+        numel: usize,
+        rows: usize,
+        cols: usize,
+        factored: bool,
+        carry: bool,
+    ) -> Result<()> {
         if ordinal != self.ordinal {
             bail!(DeviceMismatch, "all CUDA parameters of one optimizer must be on one device: this one has device {} and the new one device {ordinal}", self.ordinal);
         }
         debug_assert_eq!(id as usize, self.index.len());
-        let i = self.dev.register(id, addr as u64, dtype, numel as u64, rows as u64, cols as u64, factored, carry)?;
+        let i = self.dev.register(
+            id,
+            addr as u64,
+            dtype,
+            numel as u64,
+            rows as u64,
+            cols as u64,
+            factored,
+            carry,
+        )?;
         self.index.push(i);
         Ok(())
     }
@@ -83,8 +107,16 @@ impl CudaSide {
         self.dev.begin(update, lr, stream)
     }
 
-    pub fn submit(&self, id: u32, grad: usize, dtype: DType, pass: Pass, stream: usize) -> Result<()> {
-        self.dev.submit(self.index[id as usize], grad as u64, dtype, pass, stream)
+    pub fn submit(
+        &self,
+        id: u32,
+        grad: usize,
+        dtype: DType,
+        pass: Pass,
+        stream: usize,
+    ) -> Result<()> {
+        self.dev
+            .submit(self.index[id as usize], grad as u64, dtype, pass, stream)
     }
 
     pub fn end(&self, update: bool, stream: usize) -> Result<()> {
