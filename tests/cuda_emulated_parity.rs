@@ -368,38 +368,10 @@ fn adalomo_nonfinite_gradients() {
 
 // ---- End to end through the C API: CUDA parameters (device 0, emulated) against CPU ones ----
 
-use lomo::ffi::optimizer::{lomo_grad_submit, lomo_param_register, lomo_step_begin, lomo_step_end};
-use lomo::ffi::types::lomo_param_desc;
+use lomo::ffi::optimizer::{lomo_grad_submit, lomo_step_begin, lomo_step_end};
 
 fn emulate() {
     std::env::set_var("LOMO_CUDA_EMULATE", "1");
-}
-
-fn register_on(
-    opt: &Opt,
-    name: &str,
-    data: *mut std::ffi::c_void,
-    dtype: u32,
-    shape: &[i64],
-    device: i32,
-    group: u32,
-) -> Result<u32, Failure> {
-    let cname = std::ffi::CString::new(name).unwrap();
-    let desc = lomo_param_desc {
-        struct_size: std::mem::size_of::<lomo_param_desc>(),
-        name: cname.as_ptr(),
-        data,
-        dtype,
-        ndim: shape.len() as u32,
-        shape: shape.as_ptr(),
-        device,
-        group,
-        flags: 0,
-    };
-    let mut id = u32::MAX;
-    // SAFETY: valid pointers for the duration of the call.
-    check(unsafe { lomo_param_register(opt.0, &desc, &mut id) })?;
-    Ok(id)
 }
 
 fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
@@ -424,26 +396,10 @@ fn c_api_case(algorithm: u32, clip_norm: f64, p_dtype: u32, g_dtype: u32) {
         cb.push(Buf::new(p_dtype, &v));
         db.push(Buf::new(p_dtype, &v));
         let group = (i % 2) as u32;
-        register_on(
-            &cpu,
-            &format!("p{i}"),
-            cb[i].ptr(),
-            p_dtype,
-            shape,
-            -1,
-            group,
-        )
-        .unwrap();
-        register_on(
-            &dev,
-            &format!("p{i}"),
-            db[i].ptr(),
-            p_dtype,
-            shape,
-            0,
-            group,
-        )
-        .unwrap();
+        cpu.register_on(&format!("p{i}"), cb[i].ptr(), p_dtype, shape, -1, group, 0)
+            .unwrap();
+        dev.register_on(&format!("p{i}"), db[i].ptr(), p_dtype, shape, 0, group, 0)
+            .unwrap();
     }
     for step in 0..5 {
         let scale = cpu.loss_scale();
@@ -545,15 +501,20 @@ fn one_device_per_optimizer() {
     let opt = Opt::new(&config(0)).unwrap();
     let mut a = vec![0f32; 4];
     let mut b = vec![0f32; 4];
-    register_on(&opt, "a", a.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap();
-    let e = register_on(&opt, "b", b.as_mut_ptr().cast(), F32, &[4], -1, 0).unwrap_err();
+    opt.register_on("a", a.as_mut_ptr().cast(), F32, &[4], 0, 0, 0)
+        .unwrap();
+    let e = opt
+        .register_on("b", b.as_mut_ptr().cast(), F32, &[4], -1, 0, 0)
+        .unwrap_err();
     assert_eq!(
         e.status,
         lomo::Status::DeviceMismatch as u32,
         "{}",
         e.message
     );
-    let e = register_on(&opt, "c", b.as_mut_ptr().cast(), F32, &[4], 1, 0).unwrap_err();
+    let e = opt
+        .register_on("c", b.as_mut_ptr().cast(), F32, &[4], 1, 0, 0)
+        .unwrap_err();
     assert_eq!(
         e.status,
         lomo::Status::DeviceMismatch as u32,
@@ -569,7 +530,9 @@ fn one_device_per_optimizer() {
         .unwrap_err();
     assert_eq!(e.status, lomo::Status::Unsupported as u32, "{}", e.message);
     assert!(ptr.is_null());
-    let e = register_on(&cpu, "b", b.as_mut_ptr().cast(), F32, &[4], 0, 0).unwrap_err();
+    let e = cpu
+        .register_on("b", b.as_mut_ptr().cast(), F32, &[4], 0, 0, 0)
+        .unwrap_err();
     assert_eq!(
         e.status,
         lomo::Status::DeviceMismatch as u32,

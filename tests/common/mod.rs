@@ -84,6 +84,21 @@ impl Opt {
         group: u32,
         flags: u32,
     ) -> Result<u32, Failure> {
+        self.register_on(name, data, dtype, shape, LOMO_DEVICE_CPU, group, flags)
+    }
+
+    /// Registers a buffer on `device` (`LOMO_DEVICE_CPU` or a CUDA ordinal).
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_on(
+        &self,
+        name: &str,
+        data: *mut c_void,
+        dtype: u32,
+        shape: &[i64],
+        device: i32,
+        group: u32,
+        flags: u32,
+    ) -> Result<u32, Failure> {
         let cname = CString::new(name).unwrap();
         let desc = lomo_param_desc {
             struct_size: std::mem::size_of::<lomo_param_desc>(),
@@ -92,7 +107,7 @@ impl Opt {
             dtype,
             ndim: shape.len() as u32,
             shape: shape.as_ptr(),
-            device: LOMO_DEVICE_CPU,
+            device,
             group,
             flags,
         };
