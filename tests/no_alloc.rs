@@ -65,7 +65,7 @@ fn steps_do_not_allocate() {
                 .unwrap()
             })
             .collect();
-        let mut step = |opt: &mut Optimizer| {
+        let step = |opt: &mut Optimizer| {
             for phase in [Phase::Norm, Phase::Update] {
                 opt.begin(phase, 1e-3).unwrap();
                 for (id, g) in ids.iter().zip(&grads) {
