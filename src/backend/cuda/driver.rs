@@ -241,7 +241,11 @@ impl Launcher for DriverLauncher {
         check(
             unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()) },
             "cuMemcpyHtoD",
-        )
+        )?;
+        // A copy from pageable memory may return before its DMA lands; kernels on the caller's
+        // (possibly non-blocking) stream must see the data, so wait for the context.
+        // SAFETY: the context is current.
+        check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
     }
 
     fn launch(

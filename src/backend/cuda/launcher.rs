@@ -26,7 +26,8 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     fn free(&self, ptr: DevPtr);
     /// Synchronous device → host copy (waits for `stream`).
     fn copy_to_host(&self, dst: &mut [u8], src: DevPtr, stream: usize) -> Result<()>;
-    /// Synchronous host → device copy. Not on the step path.
+    /// Synchronous host → device copy: complete, for kernels on any stream, when it returns.
+    /// Not on the step path.
     fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
     /// Enqueues `kernel` on `stream` (0 = default stream). `args` follows cuLaunchKernel: one
     /// pointer per kernel parameter (every lomo kernel has exactly one, its argument struct).
