@@ -3,7 +3,8 @@
 //
 //   step_begin:      clears every tensor's per-phase record; NORM: has_norm = 1, skip = 0,
 //                    coef = 1; UPDATE: lr = arg, β = 1 − (steps+1)^d (f64 → f32), and
-//                    skip = 0, coef = 1 without a NORM phase.
+//                    has_norm = 0, skip = 0, coef = 1 when the host says no NORM phase ran in
+//                    this step (phase 2; a cancelled step's NORM results must not leak).
 //   step_norm_end:   S = Σ sum_sq over finite tensors (id order), overflow = any bad,
 //                    coef = min(1, C / (sqrt(S) + 1e-6)) (f32) when C > 0 and no overflow,
 //                    skip = overflow.
@@ -16,7 +17,7 @@ struct StepArgs {
   LomoStep* step;
   LomoTensor* tensors;
   u32 n_tensors;
-  u32 phase;  // 0 NORM, 1 UPDATE
+  u32 phase;  // 0 NORM, 1 UPDATE after a NORM phase, 2 UPDATE without one
   float lr;
   u32 loss_scale_mode;  // 0 none, 1 static, 2 dynamic
   double clip_grad_norm;
@@ -45,7 +46,8 @@ LOMO_DEV void step_begin_body(const StepArgs& a) {
     const double b = 1.0 - pow((double)(s->steps + 1), a.decay_rate);
     s->beta = (float)b;
     s->omb = (float)(1.0 - b);
-    if (!s->has_norm) {
+    if (a.phase == 2) {
+      s->has_norm = 0;
       s->skip = 0;
       s->coef = 1.0f;
     }

@@ -59,31 +59,45 @@ fn device_key(d: Device) -> i64 {
     d.raw() as i64
 }
 
-/// Accounts every registered parameter of `opt`.
+/// Accounts every registered parameter of `opt`. CUDA parameters report the device memory
+/// allocated for them at registration; the CUDA device's entry also carries the step and tensor
+/// records shared by its parameters (as workspace).
 pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
     let mut stats = MemoryStats::default();
-    for p in opt.params() {
-        let inner = p.inner.lock();
-        let (state, ws) = inner
-            .ada
-            .as_ref()
-            .map_or((0, 0), |a| (a.state.bytes(), a.ws.bytes()));
+    for (id, p) in opt.params().iter().enumerate() {
+        let (state, ws) = match (p.device, opt.cuda()) {
+            (Device::Cuda(_), Some(side)) => side.param_memory(id as u32),
+            _ => p.inner.lock().ada.as_ref().map_or((0, 0), |a| {
+                (a.state.bytes() as u64, a.ws.bytes() as u64)
+            }),
+        };
         let m = DeviceMemory {
             params: 1,
             elements: p.numel() as u64,
             param_bytes: p.buf.bytes() as u64,
-            state_bytes: state as u64,
-            workspace_bytes: ws as u64,
+            state_bytes: state,
+            workspace_bytes: ws,
             adamw_bytes: adamw_bytes(p.numel(), p.buf.dtype),
         };
-        stats.total.add(&m);
-        let pos = stats
-            .devices
-            .binary_search_by_key(&device_key(p.device), |(d, _)| device_key(*d));
-        match pos {
-            Ok(i) => stats.devices[i].1.add(&m),
-            Err(i) => stats.devices.insert(i, (p.device, m)),
-        }
+        add(&mut stats, p.device, &m);
+    }
+    if let (Some(side), Some(p)) = (opt.cuda(), opt.params().first()) {
+        let records = DeviceMemory {
+            workspace_bytes: side.records_bytes(),
+            ..DeviceMemory::default()
+        };
+        add(&mut stats, p.device, &records);
     }
     stats
+}
+
+fn add(stats: &mut MemoryStats, device: Device, m: &DeviceMemory) {
+    stats.total.add(m);
+    let pos = stats
+        .devices
+        .binary_search_by_key(&device_key(device), |(d, _)| device_key(*d));
+    match pos {
+        Ok(i) => stats.devices[i].1.add(m),
+        Err(i) => stats.devices.insert(i, (device, *m)),
+    }
 }

@@ -295,12 +295,12 @@ impl Optimizer {
         }
     }
 
-    /// Device address of the f32 loss scale for the next backward (CUDA parameters only).
-    /// Whether this optimizer's parameters live on a CUDA device.
-    pub(crate) fn has_cuda(&self) -> bool {
-        self.cuda.is_some()
+    /// The device side, when the parameters live on a CUDA device.
+    pub(crate) fn cuda(&self) -> Option<&CudaSide> {
+        self.cuda.as_ref()
     }
 
+    /// Device address of the f32 loss scale for the next backward (CUDA parameters only).
     pub fn cuda_loss_scale_ptr(&self) -> Result<u64> {
         match &self.cuda {
             Some(side) => Ok(side.loss_scale_ptr()),
@@ -349,7 +349,8 @@ impl Optimizer {
             bail!(InvalidArgument, "lr must be finite and >= 0, got {lr}");
         }
         if let Some(side) = &self.cuda {
-            side.begin(phase == Phase::Update, lr as f32, stream)?;
+            let after_norm = matches!(next, StepState::Update { norm: Some(_), .. });
+            side.begin(phase == Phase::Update, after_norm, lr as f32, stream)?;
         }
         self.epoch += 1;
         self.state = next;

@@ -72,6 +72,7 @@ pub struct ParamInner {
     pub sum_sq: f64,
     /// Whether the last submitted gradient was finite.
     pub finite: bool,
+    /// AdaLomo state of a CPU parameter (None for LOMO and for CUDA parameters).
     pub ada: Option<AdaParam>,
 }
 
@@ -156,7 +157,8 @@ impl Param {
         } else {
             (numel, 1)
         };
-        let ada = (algorithm == Algorithm::Adalomo).then(|| AdaParam {
+        // CUDA parameters keep their state and workspaces on the device (backend::cuda).
+        let ada = (algorithm == Algorithm::Adalomo && desc.device == Device::Cpu).then(|| AdaParam {
             state: AdaState::zeros(rows, cols, factored),
             ws: AdaWorkspace::new(rows, cols, factored),
             carried_psq: None,

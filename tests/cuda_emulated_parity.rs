@@ -148,7 +148,7 @@ fn run(case: &Case) {
         for &phase in phases {
             let update = phase == Phase::Update;
             cpu.begin(phase, lr as f64).unwrap();
-            dev.begin(update, lr, 0).unwrap();
+            dev.begin(update, norm_phase, lr, 0).unwrap();
             for (i, g) in grads.iter_mut().enumerate() {
                 cpu.submit(i as u32, g.ptr() as usize, dt(case.g_dtype))
                     .unwrap();

@@ -7,6 +7,7 @@ mod common;
 mod state_common;
 
 use common::*;
+use lomo::ffi::types::LOMO_DEVICE_CPU;
 use state_common::*;
 
 #[test]
@@ -195,28 +196,5 @@ fn registration_order_does_not_matter_for_nearest_rounding() {
 
 #[test]
 fn loading_into_a_used_optimizer_resumes_identically() {
-    // The loading optimizer has trained on other data, so it holds its own state, counters and
-    // a carried Σp² (LOMO_PARAM_CARRY_RMS) that the load must discard.
-    let mut case = adalomo_case();
-    case.cfg.loss_scale_mode = 2;
-    case.specs[0].flags = 1;
-    let mut a = Model::init(&case);
-    let (opt_a, ids_a) = optimizer(&case, &case.cfg, &mut a, &natural(&case));
-    train(&case, &opt_a, &ids_a, &a, 0, 9);
-
-    let mut b = Model::init(&case);
-    let (opt_b, ids_b) = optimizer(&case, &case.cfg, &mut b, &natural(&case));
-    train(&case, &opt_b, &ids_b, &b, 0, 4);
-    let ckpt = state_bytes(&opt_b);
-
-    let mut x = Model::init(&case);
-    let (opt_x, ids_x) = optimizer(&case, &case.cfg, &mut x, &natural(&case));
-    train(&case, &opt_x, &ids_x, &x, 20, 27);
-    for (dst, src) in x.bufs.iter_mut().zip(&b.bufs) {
-        dst.f32s.copy_from_slice(&src.f32s); // in place: the registered pointers stay valid
-    }
-    load_bytes(&opt_x, &ckpt).unwrap();
-    train(&case, &opt_x, &ids_x, &x, 4, 9);
-    assert!(a.bits() == x.bits());
-    assert_eq!(state_bytes(&opt_a), state_bytes(&opt_x));
+    check_used_load_on(LOMO_DEVICE_CPU);
 }

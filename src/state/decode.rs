@@ -10,9 +10,10 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, state_defining};
+use super::{restore_counters, Counters};
 use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
-use crate::config::LossScaleMode;
+use crate::config::{Algorithm, LossScaleMode};
 use crate::error::{bail, Error, Result, Status};
 use crate::optimizer::Optimizer;
 use crate::param::Param;
@@ -168,7 +169,7 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
     let mut out = Vec::with_capacity(opt.params().len());
     for p in opt.params() {
         let mut slices = Vec::new();
-        if p.inner.lock().ada.is_some() {
+        if opt.algorithm() == Algorithm::Adalomo {
             for (name, len) in expected_tensors(p) {
                 let Some(t) = by_name.get(name.as_str()) else {
                     return Err(mismatch(format!("the checkpoint has no tensor '{name}'")));
@@ -180,10 +181,7 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
                     )));
                 }
                 let bytes = &file.data[t.data_offsets.0..t.data_offsets.1];
-                if let Some(bad) = bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .find(|v| !(v.is_finite() && *v >= 0.0))
+                if let Some(bad) = f32s(bytes).find(|v| !(v.is_finite() && *v >= 0.0))
                 {
                     return Err(corrupt(format!("tensor '{name}' holds {bad}")));
                 }
@@ -197,7 +195,7 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
         let expected: HashSet<String> = opt
             .params()
             .iter()
-            .filter(|p| p.inner.lock().ada.is_some())
+            .filter(|_| opt.algorithm() == Algorithm::Adalomo)
             .flat_map(|p| expected_tensors(p).into_iter().map(|(n, _)| n))
             .collect();
         let extra = file
@@ -243,6 +241,11 @@ fn restored_scaler(opt: &Optimizer, file: &File<'_>) -> Result<LossScaler> {
 /// file, or one written for a different algorithm, parameter set, shapes, `eps1` or
 /// `decay_rate`. On any error `opt` is unchanged.
 pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
+    load_checked(opt, bytes, true)
+}
+
+/// [`load_bytes`]; `rollback`: on a failed device write, restore the previous state.
+fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()> {
     super::check_checkpointable(opt, "loaded")?;
     let file = File::parse(bytes)?;
     match file.meta.get("format") {
@@ -291,6 +294,15 @@ pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
     let skipped_total: u64 = file.num("skipped_total")?;
     let scaler = restored_scaler(opt, &file)?;
 
+    let counters = Counters {
+        steps,
+        skipped_total,
+        scaler,
+    };
+    if opt.cuda().is_some() {
+        return commit_cuda(opt, &slices, counters, rollback);
+    }
+
     // Everything is checked: commit (cannot fail).
     for (p, slices) in opt.params.iter_mut().zip(slices) {
         let Some(ada) = p.inner.get_mut().ada.as_mut() else {
@@ -301,13 +313,52 @@ pub fn load_bytes(opt: &mut Optimizer, bytes: &[u8]) -> Result<()> {
             AdaState::Vector { v } => vec![v],
         };
         for (dst, src) in dsts.into_iter().zip(slices) {
-            for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for (d, v) in dst.iter_mut().zip(f32s(src)) {
+                *d = v;
             }
         }
         // The carried Σp² described the values before the load; recompute it next step.
         ada.carried_psq = None;
     }
-    opt.restore_counters(steps, skipped_total, scaler);
-    Ok(())
+    restore_counters(opt, counters)
+}
+
+fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Commits checked state to a CUDA optimizer through host → device copies. A copy can fail (a
+/// device error); then the state taken before the first write is put back, so a failed load
+/// leaves the optimizer as it was whenever the device still accepts copies.
+fn commit_cuda(
+    opt: &mut Optimizer,
+    slices: &[Vec<&[u8]>],
+    counters: Counters,
+    rollback: bool,
+) -> Result<()> {
+    let backup = if rollback {
+        Some(super::encoded_to_vec(opt)?)
+    } else {
+        None
+    };
+    let result = write_cuda(opt, slices, counters);
+    if let (Err(_), Some(backup)) = (&result, backup) {
+        let _ = load_checked(opt, &backup, false);
+    }
+    result
+}
+
+fn write_cuda(opt: &mut Optimizer, slices: &[Vec<&[u8]>], counters: Counters) -> Result<()> {
+    if let Some(side) = opt.cuda() {
+        for (id, s) in slices.iter().enumerate() {
+            if let [a, rest @ ..] = s.as_slice() {
+                let a: Vec<f32> = f32s(a).collect();
+                let b: Vec<f32> = rest.first().map_or(Vec::new(), |b| f32s(b).collect());
+                side.write_state(id as u32, &a, &b)?;
+            }
+        }
+    }
+    restore_counters(opt, counters)
 }

@@ -3,19 +3,32 @@
 //! The bytes are deterministic: the same optimizer state always encodes to the same file, so
 //! [`encoded_size`] is exact and `lomo_state_serialize` writes what `lomo_state_save` writes.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, rounding_str};
+use super::{checksum_entry, checksum_tensor, counters, fingerprint, fmt_f64, mode_str};
+use super::{rounding_str, Counters};
 use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
+use crate::config::Algorithm;
 use crate::error::{Error, Result, Status};
 use crate::optimizer::Optimizer;
 
-/// One state tensor: a name and f32 values (shape `[values.len()]`).
+/// One state tensor: a name and f32 values (shape `[values.len()]`), borrowed from a CPU
+/// parameter or copied from the device.
 struct Tensor<'a> {
     name: String,
-    values: &'a [f32],
+    values: Cow<'a, [f32]>,
+}
+
+impl<'a> Tensor<'a> {
+    fn new(param: &str, suffix: &str, values: Cow<'a, [f32]>) -> Tensor<'a> {
+        Tensor {
+            name: format!("{param}.{suffix}"),
+            values,
+        }
+    }
 }
 
 /// Calls `f` with the little-endian bytes of `values`, a bounded chunk at a time.
@@ -29,9 +42,9 @@ fn for_le_chunks(values: &[f32], mut f: impl FnMut(&[u8])) {
     }
 }
 
-fn metadata(opt: &Optimizer) -> BTreeMap<&'static str, String> {
+fn metadata(opt: &Optimizer, counters: &Counters) -> BTreeMap<&'static str, String> {
     let c = opt.config();
-    let s = &opt.scaler;
+    let s = &counters.scaler;
     let params: Vec<(&str, &[usize])> = opt
         .params()
         .iter()
@@ -63,8 +76,8 @@ fn metadata(opt: &Optimizer) -> BTreeMap<&'static str, String> {
         ("config.seed", c.seed.to_string()),
         ("config_fingerprint", fingerprint(c)),
         ("params", params),
-        ("steps", opt.steps.to_string()),
-        ("skipped_total", opt.skipped_total.to_string()),
+        ("steps", counters.steps.to_string()),
+        ("skipped_total", counters.skipped_total.to_string()),
         ("scaler.scale", fmt_f64(s.scale)),
         ("scaler.cur_hysteresis", s.cur_hysteresis.to_string()),
         ("scaler.cur_iter", s.cur_iter.to_string()),
@@ -85,30 +98,33 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     // Hold every parameter's lock while reading, so the file is one consistent snapshot.
     let guards: Vec<_> = opt.params().iter().map(|p| p.inner.lock()).collect();
     let mut tensors = Vec::new();
+    if let Some(side) = opt.cuda() {
+        if opt.algorithm() == Algorithm::Adalomo {
+            for (id, p) in opt.params().iter().enumerate() {
+                let (a, b) = side.read_state(id as u32)?;
+                if p.factored {
+                    tensors.push(Tensor::new(&p.name, "row", Cow::Owned(a)));
+                    tensors.push(Tensor::new(&p.name, "col", Cow::Owned(b)));
+                } else {
+                    tensors.push(Tensor::new(&p.name, "v", Cow::Owned(a)));
+                }
+            }
+        }
+    }
     for (p, g) in opt.params().iter().zip(&guards) {
         match g.ada.as_ref().map(|a| &a.state) {
             Some(AdaState::Factored { row, col }) => {
-                tensors.push(Tensor {
-                    name: format!("{}.row", p.name),
-                    values: row,
-                });
-                tensors.push(Tensor {
-                    name: format!("{}.col", p.name),
-                    values: col,
-                });
+                tensors.push(Tensor::new(&p.name, "row", Cow::Borrowed(row)));
+                tensors.push(Tensor::new(&p.name, "col", Cow::Borrowed(col)));
             }
-            Some(AdaState::Vector { v }) => {
-                tensors.push(Tensor {
-                    name: format!("{}.v", p.name),
-                    values: v,
-                });
-            }
+            Some(AdaState::Vector { v }) => tensors.push(Tensor::new(&p.name, "v", Cow::Borrowed(v))),
             None => {}
         }
     }
+    let counters = counters(opt)?;
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let mut meta = metadata(opt);
+    let mut meta = metadata(opt, &counters);
     let mut crc = Crc32::new();
     for (k, v) in &meta {
         checksum_entry(&mut crc, k, v);
@@ -122,7 +138,7 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
         end = o.1;
     }
     for t in &tensors {
-        for_le_chunks(t.values, |b| crc.update(b));
+        for_le_chunks(&t.values, |b| crc.update(b));
     }
     meta.insert(CHECKSUM_KEY, format!("{:08x}", crc.finish()));
 
@@ -151,7 +167,7 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     out.write_all(header.as_bytes()).map_err(io)?;
     let mut result = Ok(());
     for t in &tensors {
-        for_le_chunks(t.values, |b| {
+        for_le_chunks(&t.values, |b| {
             if result.is_ok() {
                 result = out.write_all(b);
             }

@@ -31,9 +31,11 @@ mod encode;
 
 use std::path::Path;
 
+use crate::backend::cuda::snapshot::DeviceCounters;
 use crate::config::{Algorithm, Config, LossScaleMode, Rounding};
 use crate::error::{Error, Result, Status};
 use crate::optimizer::Optimizer;
+use crate::scaler::LossScaler;
 
 pub use crc32::Crc32;
 pub use decode::load_bytes;
@@ -117,15 +119,8 @@ pub fn fingerprint(cfg: &Config) -> String {
     format!("{:08x}", crc.finish())
 }
 
-/// f64 as text that parses back to the same bits.
-/// Checkpoints are taken between steps, of CPU optimizers only (CUDA state lives on the device).
+/// Checkpoints are taken between steps.
 pub(crate) fn check_checkpointable(opt: &Optimizer, verb: &str) -> Result<()> {
-    if opt.has_cuda() {
-        crate::error::bail!(
-            Unsupported,
-            "checkpoints of CUDA parameters are not implemented yet (their state lives on the device)"
-        );
-    }
     if opt.state != crate::optimizer::StepState::Idle {
         crate::error::bail!(
             PhaseError,
@@ -135,6 +130,53 @@ pub(crate) fn check_checkpointable(opt: &Optimizer, verb: &str) -> Result<()> {
     Ok(())
 }
 
+/// The step counters and the loss scaler of a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Counters {
+    pub steps: u64,
+    pub skipped_total: u64,
+    pub scaler: LossScaler,
+}
+
+/// The optimizer's counters: the host's, or for CUDA parameters the device's (synchronizes).
+pub(crate) fn counters(opt: &Optimizer) -> Result<Counters> {
+    let Some(side) = opt.cuda() else {
+        return Ok(Counters {
+            steps: opt.steps,
+            skipped_total: opt.skipped_total,
+            scaler: opt.scaler.clone(),
+        });
+    };
+    let c = side.counters()?;
+    let mut scaler = LossScaler::new(opt.config());
+    scaler.scale = c.scale;
+    scaler.cur_hysteresis = c.cur_hysteresis;
+    scaler.cur_iter = c.cur_iter;
+    scaler.last_overflow_iter = c.last_overflow_iter;
+    Ok(Counters {
+        steps: c.steps,
+        skipped_total: c.skipped_total,
+        scaler,
+    })
+}
+
+/// Installs restored counters (on the device too, for CUDA parameters).
+pub(crate) fn restore_counters(opt: &mut Optimizer, c: Counters) -> Result<()> {
+    if let Some(side) = opt.cuda() {
+        side.restore_counters(&DeviceCounters {
+            steps: c.steps,
+            skipped_total: c.skipped_total,
+            scale: c.scaler.scale,
+            cur_hysteresis: c.scaler.cur_hysteresis,
+            cur_iter: c.scaler.cur_iter,
+            last_overflow_iter: c.scaler.last_overflow_iter,
+        })?;
+    }
+    opt.restore_counters(c.steps, c.skipped_total, c.scaler);
+    Ok(())
+}
+
+/// f64 as text that parses back to the same bits.
 pub(crate) fn fmt_f64(v: f64) -> String {
     format!("{v:?}")
 }

@@ -6,7 +6,7 @@ use std::ffi::CString;
 
 use super::common::*;
 use lomo::ffi::state::*;
-use lomo::ffi::types::lomo_config;
+use lomo::ffi::types::{lomo_config, LOMO_DEVICE_CPU};
 use lomo::Status;
 
 pub const NORM: u32 = 0;
@@ -133,12 +133,24 @@ impl Model {
     }
 }
 
-/// An optimizer over `model`, registering the parameters in `order`.
+/// An optimizer over `model` on the CPU, registering the parameters in `order`.
 pub fn optimizer(
     case: &Case,
     cfg: &lomo_config,
     model: &mut Model,
     order: &[usize],
+) -> (Opt, Vec<u32>) {
+    optimizer_on(case, cfg, model, order, LOMO_DEVICE_CPU)
+}
+
+/// [`optimizer`] with the parameters registered on `device` (a CUDA ordinal under
+/// `LOMO_CUDA_EMULATE=1`, where host memory stands in for device memory).
+pub fn optimizer_on(
+    case: &Case,
+    cfg: &lomo_config,
+    model: &mut Model,
+    order: &[usize],
+    device: i32,
 ) -> (Opt, Vec<u32>) {
     let opt = Opt::new(cfg).unwrap();
     opt.group_set(1, 0.5, 0.0).unwrap();
@@ -147,7 +159,7 @@ pub fn optimizer(
         let s = &case.specs[i];
         let ptr = model.bufs[i].ptr();
         ids[i] = opt
-            .register_flags(s.name, ptr, s.dtype, &s.shape, s.group, s.flags)
+            .register_on(s.name, ptr, s.dtype, &s.shape, device, s.group, s.flags)
             .unwrap();
     }
     (opt, ids)
@@ -201,6 +213,14 @@ pub const K: usize = 6;
 
 /// N steps straight = K steps, checkpoint, new optimizer and loaded state, N − K steps.
 pub fn check_resume(case: &Case, via_file: bool, state_matters: bool) {
+    check_resume_on(case, via_file, state_matters, LOMO_DEVICE_CPU)
+}
+
+/// [`check_resume`] with every optimizer's parameters on `device`.
+pub fn check_resume_on(case: &Case, via_file: bool, state_matters: bool, device: i32) {
+    let optimizer = |case: &Case, cfg: &lomo_config, m: &mut Model, order: &[usize]| {
+        optimizer_on(case, cfg, m, order, device)
+    };
     let mut a = Model::init(case);
     let (opt_a, ids_a) = optimizer(case, &case.cfg, &mut a, &natural(case));
     train(case, &opt_a, &ids_a, &a, 0, N);
@@ -315,8 +335,13 @@ pub fn trained_checkpoint(case: &Case, steps: usize) -> Vec<u8> {
 /// Loading `ckpt` into an optimizer built from `case` fails with StateMismatch mentioning `what`
 /// and leaves the optimizer unchanged.
 pub fn refuses(case: &Case, ckpt: &[u8], what: &str) {
+    refuses_on(case, ckpt, what, LOMO_DEVICE_CPU)
+}
+
+/// [`refuses`] with the loading optimizer's parameters on `device`.
+pub fn refuses_on(case: &Case, ckpt: &[u8], what: &str, device: i32) {
     let mut m = Model::init(case);
-    let (opt, ids) = optimizer(case, &case.cfg, &mut m, &natural(case));
+    let (opt, ids) = optimizer_on(case, &case.cfg, &mut m, &natural(case), device);
     train(case, &opt, &ids, &m, 0, 2);
     let before = state_bytes(&opt);
     let err = load_bytes(&opt, ckpt).unwrap_err();
@@ -340,4 +365,32 @@ pub fn small_fixture() -> (Vec<u8>, Case) {
     let mut case = adalomo_case();
     case.cfg.loss_scale_mode = 2;
     (trained_checkpoint(&case, 4), case)
+}
+
+/// Loading into a used optimizer (on `device`): it has trained on other data, so it holds its
+/// own state, counters and a carried Σp² (LOMO_PARAM_CARRY_RMS) that the load must discard.
+pub fn check_used_load_on(device: i32) {
+    let mut case = adalomo_case();
+    case.cfg.loss_scale_mode = 2;
+    case.specs[0].flags = 1;
+    let opt_on = |m: &mut Model| optimizer_on(&case, &case.cfg, m, &natural(&case), device);
+    let mut a = Model::init(&case);
+    let (opt_a, ids_a) = opt_on(&mut a);
+    train(&case, &opt_a, &ids_a, &a, 0, 9);
+
+    let mut b = Model::init(&case);
+    let (opt_b, ids_b) = opt_on(&mut b);
+    train(&case, &opt_b, &ids_b, &b, 0, 4);
+    let ckpt = state_bytes(&opt_b);
+
+    let mut x = Model::init(&case);
+    let (opt_x, ids_x) = opt_on(&mut x);
+    train(&case, &opt_x, &ids_x, &x, 20, 27);
+    for (dst, src) in x.bufs.iter_mut().zip(&b.bufs) {
+        dst.f32s.copy_from_slice(&src.f32s); // in place: the registered pointers stay valid
+    }
+    load_bytes(&opt_x, &ckpt).unwrap();
+    train(&case, &opt_x, &ids_x, &x, 4, 9);
+    assert!(a.bits() == x.bits());
+    assert_eq!(state_bytes(&opt_a), state_bytes(&opt_x));
 }

@@ -39,18 +39,18 @@ pub enum Pass {
 
 /// A CUDA parameter's device buffers (all allocated at registration).
 #[derive(Debug)]
-struct DevParam {
+pub(super) struct DevParam {
     param_id: u32,
     p: DevPtr,
     dtype: DType,
-    numel: u64,
-    rows: u64,
-    cols: u64,
-    factored: bool,
+    pub(super) numel: u64,
+    pub(super) rows: u64,
+    pub(super) cols: u64,
+    pub(super) factored: bool,
     carry: bool,
     partials: DevPtr,
-    state_a: DevPtr,
-    state_b: DevPtr,
+    pub(super) state_a: DevPtr,
+    pub(super) state_b: DevPtr,
     ws_a: DevPtr,
     ws_r: DevPtr,
     ws_c: DevPtr,
@@ -58,18 +58,24 @@ struct DevParam {
     stats: Geometry,
     elementwise: Geometry,
     finalize: Geometry,
+    /// Bytes of this parameter's optimizer state (`state_a`, `state_b`) and workspaces.
+    pub(super) state_bytes: u64,
+    pub(super) ws_bytes: u64,
 }
 
 /// The device side of one optimizer (all of its parameters on one device).
 #[derive(Debug)]
 pub struct DeviceOpt {
-    launcher: Arc<dyn Launcher>,
+    pub(super) launcher: Arc<dyn Launcher>,
     cfg: Config,
-    step: DevPtr,
-    tensors: DevPtr,
-    cap: usize,
-    params: Vec<DevParam>,
+    pub(super) step: DevPtr,
+    pub(super) tensors: DevPtr,
+    pub(super) cap: usize,
+    pub(super) params: Vec<DevParam>,
     allocs: Vec<DevPtr>,
+    /// Bytes allocated so far through `alloc`, and the part of them that is optimizer state.
+    allocated: u64,
+    allocated_state: u64,
     max_blocks: u32,
     /// The stream of the latest launch: read-backs and re-allocations wait for it.
     last_stream: AtomicUsize,
@@ -119,6 +125,8 @@ impl DeviceOpt {
             cap,
             params: Vec::new(),
             allocs: Vec::new(),
+            allocated: 0,
+            allocated_state: 0,
             max_blocks,
             last_stream: AtomicUsize::new(0),
         })
@@ -136,12 +144,14 @@ impl DeviceOpt {
         }
         let p = self.launcher.alloc(bytes)?;
         self.allocs.push(p);
+        self.allocated += bytes as u64;
         Ok(p)
     }
 
     /// Optimizer state: starts at zero.
     fn alloc_zeroed(&mut self, bytes: usize) -> Result<DevPtr> {
         let p = self.alloc(bytes)?;
+        self.allocated_state += bytes as u64;
         if p != 0 {
             self.launcher.copy_from_host(p, &vec![0u8; bytes])?;
         }
@@ -169,6 +179,7 @@ impl DeviceOpt {
             self.grow()?;
         }
         let mb = self.max_blocks;
+        let (allocated, allocated_state) = (self.allocated, self.allocated_state);
         let elementwise = Geometry {
             grid: blocks_for(numel, THREADS as u64 * ELEMS_PER_THREAD, mb),
             block: THREADS,
@@ -227,6 +238,8 @@ impl DeviceOpt {
             stats,
             elementwise,
             finalize,
+            state_bytes: self.allocated_state - allocated_state,
+            ws_bytes: (self.allocated - allocated) - (self.allocated_state - allocated_state),
         });
         Ok(self.params.len() - 1)
     }
@@ -288,9 +301,15 @@ impl DeviceOpt {
         }
     }
 
-    /// Starts a phase: clears the per-phase records; UPDATE also sets lr and β on the device.
-    pub fn begin(&self, update: bool, lr: f32, stream: usize) -> Result<()> {
-        let a = self.step_args(update as u32, lr);
+    /// Starts a phase: clears the per-phase records; UPDATE also sets lr and β on the device,
+    /// and without a NORM phase in this step (`after_norm` false) clears the NORM results.
+    pub fn begin(&self, update: bool, after_norm: bool, lr: f32, stream: usize) -> Result<()> {
+        let phase = match (update, after_norm) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        };
+        let a = self.step_args(phase, lr);
         self.launch(
             Module::Step,
             "step_begin",
@@ -469,25 +488,6 @@ impl DeviceOpt {
         let mut b = vec![0u8; std::mem::size_of::<LomoStep>()];
         self.launcher.copy_to_host(&mut b, self.step, stream)?;
         Ok(from_bytes(&b))
-    }
-
-    /// Copies parameter `idx`'s AdaLomo state back: (row or vector state, column state).
-    pub fn read_state(&self, idx: usize, stream: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let dp = &self.params[idx];
-        let read = |ptr: DevPtr, n: u64| -> Result<Vec<f32>> {
-            let mut b = vec![0u8; 4 * n as usize];
-            if n > 0 && ptr != 0 {
-                self.launcher.copy_to_host(&mut b, ptr, stream)?;
-            }
-            Ok(b.chunks_exact(4)
-                .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
-        };
-        if dp.factored {
-            Ok((read(dp.state_a, dp.rows)?, read(dp.state_b, dp.cols)?))
-        } else {
-            Ok((read(dp.state_a, dp.numel)?, Vec::new()))
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`launcher`]: the device interface, implemented by [`emu`] (host emulation of the same
 //!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
 //! - [`device`]: the orchestration of one optimizer's parameters over a launcher.
+//! - [`snapshot`]: the device state read and written between steps (checkpoints, memory).
 
 pub mod abi;
 pub mod device;
@@ -15,3 +16,4 @@ pub mod launcher;
 pub mod nvrtc;
 pub mod registry;
 pub mod side;
+pub mod snapshot;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::device::{DeviceOpt, Pass};
 use super::launcher::Launcher;
+use super::snapshot::DeviceCounters;
 use crate::config::Config;
 use crate::dtype::DType;
 use crate::error::{bail, Result};
@@ -103,8 +104,8 @@ impl CudaSide {
         Ok(())
     }
 
-    pub fn begin(&self, update: bool, lr: f32, stream: usize) -> Result<()> {
-        self.dev.begin(update, lr, stream)
+    pub fn begin(&self, update: bool, after_norm: bool, lr: f32, stream: usize) -> Result<()> {
+        self.dev.begin(update, after_norm, lr, stream)
     }
 
     pub fn submit(
@@ -149,5 +150,36 @@ impl CudaSide {
     /// The loss scale for the next backward (synchronizes).
     pub fn loss_scale(&self) -> Result<f64> {
         Ok(self.dev.read_step(self.dev.last_stream())?.scale)
+    }
+
+    /// Parameter `id`'s AdaLomo state, copied to the host (see [`DeviceOpt::read_state`]).
+    pub fn read_state(&self, id: u32) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.dev
+            .read_state(self.index[id as usize], self.dev.last_stream())
+    }
+
+    /// Overwrites parameter `id`'s AdaLomo state from the host.
+    pub fn write_state(&self, id: u32, a: &[f32], b: &[f32]) -> Result<()> {
+        self.dev.write_state(self.index[id as usize], a, b)
+    }
+
+    /// Step counters and loss-scaler state (synchronizes).
+    pub fn counters(&self) -> Result<DeviceCounters> {
+        self.dev.counters(self.dev.last_stream())
+    }
+
+    /// Replaces the step counters and loss-scaler state (synchronizes).
+    pub fn restore_counters(&self, c: &DeviceCounters) -> Result<()> {
+        self.dev.restore_counters(c, self.dev.last_stream())
+    }
+
+    /// Device bytes of parameter `id`: (optimizer state, workspaces).
+    pub fn param_memory(&self, id: u32) -> (u64, u64) {
+        self.dev.param_memory(self.index[id as usize])
+    }
+
+    /// Device bytes shared by all parameters (step and tensor records).
+    pub fn records_bytes(&self) -> u64 {
+        self.dev.records_bytes()
     }
 }
