@@ -702,8 +702,9 @@ lomo_status lomo_state_save(const struct lomo_optimizer *opt, const char *path);
  * eps2, clip_threshold, loss-scale options, rounding, seed, parameter dtypes) comes from `opt`.
  * Carried Σp² (`LOMO_PARAM_CARRY_RMS`) is recomputed on the next step. Loading the same
  * configuration resumes bit-identically (with stochastic rounding, register parameters in the
- * same order: the random stream depends on the parameter id). Not thread-safe with other
- * calls on `opt`.
+ * same order: the random stream depends on the parameter id). For CUDA parameters the file is
+ * checked on the host, then copied to the device (the call synchronizes with the stream of
+ * the optimizer's latest launch). Not thread-safe with other calls on `opt`.
  */
 lomo_status lomo_state_load(struct lomo_optimizer *opt, const char *path);
 
