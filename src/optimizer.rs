@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::backend::cuda::device::Pass;
 use crate::backend::cuda::side::CudaSide;
 use crate::backend::RawBuf;
-use crate::config::{Algorithm, Config};
+use crate::config::{Algorithm, Config, LossScaleMode};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
 use crate::param::{Device, Param, ParamDesc};
@@ -273,11 +273,14 @@ impl Optimizer {
         self.scaler.scale()
     }
 
-    /// As [`Optimizer::loss_scale`], read from the device for CUDA parameters (synchronizes).
+    /// As [`Optimizer::loss_scale`]; with dynamic scaling of CUDA parameters the scale lives on
+    /// the device and is read from there (synchronizes). A fixed scale never needs the device.
     pub fn try_loss_scale(&self) -> Result<f64> {
         match &self.cuda {
-            Some(side) => side.loss_scale(),
-            None => Ok(self.scaler.scale()),
+            Some(side) if self.config.loss_scale_mode == LossScaleMode::Dynamic => {
+                side.loss_scale()
+            }
+            _ => Ok(self.scaler.scale()),
         }
     }
 

@@ -266,6 +266,11 @@ pub unsafe extern "C" fn lomo_step_info_get(
 }
 
 /// The factor to multiply the loss by before the next backward pass (1 when scaling is off).
+/// With dynamic loss scaling of CUDA parameters the scale is read from the device, so the call
+/// waits for the stream of the optimizer's latest launch (see `lomo_cuda_loss_scale_ptr` for a
+/// synchronization-free alternative); with no or static scaling it never synchronizes. `opt`
+/// and `out` must not be NULL; `*out` is written only on success. One thread at a time, like
+/// every call other than `lomo_grad_submit`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_loss_scale(opt: *const lomo_optimizer, out: *mut f32) -> Status {
     guard(|| {
