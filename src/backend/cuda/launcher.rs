@@ -28,6 +28,8 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     fn copy_to_host(&self, dst: &mut [u8], src: DevPtr, stream: usize) -> Result<()>;
     /// Synchronous host → device copy. Not on the step path.
     fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Enqueues a device → device copy of `bytes` bytes on `stream` (does not wait).
+    fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, stream: usize) -> Result<()>;
     /// Enqueues `kernel` on `stream` (0 = default stream). `args` follows cuLaunchKernel: one
     /// pointer per kernel parameter (every lomo kernel has exactly one, its argument struct).
     fn launch(

@@ -2,7 +2,11 @@
 //! the device, the launcher chosen for it and the [`DeviceOpt`] orchestration — and the launcher
 //! selection (`LOMO_CUDA_EMULATE=1` picks the host emulation; otherwise the cudarc driver path).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
 
 use super::device::{DeviceOpt, Pass};
 use super::launcher::Launcher;
@@ -35,6 +39,39 @@ fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
 #[cfg(not(feature = "cuda"))]
 fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
     bail!(NoCuda, "CUDA device {ordinal} requested, but this build has no CUDA backend (feature \"cuda\" is off)")
+}
+
+/// Process-wide launchers by (emulated, ordinal).
+static SHARED: Lazy<Mutex<HashMap<(bool, i32), Arc<dyn Launcher>>>> =
+    Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// The process-wide launcher of the device that owns device memory at `ptr`, and its ordinal:
+/// for callers without an optimizer (the XLA handlers), where creating a launcher per call
+/// (primary-context retain, device queries) would be too slow. Created at first use and kept
+/// for the life of the process. Under emulation every pointer belongs to device 0.
+pub fn shared_launcher_for_pointer(ptr: u64) -> Result<(i32, Arc<dyn Launcher>)> {
+    let emu = emulated();
+    let ordinal = if emu { 0 } else { pointer_device(ptr)? };
+    let mut shared = SHARED.lock();
+    if let Some(l) = shared.get(&(emu, ordinal)) {
+        return Ok((ordinal, l.clone()));
+    }
+    let l = launcher_for(ordinal)?;
+    shared.insert((emu, ordinal), l.clone());
+    Ok((ordinal, l))
+}
+
+#[cfg(feature = "cuda")]
+fn pointer_device(ptr: u64) -> Result<i32> {
+    super::driver::pointer_device(ptr)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pointer_device(_ptr: u64) -> Result<i32> {
+    bail!(
+        NoCuda,
+        "this build has no CUDA backend (feature \"cuda\" is off)"
+    )
 }
 
 /// Whether CUDA parameters can be registered (emulation, or a driver with a device).
