@@ -169,7 +169,11 @@ impl Drop for Pooled {
     }
 }
 
-/// Workspaces in the pool now (tests: steady state allocates nothing).
-pub fn pooled_count() -> usize {
-    POOL.lock().values().map(Vec::len).sum()
+/// Workspaces in the pool now for `stream` (tests: steady state allocates nothing).
+pub fn pooled_on(stream: usize) -> usize {
+    POOL.lock()
+        .iter()
+        .filter(|(k, _)| k.1 == stream)
+        .map(|(_, v)| v.len())
+        .sum()
 }

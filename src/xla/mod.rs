@@ -13,9 +13,15 @@
 pub mod abi;
 pub mod cpu;
 pub mod cuda;
+#[cfg(test)]
+mod cuda_norm_tests;
+#[cfg(test)]
+mod cuda_tests;
 pub mod cuda_ws;
 pub mod frame;
 pub mod ops;
+#[cfg(test)]
+mod testing;
 #[cfg(test)]
 mod tests;
 

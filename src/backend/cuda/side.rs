@@ -20,7 +20,36 @@ const EMU_SMS: u32 = 4;
 
 /// Whether the emulated launcher was requested (`LOMO_CUDA_EMULATE=1`).
 pub fn emulated() -> bool {
+    #[cfg(test)]
+    if EMULATE_ON_THIS_THREAD.with(|e| e.get()) {
+        return true;
+    }
     std::env::var("LOMO_CUDA_EMULATE").map_or(false, |v| v == "1")
+}
+
+#[cfg(test)]
+thread_local! {
+    static EMULATE_ON_THIS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Unit tests: [`emulated`] is true on the calling thread while the guard lives. The library's
+/// unit tests run on parallel threads of one process, so the process-wide `LOMO_CUDA_EMULATE`
+/// would change the others (e.g. the no-driver checks).
+#[cfg(test)]
+pub fn emulate_on_this_thread() -> EmulationGuard {
+    EMULATE_ON_THIS_THREAD.with(|e| e.set(true));
+    EmulationGuard(())
+}
+
+/// Ends [`emulate_on_this_thread`] on drop.
+#[cfg(test)]
+pub struct EmulationGuard(());
+
+#[cfg(test)]
+impl Drop for EmulationGuard {
+    fn drop(&mut self) {
+        EMULATE_ON_THIS_THREAD.with(|e| e.set(false));
+    }
 }
 
 /// A launcher for CUDA device `ordinal`.
@@ -42,8 +71,8 @@ fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
 }
 
 /// Process-wide launchers by (emulated, ordinal).
-static SHARED: Lazy<Mutex<HashMap<(bool, i32), Arc<dyn Launcher>>>> =
-    Lazy::new(|| Mutex::new(HashMap::new()));
+type SharedLaunchers = HashMap<(bool, i32), Arc<dyn Launcher>>;
+static SHARED: Lazy<Mutex<SharedLaunchers>> = Lazy::new(|| Mutex::new(HashMap::new()));
 
 /// The process-wide launcher of the device that owns device memory at `ptr`, and its ordinal:
 /// for callers without an optimizer (the XLA handlers), where creating a launcher per call
