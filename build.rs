@@ -9,6 +9,7 @@ fn main() {
         "kernels/lomo.cu",
         "kernels/adalomo.cu",
         "kernels/step.cu",
+        "kernels/xla.cu",
         "kernels/emu/cuda_emu.hpp",
         "kernels/emu/registry.hpp",
         "kernels/emu/launcher.cpp",

@@ -83,6 +83,7 @@ struct lomo_b16 { unsigned short b; };
 
 LOMO_DEV u32 f2u(float v) { return __float_as_uint(v); }
 LOMO_DEV float u2f(u32 u) { return __uint_as_float(u); }
+LOMO_DEV float lomo_nan() { return __uint_as_float(0x7fc00000u); }
 
 LOMO_DEV float h16_to_f32(unsigned short h) {
   u32 sign = (u32)(h & 0x8000u) << 16;

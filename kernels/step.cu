@@ -28,8 +28,6 @@ struct StepArgs {
   u32 hysteresis;
 };
 
-LOMO_DEV float lomo_nan() { return __uint_as_float(0x7fc00000u); }
-
 LOMO_DEV void step_begin_body(const StepArgs& a) {
   for (u32 i = threadIdx.x; i < a.n_tensors; i += blockDim.x) {
     a.tensors[i].bad = 0;

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """lomo GPU check (driven by scripts/gpu-check.sh): CUDA-vs-CPU parity through the C API on real
-hardware, and a benchmark of LOMO/AdaLomo on bf16 tensors against a device-to-device copy and
-lomo-optim 0.1.1.
+hardware, the JAX handlers' CUDA-vs-CPU parity (when jax with a CUDA backend is installed;
+skipped visibly otherwise, and with --quick), and a benchmark of LOMO/AdaLomo on bf16 tensors
+against a device-to-device copy and lomo-optim 0.1.1.
 
 Usage: gpu_check.py parity [--quick] [--emulate] | bench [--emulate]
   --emulate  runs on this CPU with LOMO_CUDA_EMULATE=1 ("device" tensors are host tensors);
@@ -200,6 +201,99 @@ def parity(quick):
     return total_fail == 0
 
 
+def jax_parity():
+    """lomo_native.jax on the CUDA platform against the CPU platform (same inputs): the functional
+    updates for three dtype pairs, the option sets and every shape, with and without donation,
+    and three steps of the pytree optimizer with clip_grad_norm and dynamic loss scaling."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+    except ImportError:
+        print("SKIP jax parity: jax is not installed")
+        return True
+    try:
+        gpu, cpu = jax.devices("cuda")[0], jax.devices("cpu")[0]
+    except RuntimeError as e:
+        print(f"SKIP jax parity: this jax has no CUDA backend ({e})")
+        return True
+    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
+    from lomo_native import jax as lj
+
+    tdt = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.float16): torch.float16,
+           jnp.dtype(jnp.bfloat16): torch.bfloat16}
+
+    def on(dev, fn, updated, grad, donate):
+        """fn(updated, grad) on dev; `updated` (param and state) donated when `donate`."""
+        updated, grad = jax.device_put((updated, grad), dev)
+        out = jax.jit(fn, donate_argnums=(0,) if donate else ())(updated, grad)
+        return jax.tree_util.tree_leaves(jax.device_get(out))
+
+    def compare(tag, c_out, g_out, n_params):
+        """The first n_params outputs are parameters (close()); the rest are state and flags:
+        f32 within 2e-5 relative (AdaLomo state; NaN only where both are NaN), others exact."""
+        fails = []
+        for k, (a, b) in enumerate(zip(c_out, g_out)):
+            a, b = np.asarray(a), np.asarray(b)
+            if k < n_params:
+                dt = tdt[jnp.dtype(a.dtype)]
+                good, msg = close(torch.from_numpy(a.astype(np.float32)).to(dt),
+                                  torch.from_numpy(b.astype(np.float32)).to(dt))
+            elif a.dtype == np.float32:
+                x, y = a.astype(np.float64), b.astype(np.float64)
+                bad = ~((np.abs(x - y) <= 2e-5 * np.maximum(np.abs(x), np.abs(y)))
+                        | (np.isnan(x) & np.isnan(y)))
+                good, msg = not bad.any(), f"{int(bad.sum())} of {a.size} differ"
+            else:
+                good, msg = np.array_equal(a, b), f"cpu {a} cuda {b}"
+            if not good:
+                fails.append(f"{tag} output {k}: {msg}")
+        return fails
+
+    rng = np.random.default_rng(3)
+    fails, n = [], 0
+    option_sets = [{}, {"weight_decay": 0.1, "clip_grad_value": 0.01, "lr_multiplier": 0.5},
+                   {"rounding": "stochastic", "seed": 7, "param_id": 3}]
+    for algo in ("lomo", "adalomo"):
+        for pd, gd in [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float32)]:
+            for opts in option_sets:
+                for i, shape in enumerate(SHAPES):
+                    p = jnp.asarray(rng.standard_normal(shape), pd)
+                    g = jnp.asarray(rng.standard_normal(shape) * 0.5, gd)
+                    if algo == "lomo":
+                        upd = (p,)
+                        fn = lambda u, g, o=opts: lj.lomo_update(u[0], g, lr=0.01, step=3, **o)  # noqa: E731
+                    else:
+                        upd = (p, lj.adalomo_state(p))
+                        fn = lambda u, g, o=opts: lj.adalomo_update(u[0], g, u[1], lr=0.01, step=1, **o)  # noqa: E731
+                    tag = f"{algo} p={jnp.dtype(pd)} g={jnp.dtype(gd)} {opts} {shape}"
+                    fails += compare(tag, on(cpu, fn, upd, g, False), on(gpu, fn, upd, g, i % 2 == 0), 1)
+                    n += 1
+    for algo in ("lomo", "adalomo"):
+        opt = (lj.lomo if algo == "lomo" else lj.adalomo)(
+            clip_grad_norm=1.0, loss_scale_mode="dynamic", loss_scale=1024.0, scale_window=2, weight_decay=0.01)
+        params = [jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in SHAPES]
+        results = {}
+        for name, dev in (("cpu", cpu), ("cuda", gpu)):
+            ps = jax.device_put(params, dev)
+            st = jax.device_put(opt.init(ps), dev)
+            srng = np.random.default_rng(5)
+            step = jax.jit(opt.step)
+            for t in range(3):
+                gs = [jnp.asarray(srng.standard_normal(s) * 0.5 * 1024.0, jnp.bfloat16) for s in SHAPES]
+                if t == 1:
+                    gs[3] = gs[3].at[0, 7].set(jnp.nan)
+                ps, st = step(ps, jax.device_put(gs, dev), st, 0.01)
+            results[name] = jax.tree_util.tree_leaves(jax.device_get((ps, st)))
+        fails += compare(f"{algo} optimizer, 3 steps", results["cpu"], results["cuda"], len(SHAPES))
+        n += 1
+    for x in fails[:20]:
+        print("FAIL " + x)
+    print(f"jax parity: {n} cases, {len(fails)} mismatching outputs")
+    return not fails
+
+
 def timed(fn, iters):
     if EMULATE:
         t = time.perf_counter()
@@ -282,7 +376,13 @@ if __name__ == "__main__":
         sys.exit("no CUDA device visible to torch")
     print("lomo_cuda_available:", lib.lomo_cuda_available())
     if "parity" in sys.argv:
-        sys.exit(0 if parity("--quick" in sys.argv) else 1)
+        quick = "--quick" in sys.argv
+        good = parity(quick)
+        if quick:
+            print("SKIP jax parity: --quick")
+        else:
+            good = jax_parity() and good
+        sys.exit(0 if good else 1)
     if "bench" in sys.argv:
         res = bench()
         path = os.environ.get("LOMO_BENCH_JSON")

@@ -4,6 +4,7 @@
 #include "../lomo.cu"
 #include "../adalomo.cu"
 #include "../step.cu"
+#include "../xla.cu"
 
 extern "C" {
 

@@ -12,7 +12,9 @@ use parking_lot::Mutex;
 
 use super::abi::dtype;
 use super::frame::{invalid, Buffer, XResult};
-use super::ops::{AdaPlan, AdaStatePlan, Grad, InOut, LomoPlan, NormPlan, Scalars};
+use super::ops::{
+    check_aligned, overlaps, AdaPlan, AdaStatePlan, Grad, InOut, LomoPlan, NormPlan, Scalars,
+};
 use crate::backend::cpu::adalomo::{AdaWorkspace, StateViewMut};
 use crate::backend::cpu::convert::RoundCtx;
 use crate::backend::cpu::norm;
@@ -114,16 +116,6 @@ fn write_f32(b: &Buffer<'_>, v: f32) {
     unsafe { b.data.cast::<f32>().write_unaligned(v) }
 }
 
-fn check_aligned(b: &Buffer<'_>, elem: usize, numel: usize, what: &str) -> XResult<()> {
-    if numel > 0 && (b.data.is_null() || b.data as usize % elem != 0) {
-        invalid!(
-            "{what}: buffer {:p} is NULL or not aligned to {elem} bytes",
-            b.data
-        );
-    }
-    Ok(())
-}
-
 /// Makes the result hold the operand's values (a copy unless XLA aliased them) and returns it.
 fn materialize(io: &InOut<'_>, what: &str) -> XResult<RawBuf> {
     check_aligned(&io.input, io.elem_size, io.numel, what)?;
@@ -149,10 +141,6 @@ fn materialize(io: &InOut<'_>, what: &str) -> XResult<RawBuf> {
         dtype,
         numel: io.numel,
     })
-}
-
-fn overlaps(a: usize, a_len: usize, b: usize, b_len: usize) -> bool {
-    a_len > 0 && b_len > 0 && a < b + b_len && b < a + a_len
 }
 
 /// The gradient as a RawBuf; copied to `scratch` first if it shares memory with a result

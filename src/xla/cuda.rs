@@ -1,19 +1,37 @@
-//! XLA FFI layer, CUDA platform: the caller's stream, and the plans' execution on the device.
+//! XLA FFI layer, CUDA platform: runs the decoded plans (the same as the Host platform's) on
+//! XLA's stream with the CUDA backend's kernels (`kernels/*.cu`, launched through
+//! `backend::cuda::passes`), with results equal to the Host handlers' within the CUDA backend's
+//! tolerances (reductions run in another order).
 //!
-//! The CUDA backend is not part of this build yet, so every handler checks its operands (the
-//! same plans as the Host platform), obtains XLA's stream with `XLA_FFI_Stream_Get`, and then
-//! returns UNIMPLEMENTED. To wire the backend in, implement the three functions below: on `stream`,
-//! copy each `InOut` operand to its result when `!aliased()` (`cuMemcpyDtoDAsync`), then launch
-//! the norm / update kernels on the result buffers. The per-step scalars (`Scalars`) are device
-//! memory here: kernels must read lr, loss_scale, clip_coef and step from those pointers (never
-//! copy them to the host: no synchronization on the hot path), and skip the update when
-//! clip_coef is not finite. Results `finite` / `sum_sq` / `clip_coef` are device scalars too.
+//! A call enqueues, and never waits for the device:
+//! 1. a copy of the gradient into a workspace, only if it shares memory with a result;
+//! 2. operand → result copies (`cuMemcpyDtoDAsync`) for every parameter or state operand that XLA
+//!    did not alias to its result (no donation);
+//! 3. `xla_prepare` (`kernels/xla.cu`): the step record from the 0-d operands `lr`,
+//!    `loss_scale`, `clip_coef`, `step`, which are device memory and never read by the host;
+//! 4. the tensor's passes: grad_sum_sq one NORM pass per gradient; LOMO the non-finite pre-check
+//!    and the update; AdaLomo stats, finalize and apply (stats and apply for rank ≤ 1);
+//! 5. `xla_norm_finish` / `xla_update_finish`: the `sum_sq`, `clip_coef` and `finite` results.
+//!
+//! So the handlers need no host synchronization and can be captured in a CUDA graph once the
+//! kernels are compiled (they still report no command-buffer trait to XLA: the first call
+//! compiles and allocates). Invalid scalars (`lr < 0`, `step < 1`, `loss_scale ≤ 0`, ...), which
+//! the Host handlers report as INVALID_ARGUMENT, cannot be seen here without a synchronization:
+//! the update is skipped and `finite` is false (grad_sum_sq: NaN, NaN, false). Workspaces and
+//! the device choice: [`super::cuda_ws`].
 
 use std::ffi::c_void;
 
 use super::abi::*;
-use super::frame::{Frame, XResult, XlaError};
-use super::ops::{AdaPlan, LomoPlan, NormPlan};
+use super::cuda_ws::{cuda_error, Dev, Need, Pooled};
+use super::frame::{invalid, Buffer, Frame, XResult, XlaError};
+use super::ops::Scalars;
+use super::ops::{check_aligned, overlaps, AdaPlan, AdaStatePlan, Grad, InOut, LomoPlan, NormPlan};
+use crate::backend::cuda::abi::{DevPtr, XlaArgs};
+use crate::backend::cuda::launcher::Geometry;
+use crate::backend::cuda::passes::{self, Layout, Records, Shape, Tensor, UpdateOpts, THREADS};
+use crate::backend::cuda::registry::Module;
+use crate::dtype::DType;
 
 /// The platform stream of this call (a `CUstream`/`cudaStream_t` on the CUDA platform).
 pub fn stream(f: &Frame<'_>) -> XResult<*mut c_void> {
@@ -47,28 +65,315 @@ pub fn stream(f: &Frame<'_>) -> XResult<*mut c_void> {
     Ok(args.stream)
 }
 
-fn no_backend(op: &str) -> XlaError {
-    XlaError::unimplemented(format!(
-        "lomo {op} on the CUDA platform: CUDA backend not available in this build (use the \
-         CPU platform, e.g. JAX_PLATFORMS=cpu)"
-    ))
+/// One call in progress: its device, stream and workspace (back to the pool on drop, after
+/// every launch is enqueued).
+struct Call {
+    op: &'static str,
+    dev: Dev,
+    stream: usize,
+    ws: Pooled,
 }
 
-/// `grad_sum_sq` on `stream`: one Σg² pass per gradient into a device f64 accumulator, then a
-/// finalize kernel writing sum_sq, clip_coef and finite.
+fn addr(b: &Buffer<'_>) -> DevPtr {
+    b.data as DevPtr
+}
+
+impl Call {
+    fn new(op: &'static str, dev: Dev, stream: *mut c_void, need: Need) -> XResult<Call> {
+        let stream = stream as usize;
+        let ws = Pooled::take(&dev, stream, need, op)?;
+        Ok(Call {
+            op,
+            dev,
+            stream,
+            ws,
+        })
+    }
+
+    fn records(&self, i: usize) -> Records {
+        Records {
+            step: self.ws.ws.step,
+            t: self.ws.ws.tensor(i),
+        }
+    }
+
+    /// A kernel of `kernels/xla.cu` (one block: the records are tiny).
+    fn xla(&self, name: &str, a: &XlaArgs) -> XResult<()> {
+        let block = if name == "xla_prepare" { THREADS } else { 32 };
+        let geo = Geometry {
+            grid: 1,
+            block,
+            smem: 0,
+        };
+        passes::launch(&*self.dev.launcher, Module::Xla, name, geo, a, self.stream)
+            .map_err(|e| cuda_error(self.op, e))
+    }
+
+    fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> XResult<()> {
+        self.dev
+            .launcher
+            .copy_device(dst, src, bytes, self.stream)
+            .map_err(|e| cuda_error(self.op, e))
+    }
+
+    /// The result of `io` holding the operand's values (copied unless XLA aliased them).
+    fn materialize(&self, io: &InOut<'_>) -> XResult<DevPtr> {
+        if io.numel > 0 && !io.aliased() {
+            self.copy(addr(&io.output), addr(&io.input), io.bytes())?;
+        }
+        Ok(addr(&io.output))
+    }
+
+    /// The gradient's address: its copy in the workspace when `scratch` says it shares memory
+    /// with a result (copied before any result is written).
+    fn grad(&self, g: &Grad<'_>, scratch: usize) -> XResult<DevPtr> {
+        if scratch == 0 {
+            return Ok(addr(&g.buf));
+        }
+        self.copy(self.ws.ws.scratch, addr(&g.buf), scratch)?;
+        Ok(self.ws.ws.scratch)
+    }
+
+    /// The passes' per-call arguments with the operand scalars of an update.
+    fn update_args(&self, s: &Scalars<'_>, finite: &Buffer<'_>, decay_rate: f64) -> XlaArgs {
+        XlaArgs {
+            lr: addr(&s.lr),
+            clip_coef: addr(&s.clip_coef),
+            step_in: addr(&s.step),
+            step_dtype: match s.step.dtype {
+                dtype::S32 => 0,
+                dtype::S64 => 1,
+                dtype::U32 => 2,
+                _ => 3,
+            },
+            update: 1,
+            decay_rate,
+            n_tensors: 1,
+            ..self.args(&s.loss_scale, finite)
+        }
+    }
+
+    fn args(&self, loss_scale: &Buffer<'_>, finite: &Buffer<'_>) -> XlaArgs {
+        XlaArgs {
+            step: self.ws.ws.step,
+            tensors: self.ws.ws.tensors,
+            lr: 0,
+            loss_scale: addr(loss_scale),
+            clip_coef: 0,
+            step_in: 0,
+            sum_sq_out: 0,
+            clip_coef_out: 0,
+            finite_out: addr(finite),
+            decay_rate: 0.0,
+            clip_grad_norm: 0.0,
+            n_tensors: 0,
+            step_dtype: 0,
+            update: 0,
+            pad: 0,
+        }
+    }
+}
+
+/// The address checks the Host handlers make (on addresses only: the data is device memory).
+fn check_inputs(grad: &Grad<'_>, ios: &[(&InOut<'_>, &str)]) -> XResult<()> {
+    check_aligned(&grad.buf, grad.dtype.size(), grad.numel, "grad")?;
+    for (io, what) in ios {
+        check_aligned(&io.input, io.elem_size, io.numel, what)?;
+        check_aligned(&io.output, io.elem_size, io.numel, what)?;
+    }
+    Ok(())
+}
+
+fn check_scalars(s: &Scalars<'_>, finite: &Buffer<'_>) -> XResult<()> {
+    check_aligned(&s.lr, 4, 1, "lr")?;
+    check_aligned(&s.loss_scale, 4, 1, "loss_scale")?;
+    check_aligned(&s.clip_coef, 4, 1, "clip_coef")?;
+    let step_size = if matches!(s.step.dtype, dtype::S32 | dtype::U32) {
+        4
+    } else {
+        8
+    };
+    check_aligned(&s.step, step_size, 1, "step")?;
+    check_aligned(finite, 1, 1, "finite")
+}
+
+/// Bytes of the gradient when it shares memory with one of `outputs` (then it is copied first,
+/// as the Host handler does), else 0.
+fn grad_scratch(g: &Grad<'_>, outputs: &[&InOut<'_>]) -> usize {
+    let bytes = g.numel * g.dtype.size();
+    let clash = outputs.iter().any(|o| {
+        overlaps(
+            g.buf.data as usize,
+            bytes,
+            o.output.data as usize,
+            o.bytes(),
+        )
+    });
+    if clash {
+        bytes
+    } else {
+        0
+    }
+}
+
+fn update_opts(opts: &super::ops::Options) -> UpdateOpts {
+    let cfg = &opts.config;
+    UpdateOpts::new(
+        cfg,
+        opts.param_id,
+        opts.lr_multiplier,
+        cfg.weight_decay,
+        false,
+        false,
+    )
+}
+
+/// `grad_sum_sq` on `stream`: one NORM pass per gradient (a `LomoTensor` each), then
+/// `xla_norm_finish` writes sum_sq, clip_coef and finite.
 pub fn grad_sum_sq(plan: &NormPlan<'_>, stream: *mut c_void) -> XResult<()> {
-    let _ = (plan, stream);
-    Err(no_backend("grad_sum_sq"))
+    const OP: &str = "grad_sum_sq";
+    check_aligned(&plan.loss_scale, 4, 1, "loss_scale")?;
+    check_aligned(&plan.sum_sq, 4, 1, "sum_sq")?;
+    check_aligned(&plan.clip_coef, 4, 1, "clip_coef")?;
+    check_aligned(&plan.finite, 1, 1, "finite")?;
+    for (i, g) in plan.grads.iter().enumerate() {
+        check_aligned(&g.buf, g.dtype.size(), g.numel, &format!("grad {i}"))?;
+    }
+    let Ok(n) = u32::try_from(plan.grads.len()) else {
+        invalid!("{OP}: too many gradients ({})", plan.grads.len());
+    };
+    let dev = Dev::of(plan.sum_sq.data, OP)?;
+    let layout = |numel: usize| {
+        Layout::new(
+            Shape::vector(numel as u64),
+            false,
+            dev.max_blocks,
+            dev.max_smem,
+        )
+    };
+    let need = Need {
+        tensors: n,
+        sizes: layout(0).sizes(),
+        scratch: 0,
+    };
+    let call = Call::new(OP, dev.clone(), stream, need)?;
+    let a = XlaArgs {
+        sum_sq_out: addr(&plan.sum_sq),
+        clip_coef_out: addr(&plan.clip_coef),
+        clip_grad_norm: plan.clip_grad_norm,
+        n_tensors: n,
+        ..call.args(&plan.loss_scale, &plan.finite)
+    };
+    call.xla("xla_prepare", &a)?;
+    for (i, g) in plan.grads.iter().enumerate() {
+        let t = Tensor {
+            layout: layout(g.numel),
+            bufs: call.ws.ws.bufs,
+            p: 0,
+            p_dtype: DType::F32,
+        };
+        t.norm(
+            &*dev.launcher,
+            call.records(i),
+            addr(&g.buf),
+            g.dtype,
+            false,
+            call.stream,
+        )
+        .map_err(|e| cuda_error(OP, e))?;
+    }
+    call.xla("xla_norm_finish", &a)
 }
 
-/// `lomo_update` on `stream`: copy p when not aliased, then the LOMO kernel on the result.
+/// `lomo_update` on `stream`: copy p when not aliased, then the pre-check and the LOMO kernel on
+/// the result.
 pub fn lomo_update(plan: &LomoPlan<'_>, stream: *mut c_void) -> XResult<()> {
-    let _ = (plan, stream);
-    Err(no_backend("lomo_update"))
+    const OP: &str = "lomo_update";
+    check_scalars(&plan.scalars, &plan.finite)?;
+    check_inputs(&plan.grad, &[(&plan.param, "param")])?;
+    let dev = Dev::of(plan.finite.data, OP)?;
+    let shape = Shape::vector(plan.param.numel as u64);
+    let layout = Layout::new(shape, false, dev.max_blocks, dev.max_smem);
+    let need = Need {
+        tensors: 1,
+        sizes: layout.sizes(),
+        scratch: grad_scratch(&plan.grad, &[&plan.param]),
+    };
+    let call = Call::new(OP, dev, stream, need)?;
+    let g = call.grad(&plan.grad, need.scratch)?;
+    let p = call.materialize(&plan.param)?;
+    let a = call.update_args(&plan.scalars, &plan.finite, 0.0);
+    call.xla("xla_prepare", &a)?;
+    let t = Tensor {
+        layout,
+        bufs: call.ws.ws.bufs,
+        p,
+        p_dtype: plan.param_dtype,
+    };
+    let o = update_opts(&plan.opts);
+    t.lomo(
+        &*call.dev.launcher,
+        call.records(0),
+        g,
+        plan.grad.dtype,
+        &o,
+        call.stream,
+    )
+    .map_err(|e| cuda_error(OP, e))?;
+    call.xla("xla_update_finish", &a)
 }
 
-/// `adalomo_update` on `stream`: copy p and state when not aliased, then the AdaLomo passes.
+/// `adalomo_update` on `stream`: copy p and the state when not aliased, then the AdaLomo passes
+/// on the results.
 pub fn adalomo_update(plan: &AdaPlan<'_>, stream: *mut c_void) -> XResult<()> {
-    let _ = (plan, stream);
-    Err(no_backend("adalomo_update"))
+    const OP: &str = "adalomo_update";
+    check_scalars(&plan.scalars, &plan.finite)?;
+    let (states, factored): (Vec<(&InOut<'_>, &str)>, bool) = match &plan.state {
+        AdaStatePlan::Factored { row, col } => (vec![(row, "row"), (col, "col")], true),
+        AdaStatePlan::Vector { v } => (vec![(v, "v")], false),
+    };
+    let mut ios = vec![(&plan.param, "param")];
+    ios.extend(states.iter().copied());
+    check_inputs(&plan.grad, &ios)?;
+    let dev = Dev::of(plan.finite.data, OP)?;
+    let shape = Shape::new(
+        plan.param.numel as u64,
+        plan.rows as u64,
+        plan.cols as u64,
+        factored,
+    );
+    let layout = Layout::new(shape, true, dev.max_blocks, dev.max_smem);
+    let outputs: Vec<&InOut<'_>> = ios.iter().map(|(io, _)| *io).collect();
+    let need = Need {
+        tensors: 1,
+        sizes: layout.sizes(),
+        scratch: grad_scratch(&plan.grad, &outputs),
+    };
+    let call = Call::new(OP, dev, stream, need)?;
+    let g = call.grad(&plan.grad, need.scratch)?;
+    let p = call.materialize(&plan.param)?;
+    let mut bufs = call.ws.ws.bufs;
+    bufs.state_a = call.materialize(states[0].0)?;
+    if factored {
+        bufs.state_b = call.materialize(states[1].0)?;
+    }
+    let a = call.update_args(&plan.scalars, &plan.finite, plan.opts.config.decay_rate);
+    call.xla("xla_prepare", &a)?;
+    let t = Tensor {
+        layout,
+        bufs,
+        p,
+        p_dtype: plan.param_dtype,
+    };
+    let o = update_opts(&plan.opts);
+    t.adalomo(
+        &*call.dev.launcher,
+        call.records(0),
+        g,
+        plan.grad.dtype,
+        &o,
+        call.stream,
+    )
+    .map_err(|e| cuda_error(OP, e))?;
+    call.xla("xla_update_finish", &a)
 }

@@ -6,14 +6,22 @@
 //! jax.ffi.pycapsule(lib.lomo_xla_<op>), platform=...)`), not for C callers, and are left out
 //! of `include/lomo.h`. Each one goes through [`frame::boundary`] (metadata query, struct-size
 //! checks, panic boundary, error conversion), decodes its operands into a plan ([`ops`]) and
-//! runs it on the platform ([`cpu`], [`cuda`]). The operand layout of every op is in [`ops`];
+//! runs it on the platform ([`cpu`]; [`cuda`] on XLA's stream with the CUDA backend's kernels,
+//! workspaces and device choice in [`cuda_ws`]). The operand layout of every op is in [`ops`];
 //! `bindings/python/lomo_native/jax.py` is the caller.
 
 pub mod abi;
 pub mod cpu;
 pub mod cuda;
+#[cfg(test)]
+mod cuda_norm_tests;
+#[cfg(test)]
+mod cuda_tests;
+pub mod cuda_ws;
 pub mod frame;
 pub mod ops;
+#[cfg(test)]
+mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -40,6 +40,23 @@ impl InOut<'_> {
     }
 }
 
+/// An error unless `b` holds `numel` elements of `elem` bytes at a non-NULL, aligned address
+/// (checked on the address only: the data may be device memory).
+pub fn check_aligned(b: &Buffer<'_>, elem: usize, numel: usize, what: &str) -> XResult<()> {
+    if numel > 0 && (b.data.is_null() || b.data as usize % elem != 0) {
+        invalid!(
+            "{what}: buffer {:p} is NULL or not aligned to {elem} bytes",
+            b.data
+        );
+    }
+    Ok(())
+}
+
+/// Whether the byte ranges `[a, a + a_len)` and `[b, b + b_len)` intersect.
+pub fn overlaps(a: usize, a_len: usize, b: usize, b_len: usize) -> bool {
+    a_len > 0 && b_len > 0 && a < b + b_len && b < a + a_len
+}
+
 /// A gradient (or any read-only f32/f16/bf16 array).
 #[derive(Clone, Copy, Debug)]
 pub struct Grad<'a> {

@@ -1,180 +1,14 @@
-//! Handler tests without JAX: hand-built call frames and a fake `XLA_FFI_Api` whose
-//! `Error_Create` records the code and message, and whose `Stream_Get` returns a sentinel.
+//! Host-platform handler tests without JAX (hand-built call frames, [`super::testing`]), and
+//! the CUDA handlers' behaviour without a driver.
 
-#![allow(clippy::vec_box, clippy::type_complexity)] // boxes keep the addresses the frame points to
+#![allow(clippy::type_complexity)]
 
-use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::abi::*;
 use super::frame::{boundary, XlaError};
+use super::testing::{arr, call, take_error, Arr, STREAM_CTX};
 use super::*;
-
-/// What the fake `Error_Create` received.
-struct Recorded {
-    code: i32,
-    message: String,
-}
-
-unsafe extern "C" fn fake_error_create(args: *mut XLA_FFI_Error_Create_Args) -> *mut XLA_FFI_Error {
-    // SAFETY: called by the code under test with valid args.
-    let (code, message) = unsafe {
-        assert!((*args).struct_size >= XLA_FFI_ERROR_CREATE_ARGS_STRUCT_SIZE);
-        (
-            (*args).errc,
-            CStr::from_ptr((*args).message)
-                .to_string_lossy()
-                .into_owned(),
-        )
-    };
-    Box::into_raw(Box::new(Recorded { code, message })).cast()
-}
-
-static STREAM_CTX: AtomicUsize = AtomicUsize::new(0);
-
-unsafe extern "C" fn fake_stream_get(args: *mut XLA_FFI_Stream_Get_Args) -> *mut XLA_FFI_Error {
-    // SAFETY: called by the code under test with valid args.
-    unsafe {
-        STREAM_CTX.store((*args).ctx as usize, Ordering::SeqCst);
-        (*args).stream = 0x5eed as *mut c_void;
-    }
-    std::ptr::null_mut()
-}
-
-fn take_error(e: *mut XLA_FFI_Error) -> Option<Recorded> {
-    // SAFETY: errors in these tests all come from `fake_error_create`.
-    (!e.is_null()).then(|| *unsafe { Box::from_raw(e.cast::<Recorded>()) })
-}
-
-fn fake_api() -> Box<XLA_FFI_Api> {
-    // SAFETY: all-zero is a valid XLA_FFI_Api (NULL pointers, None function pointers).
-    let mut api: Box<XLA_FFI_Api> = Box::new(unsafe { std::mem::zeroed() });
-    api.struct_size = std::mem::size_of::<XLA_FFI_Api>();
-    api.XLA_FFI_Error_Create = Some(fake_error_create);
-    api.XLA_FFI_Stream_Get = Some(fake_stream_get);
-    api
-}
-
-/// Owns everything a call frame points to.
-struct Call {
-    _api: Box<XLA_FFI_Api>,
-    _dims: Vec<Box<[i64]>>,
-    _bufs: Vec<Box<XLA_FFI_Buffer>>,
-    _arg_types: Vec<i32>,
-    _arg_ptrs: Vec<*mut c_void>,
-    _ret_types: Vec<i32>,
-    _ret_ptrs: Vec<*mut c_void>,
-    _names: Vec<Box<XLA_FFI_ByteSpan>>,
-    _name_ptrs: Vec<*mut XLA_FFI_ByteSpan>,
-    _scalars: Vec<Box<XLA_FFI_Scalar>>,
-    _values: Vec<Box<f64>>,
-    _attr_types: Vec<i32>,
-    _attr_ptrs: Vec<*mut c_void>,
-    frame: Box<XLA_FFI_CallFrame>,
-}
-
-/// (dtype, data, dims) of one buffer.
-type Arr = (i32, *mut c_void, Vec<i64>);
-
-fn call(args: &[Arr], rets: &[Arr], attrs: &[(&'static str, f64)]) -> Call {
-    let api = fake_api();
-    let (mut dims, mut bufs) = (Vec::new(), Vec::new());
-    let mut mk = |a: &Arr| -> *mut c_void {
-        let mut d: Box<[i64]> = a.2.clone().into_boxed_slice();
-        let b = Box::new(XLA_FFI_Buffer {
-            struct_size: XLA_FFI_BUFFER_STRUCT_SIZE,
-            extension_start: std::ptr::null_mut(),
-            dtype: a.0,
-            data: a.1,
-            rank: a.2.len() as i64,
-            dims: d.as_mut_ptr(),
-        });
-        dims.push(d);
-        let p = &*b as *const XLA_FFI_Buffer as *mut c_void;
-        bufs.push(b);
-        p
-    };
-    let mut arg_ptrs: Vec<*mut c_void> = args.iter().map(&mut mk).collect();
-    let mut ret_ptrs: Vec<*mut c_void> = rets.iter().map(&mut mk).collect();
-    let mut arg_types = vec![XLA_FFI_BUFFER; args.len()];
-    let mut ret_types = vec![XLA_FFI_BUFFER; rets.len()];
-    let mut names: Vec<Box<XLA_FFI_ByteSpan>> = attrs
-        .iter()
-        .map(|(n, _)| {
-            Box::new(XLA_FFI_ByteSpan {
-                ptr: n.as_ptr().cast(),
-                len: n.len(),
-            })
-        })
-        .collect();
-    let mut name_ptrs: Vec<*mut XLA_FFI_ByteSpan> =
-        names.iter_mut().map(|b| &mut **b as *mut _).collect();
-    let mut values: Vec<Box<f64>> = attrs.iter().map(|(_, v)| Box::new(*v)).collect();
-    let mut scalars: Vec<Box<XLA_FFI_Scalar>> = values
-        .iter_mut()
-        .map(|v| {
-            Box::new(XLA_FFI_Scalar {
-                dtype: dtype::F64,
-                value: (&mut **v as *mut f64).cast(),
-            })
-        })
-        .collect();
-    let mut attr_ptrs: Vec<*mut c_void> = scalars
-        .iter_mut()
-        .map(|s| (&mut **s as *mut XLA_FFI_Scalar).cast())
-        .collect();
-    let mut attr_types = vec![XLA_FFI_ATTR_SCALAR; attrs.len()];
-    let frame = Box::new(XLA_FFI_CallFrame {
-        struct_size: XLA_FFI_CALL_FRAME_STRUCT_SIZE,
-        extension_start: std::ptr::null_mut(),
-        api: &*api,
-        ctx: 0xc7c as *mut XLA_FFI_ExecutionContext,
-        stage: XLA_FFI_STAGE_EXECUTE,
-        args: XLA_FFI_Args {
-            struct_size: XLA_FFI_ARGS_STRUCT_SIZE,
-            extension_start: std::ptr::null_mut(),
-            size: args.len() as i64,
-            types: arg_types.as_mut_ptr(),
-            args: arg_ptrs.as_mut_ptr(),
-        },
-        rets: XLA_FFI_Rets {
-            struct_size: XLA_FFI_RETS_STRUCT_SIZE,
-            extension_start: std::ptr::null_mut(),
-            size: rets.len() as i64,
-            types: ret_types.as_mut_ptr(),
-            rets: ret_ptrs.as_mut_ptr(),
-        },
-        attrs: XLA_FFI_Attrs {
-            struct_size: XLA_FFI_ATTRS_STRUCT_SIZE,
-            extension_start: std::ptr::null_mut(),
-            size: attrs.len() as i64,
-            types: attr_types.as_mut_ptr(),
-            names: name_ptrs.as_mut_ptr(),
-            attrs: attr_ptrs.as_mut_ptr(),
-        },
-        future: std::ptr::null_mut(),
-    });
-    Call {
-        _api: api,
-        _dims: dims,
-        _bufs: bufs,
-        _arg_types: arg_types,
-        _arg_ptrs: arg_ptrs,
-        _ret_types: ret_types,
-        _ret_ptrs: ret_ptrs,
-        _names: names,
-        _name_ptrs: name_ptrs,
-        _scalars: scalars,
-        _values: values,
-        _attr_types: attr_types,
-        _attr_ptrs: attr_ptrs,
-        frame,
-    }
-}
-
-fn arr<T>(dtype: i32, v: &mut [T], dims: &[i64]) -> Arr {
-    (dtype, v.as_mut_ptr().cast(), dims.to_vec())
-}
 
 /// Operands (lr, loss_scale, clip_coef, step) as host scalars.
 struct Hyper {
@@ -464,8 +298,12 @@ fn panics_become_internal_errors() {
     assert_eq!(e.message, "panic in test_op: boom");
 }
 
+/// Without a CUDA driver (this test binary never sets LOMO_CUDA_EMULATE) the CUDA handlers read
+/// XLA's stream, then fail with an error that says what is missing; nothing panics. Where a
+/// driver is present the host buffers here are not device memory, which is an error too. The
+/// emulated runs are in tests/xla_cuda_emulated.rs.
 #[test]
-fn cuda_handlers_read_the_stream_then_report_no_backend() {
+fn cuda_handlers_read_the_stream_then_report_no_driver() {
     let mut g = vec![1f32; 3];
     let (mut scale, mut sum, mut coef, mut ok) = (1f32, 0f32, 0f32, [0u8]);
     let mut c = call(
@@ -484,13 +322,16 @@ fn cuda_handlers_read_the_stream_then_report_no_backend() {
     // SAFETY: a complete fake frame.
     let e = take_error(unsafe { lomo_xla_grad_sum_sq_cuda(&mut *c.frame) }).unwrap();
     assert_eq!(STREAM_CTX.load(Ordering::SeqCst), 0xc7c);
-    assert_eq!(e.code, XLA_FFI_ERROR_UNIMPLEMENTED);
     assert!(
-        e.message
-            .contains("CUDA backend not available in this build"),
+        e.message.starts_with("lomo grad_sum_sq (CUDA platform): "),
         "{}",
         e.message
     );
+    if !crate::backend::cuda::side::available() {
+        assert_eq!(e.code, XLA_FFI_ERROR_UNIMPLEMENTED);
+        assert!(e.message.contains("no CUDA driver"), "{}", e.message);
+    }
+    assert_eq!((sum, coef, ok), (0.0, 0.0, [0]), "nothing was written");
     // The Host handler computes on the same frame.
     // SAFETY: as above.
     assert!(take_error(unsafe { lomo_xla_grad_sum_sq(&mut *c.frame) }).is_none());

@@ -15,8 +15,15 @@ Two layers:
 
 Parameters (and AdaLomo state) are updated in place when the caller donates them, e.g.
 ``jax.jit(train_step, donate_argnums=(0, 1))``; otherwise XLA copies them first. Parameters and
-gradients may be f32, f16 or bf16; state is f32. Handlers exist for the CPU platform; the CUDA
-platform handlers are registered but report that this build has no CUDA backend.
+gradients may be f32, f16 or bf16; state is f32.
+
+Platforms: the CPU handlers run the library's CPU backend; the CUDA handlers run its CUDA kernels
+on XLA's stream, reading ``lr``, ``step``, ``loss_scale`` and ``clip_coef`` on the device (no host
+synchronization), with the same results as the CPU handlers up to reduction order. On CUDA,
+invalid per-step values (``lr < 0``, ``step < 1``, ``loss_scale <= 0``, ``clip_coef < 0``) cannot
+be raised as errors without a synchronization: the step is skipped and ``finite`` is False
+(``grad_sum_sq`` returns NaN, NaN, False). The CUDA path has been verified by host emulation of
+the kernels only, not yet on a GPU.
 """
 
 from __future__ import annotations

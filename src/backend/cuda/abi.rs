@@ -128,6 +128,30 @@ pub struct StepArgs {
     pub hysteresis: u32,
 }
 
+/// The argument of the `xla_*` kernels (kernels/xla.cu): records, operand scalars and results
+/// of one XLA custom call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct XlaArgs {
+    pub step: DevPtr,
+    pub tensors: DevPtr,
+    pub lr: DevPtr,
+    pub loss_scale: DevPtr,
+    pub clip_coef: DevPtr,
+    pub step_in: DevPtr,
+    pub sum_sq_out: DevPtr,
+    pub clip_coef_out: DevPtr,
+    pub finite_out: DevPtr,
+    pub decay_rate: f64,
+    pub clip_grad_norm: f64,
+    pub n_tensors: u32,
+    /// 0 s32, 1 s64, 2 u32, 3 u64.
+    pub step_dtype: u32,
+    /// 1: an update's scalars; 0: grad_sum_sq.
+    pub update: u32,
+    pub pad: u32,
+}
+
 /// Views a `Copy` struct as bytes (for host ↔ device copies).
 pub fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a plain-old-data #[repr(C)] struct; reading its bytes is always valid.
@@ -171,5 +195,8 @@ mod tests {
             std::mem::size_of::<AdaArgs>()
         );
         assert_eq!(emu::arg_size("step_begin"), std::mem::size_of::<StepArgs>());
+        for k in ["xla_prepare", "xla_norm_finish", "xla_update_finish"] {
+            assert_eq!(emu::arg_size(k), std::mem::size_of::<XlaArgs>());
+        }
     }
 }

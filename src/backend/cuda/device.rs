@@ -7,23 +7,19 @@
 //! parameter's state and workspace. A phase is a handful of launches on the caller's stream and
 //! never waits for the device; only [`DeviceOpt::read_step`] (diagnostics) copies back.
 //!
-//! Launches per tensor and phase: NORM 1; LOMO UPDATE 1 (2 without a NORM phase: pre-check +
-//! update); AdaLomo UPDATE 3 (stats, finalize, apply; 2 for rank ≤ 1 tensors).
+//! The passes of one tensor (geometry, workspace sizes, launches: NORM 1, LOMO UPDATE 1 or 2,
+//! AdaLomo UPDATE 3 or 2) are in [`super::passes`]; this module adds the step kernels around them.
 
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::abi::*;
 use super::launcher::{Geometry, Launcher};
-use super::registry::{pair_name, Kernel, Module};
-use crate::config::{Algorithm, Config, Rounding};
+use super::passes::{self, Bufs, Layout, Records, Shape, Tensor, UpdateOpts, THREADS};
+use super::registry::Module;
+use crate::config::{Algorithm, Config};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
-
-pub const THREADS: u32 = 256;
-/// Elements per thread per grid-stride iteration that justify another block.
-const ELEMS_PER_THREAD: u64 = 8;
 
 /// What one submission does on the device.
 #[derive(Clone, Copy, Debug)]
@@ -37,30 +33,12 @@ pub enum Pass {
     },
 }
 
-/// A CUDA parameter's device buffers (all allocated at registration).
+/// A CUDA parameter: its passes (layout, buffers allocated at registration) and options.
 #[derive(Debug)]
 pub(super) struct DevParam {
     param_id: u32,
-    p: DevPtr,
-    dtype: DType,
-    pub(super) numel: u64,
-    pub(super) rows: u64,
-    pub(super) cols: u64,
-    pub(super) factored: bool,
     carry: bool,
-    partials: DevPtr,
-    pub(super) state_a: DevPtr,
-    pub(super) state_b: DevPtr,
-    ws_a: DevPtr,
-    ws_r: DevPtr,
-    ws_c: DevPtr,
-    col_part: DevPtr,
-    stats: Geometry,
-    elementwise: Geometry,
-    finalize: Geometry,
-    /// Bytes of this parameter's optimizer state (`state_a`, `state_b`) and workspaces.
-    pub(super) state_bytes: u64,
-    pub(super) ws_bytes: u64,
+    pub(super) tensor: Tensor,
 }
 
 /// The device side of one optimizer (all of its parameters on one device).
@@ -73,9 +51,6 @@ pub struct DeviceOpt {
     pub(super) cap: usize,
     pub(super) params: Vec<DevParam>,
     allocs: Vec<DevPtr>,
-    /// Bytes allocated so far through `alloc`, and the part of them that is optimizer state.
-    allocated: u64,
-    allocated_state: u64,
     max_blocks: u32,
     /// The stream of the latest launch: read-backs and re-allocations wait for it.
     last_stream: AtomicUsize,
@@ -89,10 +64,6 @@ impl Drop for DeviceOpt {
         self.launcher.free(self.step);
         self.launcher.free(self.tensors);
     }
-}
-
-fn blocks_for(units: u64, per_block: u64, max_blocks: u32) -> u32 {
-    units.div_ceil(per_block.max(1)).clamp(1, max_blocks as u64) as u32
 }
 
 impl DeviceOpt {
@@ -116,7 +87,7 @@ impl DeviceOpt {
         let cap = 16;
         let tensors = launcher.alloc(cap * std::mem::size_of::<LomoTensor>())?;
         launcher.copy_from_host(tensors, &vec![0u8; cap * std::mem::size_of::<LomoTensor>()])?;
-        let max_blocks = (launcher.sm_count() * 4).clamp(1, 1024);
+        let max_blocks = passes::max_blocks(&*launcher);
         Ok(DeviceOpt {
             launcher,
             cfg: cfg.clone(),
@@ -125,8 +96,6 @@ impl DeviceOpt {
             cap,
             params: Vec::new(),
             allocs: Vec::new(),
-            allocated: 0,
-            allocated_state: 0,
             max_blocks,
             last_stream: AtomicUsize::new(0),
         })
@@ -144,14 +113,12 @@ impl DeviceOpt {
         }
         let p = self.launcher.alloc(bytes)?;
         self.allocs.push(p);
-        self.allocated += bytes as u64;
         Ok(p)
     }
 
     /// Optimizer state: starts at zero.
     fn alloc_zeroed(&mut self, bytes: usize) -> Result<DevPtr> {
         let p = self.alloc(bytes)?;
-        self.allocated_state += bytes as u64;
         if p != 0 {
             self.launcher.copy_from_host(p, &vec![0u8; bytes])?;
         }
@@ -178,68 +145,28 @@ impl DeviceOpt {
         if self.params.len() == self.cap {
             self.grow()?;
         }
-        let mb = self.max_blocks;
-        let (allocated, allocated_state) = (self.allocated, self.allocated_state);
-        let elementwise = Geometry {
-            grid: blocks_for(numel, THREADS as u64 * ELEMS_PER_THREAD, mb),
-            block: THREADS,
-            smem: 0,
+        let ada = self.cfg.algorithm == Algorithm::Adalomo;
+        let shape = Shape::new(numel, rows, cols, factored);
+        let layout = Layout::new(shape, ada, self.max_blocks, self.launcher.max_smem());
+        let s = layout.sizes();
+        let bufs = Bufs {
+            partials: self.alloc(s.partials)?,
+            state_a: self.alloc_zeroed(s.state_a)?,
+            state_b: self.alloc_zeroed(s.state_b)?,
+            ws_a: self.alloc(s.ws_a)?,
+            ws_r: self.alloc(s.ws_r)?,
+            ws_c: self.alloc(s.ws_c)?,
+            col_part: self.alloc(s.col_part)?,
         };
-        let ada = self.cfg.algorithm == Algorithm::Adalomo && numel > 0;
-        let (mut stats, mut finalize) = (elementwise, elementwise);
-        let (mut state_a, mut state_b, mut ws_a, mut ws_r, mut ws_c, mut col_part) =
-            (0, 0, 0, 0, 0, 0);
-        if ada && factored {
-            let grid = rows.clamp(1, mb as u64) as u32;
-            let smem_bytes = 8 * cols;
-            let smem = if smem_bytes <= self.launcher.max_smem() as u64 {
-                smem_bytes as u32
-            } else {
-                0
-            };
-            stats = Geometry {
-                grid,
-                block: THREADS,
-                smem,
-            };
-            finalize = Geometry {
-                grid: blocks_for(rows.max(cols), THREADS as u64, mb),
-                block: THREADS,
-                smem: 0,
-            };
-            state_a = self.alloc_zeroed(4 * rows as usize)?;
-            state_b = self.alloc_zeroed(4 * cols as usize)?;
-            ws_a = self.alloc(4 * rows as usize)?;
-            ws_r = self.alloc(4 * rows as usize)?;
-            ws_c = self.alloc(4 * cols as usize)?;
-            col_part = self.alloc(4 * 2 * cols as usize * grid as usize)?;
-        } else if ada {
-            state_a = self.alloc_zeroed(4 * numel as usize)?;
-            ws_a = self.alloc(4 * numel as usize)?;
-        }
-        let partials = self.alloc(8 * 2 * mb as usize)?;
-        let (rows, cols) = if factored { (rows, cols) } else { (numel, 1) };
         self.params.push(DevParam {
             param_id,
-            p,
-            dtype,
-            numel,
-            rows,
-            cols,
-            factored,
             carry,
-            partials,
-            state_a,
-            state_b,
-            ws_a,
-            ws_r,
-            ws_c,
-            col_part,
-            stats,
-            elementwise,
-            finalize,
-            state_bytes: self.allocated_state - allocated_state,
-            ws_bytes: (self.allocated - allocated) - (self.allocated_state - allocated_state),
+            tensor: Tensor {
+                layout,
+                bufs,
+                p,
+                p_dtype: dtype,
+            },
         });
         Ok(self.params.len() - 1)
     }
@@ -271,12 +198,8 @@ impl DeviceOpt {
         args: &A,
         stream: usize,
     ) -> Result<()> {
-        // The launch copies the argument struct before returning (cuLaunchKernel semantics).
-        let mut a = *args;
-        let mut ptrs = [(&mut a as *mut A).cast::<c_void>()];
         self.last_stream.store(stream, Ordering::Relaxed);
-        self.launcher
-            .launch(&Kernel::new(module, name), geo, &mut ptrs, stream)
+        passes::launch(&*self.launcher, module, name, geo, args, stream)
     }
 
     fn step_args(&self, phase: u32, lr: f32) -> StepArgs {
@@ -357,124 +280,32 @@ impl DeviceOpt {
         let Some(dp) = self.params.get(idx) else {
             bail!(UnknownParam, "no CUDA parameter with index {idx}");
         };
-        if dp.numel == 0 {
-            return Ok(());
-        }
-        let t = self.tensor_ptr(idx);
-        let c = &self.cfg;
-        let clip_value = if c.clip_grad_value > 0.0 {
-            c.clip_grad_value as f32
-        } else {
-            f32::INFINITY
-        };
-        let rounding = (c.rounding == Rounding::Stochastic) as u32;
-        let norm = |check_only: u32| NormArgs {
-            g,
-            n: dp.numel,
+        let rec = Records {
             step: self.step,
-            t,
-            partials: dp.partials,
-            check_only,
-            pad: 0,
+            t: self.tensor_ptr(idx),
         };
-        let norm_name = format!("norm_sumsq_{}", g_dtype.as_str());
+        let l = &*self.launcher;
+        self.last_stream.store(stream, Ordering::Relaxed);
         match pass {
-            Pass::Norm => self.launch(Module::Norm, &norm_name, dp.elementwise, &norm(0), stream),
+            Pass::Norm => dp.tensor.norm(l, rec, g, g_dtype, false, stream),
             Pass::Update {
                 prechecked,
                 lr_mult,
                 weight_decay,
-            } => match c.algorithm {
-                Algorithm::Lomo => {
-                    if !prechecked {
-                        self.launch(Module::Norm, &norm_name, dp.elementwise, &norm(1), stream)?;
-                    }
-                    let a = LomoArgs {
-                        p: dp.p,
-                        g,
-                        n: dp.numel,
-                        step: self.step,
-                        t,
-                        lr_mult,
-                        weight_decay,
-                        clip_value,
-                        param_id: dp.param_id,
-                        seed: c.seed,
-                        prechecked: prechecked as u32,
-                        rounding,
-                    };
-                    self.launch(
-                        Module::Lomo,
-                        &pair_name("lomo_update", dp.dtype, g_dtype),
-                        dp.elementwise,
-                        &a,
-                        stream,
-                    )
+            } => {
+                let o = UpdateOpts::new(
+                    &self.cfg,
+                    dp.param_id,
+                    lr_mult,
+                    weight_decay,
+                    dp.carry,
+                    prechecked,
+                );
+                match self.cfg.algorithm {
+                    Algorithm::Lomo => dp.tensor.lomo(l, rec, g, g_dtype, &o, stream),
+                    Algorithm::Adalomo => dp.tensor.adalomo(l, rec, g, g_dtype, &o, stream),
                 }
-                Algorithm::Adalomo => {
-                    let mut a = AdaArgs {
-                        p: dp.p,
-                        g,
-                        rows: dp.rows,
-                        cols: dp.cols,
-                        state_a: dp.state_a,
-                        state_b: dp.state_b,
-                        ws_a: dp.ws_a,
-                        ws_r: dp.ws_r,
-                        ws_c: dp.ws_c,
-                        col_part: dp.col_part,
-                        partials: dp.partials,
-                        step: self.step,
-                        t,
-                        lr_mult,
-                        weight_decay,
-                        eps2: c.eps2,
-                        clip_threshold: c.clip_threshold,
-                        eps1: c.eps1 as f32,
-                        clip_value,
-                        seed: c.seed,
-                        param_id: dp.param_id,
-                        rounding,
-                        flags: if dp.carry { ADA_CARRY } else { 0 },
-                        stats_blocks: dp.stats.grid,
-                    };
-                    if dp.factored {
-                        if dp.stats.smem > 0 {
-                            a.flags |= ADA_SMEM;
-                        }
-                        self.launch(
-                            Module::Adalomo,
-                            &pair_name("adalomo_stats", dp.dtype, g_dtype),
-                            dp.stats,
-                            &a,
-                            stream,
-                        )?;
-                        self.launch(Module::Adalomo, "adalomo_finalize", dp.finalize, &a, stream)?;
-                        self.launch(
-                            Module::Adalomo,
-                            &pair_name("adalomo_apply", dp.dtype, g_dtype),
-                            dp.stats_apply(),
-                            &a,
-                            stream,
-                        )
-                    } else {
-                        self.launch(
-                            Module::Adalomo,
-                            &pair_name("adalomo_vstats", dp.dtype, g_dtype),
-                            dp.elementwise,
-                            &a,
-                            stream,
-                        )?;
-                        self.launch(
-                            Module::Adalomo,
-                            &pair_name("adalomo_vapply", dp.dtype, g_dtype),
-                            dp.elementwise,
-                            &a,
-                            stream,
-                        )
-                    }
-                }
-            },
+            }
         }
     }
 
@@ -488,29 +319,5 @@ impl DeviceOpt {
         let mut b = vec![0u8; std::mem::size_of::<LomoStep>()];
         self.launcher.copy_to_host(&mut b, self.step, stream)?;
         Ok(from_bytes(&b))
-    }
-}
-
-impl DevParam {
-    /// Apply uses the stats grid (blocks own whole rows) without dynamic shared memory.
-    fn stats_apply(&self) -> Geometry {
-        Geometry {
-            smem: 0,
-            ..self.stats
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_tensors_get_one_block_and_large_ones_fill_the_device() {
-        let per = THREADS as u64 * ELEMS_PER_THREAD;
-        assert_eq!(blocks_for(1, per, 528), 1);
-        assert_eq!(blocks_for(4096, per, 528), 2);
-        assert_eq!(blocks_for(0, per, 528), 1);
-        assert_eq!(blocks_for(4096 * 11008, per, 528), 528);
     }
 }

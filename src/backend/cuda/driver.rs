@@ -50,6 +50,32 @@ pub fn device_count() -> i32 {
     }
 }
 
+/// The ordinal of the CUDA device that owns device memory at `ptr` (the XLA handlers' way to
+/// find their device; no context needs to be current).
+pub fn pointer_device(ptr: DevPtr) -> Result<i32> {
+    if !driver_ready() {
+        bail!(
+            NoCuda,
+            "no CUDA driver (libcuda.so) could be loaded and initialized"
+        );
+    }
+    let mut ordinal: i32 = -1;
+    // SAFETY: the driver is initialized; `ordinal` is a valid out pointer for this attribute (an
+    // int).
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ordinal as *mut i32).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr,
+        )
+    };
+    check(
+        r,
+        &format!("cuPointerGetAttribute(DEVICE_ORDINAL) of buffer {ptr:#x}"),
+    )?;
+    Ok(ordinal)
+}
+
 fn check(r: sys::CUresult, what: &str) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
@@ -246,6 +272,16 @@ impl Launcher for DriverLauncher {
         // (possibly non-blocking) stream must see the data, so wait for the context.
         // SAFETY: the context is current.
         check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+    }
+
+    fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, stream: usize) -> Result<()> {
+        let _c = self.push()?;
+        // SAFETY: both are device memory of this context holding `bytes` bytes (the caller's
+        // buffers or ours); the copy is ordered on the caller's stream.
+        check(
+            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream as sys::CUstream) },
+            "cuMemcpyDtoDAsync",
+        )
     }
 
     fn launch(

@@ -112,6 +112,13 @@ impl Launcher for EmuLauncher {
         Ok(())
     }
 
+    fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, _stream: usize) -> Result<()> {
+        // SAFETY: both are emulated device memory (host memory) holding `bytes` bytes (`copy`
+        // even tolerates overlap). Launches are synchronous here, so stream order holds.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
     fn launch(
         &self,
         kernel: &Kernel,

@@ -29,6 +29,8 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// Synchronous host → device copy: complete, for kernels on any stream, when it returns.
     /// Not on the step path.
     fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Enqueues a device → device copy of `bytes` bytes on `stream` (does not wait).
+    fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, stream: usize) -> Result<()>;
     /// Enqueues `kernel` on `stream` (0 = default stream). `args` follows cuLaunchKernel: one
     /// pointer per kernel parameter (every lomo kernel has exactly one, its argument struct).
     fn launch(

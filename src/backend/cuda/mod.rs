@@ -3,6 +3,7 @@
 //! - [`abi`]: mirrors of the kernels' structs; [`registry`]: kernel sources and names;
 //! - [`launcher`]: the device interface, implemented by [`emu`] (host emulation of the same
 //!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
+//! - [`passes`]: one tensor's geometry, workspace sizes and kernel launches;
 //! - [`device`]: the orchestration of one optimizer's parameters over a launcher.
 //! - [`snapshot`]: the device state read and written between steps (checkpoints, memory).
 
@@ -14,6 +15,7 @@ pub mod emu;
 pub mod launcher;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+pub mod passes;
 pub mod registry;
 pub mod side;
 pub mod snapshot;

@@ -2,7 +2,7 @@
 //!
 //! Kernel symbols are `<algo>_<phase>_<param dtype>_<grad dtype>` for the passes that touch a
 //! parameter and a gradient (9 instantiations each), `norm_sumsq_<grad dtype>`, and plain names
-//! for dtype-independent kernels (`adalomo_finalize`, `step_*`).
+//! for dtype-independent kernels (`adalomo_finalize`, `step_*`, `xla_*`).
 
 use crate::dtype::DType;
 
@@ -17,10 +17,18 @@ pub enum Module {
     Lomo,
     Adalomo,
     Step,
+    /// The XLA handlers' records from operand scalars, and their results.
+    Xla,
 }
 
 impl Module {
-    pub const ALL: [Module; 4] = [Module::Norm, Module::Lomo, Module::Adalomo, Module::Step];
+    pub const ALL: [Module; 5] = [
+        Module::Norm,
+        Module::Lomo,
+        Module::Adalomo,
+        Module::Step,
+        Module::Xla,
+    ];
 
     pub fn file_name(self) -> &'static str {
         match self {
@@ -28,6 +36,7 @@ impl Module {
             Module::Lomo => "lomo.cu",
             Module::Adalomo => "adalomo.cu",
             Module::Step => "step.cu",
+            Module::Xla => "xla.cu",
         }
     }
 
@@ -39,6 +48,7 @@ impl Module {
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/adalomo.cu"))
             }
             Module::Step => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/step.cu")),
+            Module::Xla => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/xla.cu")),
         }
     }
 
@@ -75,6 +85,11 @@ impl Module {
                 "step_begin".into(),
                 "step_norm_end".into(),
                 "step_update_end".into(),
+            ],
+            Module::Xla => vec![
+                "xla_prepare".into(),
+                "xla_norm_finish".into(),
+                "xla_update_finish".into(),
             ],
         }
     }

@@ -2,7 +2,11 @@
 //! the device, the launcher chosen for it and the [`DeviceOpt`] orchestration — and the launcher
 //! selection (`LOMO_CUDA_EMULATE=1` picks the host emulation; otherwise the cudarc driver path).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
 
 use super::device::{DeviceOpt, Pass};
 use super::launcher::Launcher;
@@ -17,7 +21,36 @@ const EMU_SMS: u32 = 4;
 
 /// Whether the emulated launcher was requested (`LOMO_CUDA_EMULATE=1`).
 pub fn emulated() -> bool {
+    #[cfg(test)]
+    if EMULATE_ON_THIS_THREAD.with(|e| e.get()) {
+        return true;
+    }
     std::env::var("LOMO_CUDA_EMULATE").map_or(false, |v| v == "1")
+}
+
+#[cfg(test)]
+thread_local! {
+    static EMULATE_ON_THIS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Unit tests: [`emulated`] is true on the calling thread while the guard lives. The library's
+/// unit tests run on parallel threads of one process, so the process-wide `LOMO_CUDA_EMULATE`
+/// would change the others (e.g. the no-driver checks).
+#[cfg(test)]
+pub fn emulate_on_this_thread() -> EmulationGuard {
+    EMULATE_ON_THIS_THREAD.with(|e| e.set(true));
+    EmulationGuard(())
+}
+
+/// Ends [`emulate_on_this_thread`] on drop.
+#[cfg(test)]
+pub struct EmulationGuard(());
+
+#[cfg(test)]
+impl Drop for EmulationGuard {
+    fn drop(&mut self) {
+        EMULATE_ON_THIS_THREAD.with(|e| e.set(false));
+    }
 }
 
 /// A launcher for CUDA device `ordinal`.
@@ -36,6 +69,39 @@ fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
 #[cfg(not(feature = "cuda"))]
 fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
     bail!(NoCuda, "CUDA device {ordinal} requested, but this build has no CUDA backend (feature \"cuda\" is off)")
+}
+
+/// Process-wide launchers by (emulated, ordinal).
+type SharedLaunchers = HashMap<(bool, i32), Arc<dyn Launcher>>;
+static SHARED: Lazy<Mutex<SharedLaunchers>> = Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// The process-wide launcher of the device that owns device memory at `ptr`, and its ordinal:
+/// for callers without an optimizer (the XLA handlers), where creating a launcher per call
+/// (primary-context retain, device queries) would be too slow. Created at first use and kept
+/// for the life of the process. Under emulation every pointer belongs to device 0.
+pub fn shared_launcher_for_pointer(ptr: u64) -> Result<(i32, Arc<dyn Launcher>)> {
+    let emu = emulated();
+    let ordinal = if emu { 0 } else { pointer_device(ptr)? };
+    let mut shared = SHARED.lock();
+    if let Some(l) = shared.get(&(emu, ordinal)) {
+        return Ok((ordinal, l.clone()));
+    }
+    let l = launcher_for(ordinal)?;
+    shared.insert((emu, ordinal), l.clone());
+    Ok((ordinal, l))
+}
+
+#[cfg(feature = "cuda")]
+fn pointer_device(ptr: u64) -> Result<i32> {
+    super::driver::pointer_device(ptr)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn pointer_device(_ptr: u64) -> Result<i32> {
+    bail!(
+        NoCuda,
+        "this build has no CUDA backend (feature \"cuda\" is off)"
+    )
 }
 
 /// Whether CUDA parameters can be registered (emulation, or a driver with a device).

@@ -35,11 +35,12 @@ impl DeviceOpt {
     /// column state). A buffer is 0 when nothing was allocated (LOMO, empty parameters), whose
     /// state stays zero.
     fn state_buffers(&self, idx: usize) -> [(DevPtr, u64); 2] {
-        let dp = &self.params[idx];
-        if dp.factored {
-            [(dp.state_a, dp.rows), (dp.state_b, dp.cols)]
+        let t = &self.params[idx].tensor;
+        let (shape, b) = (t.layout.shape, t.bufs);
+        if shape.factored {
+            [(b.state_a, shape.rows), (b.state_b, shape.cols)]
         } else {
-            [(dp.state_a, dp.numel), (0, 0)]
+            [(b.state_a, shape.numel), (0, 0)]
         }
     }
 
@@ -124,8 +125,8 @@ impl DeviceOpt {
 
     /// Device bytes of parameter `idx`: (optimizer state, workspaces).
     pub fn param_memory(&self, idx: usize) -> (u64, u64) {
-        let dp = &self.params[idx];
-        (dp.state_bytes, dp.ws_bytes)
+        let s = self.params[idx].tensor.layout.sizes();
+        (s.state() as u64, s.workspace() as u64)
     }
 
     /// Device bytes of the per-optimizer records (the step record and the tensor records).

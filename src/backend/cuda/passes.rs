@@ -1,0 +1,457 @@
+//! CUDA backend: one tensor's passes — launch geometry, workspace sizes, and the launches of the
+//! NORM and UPDATE kernels — over any [`Launcher`]. Shared by the optimizer orchestration
+//! ([`super::device::DeviceOpt`], buffers allocated at registration) and the XLA handlers
+//! (`src/xla/cuda.rs`, XLA's buffers plus pooled workspaces).
+//!
+//! Launches per tensor and pass: NORM 1; LOMO 1 (2 when no clean NORM phase checked the
+//! gradient: a non-finite pre-check, then the update); AdaLomo 3 (stats, finalize, apply; 2 for
+//! rank ≤ 1 tensors). Every kernel reads its per-step scalars from a device `LomoStep` and
+//! writes its per-tensor results into a device `LomoTensor` ([`Records`]).
+
+use std::ffi::c_void;
+
+use super::abi::*;
+use super::launcher::{Geometry, Launcher};
+use super::registry::{pair_name, Kernel, Module};
+use crate::config::{Config, Rounding};
+use crate::dtype::DType;
+use crate::error::Result;
+
+pub const THREADS: u32 = 256;
+/// Elements per thread per grid-stride iteration that justify another block.
+const ELEMS_PER_THREAD: u64 = 8;
+
+pub(crate) fn blocks_for(units: u64, per_block: u64, max_blocks: u32) -> u32 {
+    units.div_ceil(per_block.max(1)).clamp(1, max_blocks as u64) as u32
+}
+
+/// The most blocks one kernel of a pass gets on `launcher`'s device (4 per multiprocessor).
+pub fn max_blocks(launcher: &dyn Launcher) -> u32 {
+    (launcher.sm_count() * 4).clamp(1, 1024)
+}
+
+/// A tensor as the kernels see it: `numel` elements, viewed as `[rows, cols]` when factored
+/// (AdaLomo, rank ≥ 2) and as `[numel, 1]` otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub numel: u64,
+    pub rows: u64,
+    pub cols: u64,
+    pub factored: bool,
+}
+
+impl Shape {
+    pub fn vector(numel: u64) -> Shape {
+        Shape {
+            numel,
+            rows: numel,
+            cols: 1,
+            factored: false,
+        }
+    }
+
+    /// `[rows, cols]` (factored) or `[numel]`.
+    pub fn new(numel: u64, rows: u64, cols: u64, factored: bool) -> Shape {
+        if factored {
+            Shape {
+                numel,
+                rows,
+                cols,
+                factored,
+            }
+        } else {
+            Shape::vector(numel)
+        }
+    }
+}
+
+/// Bytes of each buffer a tensor's passes need (0 = not needed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Sizes {
+    pub partials: usize,
+    /// Optimizer state: AdaLomo's row state (factored) or v (vector).
+    pub state_a: usize,
+    /// Optimizer state: AdaLomo's column state (factored).
+    pub state_b: usize,
+    pub ws_a: usize,
+    pub ws_r: usize,
+    pub ws_c: usize,
+    pub col_part: usize,
+}
+
+impl Sizes {
+    /// Bytes of optimizer state.
+    pub fn state(&self) -> usize {
+        self.state_a + self.state_b
+    }
+    /// Bytes of workspace.
+    pub fn workspace(&self) -> usize {
+        self.partials + self.ws_a + self.ws_r + self.ws_c + self.col_part
+    }
+}
+
+/// The launch geometry of one tensor's passes on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub shape: Shape,
+    /// AdaLomo (state, statistics) rather than LOMO / NORM only.
+    pub ada: bool,
+    pub elementwise: Geometry,
+    /// AdaLomo factored: the row kernels (blocks own whole rows).
+    pub stats: Geometry,
+    /// AdaLomo factored: the finalize kernel (over max(rows, cols)).
+    pub finalize: Geometry,
+    max_blocks: u32,
+}
+
+impl Layout {
+    /// `max_blocks` and `max_smem` from the device ([`max_blocks`], `Launcher::max_smem`).
+    pub fn new(shape: Shape, ada: bool, max_blocks: u32, max_smem: u32) -> Layout {
+        let mb = max_blocks;
+        let elementwise = Geometry {
+            grid: blocks_for(shape.numel, THREADS as u64 * ELEMS_PER_THREAD, mb),
+            block: THREADS,
+            smem: 0,
+        };
+        let ada = ada && shape.numel > 0;
+        let (mut stats, mut finalize) = (elementwise, elementwise);
+        if ada && shape.factored {
+            let smem_bytes = 8 * shape.cols;
+            stats = Geometry {
+                grid: shape.rows.clamp(1, mb as u64) as u32,
+                block: THREADS,
+                smem: if smem_bytes <= max_smem as u64 {
+                    smem_bytes as u32
+                } else {
+                    0
+                },
+            };
+            finalize = Geometry {
+                grid: blocks_for(shape.rows.max(shape.cols), THREADS as u64, mb),
+                block: THREADS,
+                smem: 0,
+            };
+        }
+        Layout {
+            shape,
+            ada,
+            elementwise,
+            stats,
+            finalize,
+            max_blocks: mb,
+        }
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        let (rows, cols, numel) = (
+            self.shape.rows as usize,
+            self.shape.cols as usize,
+            self.shape.numel as usize,
+        );
+        let mut s = Sizes {
+            partials: 8 * 2 * self.max_blocks as usize,
+            ..Sizes::default()
+        };
+        if self.ada && self.shape.factored {
+            s.state_a = 4 * rows;
+            s.state_b = 4 * cols;
+            s.ws_a = 4 * rows;
+            s.ws_r = 4 * rows;
+            s.ws_c = 4 * cols;
+            s.col_part = 4 * 2 * cols * self.stats.grid as usize;
+        } else if self.ada {
+            s.state_a = 4 * numel;
+            s.ws_a = 4 * numel;
+        }
+        s
+    }
+
+    /// Apply uses the stats grid (blocks own whole rows) without dynamic shared memory.
+    fn stats_apply(&self) -> Geometry {
+        Geometry {
+            smem: 0,
+            ..self.stats
+        }
+    }
+}
+
+/// Device buffers of one tensor's passes (sized by [`Layout::sizes`]; 0 where not needed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bufs {
+    pub partials: DevPtr,
+    pub state_a: DevPtr,
+    pub state_b: DevPtr,
+    pub ws_a: DevPtr,
+    pub ws_r: DevPtr,
+    pub ws_c: DevPtr,
+    pub col_part: DevPtr,
+}
+
+/// The device records a pass reads and writes: the step record and this tensor's record.
+#[derive(Clone, Copy, Debug)]
+pub struct Records {
+    pub step: DevPtr,
+    pub t: DevPtr,
+}
+
+/// The per-tensor options of an UPDATE pass.
+#[derive(Clone, Copy, Debug)]
+pub struct UpdateOpts {
+    pub lr_mult: f64,
+    pub weight_decay: f64,
+    /// +inf when value clipping is off.
+    pub clip_value: f32,
+    pub stochastic: bool,
+    pub seed: u64,
+    pub param_id: u32,
+    pub eps1: f32,
+    pub eps2: f64,
+    pub clip_threshold: f64,
+    /// AdaLomo: carry Σp² of the written values to the next step.
+    pub carry: bool,
+    /// A clean NORM phase checked the gradient (LOMO: no pre-check launch).
+    pub prechecked: bool,
+}
+
+impl UpdateOpts {
+    pub fn new(
+        cfg: &Config,
+        param_id: u32,
+        lr_mult: f64,
+        weight_decay: f64,
+        carry: bool,
+        prechecked: bool,
+    ) -> UpdateOpts {
+        UpdateOpts {
+            lr_mult,
+            weight_decay,
+            clip_value: if cfg.clip_grad_value > 0.0 {
+                cfg.clip_grad_value as f32
+            } else {
+                f32::INFINITY
+            },
+            stochastic: cfg.rounding == Rounding::Stochastic,
+            seed: cfg.seed,
+            param_id,
+            eps1: cfg.eps1 as f32,
+            eps2: cfg.eps2,
+            clip_threshold: cfg.clip_threshold,
+            carry,
+            prechecked,
+        }
+    }
+}
+
+/// Enqueues kernel `name` of `module` with its argument struct (copied by the launch, as
+/// cuLaunchKernel does).
+pub fn launch<A: Copy>(
+    launcher: &dyn Launcher,
+    module: Module,
+    name: &str,
+    geo: Geometry,
+    args: &A,
+    stream: usize,
+) -> Result<()> {
+    let mut a = *args;
+    let mut ptrs = [(&mut a as *mut A).cast::<c_void>()];
+    launcher.launch(&Kernel::new(module, name), geo, &mut ptrs, stream)
+}
+
+/// One tensor's passes: its layout, buffers and parameter.
+#[derive(Clone, Copy, Debug)]
+pub struct Tensor {
+    pub layout: Layout,
+    pub bufs: Bufs,
+    /// The parameter (0 for a gradient-only NORM pass).
+    pub p: DevPtr,
+    pub p_dtype: DType,
+}
+
+impl Tensor {
+    /// NORM: Σ(g·inv_scale)² and the non-finite flag into the tensor record; `check_only`
+    /// forms the flag alone.
+    pub fn norm(
+        &self,
+        l: &dyn Launcher,
+        rec: Records,
+        g: DevPtr,
+        g_dtype: DType,
+        check_only: bool,
+        stream: usize,
+    ) -> Result<()> {
+        if self.layout.shape.numel == 0 {
+            return Ok(());
+        }
+        let a = NormArgs {
+            g,
+            n: self.layout.shape.numel,
+            step: rec.step,
+            t: rec.t,
+            partials: self.bufs.partials,
+            check_only: check_only as u32,
+            pad: 0,
+        };
+        let name = format!("norm_sumsq_{}", g_dtype.as_str());
+        launch(l, Module::Norm, &name, self.layout.elementwise, &a, stream)
+    }
+
+    /// LOMO's UPDATE pass (with the pre-check unless `o.prechecked`).
+    pub fn lomo(
+        &self,
+        l: &dyn Launcher,
+        rec: Records,
+        g: DevPtr,
+        g_dtype: DType,
+        o: &UpdateOpts,
+        stream: usize,
+    ) -> Result<()> {
+        if self.layout.shape.numel == 0 {
+            return Ok(());
+        }
+        if !o.prechecked {
+            self.norm(l, rec, g, g_dtype, true, stream)?;
+        }
+        let a = LomoArgs {
+            p: self.p,
+            g,
+            n: self.layout.shape.numel,
+            step: rec.step,
+            t: rec.t,
+            lr_mult: o.lr_mult,
+            weight_decay: o.weight_decay,
+            clip_value: o.clip_value,
+            param_id: o.param_id,
+            seed: o.seed,
+            prechecked: o.prechecked as u32,
+            rounding: o.stochastic as u32,
+        };
+        let name = pair_name("lomo_update", self.p_dtype, g_dtype);
+        launch(l, Module::Lomo, &name, self.layout.elementwise, &a, stream)
+    }
+
+    /// AdaLomo's UPDATE pass: the state in `bufs.state_a`/`state_b` is updated with the
+    /// parameter.
+    pub fn adalomo(
+        &self,
+        l: &dyn Launcher,
+        rec: Records,
+        g: DevPtr,
+        g_dtype: DType,
+        o: &UpdateOpts,
+        stream: usize,
+    ) -> Result<()> {
+        let (ly, b) = (&self.layout, &self.bufs);
+        if ly.shape.numel == 0 {
+            return Ok(());
+        }
+        let mut a = AdaArgs {
+            p: self.p,
+            g,
+            rows: ly.shape.rows,
+            cols: ly.shape.cols,
+            state_a: b.state_a,
+            state_b: b.state_b,
+            ws_a: b.ws_a,
+            ws_r: b.ws_r,
+            ws_c: b.ws_c,
+            col_part: b.col_part,
+            partials: b.partials,
+            step: rec.step,
+            t: rec.t,
+            lr_mult: o.lr_mult,
+            weight_decay: o.weight_decay,
+            eps2: o.eps2,
+            clip_threshold: o.clip_threshold,
+            eps1: o.eps1,
+            clip_value: o.clip_value,
+            seed: o.seed,
+            param_id: o.param_id,
+            rounding: o.stochastic as u32,
+            flags: if o.carry { ADA_CARRY } else { 0 },
+            stats_blocks: ly.stats.grid,
+        };
+        let pair = |k: &str| pair_name(k, self.p_dtype, g_dtype);
+        if ly.shape.factored {
+            if ly.stats.smem > 0 {
+                a.flags |= ADA_SMEM;
+            }
+            launch(
+                l,
+                Module::Adalomo,
+                &pair("adalomo_stats"),
+                ly.stats,
+                &a,
+                stream,
+            )?;
+            launch(
+                l,
+                Module::Adalomo,
+                "adalomo_finalize",
+                ly.finalize,
+                &a,
+                stream,
+            )?;
+            launch(
+                l,
+                Module::Adalomo,
+                &pair("adalomo_apply"),
+                ly.stats_apply(),
+                &a,
+                stream,
+            )
+        } else {
+            launch(
+                l,
+                Module::Adalomo,
+                &pair("adalomo_vstats"),
+                ly.elementwise,
+                &a,
+                stream,
+            )?;
+            launch(
+                l,
+                Module::Adalomo,
+                &pair("adalomo_vapply"),
+                ly.elementwise,
+                &a,
+                stream,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_tensors_get_one_block_and_large_ones_fill_the_device() {
+        let per = THREADS as u64 * ELEMS_PER_THREAD;
+        assert_eq!(blocks_for(1, per, 528), 1);
+        assert_eq!(blocks_for(4096, per, 528), 2);
+        assert_eq!(blocks_for(0, per, 528), 1);
+        assert_eq!(blocks_for(4096 * 11008, per, 528), 528);
+    }
+
+    #[test]
+    fn factored_layout_keeps_columns_in_shared_memory_when_they_fit() {
+        let small = Layout::new(Shape::new(16 * 64, 16, 64, true), true, 16, 48 * 1024);
+        assert_eq!((small.stats.grid, small.stats.smem), (16, 8 * 64));
+        assert_eq!(small.sizes().col_part, 4 * 2 * 64 * 16);
+        let long = Layout::new(Shape::new(2 * 8192, 2, 8192, true), true, 16, 48 * 1024);
+        assert_eq!((long.stats.grid, long.stats.smem), (2, 0));
+        let lomo = Layout::new(Shape::new(12, 3, 4, true), false, 16, 48 * 1024);
+        assert_eq!(
+            lomo.sizes(),
+            Sizes {
+                partials: 8 * 2 * 16,
+                ..Sizes::default()
+            }
+        );
+        let vector = Layout::new(Shape::vector(31), true, 16, 48 * 1024);
+        assert_eq!(
+            (vector.sizes().state_a, vector.sizes().ws_a),
+            (4 * 31, 4 * 31)
+        );
+    }
+}
