@@ -238,7 +238,7 @@ fn run(case: &Case) {
                 assert_eq!(cpu_state.len(), dev_state.len());
                 for (k, (x, y)) in cpu_state.iter().zip(&dev_state).enumerate() {
                     assert!(
-                        !y.is_nan() && (x - y).abs() <= 1e-5 * x.abs().max(y.abs()),
+                        !y.is_nan() && (x - y).abs() <= 1e-6 * x.abs().max(y.abs()),
                         "{what}: state of {:?} at {k}: cpu {x} dev {y}",
                         SHAPES[i]
                     );

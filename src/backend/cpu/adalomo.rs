@@ -23,6 +23,9 @@ use crate::config::Rounding;
 
 /// Rows accumulated in f32 before folding into the f64 column sums.
 const FOLD_ROWS: usize = 64;
+/// Elements of a row summed in f32 lanes (32 terms per lane) before folding into the row's f64
+/// total, so long rows keep f32-level accuracy (the kernels sum ~cols/256 terms per thread).
+const ROW_FOLD: usize = 256;
 
 /// Optimizer state of one parameter (f32, host memory), owned by the core.
 #[derive(Clone, Debug, PartialEq)]
@@ -348,7 +351,7 @@ multiversion! {
         let mut pending = 0;
         for (i, &old) in row_old.iter().enumerate() {
             let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
-            let mut row_lanes = [0f32; 8];
+            let mut row_total = 0f64;
             // Simple loops over one tile each, so every one of them vectorizes; the tile stays
             // in L1 between them.
             let mut t = 0;
@@ -367,13 +370,17 @@ multiversion! {
                 for (c, &s) in w.colblk[t..t + len].iter_mut().zip(xsq.iter()) {
                     *c += s + eps1;
                 }
-                lane_add_plus(&mut row_lanes, xsq, eps1);
+                for part in xsq.chunks(ROW_FOLD) {
+                    let mut lanes = [0f32; 8];
+                    lane_add_plus(&mut lanes, part, eps1);
+                    row_total += lane_sum(&lanes) as f64;
+                }
                 if args.need_psq {
                     psq += sum_sq(&prow[t..t + len]);
                 }
                 t += len;
             }
-            let mean = lane_sum(&row_lanes) / cols as f32;
+            let mean = (row_total / cols as f64) as f32;
             let rn = mean.mul_add(args.one_minus_beta, old * args.beta);
             w.new_state[i] = rn;
             let inv = 1.0 / rn;
