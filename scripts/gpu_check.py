@@ -57,6 +57,9 @@ for name, args in {
     "lomo_step_end": [P, P],
     "lomo_step_info_get": [P, C.POINTER(StepInfo)],
     "lomo_loss_scale": [P, C.POINTER(C.c_float)],
+    "lomo_state_size": [P, C.POINTER(C.c_size_t)],
+    "lomo_state_serialize": [P, C.c_char_p, C.c_size_t, C.POINTER(C.c_size_t)],
+    "lomo_state_deserialize": [P, C.c_char_p, C.c_size_t],
 }.items():
     getattr(lib, name).argtypes = args
     getattr(lib, name).restype = C.c_uint32
@@ -116,6 +119,16 @@ class Opt:
         ok(lib.lomo_loss_scale(self.h, C.byref(s)))
         return s.value
 
+    def state(self):
+        n, w = C.c_size_t(), C.c_size_t()
+        ok(lib.lomo_state_size(self.h, C.byref(n)))
+        buf = C.create_string_buffer(n.value)
+        ok(lib.lomo_state_serialize(self.h, buf, n.value, C.byref(w)))
+        return buf.raw[: w.value]
+
+    def load_state(self, blob):
+        ok(lib.lomo_state_deserialize(self.h, blob, len(blob)))
+
 
 def stream_ptr():
     return None if EMULATE else C.c_void_p(torch.cuda.current_stream().cuda_stream)
@@ -172,6 +185,24 @@ def parity_case(algorithm, pd, gd, steps=3, **fields):
         for f in ("step", "overflow", "skipped", "skipped_total", "grads_nonfinite", "loss_scale", "next_loss_scale"):
             if getattr(ci, f) != getattr(di, f):
                 failures.append(f"step {step} info.{f}: cpu {getattr(ci, f)} dev {getattr(di, f)}")
+    failures += state_round_trip(algorithm, fields, dev, dp, flags)
+    return failures
+
+
+def state_round_trip(algorithm, fields, dev, dp, flags):
+    """The device optimizer's checkpoint (copied through the host) loads into a fresh device
+    optimizer and into a CPU one, and both re-serialize to the same bytes."""
+    blob = dev.state()
+    failures = []
+    for device in (0, -1):
+        other = Opt(algorithm, **fields)
+        for i, b in enumerate(dp):
+            t = b if device == 0 else b.cpu()
+            other.keep.append(t)
+            other.register(f"p{i}", t, device, 0, flags)
+        other.load_state(blob)
+        if other.state() != blob:
+            failures.append(f"checkpoint: loaded into device {device}, re-serialized differently")
     return failures
 
 
