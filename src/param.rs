@@ -158,11 +158,12 @@ impl Param {
             (numel, 1)
         };
         // CUDA parameters keep their state and workspaces on the device (backend::cuda).
-        let ada = (algorithm == Algorithm::Adalomo && desc.device == Device::Cpu).then(|| AdaParam {
-            state: AdaState::zeros(rows, cols, factored),
-            ws: AdaWorkspace::new(rows, cols, factored),
-            carried_psq: None,
-        });
+        let ada =
+            (algorithm == Algorithm::Adalomo && desc.device == Device::Cpu).then(|| AdaParam {
+                state: AdaState::zeros(rows, cols, factored),
+                ws: AdaWorkspace::new(rows, cols, factored),
+                carried_psq: None,
+            });
         Ok(Param {
             name: desc.name.to_owned(),
             buf: RawBuf {

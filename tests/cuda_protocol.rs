@@ -76,6 +76,9 @@ fn cancelling_keeps_the_device_counters() {
     assert_eq!((a.step, a.skipped_total), (2, 0));
     assert_eq!((b.step, b.skipped_total), (2, 0));
     for (x, y) in pa.iter().zip(pb) {
-        assert!((x - y).abs() <= 2e-6 * x.abs().max(y.abs()) + 1e-7, "{x} vs {y}");
+        assert!(
+            (x - y).abs() <= 2e-6 * x.abs().max(y.abs()) + 1e-7,
+            "{x} vs {y}"
+        );
     }
 }

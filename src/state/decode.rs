@@ -181,8 +181,7 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
                     )));
                 }
                 let bytes = &file.data[t.data_offsets.0..t.data_offsets.1];
-                if let Some(bad) = f32s(bytes).find(|v| !(v.is_finite() && *v >= 0.0))
-                {
+                if let Some(bad) = f32s(bytes).find(|v| !(v.is_finite() && *v >= 0.0)) {
                     return Err(corrupt(format!("tensor '{name}' holds {bad}")));
                 }
                 slices.push(bytes);

@@ -117,7 +117,9 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
                 tensors.push(Tensor::new(&p.name, "row", Cow::Borrowed(row)));
                 tensors.push(Tensor::new(&p.name, "col", Cow::Borrowed(col)));
             }
-            Some(AdaState::Vector { v }) => tensors.push(Tensor::new(&p.name, "v", Cow::Borrowed(v))),
+            Some(AdaState::Vector { v }) => {
+                tensors.push(Tensor::new(&p.name, "v", Cow::Borrowed(v)))
+            }
             None => {}
         }
     }

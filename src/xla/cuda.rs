@@ -28,7 +28,7 @@ use super::frame::{invalid, Buffer, Frame, XResult, XlaError};
 use super::ops::Scalars;
 use super::ops::{check_aligned, overlaps, AdaPlan, AdaStatePlan, Grad, InOut, LomoPlan, NormPlan};
 use crate::backend::cuda::abi::{DevPtr, XlaArgs};
-use crate::backend::cuda::launcher::Geometry;
+use crate::backend::cuda::launcher::{Geometry, Launcher};
 use crate::backend::cuda::passes::{self, Layout, Records, Shape, Tensor, UpdateOpts, THREADS};
 use crate::backend::cuda::registry::Module;
 use crate::dtype::DType;
@@ -98,6 +98,19 @@ impl Call {
     }
 
     /// A kernel of `kernels/xla.cu` (one block: the records are tiny).
+    /// One tensor's UPDATE: `xla_prepare`, the passes `run` enqueues (on this call's launcher,
+    /// records and stream), `xla_update_finish`.
+    fn update(
+        &self,
+        a: &XlaArgs,
+        run: impl FnOnce(&dyn Launcher, Records, usize) -> crate::error::Result<()>,
+    ) -> XResult<()> {
+        self.xla("xla_prepare", a)?;
+        run(&*self.dev.launcher, self.records(0), self.stream)
+            .map_err(|e| cuda_error(self.op, e))?;
+        self.xla("xla_update_finish", a)
+    }
+
     fn xla(&self, name: &str, a: &XlaArgs) -> XResult<()> {
         let block = if name == "xla_prepare" { THREADS } else { 32 };
         let geo = Geometry {
@@ -303,24 +316,15 @@ pub fn lomo_update(plan: &LomoPlan<'_>, stream: *mut c_void) -> XResult<()> {
     let g = call.grad(&plan.grad, need.scratch)?;
     let p = call.materialize(&plan.param)?;
     let a = call.update_args(&plan.scalars, &plan.finite, 0.0);
-    call.xla("xla_prepare", &a)?;
     let t = Tensor {
         layout,
         bufs: call.ws.ws.bufs,
         p,
         p_dtype: plan.param_dtype,
     };
-    let o = update_opts(&plan.opts);
-    t.lomo(
-        &*call.dev.launcher,
-        call.records(0),
-        g,
-        plan.grad.dtype,
-        &o,
-        call.stream,
-    )
-    .map_err(|e| cuda_error(OP, e))?;
-    call.xla("xla_update_finish", &a)
+    call.update(&a, |l, rec, stream| {
+        t.lomo(l, rec, g, plan.grad.dtype, &update_opts(&plan.opts), stream)
+    })
 }
 
 /// `adalomo_update` on `stream`: copy p and the state when not aliased, then the AdaLomo passes
@@ -358,22 +362,13 @@ pub fn adalomo_update(plan: &AdaPlan<'_>, stream: *mut c_void) -> XResult<()> {
         bufs.state_b = call.materialize(states[1].0)?;
     }
     let a = call.update_args(&plan.scalars, &plan.finite, plan.opts.config.decay_rate);
-    call.xla("xla_prepare", &a)?;
     let t = Tensor {
         layout,
         bufs,
         p,
         p_dtype: plan.param_dtype,
     };
-    let o = update_opts(&plan.opts);
-    t.adalomo(
-        &*call.dev.launcher,
-        call.records(0),
-        g,
-        plan.grad.dtype,
-        &o,
-        call.stream,
-    )
-    .map_err(|e| cuda_error(OP, e))?;
-    call.xla("xla_update_finish", &a)
+    call.update(&a, |l, rec, stream| {
+        t.adalomo(l, rec, g, plan.grad.dtype, &update_opts(&plan.opts), stream)
+    })
 }
