@@ -71,7 +71,7 @@ fi
 .venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 .venv/bin/python examples/python/finetune.py --steps 2 --no-progress   # smoke run of the example
 # The GPU check's own script, on the emulated device: keeps it working between GPU sessions.
-.venv/bin/python scripts/gpu_check.py parity --quick --emulate
+.venv/bin/python scripts/gpu_check.py parity --emulate
 .venv/bin/python scripts/gpu_check.py bench --emulate > /dev/null
 # ---- end of the Python binding block ---------------------------------------------------------
 
