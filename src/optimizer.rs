@@ -268,7 +268,9 @@ impl Optimizer {
         self.names.get(name).copied()
     }
 
-    /// The scale the trainer multiplies its loss by before the next backward.
+    /// The scale the trainer multiplies its loss by before the next backward, as the host knows
+    /// it: exact for CPU parameters and fixed scales; see [`Optimizer::try_loss_scale`] for a
+    /// dynamic scale of CUDA parameters (it lives on the device).
     pub fn loss_scale(&self) -> f64 {
         self.scaler.scale()
     }
