@@ -10,10 +10,14 @@
 # bench.txt, bench.json. Exit status: non-zero if parity or the sanitizer failed.
 #
 # Prepare on a machine with network (from the repository root), then carry target/release/liblomo.so
-# and .whl/ over with the working tree:
+# (20 MB with debug info; `objcopy --strip-debug` makes it 2.5 MB) and .whl/ with the working tree:
 #   cargo build --release
-#   mkdir -p .whl && pip download --no-deps -d .whl lomo-optim==0.1.1 'nvidia-cuda-nvrtc-cu12>=12.4,<13'
-# NVRTC: a system CUDA toolkit's libnvrtc is used when the loader finds it; otherwise the wheel's.
+#   mkdir -p .whl && pip download --no-deps -d .whl lomo-optim==0.1.1
+# NVRTC: LOMO_NVRTC_PATH if set; else the loader's libnvrtc.so / .so.13 / .so.12 (a CUDA toolkit on
+# the loader path); else the first libnvrtc.so.1[23] under the Python environment's
+# site-packages/nvidia (PyTorch's and JAX's CUDA wheels bring one). Only where none exists, also
+# carry `pip download --no-deps -d .whl 'nvidia-cuda-nvrtc-cu12>=12.4,<13'` (~70 MB: mind the
+# device tool's 64 MiB limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build-gpu-check}
@@ -23,20 +27,30 @@ export LOMO_LIBRARY=${LOMO_LIBRARY:-$PWD/target/release/liblomo.so}
 PY=${PYTHON:-python3}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
-# Offline installs from the carried wheels, next to the system torch.
-VENV=.venv-gpucheck
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv --system-site-packages "$VENV"
-fi
+# Offline installs of the carried wheels into a folder on PYTHONPATH, next to the interpreter's own
+# packages (torch). Not a venv: the machine's python3 may itself be a venv, whose packages a
+# nested `venv --system-site-packages` would not see.
+SITE="$PWD/.gpucheck-site"
 if [ -d .whl ]; then
-  "$VENV/bin/pip" install -q --no-index --find-links .whl lomo-optim==0.1.1 nvidia-cuda-nvrtc-cu12 \
-    > "$OUT/pip.txt" 2>&1 || echo "offline wheel install failed (see $OUT/pip.txt)"
+  for w in .whl/*.whl; do   # each on its own: a missing optional wheel must not stop the others
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$w" >> "$OUT/pip.txt" 2>&1 \
+      || echo "offline install of $w failed (see $OUT/pip.txt)"
+  done
 fi
-PY="$VENV/bin/python"
-if [ -z "${LOMO_NVRTC_PATH:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc.so'; then
-  cand=$(ls "$VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 2>/dev/null | head -n1)
-  [ -n "$cand" ] && export LOMO_NVRTC_PATH="$PWD/$cand"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "${LOMO_NVRTC_PATH:-}" ] && ! ldconfig -p 2>/dev/null | grep -qE 'libnvrtc\.so(\.1[23])? '; then
+  sites=$("$PY" -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
+  cand=""
+  for d in "$SITE" $sites /usr/local/cuda/lib64; do
+    cand=$(ls "$d"/nvidia/cu13/lib/libnvrtc.so.13 "$d"/nvidia/cuda_nvrtc/lib/libnvrtc.so.1[23] \
+      "$d"/libnvrtc.so.1[23] 2>/dev/null | head -n1)
+    [ -n "$cand" ] && break
+  done
+  if [ -n "$cand" ]; then
+    export LOMO_NVRTC_PATH="$(cd "$(dirname "$cand")" && pwd)/$(basename "$cand")"
+  fi
 fi
+echo "NVRTC: ${LOMO_NVRTC_PATH:-the dynamic loader finds libnvrtc}" | tee "$OUT/nvrtc.txt"
 
 status=0
 echo "== parity (CUDA vs CPU through the C API)"

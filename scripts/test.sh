@@ -8,19 +8,24 @@ cd "$(dirname "$0")/.."
 # ---- CUDA backend (issue 6) -------------------------------------------------------------------
 # NVRTC from the pip wheel (no GPU, no driver needed) for tests/nvrtc_compile.rs; the emulated
 # CUDA tests need nothing beyond the C++ compiler that build.rs uses.
+# Both NVRTC 12 and 13 (CUDA 13 images ship only libnvrtc.so.13): the kernels must compile with each.
 NVRTC_VENV=.venv-nvrtc
-if ! ls "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 >/dev/null 2>&1; then
-  echo "== installing nvidia-cuda-nvrtc-cu12 into $NVRTC_VENV"
-  python3 -m venv "$NVRTC_VENV"
-  "$NVRTC_VENV"/bin/pip install -q "nvidia-cuda-nvrtc-cu12>=12.4,<13"
+nvrtc12() { ls "$PWD/$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 2>/dev/null | head -n1; }
+nvrtc13() { ls "$PWD/$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 2>/dev/null | head -n1; }
+if [ -z "$(nvrtc12)" ] || [ -z "$(nvrtc13)" ]; then
+  echo "== installing NVRTC 12 and 13 (pip wheels) into $NVRTC_VENV"
+  [ -x "$NVRTC_VENV/bin/pip" ] || python3 -m venv "$NVRTC_VENV"
+  "$NVRTC_VENV"/bin/pip install -q "nvidia-cuda-nvrtc-cu12>=12.4,<13" "nvidia-cuda-nvrtc>=13,<14"
 fi
-LOMO_NVRTC_PATH=$(ls "$PWD/$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 | head -n1)
+LOMO_NVRTC_PATH=$(nvrtc12)
 export LOMO_NVRTC_PATH
 export LOMO_REQUIRE_NVRTC=1
 # ---- end CUDA backend --------------------------------------------------------------------------
 
 echo "== Rust tests"
 cargo test --release
+echo "== kernels with NVRTC 13"
+LOMO_NVRTC_PATH=$(nvrtc13) cargo test --release --test nvrtc_compile
 # The SIMD paths must agree: rerun the numerical tests on the portable baseline path.
 LOMO_CPU_LEVEL=baseline cargo test --release --test golden --test reference --test protocol
 cargo run --release --example quickstart

@@ -15,6 +15,8 @@ pub mod emu;
 pub mod launcher;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod nvrtc_lib;
 pub mod passes;
 pub mod registry;
 pub mod side;

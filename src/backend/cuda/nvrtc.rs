@@ -1,54 +1,44 @@
 //! CUDA backend: NVRTC — compiles a kernel module to a CUBIN for one exact architecture.
 //!
-//! NVRTC is loaded dynamically (cudarc). `LOMO_NVRTC_PATH` may name the library file (e.g. pip's
-//! `site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12`): it is opened first with RTLD_GLOBAL,
-//! so cudarc's `dlopen("libnvrtc.so.12")` finds it by SONAME. cudarc panics when the library is
-//! missing, so [`available`] probes once (and catches panics) before anything else is called.
+//! NVRTC is loaded dynamically by [`super::nvrtc_lib`] (`LOMO_NVRTC_PATH`, else `libnvrtc.so`,
+//! `.so.13`, `.so.12`, `.so.11`), so NVRTC 12 (e.g. pip's `nvidia-cuda-nvrtc-cu12`) and 13 both
+//! work and a missing library is an error status, never a crash.
 //!
 //! Options: `--fmad=false` (every fused multiply-add is explicit, as in the CPU backend),
 //! `--ptxas-options=-v` (registers and spills per kernel in the log), C++17, no fast math.
 
 use std::ffi::{c_char, c_int, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::OnceLock;
 
-use cudarc::nvrtc::sys;
-
+use super::nvrtc_lib::{self, Nvrtc, Program, SUCCESS};
 use super::registry::{Module, COMMON_HEADER};
 use crate::error::{bail, Result};
 
 /// Whether NVRTC can be loaded (probed once).
 pub fn available() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    *PRESENT.get_or_init(|| {
-        if let Some(path) = std::env::var_os("LOMO_NVRTC_PATH") {
-            if let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) {
-                // SAFETY: dlopen with a valid C string; the handle is kept for the process.
-                unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-            }
-        }
-        // SAFETY: only tries to open the library; a panic is caught.
-        catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
-    })
+    nvrtc_lib::get().is_some()
+}
+
+fn lib() -> Result<&'static Nvrtc> {
+    match nvrtc_lib::get() {
+        Some(l) => Ok(l),
+        None => bail!(
+            NoCuda,
+            "NVRTC (libnvrtc.so, .so.13 or .so.12) was not found; set LOMO_NVRTC_PATH to the \
+             library file or LD_LIBRARY_PATH to its folder"
+        ),
+    }
 }
 
 /// NVRTC's version `(major, minor)`.
 pub fn version() -> Result<(i32, i32)> {
-    if !available() {
-        bail!(
-            NoCuda,
-            "NVRTC (libnvrtc.so) was not found; set LOMO_NVRTC_PATH or LD_LIBRARY_PATH"
-        );
-    }
+    let l = lib()?;
     let (mut major, mut minor): (c_int, c_int) = (0, 0);
-    // SAFETY: valid out pointers; the library is present.
-    let r = catch_unwind(AssertUnwindSafe(|| unsafe {
-        sys::nvrtcVersion(&mut major, &mut minor)
-    }));
-    match r {
-        Ok(sys::nvrtcResult::NVRTC_SUCCESS) => Ok((major, minor)),
-        _ => bail!(CompileError, "nvrtcVersion failed"),
+    // SAFETY: valid out pointers.
+    let r = unsafe { (l.version)(&mut major, &mut minor) };
+    if r != SUCCESS {
+        bail!(CompileError, "nvrtcVersion failed: {}", l.describe(r));
     }
+    Ok((major, minor))
 }
 
 /// A compiled module.
@@ -71,97 +61,75 @@ pub fn options(arch: &str) -> Vec<String> {
 
 /// Compiles `module` for `arch` (a real architecture, `sm_XY`).
 pub fn compile(module: Module, arch: &str) -> Result<Compiled> {
-    if !available() {
-        bail!(
-            NoCuda,
-            "NVRTC (libnvrtc.so) was not found; set LOMO_NVRTC_PATH or LD_LIBRARY_PATH"
-        );
-    }
-    match catch_unwind(AssertUnwindSafe(|| compile_inner(module, arch))) {
-        Ok(r) => r,
-        Err(_) => bail!(
-            CompileError,
-            "NVRTC panicked while compiling {} for {arch}",
-            module.file_name()
-        ),
-    }
-}
-
-fn check(r: sys::nvrtcResult, what: &str) -> Result<()> {
-    if r != sys::nvrtcResult::NVRTC_SUCCESS {
-        bail!(CompileError, "{what} failed: {r:?}");
-    }
-    Ok(())
-}
-
-fn compile_inner(module: Module, arch: &str) -> Result<Compiled> {
+    let l = lib()?;
     let src = CString::new(module.source()).expect("sources have no NUL");
     let name = CString::new(module.file_name()).expect("no NUL");
     let header = CString::new(COMMON_HEADER).expect("no NUL");
     let header_name = CString::new("common.cuh").expect("no NUL");
     let headers = [header.as_ptr()];
     let names = [header_name.as_ptr()];
-    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+    let mut prog: Program = std::ptr::null_mut();
     // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
-    check(
-        unsafe {
-            sys::nvrtcCreateProgram(
-                &mut prog,
-                src.as_ptr(),
-                name.as_ptr(),
-                1,
-                headers.as_ptr(),
-                names.as_ptr(),
-            )
-        },
-        "nvrtcCreateProgram",
-    )?;
+    let r = unsafe {
+        (l.create_program)(
+            &mut prog,
+            src.as_ptr(),
+            name.as_ptr(),
+            1,
+            headers.as_ptr(),
+            names.as_ptr(),
+        )
+    };
+    if r != SUCCESS {
+        bail!(CompileError, "nvrtcCreateProgram failed: {}", l.describe(r));
+    }
     let opts: Vec<CString> = options(arch)
         .into_iter()
         .map(|o| CString::new(o).expect("no NUL"))
         .collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
-    // SAFETY: `prog` was created above; the options outlive the call.
-    let compiled =
-        unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
-    let log = program_log(prog);
-    let result = if compiled != sys::nvrtcResult::NVRTC_SUCCESS {
+    // SAFETY: `prog` was created above; the options are valid C strings for the call.
+    let compiled = unsafe { (l.compile_program)(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+    let log = program_log(l, prog);
+    let result = if compiled != SUCCESS {
         Err(crate::error::Error::new(
             crate::error::Status::CompileError,
             format!(
-                "NVRTC could not compile {} for {arch}: {compiled:?}\n{log}",
-                module.file_name()
+                "NVRTC ({}) could not compile {} for {arch}: {}\n{log}",
+                l.origin,
+                module.file_name(),
+                l.describe(compiled)
             ),
         ))
     } else {
-        cubin(prog).map(|cubin| Compiled { cubin, log })
+        cubin(l, prog).map(|cubin| Compiled { cubin, log })
     };
-    // SAFETY: `prog` is destroyed exactly once.
-    unsafe { sys::nvrtcDestroyProgram(&mut prog) };
+    // SAFETY: `prog` was created above and is destroyed once.
+    unsafe { (l.destroy_program)(&mut prog) };
     result
 }
 
-fn program_log(prog: sys::nvrtcProgram) -> String {
+fn program_log(l: &Nvrtc, prog: Program) -> String {
     let mut n = 0usize;
-    // SAFETY: `prog` is a live program; `n` is a valid out pointer.
-    if unsafe { sys::nvrtcGetProgramLogSize(prog, &mut n) } != sys::nvrtcResult::NVRTC_SUCCESS {
+    // SAFETY: `prog` is live; valid out pointer.
+    if unsafe { (l.get_program_log_size)(prog, &mut n) } != SUCCESS {
         return String::new();
     }
     let mut buf = vec![0u8; n.max(1)];
     // SAFETY: `buf` holds the `n` bytes NVRTC reported.
-    unsafe { sys::nvrtcGetProgramLog(prog, buf.as_mut_ptr().cast()) };
+    unsafe { (l.get_program_log)(prog, buf.as_mut_ptr().cast()) };
     String::from_utf8_lossy(&buf)
         .trim_end_matches('\0')
         .to_owned()
 }
 
-fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
+fn cubin(l: &Nvrtc, prog: Program) -> Result<Vec<u8>> {
     let mut n = 0usize;
-    // SAFETY: `prog` compiled successfully; `n` is a valid out pointer.
-    check(
-        unsafe { sys::nvrtcGetCUBINSize(prog, &mut n) },
-        "nvrtcGetCUBINSize",
-    )?;
+    // SAFETY: `prog` is live and compiled; valid out pointer.
+    let r = unsafe { (l.get_cubin_size)(prog, &mut n) };
+    if r != SUCCESS {
+        bail!(CompileError, "nvrtcGetCUBINSize failed: {}", l.describe(r));
+    }
     if n == 0 {
         bail!(
             CompileError,
@@ -170,14 +138,13 @@ fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
     }
     let mut buf = vec![0u8; n];
     // SAFETY: `buf` holds the `n` bytes NVRTC reported.
-    check(
-        unsafe { sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()) },
-        "nvrtcGetCUBIN",
-    )?;
+    let r = unsafe { (l.get_cubin)(prog, buf.as_mut_ptr().cast()) };
+    if r != SUCCESS {
+        bail!(CompileError, "nvrtcGetCUBIN failed: {}", l.describe(r));
+    }
     Ok(buf)
 }
 
-/// Per-kernel resource usage parsed from ptxas's `-v` report.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelUsage {
     pub name: String,
