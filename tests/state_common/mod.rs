@@ -47,8 +47,13 @@ pub fn load(opt: &Opt, path: &std::path::Path) -> Result<(), Failure> {
     check(unsafe { lomo_state_load(opt.0, p.as_ptr()) })
 }
 
+/// A fresh directory of its own: tests run in parallel threads of one process, so the name
+/// carries a per-call counter besides the process id.
 pub fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("lomo_state_{tag}_{}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("lomo_state_{tag}_{}_{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
