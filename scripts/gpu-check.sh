@@ -9,6 +9,10 @@
 # Results go to $OUT (default build-gpu-check/): nvidia-smi.txt, parity.txt, sanitizer-*.txt,
 # bench.txt, bench.json. Exit status: non-zero if parity or the sanitizer failed.
 #
+# With the workplace's `device` tool (its $OUT is picked up below): build and download here, then
+#   run(command="bash scripts/gpu-check.sh", carry=["target/release/liblomo.so", ".whl"], timeout_s=540)
+# Expect about 5 minutes: first-use NVRTC compiles, parity, two sanitizer passes, the benchmark.
+#
 # Prepare on a machine with network (from the repository root), then carry target/release/liblomo.so
 # (20 MB with debug info; `objcopy --strip-debug` makes it 2.5 MB) and .whl/ with the working tree:
 #   cargo build --release
