@@ -11,7 +11,8 @@
 #
 # With the workplace's `device` tool (its $OUT is picked up below): build and download here, then
 #   run(command="bash scripts/gpu-check.sh", carry=["target/release/liblomo.so", ".whl"], timeout_s=540)
-# Expect about 5 minutes: first-use NVRTC compiles, parity, two sanitizer passes, the benchmark.
+# Not yet timed on a GPU (first-use NVRTC compiles, parity, two sanitizer passes, the benchmark):
+# keep the timeout under the 10-minute command limit and leave device time for a rerun.
 #
 # Prepare on a machine with network (from the repository root), then carry target/release/liblomo.so
 # (20 MB with debug info; `objcopy --strip-debug` makes it 2.5 MB) and .whl/ with the working tree:
