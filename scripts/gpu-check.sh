@@ -10,7 +10,7 @@
 # bench.txt, bench.json. Exit status: non-zero if parity or the sanitizer failed.
 #
 # With the workplace's `device` tool (its $OUT is picked up below): build and download here, then
-#   run(command="bash scripts/gpu-check.sh", carry=["target/release/liblomo.so", ".whl"], timeout_s=540)
+#   run(command="bash scripts/gpu-check.sh", carry=["target/release/liblomo.so", ".whl"], timeout_s=420)
 # Not yet timed on a GPU (first-use NVRTC compiles, parity, two sanitizer passes, the benchmark):
 # keep the timeout under the 10-minute command limit and leave device time for a rerun.
 #
