@@ -10,13 +10,12 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, state_defining};
-use super::{restore_counters, Counters};
+use super::{restore_counters, state_tensors, Counters};
 use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
 use crate::config::{Algorithm, LossScaleMode};
 use crate::error::{bail, Error, Result, Status};
 use crate::optimizer::Optimizer;
-use crate::param::Param;
 use crate::scaler::LossScaler;
 
 fn corrupt(what: impl std::fmt::Display) -> Error {
@@ -149,18 +148,6 @@ fn check_params(opt: &Optimizer, file: &File<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The state tensors a parameter needs: (name, element count).
-fn expected_tensors(p: &Param) -> Vec<(String, usize)> {
-    if p.factored {
-        vec![
-            (format!("{}.row", p.name), p.rows),
-            (format!("{}.col", p.name), p.cols),
-        ]
-    } else {
-        vec![(format!("{}.v", p.name), p.numel())]
-    }
-}
-
 /// For every parameter (in id order), the bytes of its state tensors (empty for LOMO).
 fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]>>> {
     let by_name: HashMap<&str, &TensorInfo> =
@@ -170,7 +157,7 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
     for p in opt.params() {
         let mut slices = Vec::new();
         if opt.algorithm() == Algorithm::Adalomo {
-            for (name, len) in expected_tensors(p) {
+            for (name, len) in state_tensors(p) {
                 let Some(t) = by_name.get(name.as_str()) else {
                     return Err(mismatch(format!("the checkpoint has no tensor '{name}'")));
                 };
@@ -195,7 +182,7 @@ fn state_slices<'a>(opt: &Optimizer, file: &File<'a>) -> Result<Vec<Vec<&'a [u8]
             .params()
             .iter()
             .filter(|_| opt.algorithm() == Algorithm::Adalomo)
-            .flat_map(|p| expected_tensors(p).into_iter().map(|(n, _)| n))
+            .flat_map(|p| state_tensors(p).into_iter().map(|(n, _)| n))
             .collect();
         let extra = file
             .tensors
@@ -298,7 +285,7 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
         skipped_total,
         scaler,
     };
-    if opt.cuda().is_some() {
+    if opt.is_cuda() {
         return commit_cuda(opt, &slices, counters, rollback);
     }
 

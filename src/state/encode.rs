@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use super::{checksum_entry, checksum_tensor, counters, fingerprint, fmt_f64, mode_str};
-use super::{rounding_str, Counters};
+use super::{rounding_str, state_tensors, Counters};
 use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
 use crate::config::Algorithm;
@@ -20,15 +20,6 @@ use crate::optimizer::Optimizer;
 struct Tensor<'a> {
     name: String,
     values: Cow<'a, [f32]>,
-}
-
-impl<'a> Tensor<'a> {
-    fn new(param: &str, suffix: &str, values: Cow<'a, [f32]>) -> Tensor<'a> {
-        Tensor {
-            name: format!("{param}.{suffix}"),
-            values,
-        }
-    }
 }
 
 /// Calls `f` with the little-endian bytes of `values`, a bounded chunk at a time.
@@ -98,29 +89,19 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     // Hold every parameter's lock while reading, so the file is one consistent snapshot.
     let guards: Vec<_> = opt.params().iter().map(|p| p.inner.lock()).collect();
     let mut tensors = Vec::new();
-    if let Some(side) = opt.cuda() {
-        if opt.algorithm() == Algorithm::Adalomo {
-            for (id, p) in opt.params().iter().enumerate() {
+    for (id, (p, g)) in opt.params().iter().zip(&guards).enumerate() {
+        // The parameter's state buffers: borrowed from the host, or copied from the device.
+        let values: Vec<Cow<'_, [f32]>> = match (opt.cuda(), g.ada.as_ref().map(|a| &a.state)) {
+            (_, Some(AdaState::Factored { row, col })) => vec![row.into(), col.into()],
+            (_, Some(AdaState::Vector { v })) => vec![v.into()],
+            (Some(side), None) if opt.algorithm() == Algorithm::Adalomo => {
                 let (a, b) = side.read_state(id as u32)?;
-                if p.factored {
-                    tensors.push(Tensor::new(&p.name, "row", Cow::Owned(a)));
-                    tensors.push(Tensor::new(&p.name, "col", Cow::Owned(b)));
-                } else {
-                    tensors.push(Tensor::new(&p.name, "v", Cow::Owned(a)));
-                }
+                vec![a.into(), b.into()]
             }
-        }
-    }
-    for (p, g) in opt.params().iter().zip(&guards) {
-        match g.ada.as_ref().map(|a| &a.state) {
-            Some(AdaState::Factored { row, col }) => {
-                tensors.push(Tensor::new(&p.name, "row", Cow::Borrowed(row)));
-                tensors.push(Tensor::new(&p.name, "col", Cow::Borrowed(col)));
-            }
-            Some(AdaState::Vector { v }) => {
-                tensors.push(Tensor::new(&p.name, "v", Cow::Borrowed(v)))
-            }
-            None => {}
+            (_, None) => Vec::new(),
+        };
+        for ((name, _), values) in state_tensors(p).into_iter().zip(values) {
+            tensors.push(Tensor { name, values });
         }
     }
     let counters = counters(opt)?;

@@ -35,6 +35,7 @@ use crate::backend::cuda::snapshot::DeviceCounters;
 use crate::config::{Algorithm, Config, LossScaleMode, Rounding};
 use crate::error::{Error, Result, Status};
 use crate::optimizer::Optimizer;
+use crate::param::Param;
 use crate::scaler::LossScaler;
 
 pub use crc32::Crc32;
@@ -117,6 +118,19 @@ pub fn fingerprint(cfg: &Config) -> String {
         crc.update(format!("{k}={v};").as_bytes());
     }
     format!("{:08x}", crc.finish())
+}
+
+/// The state tensors of an AdaLomo parameter, in the order of its state buffers: (name, element
+/// count) — `<name>.row`, `<name>.col` for factored state, `<name>.v` for a vector.
+pub(crate) fn state_tensors(p: &Param) -> Vec<(String, usize)> {
+    if p.factored {
+        vec![
+            (format!("{}.row", p.name), p.rows),
+            (format!("{}.col", p.name), p.cols),
+        ]
+    } else {
+        vec![(format!("{}.v", p.name), p.numel())]
+    }
 }
 
 /// Checkpoints are taken between steps.
