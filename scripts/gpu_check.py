@@ -232,13 +232,20 @@ def parity(quick):
     return total_fail == 0
 
 
+def use_bindings():
+    """Makes lomo_native (bindings/python of this checkout) importable, on the library under test."""
+    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def torch_parity():
     """The PyTorch drop-ins (lomo_native.torch) on a CUDA module against the same module on the
     CPU: Lomo and AdaLomo (with clip_grad_norm), f32 and bf16, three steps. The loss is linear in
     the parameters, so both devices get bit-identical gradients through their own backward and
     hooks; parameters are compared per element after every step (then re-synchronized)."""
-    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
+    use_bindings()
     from lomo_native.torch import AdaLomo, Lomo
 
     class M(torch.nn.Module):
@@ -296,8 +303,7 @@ def jax_parity():
     except RuntimeError as e:
         print(f"SKIP jax parity: this jax has no CUDA backend ({e})")
         return True
-    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python"))
+    use_bindings()
     from lomo_native import jax as lj
 
     tdt = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.float16): torch.float16,

@@ -97,7 +97,6 @@ impl Call {
         }
     }
 
-    /// A kernel of `kernels/xla.cu` (one block: the records are tiny).
     /// One tensor's UPDATE: `xla_prepare`, the passes `run` enqueues (on this call's launcher,
     /// records and stream), `xla_update_finish`.
     fn update(
@@ -111,6 +110,7 @@ impl Call {
         self.xla("xla_update_finish", a)
     }
 
+    /// A kernel of `kernels/xla.cu` (one block: the records are tiny).
     fn xla(&self, name: &str, a: &XlaArgs) -> XResult<()> {
         let block = if name == "xla_prepare" { THREADS } else { 32 };
         let geo = Geometry {
