@@ -232,6 +232,53 @@ def parity(quick):
     return total_fail == 0
 
 
+def refused(fn):
+    """The lomo status of a call expected to fail (0 if it succeeded)."""
+    try:
+        fn()
+    except RuntimeError as e:
+        return int(str(e).split()[2].rstrip(":"))
+    return 0
+
+
+def bad_input():
+    """Host memory handed to a CUDA optimizer, as a parameter or as a gradient, is refused with
+    INVALID_ARGUMENT before any kernel sees it, and a refused gradient leaves the step usable:
+    the same step then ends on the device as on the CPU, and the device has no sticky error."""
+    if EMULATE:
+        print("SKIP bad-input checks: under emulation every address is host memory")
+        return True
+    failures = []
+    host = torch.randn(4097)
+    opt = Opt(0)
+    st = refused(lambda: opt.register("host", host, 0))
+    if st != 2:
+        failures.append(f"host memory registered as a CUDA parameter: status {st}, expected 2")
+    cpu, dev = Opt(0), Opt(0)
+    p = torch.randn(4097)
+    d = p.to("cuda")
+    cpu.register("p", p, -1)
+    dev.register("p", d, 0)
+    g = torch.randn(4097)
+    stream = stream_ptr()
+    cpu.step(1, 0.01, [g], None)
+    ok(lib.lomo_step_begin(dev.h, 1, 0.01, stream))
+    st = refused(lambda: ok(lib.lomo_grad_submit(dev.h, 0, host.data_ptr(), 0, stream)))
+    if st != 2:
+        failures.append(f"host memory submitted as a CUDA gradient: status {st}, expected 2")
+    gd = g.to("cuda")
+    ok(lib.lomo_grad_submit(dev.h, 0, gd.data_ptr(), 0, stream))
+    ok(lib.lomo_step_end(dev.h, stream))
+    torch.cuda.synchronize()
+    good, msg = close(p, d)
+    if not good:
+        failures.append(f"the step after a refused gradient: {msg}")
+    print(("FAIL " if failures else "ok   ") + "bad input: host memory refused, the step goes on")
+    for x in failures:
+        print("     " + x)
+    return not failures
+
+
 def use_bindings():
     """Makes lomo_native (bindings/python of this checkout) importable, on the library under test."""
     os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
@@ -463,6 +510,7 @@ if __name__ == "__main__":
     if "parity" in sys.argv:
         quick = "--quick" in sys.argv
         good = parity(quick)
+        good = bad_input() and good
         if quick:  # the sanitizer runs: the C API only
             print("SKIP torch drop-in and jax parity: --quick")
         else:

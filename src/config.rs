@@ -161,14 +161,14 @@ impl Config {
         finite_nonneg("weight_decay", self.weight_decay)?;
         finite_nonneg("clip_grad_norm", self.clip_grad_norm)?;
         finite_nonneg("clip_grad_value", self.clip_grad_value)?;
-        if self.loss_scale_mode != LossScaleMode::None {
-            if !(self.loss_scale.is_finite() && self.loss_scale > 0.0) {
-                bail!(
-                    InvalidArgument,
-                    "config.loss_scale must be finite and > 0, got {}",
-                    self.loss_scale
-                );
-            }
+        if self.loss_scale_mode != LossScaleMode::None
+            && !(self.loss_scale.is_finite() && self.loss_scale > 0.0)
+        {
+            bail!(
+                InvalidArgument,
+                "config.loss_scale must be finite and > 0, got {}",
+                self.loss_scale
+            );
         }
         if self.loss_scale_mode == LossScaleMode::Dynamic {
             if !(self.scale_factor.is_finite() && self.scale_factor > 1.0) {

@@ -394,7 +394,7 @@ impl Optimizer {
             StepState::Update { lr, norm } => {
                 let group = self.groups[&param.group];
                 update::Phase::Update {
-                    skip: norm.map_or(false, |n| n.overflow),
+                    skip: norm.is_some_and(|n| n.overflow),
                     prechecked: norm.is_some(),
                     xf: self.xform(norm),
                     lr: lr * group.lr_multiplier,
@@ -464,7 +464,7 @@ impl Optimizer {
                 });
             }
             StepState::Update { norm, .. } => {
-                let skipped = norm.map_or(false, |n| n.overflow);
+                let skipped = norm.is_some_and(|n| n.overflow);
                 let overflow = skipped || nonfinite > 0;
                 let used_scale = self.scaler.scale() as f32;
                 self.scaler.update(overflow);

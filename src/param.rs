@@ -153,7 +153,7 @@ impl Param {
         let factored = shape.len() >= 2;
         let (rows, cols) = if factored {
             let cols = *shape.last().unwrap_or(&1);
-            (if cols == 0 { 0 } else { numel / cols }, cols)
+            (numel.checked_div(cols).unwrap_or(0), cols)
         } else {
             (numel, 1)
         };

@@ -231,7 +231,7 @@ fn run(case: &Case) {
             "{what}: clip coef"
         );
         if cfg.algorithm == Algorithm::Adalomo {
-            for i in 0..SHAPES.len() {
+            for (i, shape) in SHAPES.iter().enumerate() {
                 let (a, b) = dev.read_state(i, 0).unwrap();
                 let cpu_state = cpu_state(&cpu, i);
                 let dev_state: Vec<f32> = a.into_iter().chain(b).collect();
@@ -239,8 +239,7 @@ fn run(case: &Case) {
                 for (k, (x, y)) in cpu_state.iter().zip(&dev_state).enumerate() {
                     assert!(
                         !y.is_nan() && (x - y).abs() <= 1e-6 * x.abs().max(y.abs()),
-                        "{what}: state of {:?} at {k}: cpu {x} dev {y}",
-                        SHAPES[i]
+                        "{what}: state of {shape:?} at {k}: cpu {x} dev {y}"
                     );
                 }
             }

@@ -29,7 +29,7 @@ fn view(shape: &[i64]) -> (usize, usize, bool) {
     let n: usize = shape.iter().map(|&d| d as usize).product();
     if shape.len() >= 2 {
         let c = *shape.last().unwrap() as usize;
-        (if c == 0 { 0 } else { n / c }, c, true)
+        (n.checked_div(c).unwrap_or(0), c, true)
     } else {
         (n, 1, false)
     }

@@ -273,14 +273,14 @@ fn finalize_factored(ws: &mut AdaWorkspace, col_old: &[f32], rows: usize, args: 
         .sum();
     let row_mean = (row_sum / rows as f64) as f32;
     let mut sum_u_sq = 0f64;
-    for j in 0..ws.cols {
+    for (j, &old) in col_old.iter().enumerate().take(ws.cols) {
         let (mut c, mut d) = (0f64, 0f64);
         for w in &ws.chunks {
             c += w.col64[j];
             d += w.d64[j];
         }
         let col_mean = (c / rows as f64) as f32;
-        let cn = col_mean.mul_add(args.one_minus_beta, col_old[j] * args.beta);
+        let cn = col_mean.mul_add(args.one_minus_beta, old * args.beta);
         ws.col_new[j] = cn;
         ws.c_scale[j] = 1.0 / cn.sqrt();
         sum_u_sq += d / cn as f64;

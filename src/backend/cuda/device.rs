@@ -142,6 +142,8 @@ impl DeviceOpt {
         factored: bool,
         carry: bool,
     ) -> Result<usize> {
+        self.launcher
+            .check_buffer(p, numel * dtype.size() as u64, "the parameter")?;
         if self.params.len() == self.cap {
             self.grow()?;
         }
@@ -280,6 +282,8 @@ impl DeviceOpt {
         let Some(dp) = self.params.get(idx) else {
             bail!(UnknownParam, "no CUDA parameter with index {idx}");
         };
+        let bytes = dp.tensor.layout.shape.numel * g_dtype.size() as u64;
+        self.launcher.check_buffer(g, bytes, "the gradient")?;
         let rec = Records {
             step: self.step,
             t: self.tensor_ptr(idx),

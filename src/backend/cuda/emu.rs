@@ -112,6 +112,11 @@ impl Launcher for EmuLauncher {
         Ok(())
     }
 
+    fn check_buffer(&self, _ptr: DevPtr, _bytes: u64, _what: &str) -> Result<()> {
+        // Emulated device memory is host memory: the driver's checks have nothing to look up.
+        Ok(())
+    }
+
     fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, _stream: usize) -> Result<()> {
         // SAFETY: both are emulated device memory (host memory) holding `bytes` bytes (`copy`
         // even tolerates overlap). Launches are synchronous here, so stream order holds.

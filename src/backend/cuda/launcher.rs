@@ -29,6 +29,11 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// Synchronous host → device copy: complete, for kernels on any stream, when it returns.
     /// Not on the step path.
     fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Checks that `bytes` bytes at `ptr` are memory this device's kernels may access: both ends
+    /// known to the driver, device memory of this device, allocated in the context the launches
+    /// use. `what` names the buffer in the message. A host-side query: it never waits for the
+    /// device. Under emulation every address is host memory, so every address passes.
+    fn check_buffer(&self, ptr: DevPtr, bytes: u64, what: &str) -> Result<()>;
     /// Enqueues a device → device copy of `bytes` bytes on `stream` (does not wait).
     fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, stream: usize) -> Result<()>;
     /// Enqueues `kernel` on `stream` (0 = default stream). `args` follows cuLaunchKernel: one

@@ -25,7 +25,7 @@ pub fn emulated() -> bool {
     if EMULATE_ON_THIS_THREAD.with(|e| e.get()) {
         return true;
     }
-    std::env::var("LOMO_CUDA_EMULATE").map_or(false, |v| v == "1")
+    std::env::var("LOMO_CUDA_EMULATE").is_ok_and(|v| v == "1")
 }
 
 #[cfg(test)]
@@ -53,12 +53,13 @@ impl Drop for EmulationGuard {
     }
 }
 
-/// A launcher for CUDA device `ordinal`.
+/// A launcher for CUDA device `ordinal`: under emulation a fresh one; on a real device the
+/// process-wide one (see [`shared_launcher`]).
 pub fn launcher_for(ordinal: i32) -> Result<Arc<dyn Launcher>> {
     if emulated() {
         return Ok(Arc::new(super::emu::EmuLauncher::new(EMU_SMS)));
     }
-    driver_launcher(ordinal)
+    shared_launcher(false, ordinal)
 }
 
 #[cfg(feature = "cuda")]
@@ -75,20 +76,32 @@ fn driver_launcher(ordinal: i32) -> Result<Arc<dyn Launcher>> {
 type SharedLaunchers = HashMap<(bool, i32), Arc<dyn Launcher>>;
 static SHARED: Lazy<Mutex<SharedLaunchers>> = Lazy::new(|| Mutex::new(HashMap::new()));
 
+/// The process-wide launcher of device `ordinal`, created at first use and kept for the life of
+/// the process. A real device's launcher holds a retain on the device's primary context, so the
+/// modules loaded into it stay valid however many optimizers come and go (were the last retain
+/// released, the context could be destroyed and the cached kernel handles would dangle); it
+/// also spares each optimizer the device queries.
+fn shared_launcher(emu: bool, ordinal: i32) -> Result<Arc<dyn Launcher>> {
+    let mut shared = SHARED.lock();
+    if let Some(l) = shared.get(&(emu, ordinal)) {
+        return Ok(l.clone());
+    }
+    let l = if emu {
+        Arc::new(super::emu::EmuLauncher::new(EMU_SMS))
+    } else {
+        driver_launcher(ordinal)?
+    };
+    shared.insert((emu, ordinal), l.clone());
+    Ok(l)
+}
+
 /// The process-wide launcher of the device that owns device memory at `ptr`, and its ordinal:
 /// for callers without an optimizer (the XLA handlers), where creating a launcher per call
-/// (primary-context retain, device queries) would be too slow. Created at first use and kept
-/// for the life of the process. Under emulation every pointer belongs to device 0.
+/// would be too slow. Under emulation every pointer belongs to device 0.
 pub fn shared_launcher_for_pointer(ptr: u64) -> Result<(i32, Arc<dyn Launcher>)> {
     let emu = emulated();
     let ordinal = if emu { 0 } else { pointer_device(ptr)? };
-    let mut shared = SHARED.lock();
-    if let Some(l) = shared.get(&(emu, ordinal)) {
-        return Ok((ordinal, l.clone()));
-    }
-    let l = launcher_for(ordinal)?;
-    shared.insert((emu, ordinal), l.clone());
-    Ok((ordinal, l))
+    Ok((ordinal, shared_launcher(emu, ordinal)?))
 }
 
 #[cfg(feature = "cuda")]
