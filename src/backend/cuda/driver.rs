@@ -329,7 +329,10 @@ impl Launcher for DriverLauncher {
             if bytes == 0 {
                 return Ok(());
             }
-            bail!(InvalidArgument, "{what} at {ptr:#x} of {bytes} bytes wraps around the address space");
+            bail!(
+                InvalidArgument,
+                "{what} at {ptr:#x} of {bytes} bytes wraps around the address space"
+            );
         };
         let device = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
         for (addr, end) in [(ptr, "first"), (last, "last")] {
