@@ -83,6 +83,41 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialize")
 }
 
+/// The byte range of each tensor's data: one after another, in order.
+fn offsets(entries: &[(&str, usize)]) -> Vec<(usize, usize)> {
+    let mut end = 0usize;
+    entries
+        .iter()
+        .map(|(_, len)| {
+            let o = (end, end + 4 * len);
+            end = o.1;
+            o
+        })
+        .collect()
+}
+
+/// The safetensors header: the metadata, then one F32 entry per (name, element count) in the
+/// given order, padded with spaces to a multiple of 8 bytes.
+fn header(meta: &BTreeMap<&'static str, String>, entries: &[(&str, usize)]) -> String {
+    let mut header = String::from("{\"__metadata__\":{");
+    for (i, (k, v)) in meta.iter().enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        header += &format!("{sep}{}:{}", json_str(k), json_str(v));
+    }
+    header.push('}');
+    for ((name, len), (a, b)) in entries.iter().zip(offsets(entries)) {
+        header += &format!(
+            ",{}:{{\"dtype\":\"F32\",\"shape\":[{len}],\"data_offsets\":[{a},{b}]}}",
+            json_str(name)
+        );
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    header
+}
+
 /// Writes the checkpoint of `opt` to `out`. Only between steps (else `PhaseError`).
 pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     super::check_checkpointable(opt, "saved")?;
@@ -106,43 +141,24 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     }
     let counters = counters(opt)?;
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let entries: Vec<(&str, usize)> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.values.len()))
+        .collect();
 
     let mut meta = metadata(opt, &counters);
     let mut crc = Crc32::new();
     for (k, v) in &meta {
         checksum_entry(&mut crc, k, v);
     }
-    let mut offsets = Vec::with_capacity(tensors.len());
-    let mut end = 0usize;
-    for t in &tensors {
-        let o = (end, end + 4 * t.values.len());
-        checksum_tensor(&mut crc, &t.name, "F32", &[t.values.len()], o);
-        offsets.push(o);
-        end = o.1;
+    for ((name, len), o) in entries.iter().zip(offsets(&entries)) {
+        checksum_tensor(&mut crc, name, "F32", &[*len], o);
     }
     for t in &tensors {
         for_le_chunks(&t.values, |b| crc.update(b));
     }
     meta.insert(CHECKSUM_KEY, format!("{:08x}", crc.finish()));
-
-    let mut header = String::from("{\"__metadata__\":{");
-    for (i, (k, v)) in meta.iter().enumerate() {
-        let sep = if i > 0 { "," } else { "" };
-        header += &format!("{sep}{}:{}", json_str(k), json_str(v));
-    }
-    header.push('}');
-    for (t, (a, b)) in tensors.iter().zip(&offsets) {
-        header += &format!(
-            ",{}:{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{a},{b}]}}",
-            json_str(&t.name),
-            t.values.len()
-        );
-    }
-    header.push('}');
-    // safetensors pads the header with spaces to a multiple of 8 bytes.
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
+    let header = header(&meta, &entries);
 
     let io = |e: std::io::Error| Error::new(Status::IoError, format!("writing the state: {e}"));
     out.write_all(&(header.len() as u64).to_le_bytes())
@@ -159,24 +175,23 @@ pub fn encode<W: Write>(opt: &Optimizer, out: &mut W) -> Result<()> {
     result.map_err(io)
 }
 
-/// Counts bytes instead of storing them.
-struct Counter(usize);
-
-impl Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The exact size in bytes of the checkpoint [`encode`] would write now.
+/// The exact size in bytes of the checkpoint [`encode`] would write now, from the shapes and
+/// the counters alone: no state values are read (for CUDA parameters, no state is copied from
+/// the device; only the small step record is).
 pub fn encoded_size(opt: &Optimizer) -> Result<usize> {
-    let mut c = Counter(0);
-    encode(opt, &mut c)?;
-    Ok(c.0)
+    super::check_checkpointable(opt, "saved")?;
+    let mut owned: Vec<(String, usize)> = if opt.algorithm() == Algorithm::Adalomo {
+        opt.params().iter().flat_map(state_tensors).collect()
+    } else {
+        Vec::new()
+    };
+    owned.sort();
+    let entries: Vec<(&str, usize)> = owned.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    let mut meta = metadata(opt, &counters(opt)?);
+    // Any checksum has these 8 hex digits' width.
+    meta.insert(CHECKSUM_KEY, format!("{:08x}", 0u32));
+    let data: usize = entries.iter().map(|(_, len)| 4 * len).sum();
+    Ok(8 + header(&meta, &entries).len() + data)
 }
 
 /// The checkpoint as a byte vector.
