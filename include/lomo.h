@@ -541,6 +541,10 @@ const char *lomo_status_str(uint32_t status);
  * the NUL. `buf` may be NULL when `len` is 0 (to ask for the length). The message belongs to the
  * calling thread and is replaced by the next failing call on that thread; successful calls leave
  * it as it was. Never fails.
+ *
+ * # Safety
+ * If `buf` is NULL, nothing is written and only the length is returned; otherwise `buf` must point
+ * to at least `len` writable bytes of host memory. Thread-safe: each thread has its own message.
  */
 size_t lomo_last_error_message(char *buf, size_t len);
 
@@ -555,6 +559,10 @@ bool lomo_cuda_available(void);
  * Fills `*cfg` with lomo-optim's defaults for `algorithm` (`LOMO_ALGORITHM_LOMO` or
  * `LOMO_ALGORITHM_ADALOMO`) and sets `struct_size`. See `lomo_config` for each default.
  * `cfg` must not be NULL; it is written only on success. Thread-safe.
+ *
+ * # Safety
+ * If `cfg` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `cfg` must point to
+ * writable host memory for one `lomo_config`, whose previous contents are overwritten, not read.
  */
 lomo_status lomo_config_init(struct lomo_config *cfg, uint32_t algorithm);
 
@@ -562,12 +570,22 @@ lomo_status lomo_config_init(struct lomo_config *cfg, uint32_t algorithm);
  * Creates an optimizer from a validated copy of `*cfg` and stores it in `*out`.
  * `cfg` and `out` must not be NULL; `*out` is written only on success. The caller owns the
  * result and frees it with `lomo_optimizer_free`. Thread-safe.
+ *
+ * # Safety
+ * If `cfg` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT` (nothing written);
+ * otherwise `cfg` must point to a readable `lomo_config` (only read during the call) and `out` to
+ * a writable `lomo_optimizer *`.
  */
 lomo_status lomo_optimizer_new(const struct lomo_config *cfg, struct lomo_optimizer **out);
 
 /**
  * Destroys an optimizer and its state. NULL is a no-op. Parameter buffers are the caller's and
  * are not touched. No other call on `opt` may be running or follow.
+ *
+ * # Safety
+ * `opt` must be NULL or a handle from `lomo_optimizer_new` not yet freed. No other call on `opt`
+ * (`lomo_grad_submit` included) may run concurrently or follow; freeing twice is undefined
+ * behaviour. Device addresses from `lomo_cuda_loss_scale_ptr` become invalid.
  */
 void lomo_optimizer_free(struct lomo_optimizer *opt);
 
@@ -575,6 +593,10 @@ void lomo_optimizer_free(struct lomo_optimizer *opt);
  * Sets the lr multiplier and weight decay of `group`, creating the group if needed. Group 0
  * exists from the start with multiplier 1 and the config's `weight_decay`. Use a separate group
  * with `weight_decay = 0` for biases and norm weights. Takes effect from the next submission.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
  */
 lomo_status lomo_group_set(struct lomo_optimizer *opt,
                            uint32_t group,
@@ -583,6 +605,12 @@ lomo_status lomo_group_set(struct lomo_optimizer *opt,
 
 /**
  * Reads a group's lr multiplier and weight decay. Outputs are written only on success.
+ *
+ * # Safety
+ * If `opt`, `out_lr_multiplier` or `out_weight_decay` is NULL, the call returns
+ * `LOMO_STATUS_NULL_ARGUMENT` (nothing written); otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns,
+ * and each output must point to a writable `double`.
  */
 lomo_status lomo_group_get(const struct lomo_optimizer *opt,
                            uint32_t group,
@@ -594,6 +622,13 @@ lomo_status lomo_group_get(const struct lomo_optimizer *opt,
  * assigned densely from 0 in registration order. The name and shape are copied; the data buffer
  * is borrowed (see `lomo_param_desc`). AdaLomo allocates the parameter's state and workspace
  * here, so steps allocate nothing. Frozen parameters are simply not registered.
+ *
+ * # Safety
+ * If `opt`, `desc`, `out_id`, `desc->name` or (when `ndim` > 0) `desc->shape` is NULL, the call
+ * returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from `lomo_optimizer_new` and not
+ * be freed before this call returns; `desc` must point to a readable `lomo_param_desc`, `out_id`
+ * to a writable `uint32_t`, `name` to a NUL-terminated string and `shape` to `ndim` `int64_t`
+ * (read only during the call). `desc->data` must meet the contract of `lomo_param_desc.data`.
  */
 lomo_status lomo_param_register(struct lomo_optimizer *opt,
                                 const struct lomo_param_desc *desc,
@@ -601,6 +636,11 @@ lomo_status lomo_param_register(struct lomo_optimizer *opt,
 
 /**
  * Number of registered parameters.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+ * returns, and `out` must point to a writable `uint32_t`.
  */
 lomo_status lomo_param_count(const struct lomo_optimizer *opt, uint32_t *out);
 
@@ -613,6 +653,12 @@ lomo_status lomo_param_count(const struct lomo_optimizer *opt, uint32_t *out);
  * `lr` is ignored by NORM phases. `stream` is the caller's `cudaStream_t`/`CUstream` for CUDA
  * parameters (NULL = default stream); it is ignored on the CPU. Fails with
  * `LOMO_STATUS_PHASE_ERROR` if a phase is active or if an UPDATE phase lacks its NORM phase.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+ * For CUDA parameters `stream` must be NULL or a live stream of the parameters' device; it is
+ * never used for CPU parameters.
  */
 lomo_status lomo_step_begin(struct lomo_optimizer *opt, uint32_t phase, float lr, void *stream);
 
@@ -627,6 +673,14 @@ lomo_status lomo_step_begin(struct lomo_optimizer *opt, uint32_t phase, float lr
  * is never applied: it is reported through `lomo_step_info` (not as an error).
  *
  * Thread-safe: several threads may submit different parameters at once.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns. A
+ * NULL `grad` returns `LOMO_STATUS_NULL_ARGUMENT` unless the parameter has no elements. CPU
+ * parameters: `grad` is host memory read only during the call, and no other code may access the
+ * parameter's buffer during it. CUDA parameters: `grad` is memory on the parameter's device that
+ * must stay valid and unchanged until the work on `stream` (as for `lomo_step_begin`) has run.
  */
 lomo_status lomo_grad_submit(struct lomo_optimizer *opt,
                              uint32_t param_id,
@@ -638,6 +692,11 @@ lomo_status lomo_grad_submit(struct lomo_optimizer *opt,
  * Ends the active phase. After a NORM phase it forms the clip coefficient and the overflow
  * decision (an overflow turns the following UPDATE phase into a no-op); after an UPDATE phase it
  * advances the loss scaler and the step counter. `stream`: as for `lomo_step_begin`.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+ * `stream`: as for `lomo_step_begin`.
  */
 lomo_status lomo_step_end(struct lomo_optimizer *opt, void *stream);
 
@@ -645,12 +704,22 @@ lomo_status lomo_step_end(struct lomo_optimizer *opt, void *stream);
  * Abandons the current step (for example when the trainer's backward raised): the optimizer
  * returns to "between steps" without advancing the loss scaler or the step counter. Updates an
  * UPDATE phase already applied stay applied. A no-op between steps.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
  */
 lomo_status lomo_step_cancel(struct lomo_optimizer *opt);
 
 /**
  * Copies the diagnostics of the last phase and step into `*out`; set `out->struct_size` to
  * `sizeof(lomo_step_info)` first. May synchronize with the device for CUDA parameters.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+ * returns, and `out` must point to a writable `lomo_step_info` (`sizeof(lomo_step_info)` host
+ * bytes).
  */
 lomo_status lomo_step_info_get(const struct lomo_optimizer *opt, struct lomo_step_info *out);
 
@@ -661,6 +730,11 @@ lomo_status lomo_step_info_get(const struct lomo_optimizer *opt, struct lomo_ste
  * synchronization-free alternative); with no or static scaling it never synchronizes. `opt`
  * and `out` must not be NULL; `*out` is written only on success. One thread at a time, like
  * every call other than `lomo_grad_submit`.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+ * returns, and `out` must point to a writable host `float`.
  */
 lomo_status lomo_loss_scale(const struct lomo_optimizer *opt, float *out);
 
@@ -672,6 +746,12 @@ lomo_status lomo_loss_scale(const struct lomo_optimizer *opt, float *out);
  * stays valid until the optimizer is freed; never write through it. Fails with
  * `LOMO_STATUS_UNSUPPORTED` when the optimizer has no CUDA parameters. Thread-safe as
  * `lomo_loss_scale`.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+ * returns, and `out` must point to a writable `const float *`. The stored address is device
+ * memory: read it only on the device (never on the host), and not after `lomo_optimizer_free`.
  */
 lomo_status lomo_cuda_loss_scale_ptr(const struct lomo_optimizer *opt, const float **out);
 
@@ -687,6 +767,12 @@ lomo_status lomo_cuda_loss_scale_ptr(const struct lomo_optimizer *opt, const flo
  * `LOMO_STATUS_PHASE_ERROR`); `LOMO_STATUS_IO_ERROR` if the file cannot be written. `opt` and
  * `path` (NUL-terminated) must not be NULL. For CUDA parameters the state is copied through the
  * host (the call synchronizes). Not thread-safe with other calls on `opt`.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+ * If `path` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `path` must point to
+ * a NUL-terminated string, read only during the call.
  */
 lomo_status lomo_state_save(const struct lomo_optimizer *opt, const char *path);
 
@@ -710,6 +796,12 @@ lomo_status lomo_state_save(const struct lomo_optimizer *opt, const char *path);
  * same order: the random stream depends on the parameter id). For CUDA parameters the file is
  * checked on the host, then copied to the device (the call synchronizes with the stream of
  * the optimizer's latest launch). Not thread-safe with other calls on `opt`.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+ * If `path` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `path` must point to
+ * a NUL-terminated string, read only during the call.
  */
 lomo_status lomo_state_load(struct lomo_optimizer *opt, const char *path);
 
@@ -717,6 +809,11 @@ lomo_status lomo_state_load(struct lomo_optimizer *opt, const char *path);
  * Stores in `*out_size` the exact size in bytes of the state `lomo_state_serialize` would write
  * now. Call between steps (else `LOMO_STATUS_PHASE_ERROR`). `opt` and `out_size` must not be
  * NULL; `*out_size` is written only on success.
+ *
+ * # Safety
+ * If `opt` or `out_size` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt`
+ * must come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this
+ * call returns, and `out_size` must point to a writable `size_t`.
  */
 lomo_status lomo_state_size(const struct lomo_optimizer *opt, size_t *out_size);
 
@@ -726,6 +823,12 @@ lomo_status lomo_state_size(const struct lomo_optimizer *opt, size_t *out_size);
  * `lomo_state_size` (else `LOMO_STATUS_INVALID_ARGUMENT` and nothing is written); the number of
  * bytes written is stored in `*out_written`. Call between steps. `opt`, `buf` and
  * `out_written` must not be NULL.
+ *
+ * # Safety
+ * If `opt`, `buf` or `out_written` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT` (nothing
+ * written); otherwise `opt` must come from `lomo_optimizer_new` and must not be passed to
+ * `lomo_optimizer_free` before this call returns, `buf` must point to `len` writable bytes of host
+ * memory (never device memory), and `out_written` to a writable `size_t`.
  */
 lomo_status lomo_state_serialize(const struct lomo_optimizer *opt,
                                  uint8_t *buf,
@@ -737,6 +840,12 @@ lomo_status lomo_state_serialize(const struct lomo_optimizer *opt,
  * `lomo_state_serialize` or `lomo_state_save`; exactly as `lomo_state_load` (same checks,
  * statuses and guarantees; `opt` is unchanged on failure). The buffer is only read during the
  * call. `opt` and `buf` must not be NULL.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+ * If `buf` is NULL (even with `len` 0), the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise
+ * `buf` must point to `len` readable bytes of host memory that no one writes during the call.
  */
 lomo_status lomo_state_deserialize(struct lomo_optimizer *opt, const uint8_t *buf, size_t len);
 
@@ -746,6 +855,12 @@ lomo_status lomo_state_deserialize(struct lomo_optimizer *opt, const uint8_t *bu
  * need for the same parameters (see `lomo_device_memory`). Set `out->struct_size` to
  * `sizeof(lomo_memory_stats)` first. Never synchronizes. Not thread-safe with other calls on
  * `opt` except `lomo_grad_submit`.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+ * returns, and `out` must point to a writable `lomo_memory_stats` (`sizeof(lomo_memory_stats)`
+ * host bytes).
  */
 lomo_status lomo_memory_stats_get(const struct lomo_optimizer *opt, struct lomo_memory_stats *out);
 

@@ -36,6 +36,10 @@ pub extern "C" fn lomo_status_str(status: u32) -> *const c_char {
 /// the NUL. `buf` may be NULL when `len` is 0 (to ask for the length). The message belongs to the
 /// calling thread and is replaced by the next failing call on that thread; successful calls leave
 /// it as it was. Never fails.
+///
+/// # Safety
+/// If `buf` is NULL, nothing is written and only the length is returned; otherwise `buf` must point
+/// to at least `len` writable bytes of host memory. Thread-safe: each thread has its own message.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_last_error_message(buf: *mut c_char, len: usize) -> usize {
     guard_or(0, || {

@@ -28,6 +28,10 @@ pub struct lomo_optimizer {
 /// Fills `*cfg` with lomo-optim's defaults for `algorithm` (`LOMO_ALGORITHM_LOMO` or
 /// `LOMO_ALGORITHM_ADALOMO`) and sets `struct_size`. See `lomo_config` for each default.
 /// `cfg` must not be NULL; it is written only on success. Thread-safe.
+///
+/// # Safety
+/// If `cfg` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `cfg` must point to
+/// writable host memory for one `lomo_config`, whose previous contents are overwritten, not read.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_config_init(cfg: *mut lomo_config, algorithm: u32) -> Status {
     guard(|| {
@@ -42,6 +46,11 @@ pub unsafe extern "C" fn lomo_config_init(cfg: *mut lomo_config, algorithm: u32)
 /// Creates an optimizer from a validated copy of `*cfg` and stores it in `*out`.
 /// `cfg` and `out` must not be NULL; `*out` is written only on success. The caller owns the
 /// result and frees it with `lomo_optimizer_free`. Thread-safe.
+///
+/// # Safety
+/// If `cfg` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT` (nothing written);
+/// otherwise `cfg` must point to a readable `lomo_config` (only read during the call) and `out` to
+/// a writable `lomo_optimizer *`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_optimizer_new(
     cfg: *const lomo_config,
@@ -60,6 +69,11 @@ pub unsafe extern "C" fn lomo_optimizer_new(
 
 /// Destroys an optimizer and its state. NULL is a no-op. Parameter buffers are the caller's and
 /// are not touched. No other call on `opt` may be running or follow.
+///
+/// # Safety
+/// `opt` must be NULL or a handle from `lomo_optimizer_new` not yet freed. No other call on `opt`
+/// (`lomo_grad_submit` included) may run concurrently or follow; freeing twice is undefined
+/// behaviour. Device addresses from `lomo_cuda_loss_scale_ptr` become invalid.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_optimizer_free(opt: *mut lomo_optimizer) {
     guard_or((), || {
@@ -73,6 +87,10 @@ pub unsafe extern "C" fn lomo_optimizer_free(opt: *mut lomo_optimizer) {
 /// Sets the lr multiplier and weight decay of `group`, creating the group if needed. Group 0
 /// exists from the start with multiplier 1 and the config's `weight_decay`. Use a separate group
 /// with `weight_decay = 0` for biases and norm weights. Takes effect from the next submission.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_group_set(
     opt: *mut lomo_optimizer,
@@ -90,6 +108,12 @@ pub unsafe extern "C" fn lomo_group_set(
 }
 
 /// Reads a group's lr multiplier and weight decay. Outputs are written only on success.
+///
+/// # Safety
+/// If `opt`, `out_lr_multiplier` or `out_weight_decay` is NULL, the call returns
+/// `LOMO_STATUS_NULL_ARGUMENT` (nothing written); otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns,
+/// and each output must point to a writable `double`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_group_get(
     opt: *const lomo_optimizer,
@@ -116,6 +140,13 @@ pub unsafe extern "C" fn lomo_group_get(
 /// assigned densely from 0 in registration order. The name and shape are copied; the data buffer
 /// is borrowed (see `lomo_param_desc`). AdaLomo allocates the parameter's state and workspace
 /// here, so steps allocate nothing. Frozen parameters are simply not registered.
+///
+/// # Safety
+/// If `opt`, `desc`, `out_id`, `desc->name` or (when `ndim` > 0) `desc->shape` is NULL, the call
+/// returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from `lomo_optimizer_new` and not
+/// be freed before this call returns; `desc` must point to a readable `lomo_param_desc`, `out_id`
+/// to a writable `uint32_t`, `name` to a NUL-terminated string and `shape` to `ndim` `int64_t`
+/// (read only during the call). `desc->data` must meet the contract of `lomo_param_desc.data`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_param_register(
     opt: *mut lomo_optimizer,
@@ -158,6 +189,11 @@ pub unsafe extern "C" fn lomo_param_register(
 }
 
 /// Number of registered parameters.
+///
+/// # Safety
+/// If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+/// come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+/// returns, and `out` must point to a writable `uint32_t`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_param_count(opt: *const lomo_optimizer, out: *mut u32) -> Status {
     guard(|| {
@@ -176,6 +212,12 @@ pub unsafe extern "C" fn lomo_param_count(opt: *const lomo_optimizer, out: *mut 
 /// `lr` is ignored by NORM phases. `stream` is the caller's `cudaStream_t`/`CUstream` for CUDA
 /// parameters (NULL = default stream); it is ignored on the CPU. Fails with
 /// `LOMO_STATUS_PHASE_ERROR` if a phase is active or if an UPDATE phase lacks its NORM phase.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+/// For CUDA parameters `stream` must be NULL or a live stream of the parameters' device; it is
+/// never used for CPU parameters.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_step_begin(
     opt: *mut lomo_optimizer,
@@ -202,6 +244,14 @@ pub unsafe extern "C" fn lomo_step_begin(
 /// is never applied: it is reported through `lomo_step_info` (not as an error).
 ///
 /// Thread-safe: several threads may submit different parameters at once.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns. A
+/// NULL `grad` returns `LOMO_STATUS_NULL_ARGUMENT` unless the parameter has no elements. CPU
+/// parameters: `grad` is host memory read only during the call, and no other code may access the
+/// parameter's buffer during it. CUDA parameters: `grad` is memory on the parameter's device that
+/// must stay valid and unchanged until the work on `stream` (as for `lomo_step_begin`) has run.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_grad_submit(
     opt: *mut lomo_optimizer,
@@ -223,6 +273,11 @@ pub unsafe extern "C" fn lomo_grad_submit(
 /// Ends the active phase. After a NORM phase it forms the clip coefficient and the overflow
 /// decision (an overflow turns the following UPDATE phase into a no-op); after an UPDATE phase it
 /// advances the loss scaler and the step counter. `stream`: as for `lomo_step_begin`.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+/// `stream`: as for `lomo_step_begin`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_step_end(opt: *mut lomo_optimizer, stream: *mut c_void) -> Status {
     guard(|| {
@@ -235,6 +290,10 @@ pub unsafe extern "C" fn lomo_step_end(opt: *mut lomo_optimizer, stream: *mut c_
 /// Abandons the current step (for example when the trainer's backward raised): the optimizer
 /// returns to "between steps" without advancing the loss scaler or the step counter. Updates an
 /// UPDATE phase already applied stay applied. A no-op between steps.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_step_cancel(opt: *mut lomo_optimizer) -> Status {
     guard(|| {
@@ -247,6 +306,12 @@ pub unsafe extern "C" fn lomo_step_cancel(opt: *mut lomo_optimizer) -> Status {
 
 /// Copies the diagnostics of the last phase and step into `*out`; set `out->struct_size` to
 /// `sizeof(lomo_step_info)` first. May synchronize with the device for CUDA parameters.
+///
+/// # Safety
+/// If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+/// come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+/// returns, and `out` must point to a writable `lomo_step_info` (`sizeof(lomo_step_info)` host
+/// bytes).
 #[no_mangle]
 pub unsafe extern "C" fn lomo_step_info_get(
     opt: *const lomo_optimizer,
@@ -271,6 +336,11 @@ pub unsafe extern "C" fn lomo_step_info_get(
 /// synchronization-free alternative); with no or static scaling it never synchronizes. `opt`
 /// and `out` must not be NULL; `*out` is written only on success. One thread at a time, like
 /// every call other than `lomo_grad_submit`.
+///
+/// # Safety
+/// If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+/// come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+/// returns, and `out` must point to a writable host `float`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_loss_scale(opt: *const lomo_optimizer, out: *mut f32) -> Status {
     guard(|| {
@@ -292,6 +362,12 @@ pub unsafe extern "C" fn lomo_loss_scale(opt: *const lomo_optimizer, out: *mut f
 /// stays valid until the optimizer is freed; never write through it. Fails with
 /// `LOMO_STATUS_UNSUPPORTED` when the optimizer has no CUDA parameters. Thread-safe as
 /// `lomo_loss_scale`.
+///
+/// # Safety
+/// If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+/// come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+/// returns, and `out` must point to a writable `const float *`. The stored address is device
+/// memory: read it only on the device (never on the host), and not after `lomo_optimizer_free`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_cuda_loss_scale_ptr(
     opt: *const lomo_optimizer,

@@ -47,6 +47,12 @@ unsafe fn c_path(p: *const c_char) -> Result<PathBuf> {
 /// `LOMO_STATUS_PHASE_ERROR`); `LOMO_STATUS_IO_ERROR` if the file cannot be written. `opt` and
 /// `path` (NUL-terminated) must not be NULL. For CUDA parameters the state is copied through the
 /// host (the call synchronizes). Not thread-safe with other calls on `opt`.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+/// If `path` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `path` must point to
+/// a NUL-terminated string, read only during the call.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_state_save(
     opt: *const lomo_optimizer,
@@ -78,6 +84,12 @@ pub unsafe extern "C" fn lomo_state_save(
 /// same order: the random stream depends on the parameter id). For CUDA parameters the file is
 /// checked on the host, then copied to the device (the call synchronizes with the stream of
 /// the optimizer's latest launch). Not thread-safe with other calls on `opt`.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+/// If `path` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `path` must point to
+/// a NUL-terminated string, read only during the call.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_state_load(opt: *mut lomo_optimizer, path: *const c_char) -> Status {
     guard(|| {
@@ -90,6 +102,11 @@ pub unsafe extern "C" fn lomo_state_load(opt: *mut lomo_optimizer, path: *const 
 /// Stores in `*out_size` the exact size in bytes of the state `lomo_state_serialize` would write
 /// now. Call between steps (else `LOMO_STATUS_PHASE_ERROR`). `opt` and `out_size` must not be
 /// NULL; `*out_size` is written only on success.
+///
+/// # Safety
+/// If `opt` or `out_size` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt`
+/// must come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this
+/// call returns, and `out_size` must point to a writable `size_t`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_state_size(
     opt: *const lomo_optimizer,
@@ -108,6 +125,12 @@ pub unsafe extern "C" fn lomo_state_size(
 /// `lomo_state_size` (else `LOMO_STATUS_INVALID_ARGUMENT` and nothing is written); the number of
 /// bytes written is stored in `*out_written`. Call between steps. `opt`, `buf` and
 /// `out_written` must not be NULL.
+///
+/// # Safety
+/// If `opt`, `buf` or `out_written` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT` (nothing
+/// written); otherwise `opt` must come from `lomo_optimizer_new` and must not be passed to
+/// `lomo_optimizer_free` before this call returns, `buf` must point to `len` writable bytes of host
+/// memory (never device memory), and `out_written` to a writable `size_t`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_state_serialize(
     opt: *const lomo_optimizer,
@@ -140,6 +163,12 @@ pub unsafe extern "C" fn lomo_state_serialize(
 /// `lomo_state_serialize` or `lomo_state_save`; exactly as `lomo_state_load` (same checks,
 /// statuses and guarantees; `opt` is unchanged on failure). The buffer is only read during the
 /// call. `opt` and `buf` must not be NULL.
+///
+/// # Safety
+/// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+/// `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+/// If `buf` is NULL (even with `len` 0), the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise
+/// `buf` must point to `len` readable bytes of host memory that no one writes during the call.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_state_deserialize(
     opt: *mut lomo_optimizer,
@@ -163,6 +192,12 @@ pub unsafe extern "C" fn lomo_state_deserialize(
 /// need for the same parameters (see `lomo_device_memory`). Set `out->struct_size` to
 /// `sizeof(lomo_memory_stats)` first. Never synchronizes. Not thread-safe with other calls on
 /// `opt` except `lomo_grad_submit`.
+///
+/// # Safety
+/// If `opt` or `out` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+/// come from `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call
+/// returns, and `out` must point to a writable `lomo_memory_stats` (`sizeof(lomo_memory_stats)`
+/// host bytes).
 #[no_mangle]
 pub unsafe extern "C" fn lomo_memory_stats_get(
     opt: *const lomo_optimizer,
