@@ -141,6 +141,11 @@ pub unsafe extern "C" fn lomo_group_get(
 /// is borrowed (see `lomo_param_desc`). AdaLomo allocates the parameter's state and workspace
 /// here, so steps allocate nothing. Frozen parameters are simply not registered.
 ///
+/// A CUDA parameter's buffer is checked with the driver (first and last byte, host-side, no
+/// synchronization): memory CUDA does not know is `LOMO_STATUS_INVALID_ARGUMENT`, device memory
+/// of another device or of a context other than the device's primary context is
+/// `LOMO_STATUS_DEVICE_MISMATCH`.
+///
 /// # Safety
 /// If `opt`, `desc`, `out_id`, `desc->name` or (when `ndim` > 0) `desc->shape` is NULL, the call
 /// returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from `lomo_optimizer_new` and not
@@ -241,7 +246,9 @@ pub unsafe extern "C" fn lomo_step_begin(
 /// (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
 /// the library unscales it. On the CPU the parameter is updated before the call returns and
 /// `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
-/// is never applied: it is reported through `lomo_step_info` (not as an error).
+/// is never applied: it is reported through `lomo_step_info` (not as an error). A CUDA gradient
+/// is checked with the driver as the parameter is at `lomo_param_register` (host-side, legal
+/// during graph capture) and refused, with nothing enqueued, if the device could not read it.
 ///
 /// Thread-safe: several threads may submit different parameters at once.
 ///
