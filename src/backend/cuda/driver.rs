@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use super::abi::DevPtr;
 use super::launcher::{Geometry, Launcher};
 use super::nvrtc;
+use super::pointer;
 use super::registry::{Kernel, Module};
 use crate::error::{bail, Error, Result, Status};
 
@@ -76,57 +77,7 @@ pub fn pointer_device(ptr: DevPtr) -> Result<i32> {
     Ok(ordinal)
 }
 
-/// What the driver knows of one address (`cuPointerGetAttributes`, which, unlike
-/// `cuPointerGetAttribute`, succeeds for unknown addresses and reports memory type 0).
-#[derive(Debug)]
-struct PointerInfo {
-    /// `CUmemorytype` (1 host, 2 device, 3 array, 4 unified), 0 when the driver does not know
-    /// the address (plain host memory, freed memory).
-    memory_type: u32,
-    ordinal: i32,
-    /// The context the memory was allocated in; 0 for stream-ordered and VMM allocations.
-    context: usize,
-    managed: bool,
-}
-
-fn pointer_info(ptr: DevPtr) -> Result<PointerInfo> {
-    use sys::CUpointer_attribute as A;
-    let mut attrs = [
-        A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-        A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-        A::CU_POINTER_ATTRIBUTE_CONTEXT,
-        A::CU_POINTER_ATTRIBUTE_IS_MANAGED,
-    ];
-    // Each value is written into the low bytes of a zeroed 8-byte slot (an enum, an int, a
-    // pointer, a boolean: all at most 8 bytes; the host is little-endian), so a value the
-    // driver leaves unwritten reads as 0.
-    let mut vals = [0u64; 4];
-    let mut data: [*mut c_void; 4] = [
-        (&mut vals[0] as *mut u64).cast(),
-        (&mut vals[1] as *mut u64).cast(),
-        (&mut vals[2] as *mut u64).cast(),
-        (&mut vals[3] as *mut u64).cast(),
-    ];
-    // SAFETY: the driver is initialized (the caller holds a launcher); `attrs` and `data` have
-    // one entry per attribute and every data slot has room for the attribute's value.
-    let r = unsafe {
-        sys::cuPointerGetAttributes(
-            attrs.len() as u32,
-            attrs.as_mut_ptr(),
-            data.as_mut_ptr(),
-            ptr,
-        )
-    };
-    check(r, &format!("cuPointerGetAttributes of {ptr:#x}"))?;
-    Ok(PointerInfo {
-        memory_type: vals[0] as u32,
-        ordinal: vals[1] as u32 as i32,
-        context: vals[2] as usize,
-        managed: vals[3] as u32 != 0,
-    })
-}
-
-fn check(r: sys::CUresult, what: &str) -> Result<()> {
+pub(super) fn check(r: sys::CUresult, what: &str) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
     }
@@ -325,52 +276,11 @@ impl Launcher for DriverLauncher {
     }
 
     fn check_buffer(&self, ptr: DevPtr, bytes: u64, what: &str) -> Result<()> {
-        let Some(last) = bytes.checked_sub(1).and_then(|b| ptr.checked_add(b)) else {
-            if bytes == 0 {
-                return Ok(());
-            }
-            bail!(
-                InvalidArgument,
-                "{what} at {ptr:#x} of {bytes} bytes wraps around the address space"
-            );
+        let expect = pointer::Expected {
+            ordinal: self.ordinal,
+            context: self.ctx,
         };
-        let device = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
-        for (addr, end) in [(ptr, "first"), (last, "last")] {
-            let info = pointer_info(addr)?;
-            if info.memory_type == 0 {
-                bail!(
-                    InvalidArgument,
-                    "{what} of {bytes} bytes at {ptr:#x}: its {end} byte ({addr:#x}) is not memory \
-                     CUDA knows (host memory from malloc, freed memory, or a buffer shorter than \
-                     its shape): pass device memory of CUDA device {}",
-                    self.ordinal
-                );
-            }
-            // Managed and pinned host memory are reachable from every device; device memory
-            // must be this device's, allocated in the context the kernels run in.
-            if info.memory_type != device || info.managed {
-                continue;
-            }
-            if info.ordinal != self.ordinal {
-                bail!(
-                    DeviceMismatch,
-                    "{what} at {ptr:#x} is memory of CUDA device {}, but this optimizer's \
-                     parameters are on device {}",
-                    info.ordinal,
-                    self.ordinal
-                );
-            }
-            if info.context != 0 && info.context != self.ctx {
-                bail!(
-                    DeviceMismatch,
-                    "{what} at {ptr:#x} was allocated in a CUDA context other than device {}'s \
-                     primary context (the one the CUDA runtime, PyTorch and JAX use), where \
-                     lomo's kernels run",
-                    self.ordinal
-                );
-            }
-        }
-        Ok(())
+        pointer::check_buffer(&expect, ptr, bytes, what, pointer::query)
     }
 
     fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, stream: usize) -> Result<()> {

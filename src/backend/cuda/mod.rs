@@ -5,7 +5,8 @@
 //!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
 //! - [`passes`]: one tensor's geometry, workspace sizes and kernel launches;
 //! - [`device`]: the orchestration of one optimizer's parameters over a launcher.
-//! - [`snapshot`]: the device state read and written between steps (checkpoints, memory).
+//! - [`snapshot`]: the device state read and written between steps (checkpoints, memory);
+//! - `pointer` (with `cuda`): the driver's checks of the caller's buffers.
 
 pub mod abi;
 pub mod device;
@@ -18,6 +19,8 @@ pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub mod nvrtc_lib;
 pub mod passes;
+#[cfg(feature = "cuda")]
+pub mod pointer;
 pub mod registry;
 pub mod side;
 pub mod snapshot;
