@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::backend::cuda::device::Pass;
+use crate::backend::cuda::device::{ParamSpec, Pass};
+use crate::backend::cuda::passes::Shape;
 use crate::backend::cuda::side::CudaSide;
 use crate::backend::RawBuf;
 use crate::config::{Algorithm, Config, LossScaleMode};
@@ -242,18 +243,19 @@ impl Optimizer {
                 Some(s) => s,
                 None => created.insert(CudaSide::new(n, &self.config)?),
             };
-            let carry = param.flags & crate::param::PARAM_FLAG_CARRY_RMS != 0;
-            side.register(
-                id,
-                n,
-                param.buf.addr,
-                param.buf.dtype,
-                param.numel(),
-                param.rows,
-                param.cols,
-                param.factored,
-                carry,
-            )?;
+            let spec = ParamSpec {
+                param_id: id,
+                p: param.buf.addr as u64,
+                dtype: param.buf.dtype,
+                shape: Shape::new(
+                    param.numel() as u64,
+                    param.rows as u64,
+                    param.cols as u64,
+                    param.factored,
+                ),
+                carry: param.flags & crate::param::PARAM_FLAG_CARRY_RMS != 0,
+            };
+            side.register(n, &spec)?;
             if created.is_some() {
                 self.cuda = created;
             }

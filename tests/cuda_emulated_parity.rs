@@ -11,8 +11,9 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use lomo::backend::cuda::device::{DeviceOpt, Pass};
+use lomo::backend::cuda::device::{DeviceOpt, ParamSpec, Pass};
 use lomo::backend::cuda::emu::EmuLauncher;
+use lomo::backend::cuda::passes::Shape;
 use lomo::{
     Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding,
 };
@@ -106,16 +107,13 @@ fn run(case: &Case) {
         let cols = *shape.last().unwrap() as u64;
         let rows = if factored { n as u64 / cols } else { n as u64 };
         let idx = dev
-            .register(
-                id,
-                dev_bufs[i].ptr() as u64,
-                dt(case.p_dtype),
-                n as u64,
-                rows,
-                cols,
-                factored,
-                case.carry,
-            )
+            .register(&ParamSpec {
+                param_id: id,
+                p: dev_bufs[i].ptr() as u64,
+                dtype: dt(case.p_dtype),
+                shape: Shape::new(n as u64, rows, cols, factored),
+                carry: case.carry,
+            })
             .unwrap();
         assert_eq!(idx, i);
     }

@@ -33,6 +33,19 @@ pub enum Pass {
     },
 }
 
+/// What registering a CUDA parameter takes.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamSpec {
+    /// The optimizer's id of the parameter (seeds its stochastic rounding).
+    pub param_id: u32,
+    /// The caller's device buffer.
+    pub p: DevPtr,
+    pub dtype: DType,
+    pub shape: Shape,
+    /// AdaLomo: carry Σp² over from the previous step.
+    pub carry: bool,
+}
+
 /// A CUDA parameter: its passes (layout, buffers allocated at registration) and options.
 #[derive(Debug)]
 pub(super) struct DevParam {
@@ -130,26 +143,18 @@ impl DeviceOpt {
     }
 
     /// Registers a parameter (between steps): allocates its record, state and workspaces.
-    #[allow(clippy::too_many_arguments)]
-    pub fn register(
-        &mut self,
-        param_id: u32,
-        p: DevPtr,
-        dtype: DType,
-        numel: u64,
-        rows: u64,
-        cols: u64,
-        factored: bool,
-        carry: bool,
-    ) -> Result<usize> {
-        self.launcher
-            .check_buffer(p, numel * dtype.size() as u64, "the parameter")?;
+    pub fn register(&mut self, spec: &ParamSpec) -> Result<usize> {
+        let p = spec.p;
+        self.launcher.check_buffer(
+            p,
+            spec.shape.numel * spec.dtype.size() as u64,
+            "the parameter",
+        )?;
         if self.params.len() == self.cap {
             self.grow()?;
         }
         let ada = self.cfg.algorithm == Algorithm::Adalomo;
-        let shape = Shape::new(numel, rows, cols, factored);
-        let layout = Layout::new(shape, ada, self.max_blocks, self.launcher.max_smem());
+        let layout = Layout::new(spec.shape, ada, self.max_blocks, self.launcher.max_smem());
         let s = layout.sizes();
         let bufs = Bufs {
             partials: self.alloc(s.partials)?,
@@ -161,13 +166,13 @@ impl DeviceOpt {
             col_part: self.alloc(s.col_part)?,
         };
         self.params.push(DevParam {
-            param_id,
-            carry,
+            param_id: spec.param_id,
+            carry: spec.carry,
             tensor: Tensor {
                 layout,
                 bufs,
                 p,
-                p_dtype: dtype,
+                p_dtype: spec.dtype,
             },
         });
         Ok(self.params.len() - 1)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
-use super::device::{DeviceOpt, Pass};
+use super::device::{DeviceOpt, ParamSpec, Pass};
 use super::launcher::Launcher;
 use super::snapshot::DeviceCounters;
 use crate::config::Config;
@@ -151,34 +151,14 @@ impl CudaSide {
         })
     }
 
-    /// Registers parameter `id` (ids arrive densely, in order).
-    #[allow(clippy::too_many_arguments)]
-    pub fn register(
-        &mut self,
-        id: u32,
-        ordinal: i32,
-        addr: usize,
-        dtype: DType,
-        numel: usize,
-        rows: usize,
-        cols: usize,
-        factored: bool,
-        carry: bool,
-    ) -> Result<()> {
+    /// Registers parameter `spec.param_id` of CUDA device `ordinal` (ids arrive densely, in
+    /// order).
+    pub fn register(&mut self, ordinal: i32, spec: &ParamSpec) -> Result<()> {
         if ordinal != self.ordinal {
             bail!(DeviceMismatch, "all CUDA parameters of one optimizer must be on one device: this one has device {} and the new one device {ordinal}", self.ordinal);
         }
-        debug_assert_eq!(id as usize, self.index.len());
-        let i = self.dev.register(
-            id,
-            addr as u64,
-            dtype,
-            numel as u64,
-            rows as u64,
-            cols as u64,
-            factored,
-            carry,
-        )?;
+        debug_assert_eq!(spec.param_id as usize, self.index.len());
+        let i = self.dev.register(spec)?;
         self.index.push(i);
         Ok(())
     }
