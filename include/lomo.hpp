@@ -59,6 +59,12 @@ inline void check(lomo_status status) {
 /// The library version string (`lomo_version`).
 inline std::string version() { return lomo_version(); }
 
+/// The ABI version of the loaded library (`lomo_abi_version`).
+inline uint32_t abi_version() { return lomo_abi_version(); }
+
+/// Whether CUDA parameters can be registered (`lomo_cuda_available`; probes once, never throws).
+inline bool cuda_available() { return lomo_cuda_available(); }
+
 /// lomo-optim's defaults for `algorithm` (`lomo_config_init`).
 inline lomo_config default_config(lomo_algorithm algorithm) {
     lomo_config cfg{};
@@ -102,6 +108,17 @@ public:
 
     void group_set(uint32_t group, double lr_multiplier, double weight_decay) {
         check(lomo_group_set(get(), group, lr_multiplier, weight_decay));
+    }
+
+    /// A group's settings (`lomo_group_get`).
+    struct Group {
+        double lr_multiplier;
+        double weight_decay;
+    };
+    Group group_get(uint32_t group) const {
+        Group g{};
+        check(lomo_group_get(get(), group, &g.lr_multiplier, &g.weight_decay));
+        return g;
     }
 
     /// `lomo_param_register` with a filled descriptor; returns the parameter id.
@@ -168,6 +185,14 @@ public:
         float s = 0.0f;
         check(lomo_loss_scale(get(), &s));
         return s;
+    }
+    /// Device address of the f32 loss scale for the next backward (`lomo_cuda_loss_scale_ptr`;
+    /// CUDA parameters only, else lomo::Error with LOMO_STATUS_UNSUPPORTED). Read it on the
+    /// device only.
+    const float *cuda_loss_scale_ptr() const {
+        const float *p = nullptr;
+        check(lomo_cuda_loss_scale_ptr(get(), &p));
+        return p;
     }
     lomo_step_info step_info() const {
         lomo_step_info info{};

@@ -59,6 +59,12 @@ void lomo_sgd_step() {
     uint32_t ib = opt.register_param("b", b.data(), LOMO_DTYPE_BF16, std::vector<int64_t>{2},
                                      lomo::ParamOptions{1, 0, LOMO_DEVICE_CPU});
     expect(opt.param_count() == 2, "two parameters");
+    const lomo::Optimizer::Group g1 = opt.group_get(1);
+    expect(g1.lr_multiplier == 1.0 && g1.weight_decay == 0.0, "group_get reads group_set");
+    expect(status_of([&] { opt.group_get(9); }) == LOMO_STATUS_INVALID_ARGUMENT,
+           "group_get of a missing group");
+    expect(status_of([&] { opt.cuda_loss_scale_ptr(); }) == LOMO_STATUS_UNSUPPORTED,
+           "no device loss scale without CUDA parameters");
     const std::vector<float> gw{0.1f, 0.2f, -0.3f, 0.4f, 0.5f, -0.6f};
     const std::vector<uint16_t> gb{to_bf16(0.5f), to_bf16(-0.5f)};
     const float lr = 0.125f;
@@ -160,6 +166,8 @@ void adalomo_state_and_memory() {
 int main() {
     try {
         expect(!lomo::version().empty(), "version");
+        expect(lomo::abi_version() == LOMO_ABI_VERSION, "ABI version of the header");
+        (void)lomo::cuda_available();  // a probe: true or false, never throws
         lomo_sgd_step();
         adalomo_state_and_memory();
     } catch (const std::exception &e) {
