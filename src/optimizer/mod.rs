@@ -1,5 +1,5 @@
 //! Core layer: the optimizer — registry, groups and the loss scaler; the step state machine is
-//! in [`step`].
+//! in `step`.
 //!
 //! Protocol (design.md §3): `begin(Norm)` → submits accumulate Σg² → `end` forms the clip
 //! coefficient and the overflow decision; `begin(Update)` → each submit updates its parameter in

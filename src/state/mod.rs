@@ -111,7 +111,7 @@ pub(crate) fn state_defining(cfg: &Config) -> Vec<(&'static str, String)> {
     v
 }
 
-/// CRC-32 (8 hex digits) of `name=value;` over [`state_defining`].
+/// CRC-32 (8 hex digits) of `name=value;` over `state_defining`.
 pub fn fingerprint(cfg: &Config) -> String {
     let mut crc = Crc32::new();
     for (k, v) in state_defining(cfg) {

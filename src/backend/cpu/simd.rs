@@ -1,7 +1,7 @@
 //! CPU backend: run-time selection of the SIMD code paths (baseline, AVX2+FMA, AVX-512).
 //!
 //! Hot loops are written once as `#[inline(always)]` bodies that LLVM vectorizes;
-//! [`multiversion!`] compiles each body three times (baseline, AVX2+FMA, AVX-512) and picks one at
+//! `multiversion!` compiles each body three times (baseline, AVX2+FMA, AVX-512) and picks one at
 //! run time. `f32::mul_add` is a fused multiply-add on every path, so results are bit-identical across paths.
 
 use once_cell::sync::Lazy;

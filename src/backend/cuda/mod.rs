@@ -1,11 +1,11 @@
 //! CUDA backend: LOMO and AdaLomo on CUDA devices, behind the same core as the CPU backend.
 //!
-//! - [`abi`]: mirrors of the kernels' structs; [`registry`]: kernel sources and names;
-//! - [`launcher`]: the device interface, implemented by [`emu`] (host emulation of the same
+//! - [`abi`] — mirrors of the kernels' structs; [`registry`] — kernel sources and names;
+//! - [`launcher`] — the device interface, implemented by [`emu`] (host emulation of the same
 //!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
-//! - [`passes`]: one tensor's geometry, workspace sizes and kernel launches;
-//! - [`device`]: the orchestration of one optimizer's parameters over a launcher.
-//! - [`snapshot`]: the device state read and written between steps (checkpoints, memory);
+//! - [`passes`] — one tensor's geometry, workspace sizes and kernel launches;
+//! - [`device`] — the orchestration of one optimizer's parameters over a launcher.
+//! - [`snapshot`] — the device state read and written between steps (checkpoints, memory);
 //! - `pointer` (with `cuda`): the driver's checks of the caller's buffers.
 
 pub mod abi;

@@ -54,7 +54,7 @@ impl Drop for EmulationGuard {
 }
 
 /// A launcher for CUDA device `ordinal`: under emulation a fresh one; on a real device the
-/// process-wide one (see [`shared_launcher`]).
+/// process-wide one (see `shared_launcher`).
 pub fn launcher_for(ordinal: i32) -> Result<Arc<dyn Launcher>> {
     if emulated() {
         return Ok(Arc::new(super::emu::EmuLauncher::new(EMU_SMS)));
