@@ -178,7 +178,7 @@ impl Buffer<'_> {
         Ok(n)
     }
 
-    /// "f32[4,3]" for messages.
+    /// `f32[4,3]` for messages.
     pub fn describe(&self) -> String {
         let dims: Vec<String> = self.dims.iter().map(|d| d.to_string()).collect();
         format!("{}[{}]", dtype::name(self.dtype), dims.join(","))

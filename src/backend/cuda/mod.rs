@@ -4,9 +4,17 @@
 //! - [`launcher`] — the device interface, implemented by [`emu`] (host emulation of the same
 //!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
 //! - [`passes`] — one tensor's geometry, workspace sizes and kernel launches;
-//! - [`device`] — the orchestration of one optimizer's parameters over a launcher.
+//! - [`device`] — the orchestration of one optimizer's parameters over a launcher;
 //! - [`snapshot`] — the device state read and written between steps (checkpoints, memory);
-//! - `pointer` (with `cuda`): the driver's checks of the caller's buffers.
+//! - `pointer` (with `cuda`) — the driver's checks of the caller's buffers.
+//!
+//! [`abi`]: crate::backend::cuda::abi
+//! [`registry`]: crate::backend::cuda::registry
+//! [`launcher`]: crate::backend::cuda::launcher
+//! [`emu`]: crate::backend::cuda::emu
+//! [`passes`]: crate::backend::cuda::passes
+//! [`device`]: crate::backend::cuda::device
+//! [`snapshot`]: crate::backend::cuda::snapshot
 
 pub mod abi;
 pub mod device;
