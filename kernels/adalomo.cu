@@ -301,7 +301,7 @@ LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
   if (last_block(&a.t->ticket, &last)) {
     const double us = block_sum_array(a.partials, gridDim.x, sd);
     const double ps = block_sum_array(a.partials + gridDim.x, gridDim.x, sd);
-    if (threadIdx.x == 0 && !a.t->bad) {
+    if (threadIdx.x == 0 && !load_fresh(&a.t->bad)) {
       a.t->psq = need_psq ? ps : a.t->psq_carried;
       const double lr = (double)st->lr * a.lr_mult;
       adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, us, a.rows, a.t);

@@ -362,6 +362,11 @@ LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
   return last;
 }
 
+// A flag other blocks of the running kernel set (atomicOr, performed in L2), read by the last
+// block: a volatile load, because L1 is not coherent across SMs and may still hold the line from
+// an earlier read in this kernel (e.g. `carried_valid` shares the record's line with `bad`).
+LOMO_DEV u32 load_fresh(const u32* p) { return *(const volatile u32*)p; }
+
 // Sum of `n` doubles in a fixed order by one block (partials of a previous phase).
 LOMO_DEV double block_sum_array(const volatile double* a, u32 n, double* scratch) {
   double acc = 0.0;

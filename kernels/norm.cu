@@ -59,7 +59,7 @@ LOMO_DEV void norm_body(const NormArgs& a) {
   }
   if (last_block(&a.t->ticket, &last)) {
     double s = block_sum_array(a.partials, gridDim.x, sd);
-    if (threadIdx.x == 0) a.t->sum_sq = (sum && a.t->bad == 0) ? s : 0.0;
+    if (threadIdx.x == 0) a.t->sum_sq = (sum && load_fresh(&a.t->bad) == 0) ? s : 0.0;
   }
 }
 
