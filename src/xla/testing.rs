@@ -12,7 +12,7 @@ use super::abi::*;
 use crate::backend::cuda::side;
 use crate::dtype::DType;
 
-/// The shapes of tests/cuda_emulated_parity.rs: the issue's, plus 16×64 (rows allow 16-byte
+/// The shapes of tests/common/parity.rs: the issue's, plus 16×64 (rows allow 16-byte
 /// vector access, column sums in shared memory) and 2×8192 (column sums in global slabs).
 pub const SHAPES: [&[i64]; 7] = [
     &[1],
@@ -26,7 +26,7 @@ pub const SHAPES: [&[i64]; 7] = [
 
 pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
 
-/// Absolute slack for values an update brought close to zero (tests/cuda_emulated_parity.rs).
+/// Absolute slack for values an update brought close to zero (tests/common/parity.rs).
 pub const ATOL: f64 = 1e-7;
 
 /// What the fake `Error_Create` received.

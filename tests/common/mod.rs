@@ -2,6 +2,8 @@
 //! generators, and element comparison.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use std::ffi::{c_void, CString};
 
 use lomo::ffi::optimizer::*;
