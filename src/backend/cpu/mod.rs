@@ -5,6 +5,7 @@
 //! (`LOMO_NUM_THREADS`, default: all cores). Per-chunk partial sums land in fixed slots and are
 //! combined in chunk order. Nothing here allocates per step.
 
+pub mod ada_state;
 pub mod adalomo;
 pub mod convert;
 pub mod lomo;

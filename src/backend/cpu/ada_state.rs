@@ -1,0 +1,73 @@
+//! CPU backend: AdaLomo's optimizer state — owned by the core for CPU parameters
+//! ([`AdaState`]), or borrowed from caller buffers such as XLA's ([`StateView`],
+//! [`StateViewMut`]). The passes that read and write it are in [`super::adalomo`].
+
+/// Optimizer state of one parameter (f32, host memory), owned by the core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdaState {
+    /// Rank ≥ 2: row and column second-moment estimates.
+    Factored { row: Vec<f32>, col: Vec<f32> },
+    /// Rank ≤ 1: one estimate per element.
+    Vector { v: Vec<f32> },
+}
+
+impl AdaState {
+    pub fn zeros(rows: usize, cols: usize, factored: bool) -> AdaState {
+        if factored {
+            AdaState::Factored {
+                row: vec![0.0; rows],
+                col: vec![0.0; cols],
+            }
+        } else {
+            AdaState::Vector {
+                v: vec![0.0; rows * cols],
+            }
+        }
+    }
+    pub fn bytes(&self) -> usize {
+        4 * match self {
+            AdaState::Factored { row, col } => row.len() + col.len(),
+            AdaState::Vector { v } => v.len(),
+        }
+    }
+    pub fn as_view(&self) -> StateView<'_> {
+        match self {
+            AdaState::Factored { row, col } => StateView::Factored { row, col },
+            AdaState::Vector { v } => StateView::Vector { v },
+        }
+    }
+    pub fn as_view_mut(&mut self) -> StateViewMut<'_> {
+        match self {
+            AdaState::Factored { row, col } => StateViewMut::Factored { row, col },
+            AdaState::Vector { v } => StateViewMut::Vector { v },
+        }
+    }
+}
+
+/// Borrowed AdaLomo state (from the core, or from caller buffers such as XLA's).
+#[derive(Clone, Copy, Debug)]
+pub enum StateView<'a> {
+    Factored { row: &'a [f32], col: &'a [f32] },
+    Vector { v: &'a [f32] },
+}
+
+/// Mutably borrowed AdaLomo state.
+#[derive(Debug)]
+pub enum StateViewMut<'a> {
+    Factored {
+        row: &'a mut [f32],
+        col: &'a mut [f32],
+    },
+    Vector {
+        v: &'a mut [f32],
+    },
+}
+
+impl StateViewMut<'_> {
+    pub fn as_view(&self) -> StateView<'_> {
+        match self {
+            StateViewMut::Factored { row, col } => StateView::Factored { row, col },
+            StateViewMut::Vector { v } => StateView::Vector { v },
+        }
+    }
+}
