@@ -2,7 +2,8 @@
 # lomo GPU check: runs on a machine with an NVIDIA GPU, its driver, Python with PyTorch (CUDA) and
 # no network, using a liblomo.so built elsewhere. It runs
 #   1. the CUDA-vs-CPU parity tests on the hardware (scripts/gpu_check.py parity): the C API with a
-#      checkpoint round trip per case, the PyTorch drop-ins, and lomo_native.jax when jax has CUDA,
+#      checkpoint round trip per case, host buffers refused with a status, whole steps captured in
+#      a CUDA graph and replayed, the PyTorch drop-ins, and lomo_native.jax when jax has CUDA,
 #   2. compute-sanitizer memcheck and racecheck on a quick parity run, when compute-sanitizer exists,
 #   3. the benchmark: LOMO and AdaLomo on bf16 4096², 4096×11008, 32000×4096 against a measured
 #      device-to-device copy and lomo-optim 0.1.1 (scripts/gpu_check.py bench).

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """lomo GPU check (driven by scripts/gpu-check.sh): CUDA-vs-CPU parity through the C API on real
-hardware, the JAX handlers' CUDA-vs-CPU parity (when jax with a CUDA backend is installed;
-skipped visibly otherwise, and with --quick), and a benchmark of LOMO/AdaLomo on bf16 tensors
-against a device-to-device copy and lomo-optim 0.1.1.
+hardware, refusal of host buffers, CUDA-graph capture and replay of whole steps, the PyTorch
+drop-ins' and the JAX handlers' CUDA-vs-CPU parity (when jax with a CUDA backend is installed;
+skipped visibly otherwise; --quick runs the C API parity only), and a benchmark of LOMO/AdaLomo
+on bf16 tensors against a device-to-device copy and lomo-optim 0.1.1.
 
 Usage: gpu_check.py parity [--quick] [--emulate] | bench [--emulate]
   --emulate  runs on this CPU with LOMO_CUDA_EMULATE=1 ("device" tensors are host tensors);
@@ -171,6 +172,63 @@ def bad_input():
     if not good:
         failures.append(f"the step after a refused gradient: {msg}")
     print(("FAIL " if failures else "ok   ") + "bad input: host memory refused, the step goes on")
+    for x in failures:
+        print("     " + x)
+    return not failures
+
+
+def graph_capture():
+    """Whole steps (NORM and UPDATE phases, dynamic loss scaling) captured once in a CUDA graph
+    with torch.cuda.graph and replayed match the same steps run eagerly, bit for bit: a step
+    performs no host synchronization and no call that capture forbids, and its device scalars
+    (step counter, loss scale, clip coefficient) move on at every replay."""
+    if EMULATE:
+        print("SKIP graph capture: needs a CUDA device")
+        return True
+    failures = []
+    shapes = [(4097,), (64, 96), (3, 5, 7)]
+    for algo in (0, 1):
+        fields = {"clip_grad_norm": 1.0, "loss_scale_mode": 2, "loss_scale": 1024.0, "scale_window": 2}
+        eager, cap = Opt(algo, **fields), Opt(algo, **fields)
+        gen = torch.Generator().manual_seed(3)
+        ep = [torch.randn(s, generator=gen).to(torch.bfloat16).to("cuda") for s in shapes]
+        cp = [t.clone() for t in ep]
+        grads = [(torch.randn(s, generator=gen) * 100).to(torch.bfloat16).to("cuda") for s in shapes]
+        for i, (a, b) in enumerate(zip(ep, cp)):
+            eager.register(f"p{i}", a, 0)
+            cap.register(f"p{i}", b, 0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: compiles and loads the kernels
+            for o in (eager, cap):
+                for phase in (0, 1):
+                    o.step(phase, 0.01, grads, stream_ptr())
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for phase in (0, 1):
+                    cap.step(phase, 0.01, grads, stream_ptr())
+        except Exception as e:  # noqa: BLE001 - report any capture failure as a check failure
+            failures.append(f"{'adalomo' if algo else 'lomo'}: capture failed: {e}")
+            continue
+        for _ in range(4):
+            graph.replay()
+            for phase in (0, 1):
+                eager.step(phase, 0.01, grads, stream_ptr())
+        torch.cuda.synchronize()
+        tag = "adalomo" if algo else "lomo"
+        for i, (a, b) in enumerate(zip(ep, cp)):
+            if not torch.equal(a, b):
+                d = (a.float() - b.float()).abs().max().item()
+                failures.append(f"{tag} shape {shapes[i]}: replayed graph differs (max |diff| {d})")
+        ei, ci = eager.info(), cap.info()
+        for f in ("step", "skipped_total", "loss_scale", "next_loss_scale", "clip_coef"):
+            if getattr(ei, f) != getattr(ci, f):
+                failures.append(f"{tag} info.{f}: eager {getattr(ei, f)} graph {getattr(ci, f)}")
+        if ci.step != 5:
+            failures.append(f"{tag}: {ci.step} steps after warm-up + 4 replays, expected 5")
+    print(("FAIL " if failures else "ok   ") + "graph capture: 4 replays of a captured step = 4 eager steps")
     for x in failures:
         print("     " + x)
     return not failures
@@ -408,6 +466,7 @@ if __name__ == "__main__":
         quick = "--quick" in sys.argv
         good = parity(quick)
         good = bad_input() and good
+        good = graph_capture() and good
         if quick:  # the sanitizer runs: the C API only
             print("SKIP torch drop-in and jax parity: --quick")
         else:
