@@ -2,7 +2,9 @@
 //!
 //! Asked of the driver (`cuPointerGetAttributes`) for the first and the last byte of every
 //! parameter at registration and every gradient at submission, before anything is enqueued: a
-//! host-side lookup that never waits for the device and is legal during stream capture. A wrong
+//! host-side lookup that never waits for the device and is legal during stream capture (Triton's
+//! launcher makes the same query for every pointer argument of every launch, and torch.compile
+//! captures those launches in CUDA graphs; `gpu_check.py parity` checks it on hardware). A wrong
 //! pointer would otherwise fault inside a kernel, leaving a sticky error that kills the caller's
 //! whole CUDA context. What cannot be seen: a buffer shorter than its shape that still lies
 //! inside a larger allocation.
