@@ -130,6 +130,14 @@ def parity(quick):
     return total_fail == 0
 
 
+def report(check, failures):
+    """Prints one check's verdict and its failures; returns whether it passed."""
+    print(("FAIL " if failures else "ok   ") + check)
+    for x in failures:
+        print("     " + x)
+    return not failures
+
+
 def refused(fn):
     """The lomo status of a call expected to fail (0 if it succeeded)."""
     try:
@@ -171,10 +179,7 @@ def bad_input():
     good, msg = close(p, d)
     if not good:
         failures.append(f"the step after a refused gradient: {msg}")
-    print(("FAIL " if failures else "ok   ") + "bad input: host memory refused, the step goes on")
-    for x in failures:
-        print("     " + x)
-    return not failures
+    return report("bad input: host memory refused, the step goes on", failures)
 
 
 def graph_capture():
@@ -228,10 +233,7 @@ def graph_capture():
                 failures.append(f"{tag} info.{f}: eager {getattr(ei, f)} graph {getattr(ci, f)}")
         if ci.step != 5:
             failures.append(f"{tag}: {ci.step} steps after warm-up + 4 replays, expected 5")
-    print(("FAIL " if failures else "ok   ") + "graph capture: 4 replays of a captured step = 4 eager steps")
-    for x in failures:
-        print("     " + x)
-    return not failures
+    return report("graph capture: 4 replays of a captured step = 4 eager steps", failures)
 
 
 def use_bindings():

@@ -133,6 +133,15 @@ fn c_api_adalomo_on_emulated_cuda() {
     c_api_case(1, 1.0, F16, F16);
 }
 
+fn expect_mismatch(e: &Failure) {
+    assert_eq!(
+        e.status,
+        lomo::Status::DeviceMismatch as u32,
+        "{}",
+        e.message
+    );
+}
+
 #[test]
 fn one_device_per_optimizer() {
     emulate();
@@ -145,21 +154,11 @@ fn one_device_per_optimizer() {
     let e = opt
         .register_on("b", b.as_mut_ptr().cast(), F32, &[4], -1, 0, 0)
         .unwrap_err();
-    assert_eq!(
-        e.status,
-        lomo::Status::DeviceMismatch as u32,
-        "{}",
-        e.message
-    );
+    expect_mismatch(&e);
     let e = opt
         .register_on("c", b.as_mut_ptr().cast(), F32, &[4], 1, 0, 0)
         .unwrap_err();
-    assert_eq!(
-        e.status,
-        lomo::Status::DeviceMismatch as u32,
-        "{}",
-        e.message
-    );
+    expect_mismatch(&e);
     let cpu = Opt::new(&config(0)).unwrap();
     cpu.register("a", a.as_mut_ptr().cast(), F32, &[4], 0)
         .unwrap();
@@ -172,10 +171,5 @@ fn one_device_per_optimizer() {
     let e = cpu
         .register_on("b", b.as_mut_ptr().cast(), F32, &[4], 0, 0, 0)
         .unwrap_err();
-    assert_eq!(
-        e.status,
-        lomo::Status::DeviceMismatch as u32,
-        "{}",
-        e.message
-    );
+    expect_mismatch(&e);
 }
