@@ -72,12 +72,14 @@ pub fn pointer_device(ptr: DevPtr) -> Result<i32> {
     };
     check(
         r,
-        &format!("cuPointerGetAttribute(DEVICE_ORDINAL) of buffer {ptr:#x}"),
+        format_args!("cuPointerGetAttribute(DEVICE_ORDINAL) of buffer {ptr:#x}"),
     )?;
     Ok(ordinal)
 }
 
-pub(super) fn check(r: sys::CUresult, what: &str) -> Result<()> {
+/// `Ok` for CUDA_SUCCESS, else a `CudaError` naming `what`. `what` is formatted only on failure,
+/// so callers on the step path pass `format_args!` and allocate nothing when the call succeeds.
+pub(super) fn check(r: sys::CUresult, what: impl std::fmt::Display) -> Result<()> {
     if r == sys::CUresult::CUDA_SUCCESS {
         return Ok(());
     }
@@ -333,7 +335,7 @@ impl Launcher for DriverLauncher {
                     std::ptr::null_mut(),
                 )
             },
-            &format!("launching {}", kernel.name),
+            format_args!("launching {}", kernel.name),
         )
     }
 

@@ -66,7 +66,7 @@ pub fn query(ptr: DevPtr) -> Result<PointerInfo> {
             ptr,
         )
     };
-    check(r, &format!("cuPointerGetAttributes of {ptr:#x}"))?;
+    check(r, format_args!("cuPointerGetAttributes of {ptr:#x}"))?;
     Ok(PointerInfo {
         memory_type: vals[0] as u32,
         ordinal: vals[1] as u32 as i32,
