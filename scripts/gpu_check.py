@@ -8,10 +8,9 @@ on bf16 tensors against a device-to-device copy and lomo-optim 0.1.1.
 Usage: gpu_check.py parity [--quick] [--emulate] | bench [--emulate]
   --emulate  runs on this CPU with LOMO_CUDA_EMULATE=1 ("device" tensors are host tensors);
              used to test this script without a GPU.
-Needs: torch, liblomo.so (LOMO_LIBRARY, default target/release/liblomo.so), and
-scripts/lomo_capi.py (the ctypes declarations of the C API) next to this file.
+Needs: torch, liblomo.so (LOMO_LIBRARY, default target/release/liblomo.so); the C API is reached
+through this checkout's Python binding (bindings/python/lomo_native).
 """
-import ctypes as C
 import json
 import os
 import sys
@@ -23,13 +22,54 @@ LIB = os.environ.get("LOMO_LIBRARY", "target/release/liblomo.so")
 EMULATE = "--emulate" in sys.argv
 if EMULATE:
     os.environ["LOMO_CUDA_EMULATE"] = "1"
-from lomo_capi import Opt, lib, ok  # noqa: E402  (after LOMO_CUDA_EMULATE is set)
-
 DEV = "cpu" if EMULATE else "cuda"
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def use_bindings():
+    """Makes lomo_native (bindings/python of this checkout) importable, on the library under test."""
+    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+use_bindings()
+import lomo_native  # noqa: E402  (after LOMO_LIBRARY is set)
+
+
+class Opt:
+    """lomo_native's optimizer, registering and stepping torch tensors (host or device memory)
+    by address; `keep` holds tensors that must outlive it."""
+
+    def __init__(self, algorithm, **fields):
+        self.o = lomo_native.Optimizer("adalomo" if algorithm else "lomo", **fields)
+        self.keep = []
+
+    def register(self, name, t, device, group=0, flags=0):
+        return self.o.register_pointer(name, t.data_ptr(), DT[t.dtype], t.shape, device, group, flags)
+
+    def step(self, phase, lr, grads, stream):
+        self.o.begin(phase, lr, stream)
+        for i, g in enumerate(grads):
+            self.o.submit_pointer(i, g.data_ptr(), DT[g.dtype], stream)
+        self.o.end(stream)
+
+    def info(self):
+        return self.o.step_info()
+
+    def loss_scale(self):
+        return self.o.loss_scale
+
+    def state(self):
+        return self.o.state_bytes()
+
+    def load_state(self, blob):
+        self.o.load_state_bytes(blob)
 
 
 def stream_ptr():
-    return None if EMULATE else C.c_void_p(torch.cuda.current_stream().cuda_stream)
+    return None if EMULATE else torch.cuda.current_stream().cuda_stream
 
 
 def ulp(x, dtype):
@@ -56,10 +96,10 @@ SHAPES = [(1,), (31,), (4097,), (3, 4097), (3, 5, 7)]
 def parity_case(algorithm, pd, gd, steps=3, **fields):
     gen = torch.Generator().manual_seed(1)
     clip = fields.get("clip_grad_norm", 0.0) > 0
+    flags = 1 if fields.pop("carry", False) else 0  # a parameter flag, not a config field
     cpu, dev = Opt(algorithm, **fields), Opt(algorithm, **fields)
     cp = [torch.randn(s, generator=gen).to(pd) for s in SHAPES]
     dp = [t.clone().to(DEV) for t in cp]
-    flags = 1 if fields.pop("carry", False) else 0
     for i, (a, b) in enumerate(zip(cp, dp)):
         cpu.register(f"p{i}", a, -1, 0, flags)
         dev.register(f"p{i}", b, 0, 0, flags)
@@ -142,8 +182,8 @@ def refused(fn):
     """The lomo status of a call expected to fail (0 if it succeeded)."""
     try:
         fn()
-    except RuntimeError as e:
-        return int(str(e).split()[2].rstrip(":"))
+    except lomo_native.LomoError as e:
+        return e.status
     return 0
 
 
@@ -168,13 +208,13 @@ def bad_input():
     g = torch.randn(4097)
     stream = stream_ptr()
     cpu.step(1, 0.01, [g], None)
-    ok(lib.lomo_step_begin(dev.h, 1, 0.01, stream))
-    st = refused(lambda: ok(lib.lomo_grad_submit(dev.h, 0, host.data_ptr(), 0, stream)))
+    dev.o.begin(1, 0.01, stream)
+    st = refused(lambda: dev.o.submit_pointer(0, host.data_ptr(), 0, stream))
     if st != 2:
         failures.append(f"host memory submitted as a CUDA gradient: status {st}, expected 2")
     gd = g.to("cuda")
-    ok(lib.lomo_grad_submit(dev.h, 0, gd.data_ptr(), 0, stream))
-    ok(lib.lomo_step_end(dev.h, stream))
+    dev.o.submit_pointer(0, gd.data_ptr(), 0, stream)
+    dev.o.end(stream)
     torch.cuda.synchronize()
     good, msg = close(p, d)
     if not good:
@@ -234,14 +274,6 @@ def graph_capture():
         if ci.step != 5:
             failures.append(f"{tag}: {ci.step} steps after warm-up + 4 replays, expected 5")
     return report("graph capture: 4 replays of a captured step = 4 eager steps", failures)
-
-
-def use_bindings():
-    """Makes lomo_native (bindings/python of this checkout) importable, on the library under test."""
-    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python")
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 
 def torch_parity():
@@ -463,7 +495,7 @@ def ref_time(algo, p, g, iters):
 if __name__ == "__main__":
     if not EMULATE and not torch.cuda.is_available():
         sys.exit("no CUDA device visible to torch")
-    print("lomo_cuda_available:", lib.lomo_cuda_available())
+    print("lomo_cuda_available:", lomo_native.cuda_available())
     if "parity" in sys.argv:
         quick = "--quick" in sys.argv
         good = parity(quick)
