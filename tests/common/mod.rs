@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod parity;
+pub mod reference;
 
 use std::ffi::{c_void, CString};
 

@@ -172,6 +172,50 @@ def test_numpy_float16_and_groups():
         opt.register_array("t", np.zeros((3, 2), np.float32).T)
 
 
+@pytest.fixture
+def flush_denormal():
+    """Flush-to-zero and denormals-are-zero on this thread, as torch.set_flush_denormal(True)
+    (or an -Ofast host program, or XLA's CPU runtime) sets them; restored afterwards."""
+    torch = pytest.importorskip("torch")
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        assert np.float32(2.0**-135) * np.float32(0.5) == 0.0  # the mode is on
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_float16_subnormal_params_under_flush_to_zero(flush_denormal):
+    # Every f16 subnormal m·2^-24 (|m| < 1024). A zero gradient leaves them as they are; then a
+    # gradient k·2^-20 at lr 2^-4 moves each by exactly k·2^-24 (all values exact in f16).
+    m = np.arange(-1023, 1024, dtype=np.int64)
+    w = (m * 2.0**-24).astype(np.float16)
+    w0 = w.copy()
+    opt = Optimizer("lomo")
+    opt.register_array("w", w)
+    opt.step({"w": np.zeros(w.shape, np.float32)}, lr=2.0**-4)
+    np.testing.assert_array_equal(w.view(np.uint16), w0.view(np.uint16))
+    k = np.where(m > 0, 1, -1) * (np.abs(m) % 7)  # moves towards zero, stays subnormal
+    opt.step({"w": (k * 2.0**-20).astype(np.float32)}, lr=2.0**-4)
+    np.testing.assert_array_equal(w, ((m - k) * 2.0**-24).astype(np.float16))
+
+
+def test_adalomo_float16_tiny_params_under_flush_to_zero(flush_denormal):
+    # Parameters around 2^-15 (mostly f16 subnormals) against the float64 reference; a flushed
+    # read would be off by the parameter itself (~3e-5), far beyond f16 rounding.
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((6, 40)) * 2.0**-15).astype(np.float16)
+    w0 = w.astype(np.float64)
+    g = [rng.standard_normal((6, 40)).astype(np.float32) for _ in range(2)]
+    opt = Optimizer("adalomo", loss_scale_mode="none")
+    opt.register_array("w", w)
+    for t in range(2):
+        opt.step({"w": g[t]}, 0.1)
+    want = adalomo_reference(w0, g, [0.1, 0.1])
+    np.testing.assert_allclose(w.astype(np.float64), want, rtol=2e-3, atol=6e-8)
+
+
 def test_close_is_idempotent():
     opt = Optimizer("adalomo")
     opt.close()

@@ -29,10 +29,11 @@ def bits(a):
     return a.view({4: np.uint32, 2: np.uint16}[a.dtype.itemsize])
 
 
-def make_params(dtype, seed=0, shapes=SHAPES):
+def make_params(dtype, seed=0, shapes=SHAPES, pscale=1.0):
     rng = np.random.default_rng(seed)
     return [
-        np.asarray(rng.normal(size=s).astype(np.float32) * 0.5).astype(dtype) for s in shapes
+        np.asarray(rng.normal(size=s).astype(np.float32) * 0.5 * pscale).astype(dtype)
+        for s in shapes
     ]
 
 
@@ -70,13 +71,13 @@ ADA_ONLY = {
 }
 
 
-def run_both(algorithm, dtype_name, case, *, grad_dtype=None, jit=True, steps=5):
+def run_both(algorithm, dtype_name, case, *, grad_dtype=None, jit=True, steps=5, pscale=1.0):
     opts = dict(case)
     inf_at = opts.pop("inf_at", None)
     mask = opts.pop("mask", None)
     dtype = DTYPES[dtype_name]
     gdtype = grad_dtype or dtype
-    params = make_params(dtype)
+    params = make_params(dtype, pscale=pscale)
     no_decay = tuple(i for i, m in enumerate(mask) if not m) if mask else ()
     ref = CApiOptimizer(algorithm, params, no_decay=no_decay, **opts)
 
@@ -125,6 +126,30 @@ def test_pytree_step_equals_c_api(algorithm, dtype, case):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_adalomo_options_equal_c_api(dtype):
     run_both("adalomo", dtype, ADA_ONLY["ada_options"])
+
+
+@pytest.mark.parametrize("algorithm", ["lomo", "adalomo"])
+def test_f16_subnormal_params_equal_c_api(algorithm):
+    # XLA's CPU runtime runs custom calls with flush-to-zero and denormals-are-zero set; f16
+    # parameters below 2^-14 (subnormal) must still be read and written as they are. Most of
+    # these parameters are subnormal (|p| ~ 2^-15).
+    for case in ("defaults", "clip_wd"):
+        run_both(algorithm, "f16", CASES[case], steps=2, pscale=2.0**-15)
+
+
+@pytest.mark.parametrize("shape", [(7,), (300, 257)])
+def test_f16_subnormals_survive_a_zero_gradient(shape):
+    # LOMO with a zero gradient and no weight decay leaves every parameter as it was: every
+    # f16 subnormal (and both zeros) on the calling thread (7) and on the pool (300×257).
+    n = int(np.prod(shape))
+    p = (np.arange(n, dtype=np.uint16) % 0x400).astype(np.uint16)
+    p[1::2] |= 0x8000
+    p = p.view(np.float16).reshape(shape)
+    out, finite = jax.jit(lambda p, g: lj.lomo_update(p, g, lr=0.01))(
+        jnp.asarray(p), jnp.zeros(shape, jnp.float32)
+    )
+    assert bool(finite)
+    assert np.array_equal(bits(out), bits(p))
 
 
 @pytest.mark.parametrize("algorithm", ["lomo", "adalomo"])

@@ -164,7 +164,8 @@ pub fn stats(
             if !stats.finite {
                 return stats;
             }
-            let sum_u_sq = finalize_factored(ws, col, rows, args);
+            // On the calling thread, outside the chunks: IEEE arithmetic too.
+            let sum_u_sq = super::fpenv::ieee(|| finalize_factored(ws, col, rows, args));
             Stats { sum_u_sq, ..stats }
         }
         StateView::Vector { v } => {

@@ -155,16 +155,30 @@ pub fn f32_to_bf16_sr(v: f32, r: u32) -> u16 {
     }
 }
 
-/// f16 → f32 (exact), branch-free.
+/// f16 → f32 (exact), branch-free, and independent of the floating-point environment: no
+/// operand or result is an f32 subnormal, so flush-to-zero / denormals-are-zero modes (set by
+/// XLA's CPU runtime, `-ffast-math` programs, `torch.set_flush_denormal`) cannot turn an f16
+/// subnormal (|h| < 2^-14) into zero.
 #[inline(always)]
 pub fn f16_to_f32(h: u16) -> f32 {
     let h = h as u32;
     let sign = (h & 0x8000) << 16;
     let em = h & 0x7fff;
-    // Normals and subnormals: shift into place and rescale by 2^112 (exact).
-    let scaled = (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits();
-    let special = 0x7f80_0000 | ((em & 0x03ff) << 13);
-    f32::from_bits(sign | if em >= 0x7c00 { special } else { scaled })
+    // Rebias the exponent (15 → 127); Inf/NaN move on to the f32 exponent 255.
+    let rebiased = (em << 13) + ((127 - 15) << 23);
+    let special = rebiased + ((128 - 16) << 23);
+    // Subnormals (and zero): read m·2^-24 as 2^-14·(1 + m·2^-10) minus 2^-14 — both operands
+    // are normal f32 and the difference m·2^-24 is exact and normal (or +0 for m = 0).
+    let magic = 113u32 << 23; // 2^-14
+    let sub = (f32::from_bits(rebiased + (1 << 23)) - f32::from_bits(magic)).to_bits();
+    let mag = if em >= 0x7c00 {
+        special
+    } else if em < 0x0400 {
+        sub
+    } else {
+        rebiased
+    };
+    f32::from_bits(sign | mag)
 }
 
 /// f32 → f16, round to nearest even (overflow to ±inf, NaN kept), branch-free.
@@ -173,7 +187,9 @@ pub fn f32_to_f16_rne(f: f32) -> u16 {
     let bits = f.to_bits();
     let sign = bits & 0x8000_0000;
     let u = bits ^ sign;
-    // Results are subnormal or zero below 2^-14: let the FPU round by adding a magic number.
+    // Results are subnormal or zero below 2^-14: let the FPU round by adding a magic number
+    // (the sum is ≥ 0.5, never an f32 subnormal; an input below 2^-126 flushed by DAZ rounds
+    // to ±0 either way, so the result does not depend on the floating-point environment).
     let denorm_magic: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
     let sub = (f32::from_bits(u) + f32::from_bits(denorm_magic))
         .to_bits()

@@ -3,11 +3,13 @@
 //! Work is split into a number of chunks that depends only on the tensor's shape (so results are
 //! bit-identical for any thread count) and run on one process-wide thread pool
 //! (`LOMO_NUM_THREADS`, default: all cores). Per-chunk partial sums land in fixed slots and are
-//! combined in chunk order. Nothing here allocates per step.
+//! combined in chunk order. Nothing here allocates per step. Every chunk runs with IEEE
+//! subnormals whatever the thread's floating-point modes ([`fpenv`]).
 
 pub mod ada_state;
 pub mod adalomo;
 pub mod convert;
+pub mod fpenv;
 pub mod lomo;
 pub mod norm;
 pub mod philox;
@@ -63,23 +65,34 @@ pub fn chunk_range(units: usize, n_chunks: usize, c: usize) -> (usize, usize) {
     ((c * per).min(units), ((c + 1) * per).min(units))
 }
 
-/// Runs `f(c)` for every chunk `c < n_chunks`, in parallel when there is more than one.
+/// Runs `f(c)` for every chunk `c < n_chunks`, in parallel when there is more than one, each
+/// under [`fpenv::ieee`].
 pub fn for_each_chunk<F: Fn(usize) + Sync + Send>(n_chunks: usize, f: F) {
     if n_chunks <= 1 {
-        f(0);
+        fpenv::ieee(|| f(0));
     } else {
-        POOL.install(|| (0..n_chunks).into_par_iter().for_each(f));
+        POOL.install(|| {
+            (0..n_chunks)
+                .into_par_iter()
+                .for_each(|c| fpenv::ieee(|| f(c)))
+        });
     }
 }
 
-/// Runs `f(c, &mut items[c])` for every chunk, in parallel when there is more than one.
+/// Runs `f(c, &mut items[c])` for every chunk, in parallel when there is more than one, each
+/// under [`fpenv::ieee`].
 pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut T) + Sync + Send>(items: &mut [T], f: F) {
     if items.len() <= 1 {
         if let Some(first) = items.first_mut() {
-            f(0, first);
+            fpenv::ieee(|| f(0, first));
         }
     } else {
-        POOL.install(|| items.par_iter_mut().enumerate().for_each(|(c, t)| f(c, t)));
+        POOL.install(|| {
+            items
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(c, t)| fpenv::ieee(|| f(c, t)))
+        });
     }
 }
 
