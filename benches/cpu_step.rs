@@ -143,7 +143,7 @@ fn main() {
         lomo::backend::cpu::num_threads(),
         lomo::backend::cpu::simd::level()
     );
-    for dtype in [DType::F32, DType::Bf16] {
+    for dtype in [DType::F32, DType::Bf16, DType::F16] {
         bench(Algorithm::Lomo, dtype, 4096, 4096, Variant::Plain, reps);
         bench(Algorithm::Lomo, dtype, 4096, 4096, Variant::AfterNorm, reps);
         bench(Algorithm::Adalomo, dtype, 4096, 4096, Variant::Plain, reps);

@@ -50,8 +50,86 @@ LOMO_DEV bool ada_need_psq(const AdaArgs& a) {
   return !((a.flags & ADA_CARRY) && a.t->carried_valid);
 }
 
-// Column ownership: thread t owns columns [c0, c0 + V) with c0 = (t + k·blockDim)·V (vector
-// path) or c ≡ t mod blockDim (scalar path), for both sweeps of every row.
+struct alignas(16) lomo_f4 { float v[4]; };
+
+// acc_c[c] += s_c + ε1 and acc_d[c] += s_c · inv for the V columns [c0, c0 + V): as 16-byte
+// words when `wide` (V is a multiple of 4 and both rows are 16-byte aligned), so that a warp's
+// shared-memory accesses fall on distinct banks; element by element otherwise.
+template <int V>
+LOMO_DEV void acc_add(float* acc_c, float* acc_d, u64 c0, const float s[V], float eps1, float inv,
+                      bool wide) {
+  if (wide && V % 4 == 0) {
+    lomo_f4* pc = reinterpret_cast<lomo_f4*>(acc_c + c0);
+    lomo_f4* pd = reinterpret_cast<lomo_f4*>(acc_d + c0);
+#pragma unroll
+    for (int w = 0; w < V / 4; ++w) {
+      lomo_f4 c = pc[w], d = pd[w];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        c.v[k] += s[4 * w + k] + eps1;
+        d.v[k] += s[4 * w + k] * inv;
+      }
+      pc[w] = c;
+      pd[w] = d;
+    }
+  } else {
+    for (int k = 0; k < V; ++k) {
+      acc_c[c0 + k] += s[k] + eps1;
+      acc_d[c0 + k] += s[k] * inv;
+    }
+  }
+}
+
+// One segment of a row (vector path): thread t's columns c0 = s0 + (r·blockDim + t)·V, r < NR.
+LOMO_DEV u64 seg_col(u64 s0, int r, int V) {
+  return s0 + ((u64)r * blockDim.x + threadIdx.x) * (u64)V;
+}
+
+// Issues the loads of one segment of g (and of p when `need_psq`); nothing is used yet.
+template <typename P, typename G, int V, int NR>
+LOMO_DEV void seg_load(const G* g, const P* p, u64 base, u64 s0, u64 cols, bool need_psq,
+                       G gv[NR][V], P pv[NR][V]) {
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const u64 c0 = seg_col(s0, r, V);
+    if (c0 < cols) {
+      load_vec<G, V>(g, base + c0, gv[r]);
+      if (need_psq) load_vec<P, V>(p, base + c0, pv[r]);
+    }
+  }
+}
+
+// Pass A's first sweep over one loaded segment: x into `xs`, Σ(x² + ε1), Σp² and the flag.
+template <typename P, typename G, int V, int NR>
+LOMO_DEV void seg_stats(const G gv[NR][V], const P pv[NR][V], u64 s0, u64 cols, bool need_psq,
+                        const Xform& xf, float eps1, float xs[NR][V], float* racc, float* pacc,
+                        u32* bad) {
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    if (seg_col(s0, r, V) < cols) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        *bad |= bad_bits(gv[r][k]) ? 1u : 0u;
+        const float x = xform(xf, to_f32(gv[r][k]));
+        xs[r][k] = x;
+        *racc += x * x + eps1;
+      }
+      if (need_psq) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) *pacc += to_f32(pv[r][k]) * to_f32(pv[r][k]);
+      }
+    }
+  }
+}
+
+// Column ownership: thread t owns columns [c0, c0 + V) with c0 = s0 + (r·blockDim + t)·V for
+// every segment s0 (a multiple of blockDim·V·NR) and r < NR (vector path), or c ≡ t mod blockDim
+// (scalar path), for both sweeps of every row; per thread, columns are visited in increasing
+// order. The vector path issues all NR loads of a segment before using them and keeps the
+// segment's x values in registers for the second sweep. Rows of one segment (at most
+// blockDim·V·NR columns) are read once, and the next row's loads (and its old row state) are
+// issued before the current row is reduced, so a block has a row in flight while it reduces and
+// accumulates; longer rows re-read each segment (from cache) for the second sweep.
 template <typename P, typename G>
 LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
   __shared__ float sf[LOMO_WARPS];
@@ -74,31 +152,46 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
     acc_c = a.col_part + (u64)blockIdx.x * 2 * cols;
   }
   float* acc_d = acc_c + cols;
+  const bool wide = (u64)acc_c % 16 == 0 && cols % 4 == 0;
   for (u64 j = threadIdx.x; j < 2 * cols; j += blockDim.x) acc_c[j] = 0.0f;
   __syncthreads();
   const int V = VecWidth<P, G>::value;
+  const int NR = 16 / V;  // vectors per thread and segment: 16 cached values
+  const u64 seg = (u64)blockDim.x * V * NR;
   const bool vec = vec_ok<P, G, V>(p, g) && cols % V == 0;
+  const bool one_seg = vec && cols <= seg;
   u32 bad = 0;
   double psq = 0.0, row_total = 0.0;
+  G gn[NR][V];  // one-segment rows: the next row's loads, in flight
+  P pn[NR][V];
+  float old_next = 0.0f;
+  if (one_seg && blockIdx.x < a.rows) {
+    seg_load<P, G, V, NR>(g, p, (u64)blockIdx.x * cols, 0, cols, need_psq, gn, pn);
+    old_next = a.state_a[blockIdx.x];
+  }
   for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const u64 base = row * cols;
-    float racc = 0.0f, pacc = 0.0f;
-    if (vec) {
-      for (u64 c0 = (u64)threadIdx.x * V; c0 < cols; c0 += (u64)blockDim.x * V) {
-        G gv[V];
-        load_vec<G, V>(g, base + c0, gv);
-        for (int k = 0; k < V; ++k) {
-          bad |= bad_bits(gv[k]) ? 1u : 0u;
-          float x = xform(xf, to_f32(gv[k]));
-          racc += x * x + a.eps1;
-        }
-        if (need_psq) {
-          P pv[V];
-          load_vec<P, V>(p, base + c0, pv);
-          for (int k = 0; k < V; ++k) pacc += to_f32(pv[k]) * to_f32(pv[k]);
-        }
+    float racc = 0.0f, pacc = 0.0f, old;
+    float xs[NR][V];
+    if (one_seg) {
+      // This row's loads (issued one row ago) are consumed, then the next row's are issued.
+      seg_stats<P, G, V, NR>(gn, pn, 0, cols, need_psq, xf, a.eps1, xs, &racc, &pacc, &bad);
+      old = old_next;
+      const u64 next = row + gridDim.x;
+      if (next < a.rows) {
+        seg_load<P, G, V, NR>(g, p, next * cols, 0, cols, need_psq, gn, pn);
+        old_next = a.state_a[next];
+      }
+    } else if (vec) {
+      old = a.state_a[row];
+      for (u64 s0 = 0; s0 < cols; s0 += seg) {
+        G gv[NR][V];
+        P pv[NR][V];
+        seg_load<P, G, V, NR>(g, p, base, s0, cols, need_psq, gv, pv);
+        seg_stats<P, G, V, NR>(gv, pv, s0, cols, need_psq, xf, a.eps1, xs, &racc, &pacc, &bad);
       }
     } else {
+      old = a.state_a[row];
       for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
         bad |= bad_bits(g[base + c]) ? 1u : 0u;
         float x = xform(xf, to_f32(g[base + c]));
@@ -108,21 +201,35 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
     }
     psq += (double)pacc;
     const float mean = div_rn(block_sum(racc, sf), (float)cols);
-    const float rn = fmaf(mean, omb, a.state_a[row] * beta);
+    const float rn = fmaf(mean, omb, old * beta);
     if (threadIdx.x == 0) {
       a.ws_a[row] = rn;
       row_total += (double)rn;
     }
     const float inv = div_rn(1.0f, rn);
     if (vec) {
-      for (u64 c0 = (u64)threadIdx.x * V; c0 < cols; c0 += (u64)blockDim.x * V) {
-        G gv[V];
-        load_vec<G, V>(g, base + c0, gv);
-        for (int k = 0; k < V; ++k) {
-          float x = xform(xf, to_f32(gv[k]));
-          float s = x * x;
-          acc_c[c0 + k] += s + a.eps1;
-          acc_d[c0 + k] += s * inv;
+      for (u64 s0 = 0; s0 < cols; s0 += seg) {
+        if (!one_seg) {  // xs holds the last segment: load this one again
+#pragma unroll
+          for (int r = 0; r < NR; ++r) {
+            const u64 c0 = seg_col(s0, r, V);
+            if (c0 < cols) {
+              G gv[V];
+              load_vec<G, V>(g, base + c0, gv);
+#pragma unroll
+              for (int k = 0; k < V; ++k) xs[r][k] = xform(xf, to_f32(gv[k]));
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          const u64 c0 = seg_col(s0, r, V);
+          if (c0 < cols) {
+            float sq[V];
+#pragma unroll
+            for (int k = 0; k < V; ++k) sq[k] = xs[r][k] * xs[r][k];
+            acc_add<V>(acc_c, acc_d, c0, sq, a.eps1, inv, wide);
+          }
         }
       }
     } else {
@@ -157,36 +264,72 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
 }
 
 // Column state, r_i, c_j, Σu² and the step scalars (one instantiation: no gradient access).
+// Columns go in tiles of 32 (grid-stride over tiles): lane l of warp w sums column l's partials
+// of the stats blocks b ≡ w (mod warps) in f64, in block order (coalesced across the lanes), and
+// warp 0 combines the warps' sums in warp order — a fixed order for a given grid. Rows go
+// grid-stride over all threads.
 LOMO_DEV void ada_finalize(const AdaArgs& a) {
+  __shared__ double sc[LOMO_WARPS][32];
+  __shared__ double sdd[LOMO_WARPS][32];
   __shared__ double sd[LOMO_WARPS];
   __shared__ u32 last;
   const LomoStep* st = a.step;
   if (st->skip || a.t->bad) return;
   const float beta = st->beta, omb = st->omb;
   const u64 rows = a.rows, cols = a.cols;
-  const u64 span = rows > cols ? rows : cols;
   const float row_mean = (float)(a.t->row_sum / (double)rows);
   const u32 nb = a.stats_blocks;
+  const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   double usq = 0.0;
-  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < span;
-       i += (u64)gridDim.x * blockDim.x) {
-    if (i < cols) {
-      double c = 0.0, d = 0.0;
-      for (u32 b = 0; b < nb; ++b) {
-        c += (double)a.col_part[(u64)b * 2 * cols + i];
-        d += (double)a.col_part[(u64)b * 2 * cols + cols + i];
+  const u64 tiles = (cols + 31) / 32;
+  for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const u64 j = tile * 32 + lane;
+    double c = 0.0, d = 0.0;
+    if (j < cols) {
+      // Batches of B blocks: every load of a batch is issued before the first is added.
+      const u32 B = 8;
+      u32 b = warp;
+      for (; b + (B - 1) * warps < nb; b += B * warps) {
+        float cv[B], dv[B];
+#pragma unroll
+        for (u32 q = 0; q < B; ++q) {
+          const u64 o = (u64)(b + q * warps) * 2 * cols + j;
+          cv[q] = a.col_part[o];
+          dv[q] = a.col_part[o + cols];
+        }
+#pragma unroll
+        for (u32 q = 0; q < B; ++q) {
+          c += (double)cv[q];
+          d += (double)dv[q];
+        }
       }
-      const float col_mean = (float)(c / (double)rows);
-      const float cn = fmaf(col_mean, omb, a.state_b[i] * beta);
-      a.state_b[i] = cn;
-      a.ws_c[i] = 1.0f / sqrtf(cn);
-      usq += d / (double)cn;
+      for (; b < nb; b += warps) {
+        c += (double)a.col_part[(u64)b * 2 * cols + j];
+        d += (double)a.col_part[(u64)b * 2 * cols + cols + j];
+      }
     }
-    if (i < rows) {
-      const float rn = a.ws_a[i];
-      a.state_a[i] = rn;
-      a.ws_r[i] = 1.0f / sqrtf(rn / row_mean);
+    sc[warp][lane] = c;
+    sdd[warp][lane] = d;
+    __syncthreads();
+    if (warp == 0 && j < cols) {
+      double ct = 0.0, dt = 0.0;
+      for (u32 w = 0; w < warps; ++w) {
+        ct += sc[w][lane];
+        dt += sdd[w][lane];
+      }
+      const float col_mean = (float)(ct / (double)rows);
+      const float cn = fmaf(col_mean, omb, a.state_b[j] * beta);
+      a.state_b[j] = cn;
+      a.ws_c[j] = 1.0f / sqrtf(cn);
+      usq += dt / (double)cn;
     }
+    __syncthreads();
+  }
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows;
+       i += (u64)gridDim.x * blockDim.x) {
+    const float rn = a.ws_a[i];
+    a.state_a[i] = rn;
+    a.ws_r[i] = 1.0f / sqrtf(rn / row_mean);
   }
   const double usq_b = block_sum(usq, sd);
   if (threadIdx.x == 0) a.partials[blockIdx.x] = usq_b;
@@ -331,7 +474,9 @@ LOMO_DEV void ada_apply_vector(const AdaArgs& a) {
 }
 
 LOMO_KERNEL(adalomo_finalize, AdaArgs, ada_finalize(a))
-#define ADA_STATS(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_stats_rows<P, G>(a)))
+// Two resident blocks per multiprocessor: the stats kernel is latency-bound (one row in flight
+// per block), and its register-cached rows would otherwise take more than 128 registers.
+#define ADA_STATS(name, P, G) LOMO_KERNEL_OCC(name, AdaArgs, 2, (ada_stats_rows<P, G>(a)))
 #define ADA_APPLY(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_apply_rows<P, G>(a)))
 #define ADA_VSTATS(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_stats_vector<P, G>(a)))
 #define ADA_VAPPLY(name, P, G) LOMO_KERNEL(name, AdaArgs, (ada_apply_vector<P, G>(a)))

@@ -401,15 +401,18 @@ LOMO_DEV void adalomo_scalars(double lr, double wd, double eps2, double clip_thr
 // Kernel instantiation. Every kernel takes one argument struct by value. In the host emulation
 // each instantiation also registers a launcher entry under its symbol name (kernels/emu/).
 
+// LOMO_KERNEL_OCC also asks for `min_blocks` resident blocks per multiprocessor (a register
+// budget of 65536 / (LOMO_THREADS · min_blocks) per thread).
 #if defined(LOMO_EMU)
 #include "emu/registry.hpp"
-#define LOMO_KERNEL(name, Args, body)                                   \
+#define LOMO_KERNEL_OCC(name, Args, min_blocks, body)                   \
   extern "C" __global__ void name(Args a) { body; }                     \
   static emu::Registrar<Args> name##_registrar(#name, &name);
 #else
-#define LOMO_KERNEL(name, Args, body) \
-  extern "C" __global__ void __launch_bounds__(LOMO_THREADS, 1) name(Args a) { body; }
+#define LOMO_KERNEL_OCC(name, Args, min_blocks, body) \
+  extern "C" __global__ void __launch_bounds__(LOMO_THREADS, min_blocks) name(Args a) { body; }
 #endif
+#define LOMO_KERNEL(name, Args, body) LOMO_KERNEL_OCC(name, Args, 1, body)
 
 #define LOMO_FOR_DTYPE_PAIRS(M, algo_phase)                                          \
   M(algo_phase##_f32_f32, float, float) M(algo_phase##_f32_f16, float, lomo_h16)     \

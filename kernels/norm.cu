@@ -35,7 +35,24 @@ LOMO_DEV void norm_body(const NormArgs& a) {
   u64 done = 0;
   if ((u64)g % 16 == 0) {
     const u64 nv = a.n / V;
-    for (u64 i = tid; i < nv; i += stride) {
+    // Four vectors in flight per thread (loads first), visited in the same order as one by one.
+    const int U = 4;
+    u64 i = tid;
+    for (; i + (U - 1) * stride < nv; i += U * stride) {
+      G e[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) load_vec<G, V>(g, (i + u * stride) * V, e[u]);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          bad |= bad_bits(e[u][k]) ? 1u : 0u;
+          float v = to_f32(e[u][k]) * inv;
+          if (sum) acc += v * v;
+        }
+      }
+    }
+    for (; i < nv; i += stride) {
       G e[V];
       load_vec<G, V>(g, i * V, e);
       for (int k = 0; k < V; ++k) {

@@ -4,16 +4,20 @@
 #   1. the CUDA-vs-CPU parity tests on the hardware (scripts/gpu_check.py parity): the C API with a
 #      checkpoint round trip per case, host buffers refused with a status, whole steps captured in
 #      a CUDA graph and replayed, the PyTorch drop-ins, and lomo_native.jax when jax has CUDA,
-#   2. compute-sanitizer memcheck and racecheck on a quick parity run, when compute-sanitizer exists,
-#   3. the benchmark: LOMO and AdaLomo on bf16 4096², 4096×11008, 32000×4096 against a measured
-#      device-to-device copy and lomo-optim 0.1.1 (scripts/gpu_check.py bench).
-# Results go to $OUT (default build-gpu-check/): nvidia-smi.txt, parity.txt, sanitizer-*.txt,
-# bench.txt, bench.json. Exit status: non-zero if parity or the sanitizer failed.
+#   2. the benchmark: LOMO and AdaLomo on bf16 4096², 4096×11008, 32000×4096 against a measured
+#      device-to-device copy and lomo-optim 0.1.1, with kernel launches per step (gpu_check.py bench),
+#   3. compute-sanitizer memcheck and racecheck on a quick parity run, when compute-sanitizer exists.
+# Each part runs under its own time limit (T_PARITY, T_BENCH, T_SANITIZER seconds) and can be
+# skipped (SKIP_PARITY=1, SKIP_BENCH=1, SKIP_SANITIZER=1) for a rerun of one part.
+# Results go to $OUT (default build-gpu-check/; at most 7 files, the device tool returns 8):
+# nvidia-smi.txt, parity.txt, bench.txt, bench.json, sanitizer-*.txt, times.txt.
+# Exit status: non-zero if parity or the sanitizer failed.
 #
 # With the workplace's `device` tool (its $OUT is picked up below): build and download here, then
-#   run(command="bash scripts/gpu-check.sh", carry=["target/release/liblomo.so", ".whl"], timeout_s=420)
-# Not yet timed on a GPU (first-use NVRTC compiles, parity, two sanitizer passes, the benchmark):
-# keep the timeout under the 10-minute command limit and leave device time for a rerun.
+#   run(command="bash scripts/gpu-check.sh", carry=["target/release/liblomo.so", ".whl"], timeout_s=300)
+# Timed on an H200 (2026-11-30): parity 31–42 s (first-use NVRTC compiles included), benchmark
+# 11–16 s, memcheck 6 s, racecheck 8 s; a fresh machine takes about a minute more to start.
+# LOMO_BENCH_SHAPES=4096x4096,... restricts the benchmark's shapes (e.g. under ncu).
 #
 # Prepare on a machine with network (from the repository root), then carry target/release/liblomo.so
 # (20 MB with debug info; `objcopy --strip-debug` makes it 2.5 MB) and .whl/ with the working tree:
@@ -39,8 +43,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 SITE="$PWD/.gpucheck-site"
 if [ -d .whl ]; then
   for w in .whl/*.whl; do   # each on its own: a missing optional wheel must not stop the others
-    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$w" >> "$OUT/pip.txt" 2>&1 \
-      || echo "offline install of $w failed (see $OUT/pip.txt)"
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$w" >> /tmp/lomo-pip.txt 2>&1 \
+      || { echo "offline install of $w failed:"; tail -n 5 /tmp/lomo-pip.txt; }
   done
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -56,26 +60,44 @@ if [ -z "${LOMO_NVRTC_PATH:-}" ] && ! ldconfig -p 2>/dev/null | grep -qE 'libnvr
     export LOMO_NVRTC_PATH="$(cd "$(dirname "$cand")" && pwd)/$(basename "$cand")"
   fi
 fi
-echo "NVRTC: ${LOMO_NVRTC_PATH:-the dynamic loader finds libnvrtc}" | tee "$OUT/nvrtc.txt"
+echo "NVRTC: ${LOMO_NVRTC_PATH:-the dynamic loader finds libnvrtc}"
 
 status=0
-echo "== parity (CUDA vs CPU through the C API)"
-"$PY" scripts/gpu_check.py parity 2>&1 | tee "$OUT/parity.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+export PYTHONUNBUFFERED=1
+# Each part has its own time limit (seconds; override by environment), so that one slow part
+# cannot eat the others' device time: parity, then the benchmark, then the sanitizers.
+T_PARITY=${T_PARITY:-240} T_BENCH=${T_BENCH:-150} T_SANITIZER=${T_SANITIZER:-100}
+part() {  # part NAME LIMIT CMD... : runs CMD under `timeout`, output to $OUT/NAME.txt
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "-- $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/times.txt"
+  return "$rc"
+}
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer --tool $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" scripts/gpu_check.py parity --quick \
-      > "$OUT/sanitizer-$tool.txt" 2>&1
-    rc=$?
-    tail -n 3 "$OUT/sanitizer-$tool.txt"
-    [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; status=1; }
-  done
-else
-  echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer-skipped.txt"
+if [ "${SKIP_PARITY:-0}" != 1 ]; then
+  echo "== parity (CUDA vs CPU through the C API)"
+  part parity "$T_PARITY" "$PY" scripts/gpu_check.py parity || status=1
 fi
 
-echo "== benchmark"
-LOMO_BENCH_JSON="$OUT/bench.json" "$PY" scripts/gpu_check.py bench 2>&1 | tee "$OUT/bench.txt"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo "== benchmark"
+  LOMO_BENCH_JSON="$OUT/bench.json" part bench "$T_BENCH" "$PY" scripts/gpu_check.py bench
+fi
+
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer --tool $tool"
+      part "sanitizer-$tool" "$T_SANITIZER" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "$PY" scripts/gpu_check.py parity --quick > /dev/null
+      rc=$?
+      tail -n 3 "$OUT/sanitizer-$tool.txt"
+      [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; status=1; }
+    done
+  else
+    echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer-skipped.txt"
+  fi
+fi
 exit $status

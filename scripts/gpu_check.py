@@ -8,6 +8,7 @@ on bf16 tensors against a device-to-device copy and lomo-optim 0.1.1.
 Usage: gpu_check.py parity [--quick] [--emulate] | bench [--emulate]
   --emulate  runs on this CPU with LOMO_CUDA_EMULATE=1 ("device" tensors are host tensors);
              used to test this script without a GPU.
+  LOMO_BENCH_SHAPES=4096x4096,...  benchmarks these shapes instead of the three default ones.
 Needs: torch, liblomo.so (LOMO_LIBRARY, default target/release/liblomo.so); the C API is reached
 through this checkout's Python binding (bindings/python/lomo_native).
 """
@@ -432,8 +433,72 @@ def timed(fn, iters):
     return start.elapsed_time(end) / 1e3 / iters
 
 
+def kernels(fn):
+    """The GPU kernels one call of fn launches, as [name, microseconds] (torch.profiler through
+    CUPTI, which sees launches through the driver API too); None under emulation (fn still
+    runs) or when profiling fails."""
+    if EMULATE:
+        fn()
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [[e.name, round(e.time_range.elapsed_us(), 1)] for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA
+                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    except Exception as e:  # noqa: BLE001 - a diagnostic, never a reason to stop benchmarking
+        print(f"kernel profile failed: {e!r}")
+        return None
+
+
+def timed_phase(before, fn, after, iters):
+    """Seconds per call of fn, timed by events around fn alone; before() and after() run
+    untimed around each call (the NORM phase ahead of a timed UPDATE phase, or the UPDATE phase
+    after a timed NORM phase)."""
+    if EMULATE:
+        total = 0.0
+        for _ in range(iters):
+            before()
+            t = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t
+            after()
+        return total / iters
+    before(), fn(), after()
+    pairs = []
+    for _ in range(iters):
+        before()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        after()
+        pairs.append((a, b))
+    torch.cuda.synchronize()
+    return sum(a.elapsed_time(b) for a, b in pairs) / 1e3 / iters
+
+
+# (name, algorithm, bytes per element, parameter flags, config fields, timed phase, lomo-optim)
+# Bytes per element are the floor of each pass on bf16 (design.md / notes/performance.md):
+# LOMO after a NORM phase reads g and p and writes p (6); without one it also pre-reads g for
+# the non-finite check (8); the NORM pass reads g (2); AdaLomo reads g and p for its statistics
+# and g and p again and writes p to apply (10), or 8 with the parameter RMS carried.
+BENCH_ROWS = [
+    ("LOMO update after NORM", 0, 6, 0, {"clip_grad_norm": 1.0}, "update", False),
+    ("LOMO NORM pass", 0, 2, 0, {"clip_grad_norm": 1.0}, "norm", False),
+    ("LOMO update, no NORM", 0, 8, 0, {}, "update", True),
+    ("AdaLomo", 1, 10, 0, {"loss_scale_mode": 0}, "update", True),
+    ("AdaLomo carried RMS", 1, 8, 1, {"loss_scale_mode": 0}, "update", False),
+]
+
+
 def bench():
     shapes = [(256, 256), (256, 1024)] if EMULATE else [(4096, 4096), (4096, 11008), (32000, 4096)]
+    if os.environ.get("LOMO_BENCH_SHAPES"):  # e.g. "4096x4096,32000x4096"
+        shapes = [tuple(int(d) for d in x.split("x")) for x in os.environ["LOMO_BENCH_SHAPES"].split(",")]
     iters = 2 if EMULATE else 20
     src = torch.empty(256 << 20 if not EMULATE else 1 << 20, dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
@@ -449,18 +514,33 @@ def bench():
         print("lomo-optim not installed: no speed-up column")
     for shape in shapes:
         n = shape[0] * shape[1]
-        for algo, name, bpe, flags in [(0, "LOMO", 6, 0), (1, "AdaLomo", 10, 0), (1, "AdaLomo carried RMS", 8, 1)]:
+        for name, algo, bpe, flags, fields, phase, vs_ref in BENCH_ROWS:
             p = torch.randn(shape, device=DEV).to(torch.bfloat16)
             g = (torch.randn(shape, device=DEV) * 1e-3).to(torch.bfloat16)
-            fields = {"loss_scale_mode": 0} if algo == 1 else {}
             opt = Opt(algo, **fields)
             opt.register("w", p, 0, 0, flags)
             s = stream_ptr()
-            secs = timed(lambda: opt.step(1, 1e-4, [g], s), iters)
+            norm = lambda: opt.step(0, 1e-4, [g], s)  # noqa: E731
+            update = lambda: opt.step(1, 1e-4, [g], s)  # noqa: E731
+            nothing = lambda: None  # noqa: E731
+            if "clip_grad_norm" not in fields:
+                secs, whole = timed_phase(nothing, update, nothing, iters), update
+            elif phase == "norm":
+                secs, whole = timed_phase(nothing, norm, update, iters), norm
+            else:
+                secs, whole = timed_phase(norm, update, nothing, iters), update
             bw = bpe * n / secs
             row = {"shape": list(shape), "algo": name, "bytes_per_elem": bpe, "ms": secs * 1e3,
                    "GBps": bw / 1e9, "frac_copy": bw / copy_bw}
-            if have_ref and flags == 0 and not (EMULATE and algo == 1):  # AdaLomo needs .cuda()
+            if "clip_grad_norm" in fields and phase == "update":
+                norm()  # the profiled UPDATE phase needs its NORM phase first
+            ks = kernels(whole)  # the timed phase: begin, submit, end
+            if "clip_grad_norm" in fields and phase == "norm":
+                update()  # ends the step the profiled NORM phase began
+            if ks is not None:
+                row["kernels_per_phase"] = len(ks)
+                row["kernels_us"] = ks
+            if have_ref and vs_ref and not (EMULATE and algo == 1):  # AdaLomo needs .cuda()
                 try:
                     row["lomo_optim_ms"] = ref_time(algo, p, g, iters) * 1e3
                     row["speedup"] = row["lomo_optim_ms"] / row["ms"]

@@ -1,7 +1,7 @@
 //! The CUDA backend's orchestration and kernels, run through the emulated launcher (the kernel
 //! sources compiled for the host, host memory standing in for device memory, workspaces
 //! poisoned with NaN), against the CPU backend: every algorithm, parameter/gradient dtype pair
-//! and option, on shapes 1, 31, 4097, 3×4097, 3×5×7, 16×64 and 2×8192, over several steps.
+//! and option, on shapes 1, 31, 4097, 3×4097, 3×5×7, 16×64, 3×4104 and 2×8192, over several steps.
 //! Parameters must agree per element after every step (f32: 2e-6 relative; f16/bf16: 1 ulp;
 //! reductions run in a different order), with 1e-7 absolute slack near zero; NaN never passes.
 //! Optimizer state and step diagnostics are compared too.

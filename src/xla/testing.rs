@@ -13,14 +13,16 @@ use crate::backend::cuda::side;
 use crate::dtype::DType;
 
 /// The shapes of tests/common/parity.rs: the issue's, plus 16×64 (rows allow 16-byte
-/// vector access, column sums in shared memory) and 2×8192 (column sums in global slabs).
-pub const SHAPES: [&[i64]; 7] = [
+/// vector access, column sums in shared memory), 3×4104 (one whole register segment of 4096
+/// columns and a partial one) and 2×8192 (column sums in global slabs).
+pub const SHAPES: [&[i64]; 8] = [
     &[1],
     &[31],
     &[4097],
     &[3, 4097],
     &[3, 5, 7],
     &[16, 64],
+    &[3, 4104],
     &[2, 8192],
 ];
 

@@ -8,16 +8,18 @@ use super::{Buf, F16, F32};
 /// near zero exceed an ulp. Parameters are O(1) and updates O(1e-2), so real errors are far larger.
 pub const ATOL: f64 = 1e-7;
 
-/// The shapes, plus two whose rows allow 16-byte vector access in the row kernels:
-/// 16×64 (column sums in shared memory) and 2×8192 (too long for the emulated 48 KiB of shared
-/// memory: column sums in each block's global slab).
-pub const SHAPES: [&[i64]; 7] = [
+/// The shapes, plus three whose rows allow 16-byte vector access in the row kernels:
+/// 16×64 (column sums in shared memory), 3×4104 (a row of one whole register segment of 4096
+/// columns and a partial one) and 2×8192 (two segments; too long for the emulated 48 KiB of
+/// shared memory: column sums in each block's global slab).
+pub const SHAPES: [&[i64]; 8] = [
     &[1],
     &[31],
     &[4097],
     &[3, 4097],
     &[3, 5, 7],
     &[16, 64],
+    &[3, 4104],
     &[2, 8192],
 ];
 

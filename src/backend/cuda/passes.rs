@@ -99,7 +99,7 @@ pub struct Layout {
     pub elementwise: Geometry,
     /// AdaLomo factored: the row kernels (blocks own whole rows).
     pub stats: Geometry,
-    /// AdaLomo factored: the finalize kernel (over max(rows, cols)).
+    /// AdaLomo factored: the finalize kernel (tiles of 32 columns; rows over all threads).
     pub finalize: Geometry,
     max_blocks: u32,
 }
@@ -117,8 +117,11 @@ impl Layout {
         let (mut stats, mut finalize) = (elementwise, elementwise);
         if ada && shape.factored {
             let smem_bytes = 8 * shape.cols;
+            // Half the device's blocks: the stats kernel keeps two blocks per multiprocessor
+            // resident (kernels/adalomo.cu), so they run in one wave, and each block's column
+            // partials (8·cols bytes, written and read once more) are amortized over more rows.
             stats = Geometry {
-                grid: shape.rows.clamp(1, mb as u64) as u32,
+                grid: shape.rows.clamp(1, (mb / 2).max(1) as u64) as u32,
                 block: THREADS,
                 smem: if smem_bytes <= max_smem as u64 {
                     smem_bytes as u32
@@ -126,8 +129,13 @@ impl Layout {
                     0
                 },
             };
+            // Tiles of 32 columns (one per block) and rows over all threads.
             finalize = Geometry {
-                grid: blocks_for(shape.rows.max(shape.cols), THREADS as u64, mb),
+                grid: shape
+                    .cols
+                    .div_ceil(32)
+                    .max(shape.rows.div_ceil(THREADS as u64))
+                    .clamp(1, mb as u64) as u32,
                 block: THREADS,
                 smem: 0,
             };
@@ -166,11 +174,13 @@ impl Layout {
         s
     }
 
-    /// Apply uses the stats grid (blocks own whole rows) without dynamic shared memory.
+    /// Apply: blocks own whole rows, up to all of the device's blocks (a streaming pass; its
+    /// grid need not be the stats grid), without dynamic shared memory.
     fn stats_apply(&self) -> Geometry {
         Geometry {
+            grid: self.shape.rows.clamp(1, self.max_blocks as u64) as u32,
+            block: THREADS,
             smem: 0,
-            ..self.stats
         }
     }
 }
@@ -436,8 +446,9 @@ mod tests {
     #[test]
     fn factored_layout_keeps_columns_in_shared_memory_when_they_fit() {
         let small = Layout::new(Shape::new(16 * 64, 16, 64, true), true, 16, 48 * 1024);
-        assert_eq!((small.stats.grid, small.stats.smem), (16, 8 * 64));
-        assert_eq!(small.sizes().col_part, 4 * 2 * 64 * 16);
+        assert_eq!((small.stats.grid, small.stats.smem), (8, 8 * 64));
+        assert_eq!(small.stats_apply().grid, 16);
+        assert_eq!(small.sizes().col_part, 4 * 2 * 64 * 8);
         let long = Layout::new(Shape::new(2 * 8192, 2, 8192, true), true, 16, 48 * 1024);
         assert_eq!((long.stats.grid, long.stats.smem), (2, 0));
         let lomo = Layout::new(Shape::new(12, 3, 4, true), false, 16, 48 * 1024);
