@@ -34,6 +34,14 @@ pub fn view(shape: &[i64]) -> (usize, usize, bool) {
     }
 }
 
+/// s[a] ← β·s[a] + (1−β)·mean_{b < n} u(a, b): AdaLomo's row (or column) moving average.
+fn ema_of_means(s: &mut [f64], n: usize, beta: f64, u: impl Fn(usize, usize) -> f64) {
+    for (a, v) in s.iter_mut().enumerate() {
+        let m = (0..n).map(|b| u(a, b)).sum::<f64>() / n as f64;
+        *v = beta * *v + (1.0 - beta) * m;
+    }
+}
+
 /// One reference step over all parameters; returns the new values in f64.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_step(
@@ -85,20 +93,9 @@ pub fn reference_step(
         let u: Vec<f64> = match &mut states[k] {
             RefState::Factored(row, col) => {
                 let (rows, cols, _) = view(&shapes[k]);
-                for i in 0..rows {
-                    let m: f64 = (0..cols)
-                        .map(|j| x[i * cols + j].powi(2) + eps1)
-                        .sum::<f64>()
-                        / cols as f64;
-                    row[i] = beta * row[i] + (1.0 - beta) * m;
-                }
-                for j in 0..cols {
-                    let m: f64 = (0..rows)
-                        .map(|i| x[i * cols + j].powi(2) + eps1)
-                        .sum::<f64>()
-                        / rows as f64;
-                    col[j] = beta * col[j] + (1.0 - beta) * m;
-                }
+                let u = |i: usize, j: usize| x[i * cols + j].powi(2) + eps1;
+                ema_of_means(row, cols, beta, |i, j| u(i, j));
+                ema_of_means(col, rows, beta, |j, i| u(i, j));
                 let mean_row = row.iter().sum::<f64>() / rows as f64;
                 (0..n)
                     .map(|e| x[e] / (row[e / cols] / mean_row * col[e % cols]).sqrt())

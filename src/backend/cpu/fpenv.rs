@@ -45,11 +45,11 @@ impl Drop for Restore {
 
 #[cfg(target_arch = "x86_64")]
 mod arch {
-    pub type Word = u32;
+    pub(super) type Word = u32;
     /// MXCSR: DAZ (bit 6) and FTZ (bit 15).
-    pub const FLUSH_BITS: Word = (1 << 6) | (1 << 15);
+    pub(super) const FLUSH_BITS: Word = (1 << 6) | (1 << 15);
 
-    pub fn read() -> Word {
+    pub(super) fn read() -> Word {
         let mut csr: u32 = 0;
         // SAFETY: STMXCSR stores the 32-bit MXCSR into the pointed-to local (SSE is part of the
         // x86-64 baseline); it touches no other memory and no flags.
@@ -60,7 +60,7 @@ mod arch {
         csr
     }
 
-    pub fn write(csr: Word) {
+    pub(super) fn write(csr: Word) {
         // SAFETY: LDMXCSR loads MXCSR from the pointed-to local; the value is one read from
         // MXCSR with only the DAZ/FTZ bits changed, so no reserved bit is set (which would
         // fault). It changes only this thread's SSE modes.
@@ -73,11 +73,11 @@ mod arch {
 
 #[cfg(target_arch = "aarch64")]
 mod arch {
-    pub type Word = u64;
+    pub(super) type Word = u64;
     /// FPCR: FIZ (bit 0, FEAT_AFP; RES0 elsewhere), FZ16 (bit 19) and FZ (bit 24).
-    pub const FLUSH_BITS: Word = (1 << 0) | (1 << 19) | (1 << 24);
+    pub(super) const FLUSH_BITS: Word = (1 << 0) | (1 << 19) | (1 << 24);
 
-    pub fn read() -> Word {
+    pub(super) fn read() -> Word {
         let v: u64;
         // SAFETY: reading FPCR is allowed at EL0 and has no side effects.
         unsafe {
@@ -86,7 +86,7 @@ mod arch {
         v
     }
 
-    pub fn write(v: Word) {
+    pub(super) fn write(v: Word) {
         // SAFETY: writing FPCR is allowed at EL0; the value is one read from FPCR with only
         // flush bits cleared (clearing a RES0 bit is harmless). It changes only this thread's
         // floating-point modes.
@@ -98,12 +98,12 @@ mod arch {
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod arch {
-    pub type Word = u32;
-    pub const FLUSH_BITS: Word = 0;
-    pub fn read() -> Word {
+    pub(super) type Word = u32;
+    pub(super) const FLUSH_BITS: Word = 0;
+    pub(super) fn read() -> Word {
         0
     }
-    pub fn write(_: Word) {}
+    pub(super) fn write(_: Word) {}
 }
 
 /// Test support: runs `f` with flush-to-zero and denormals-are-zero SET on this thread (the
