@@ -2,75 +2,23 @@
 """lomo GPU check (driven by scripts/gpu-check.sh): CUDA-vs-CPU parity through the C API on real
 hardware, refusal of host buffers, CUDA-graph capture and replay of whole steps, the PyTorch
 drop-ins' and the JAX handlers' CUDA-vs-CPU parity (when jax with a CUDA backend is installed;
-skipped visibly otherwise; --quick runs the C API parity only), and a benchmark of LOMO/AdaLomo
-on bf16 tensors against a device-to-device copy and lomo-optim 0.1.1.
+skipped visibly otherwise; --quick runs the C API parity only), and the benchmark of
+scripts/gpu_bench.py (LOMO/AdaLomo on bf16 tensors against a device-to-device copy and
+lomo-optim 0.1.1).
 
 Usage: gpu_check.py parity [--quick] [--emulate] | bench [--emulate]
   --emulate  runs on this CPU with LOMO_CUDA_EMULATE=1 ("device" tensors are host tensors);
              used to test this script without a GPU.
   LOMO_BENCH_SHAPES=4096x4096,...  benchmarks these shapes instead of the three default ones.
 Needs: torch, liblomo.so (LOMO_LIBRARY, default target/release/liblomo.so); the C API is reached
-through this checkout's Python binding (bindings/python/lomo_native).
+through this checkout's Python binding (bindings/python/lomo_native; scripts/gpu_common.py).
 """
-import json
 import os
 import sys
-import time
 
 import torch
 
-LIB = os.environ.get("LOMO_LIBRARY", "target/release/liblomo.so")
-EMULATE = "--emulate" in sys.argv
-if EMULATE:
-    os.environ["LOMO_CUDA_EMULATE"] = "1"
-DEV = "cpu" if EMULATE else "cuda"
-DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def use_bindings():
-    """Makes lomo_native (bindings/python of this checkout) importable, on the library under test."""
-    os.environ["LOMO_LIBRARY"] = os.path.abspath(LIB)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bindings", "python")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-
-use_bindings()
-import lomo_native  # noqa: E402  (after LOMO_LIBRARY is set)
-
-
-class Opt:
-    """lomo_native's optimizer, registering and stepping torch tensors (host or device memory)
-    by address; `keep` holds tensors that must outlive it."""
-
-    def __init__(self, algorithm, **fields):
-        self.o = lomo_native.Optimizer("adalomo" if algorithm else "lomo", **fields)
-        self.keep = []
-
-    def register(self, name, t, device, group=0, flags=0):
-        return self.o.register_pointer(name, t.data_ptr(), DT[t.dtype], t.shape, device, group, flags)
-
-    def step(self, phase, lr, grads, stream):
-        self.o.begin(phase, lr, stream)
-        for i, g in enumerate(grads):
-            self.o.submit_pointer(i, g.data_ptr(), DT[g.dtype], stream)
-        self.o.end(stream)
-
-    def info(self):
-        return self.o.step_info()
-
-    def loss_scale(self):
-        return self.o.loss_scale
-
-    def state(self):
-        return self.o.state_bytes()
-
-    def load_state(self, blob):
-        self.o.load_state_bytes(blob)
-
-
-def stream_ptr():
-    return None if EMULATE else torch.cuda.current_stream().cuda_stream
+from gpu_common import DEV, EMULATE, Opt, lomo_native, stream_ptr, use_bindings
 
 
 def ulp(x, dtype):
@@ -416,162 +364,6 @@ def jax_parity():
     return not fails
 
 
-def timed(fn, iters):
-    if EMULATE:
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t) / iters
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
-
-
-def kernels(fn):
-    """The GPU kernels one call of fn launches, as [name, microseconds] (torch.profiler through
-    CUPTI, which sees launches through the driver API too); None under emulation (fn still
-    runs) or when profiling fails."""
-    if EMULATE:
-        fn()
-        return None
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return [[e.name, round(e.time_range.elapsed_us(), 1)] for e in prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA
-                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-    except Exception as e:  # noqa: BLE001 - a diagnostic, never a reason to stop benchmarking
-        print(f"kernel profile failed: {e!r}")
-        return None
-
-
-def timed_phase(before, fn, after, iters):
-    """Seconds per call of fn, timed by events around fn alone; before() and after() run
-    untimed around each call (the NORM phase ahead of a timed UPDATE phase, or the UPDATE phase
-    after a timed NORM phase)."""
-    if EMULATE:
-        total = 0.0
-        for _ in range(iters):
-            before()
-            t = time.perf_counter()
-            fn()
-            total += time.perf_counter() - t
-            after()
-        return total / iters
-    before(), fn(), after()
-    pairs = []
-    for _ in range(iters):
-        before()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        after()
-        pairs.append((a, b))
-    torch.cuda.synchronize()
-    return sum(a.elapsed_time(b) for a, b in pairs) / 1e3 / iters
-
-
-# (name, algorithm, bytes per element, parameter flags, config fields, timed phase, lomo-optim)
-# Bytes per element are the floor of each pass on bf16 (design.md / notes/performance.md):
-# LOMO after a NORM phase reads g and p and writes p (6); without one it also pre-reads g for
-# the non-finite check (8); the NORM pass reads g (2); AdaLomo reads g and p for its statistics
-# and g and p again and writes p to apply (10), or 8 with the parameter RMS carried.
-BENCH_ROWS = [
-    ("LOMO update after NORM", 0, 6, 0, {"clip_grad_norm": 1.0}, "update", False),
-    ("LOMO NORM pass", 0, 2, 0, {"clip_grad_norm": 1.0}, "norm", False),
-    ("LOMO update, no NORM", 0, 8, 0, {}, "update", True),
-    ("AdaLomo", 1, 10, 0, {"loss_scale_mode": 0}, "update", True),
-    ("AdaLomo carried RMS", 1, 8, 1, {"loss_scale_mode": 0}, "update", False),
-]
-
-
-def bench():
-    shapes = [(256, 256), (256, 1024)] if EMULATE else [(4096, 4096), (4096, 11008), (32000, 4096)]
-    if os.environ.get("LOMO_BENCH_SHAPES"):  # e.g. "4096x4096,32000x4096"
-        shapes = [tuple(int(d) for d in x.split("x")) for x in os.environ["LOMO_BENCH_SHAPES"].split(",")]
-    iters = 2 if EMULATE else 20
-    src = torch.empty(256 << 20 if not EMULATE else 1 << 20, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), iters)
-    copy_bw = 2 * src.numel() / copy_s
-    out = {"device": "emulated" if EMULATE else torch.cuda.get_device_name(), "copy_GBps": copy_bw / 1e9, "rows": []}
-    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
-    try:
-        import lomo_optim  # noqa: F401
-        have_ref = True
-    except ImportError:
-        have_ref = False
-        print("lomo-optim not installed: no speed-up column")
-    for shape in shapes:
-        n = shape[0] * shape[1]
-        for name, algo, bpe, flags, fields, phase, vs_ref in BENCH_ROWS:
-            p = torch.randn(shape, device=DEV).to(torch.bfloat16)
-            g = (torch.randn(shape, device=DEV) * 1e-3).to(torch.bfloat16)
-            opt = Opt(algo, **fields)
-            opt.register("w", p, 0, 0, flags)
-            s = stream_ptr()
-            norm = lambda: opt.step(0, 1e-4, [g], s)  # noqa: E731
-            update = lambda: opt.step(1, 1e-4, [g], s)  # noqa: E731
-            nothing = lambda: None  # noqa: E731
-            if "clip_grad_norm" not in fields:
-                secs, whole = timed_phase(nothing, update, nothing, iters), update
-            elif phase == "norm":
-                secs, whole = timed_phase(nothing, norm, update, iters), norm
-            else:
-                secs, whole = timed_phase(norm, update, nothing, iters), update
-            bw = bpe * n / secs
-            row = {"shape": list(shape), "algo": name, "bytes_per_elem": bpe, "ms": secs * 1e3,
-                   "GBps": bw / 1e9, "frac_copy": bw / copy_bw}
-            if "clip_grad_norm" in fields and phase == "update":
-                norm()  # the profiled UPDATE phase needs its NORM phase first
-            ks = kernels(whole)  # the timed phase: begin, submit, end
-            if "clip_grad_norm" in fields and phase == "norm":
-                update()  # ends the step the profiled NORM phase began
-            if ks is not None:
-                row["kernels_per_phase"] = len(ks)
-                row["kernels_us"] = ks
-            if have_ref and vs_ref and not (EMULATE and algo == 1):  # AdaLomo needs .cuda()
-                try:
-                    row["lomo_optim_ms"] = ref_time(algo, p, g, iters) * 1e3
-                    row["speedup"] = row["lomo_optim_ms"] / row["ms"]
-                except Exception as e:  # report, keep benchmarking
-                    row["lomo_optim_error"] = repr(e)
-            out["rows"].append(row)
-            print(json.dumps(row))
-    return out
-
-
-def ref_time(algo, p, g, iters):
-    """lomo-optim 0.1.1's update of one tensor: fused_backward on loss = (W·G).sum() (dL/dW = G),
-    minus the same backward without the optimizer."""
-    from lomo_optim import AdaLomo, Lomo
-    model = torch.nn.Module()
-    model.w = torch.nn.Parameter(p.clone())
-    gf = g.clone()
-    opt = AdaLomo(model, lr=1e-4, loss_scale=1.0) if algo else Lomo(model, lr=1e-4)
-
-    def step():
-        loss = (model.w * gf).sum()
-        opt.fused_backward(loss, 1e-4)
-
-    def plain():
-        loss = (model.w * gf).sum()
-        loss.backward()
-        model.w.grad = None
-
-    return max(timed(step, iters) - timed(plain, iters), 1e-9)
-
-
 if __name__ == "__main__":
     if not EMULATE and not torch.cuda.is_available():
         sys.exit("no CUDA device visible to torch")
@@ -588,6 +380,10 @@ if __name__ == "__main__":
             good = jax_parity() and good
         sys.exit(0 if good else 1)
     if "bench" in sys.argv:
+        import json
+
+        from gpu_bench import bench
+
         res = bench()
         path = os.environ.get("LOMO_BENCH_JSON")
         if path:
