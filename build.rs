@@ -25,6 +25,8 @@ fn main() {
         // The kernels rely on IEEE single rounding of every operation, as under --fmad=false.
         .flag("-ffp-contract=off")
         .flag("-pthread")
+        // `#pragma unroll` is NVRTC's; the host compiler unrolls on its own.
+        .flag_if_supported("-Wno-unknown-pragmas")
         .opt_level(2)
         .warnings(true)
         .compile("lomo_cuda_emu");

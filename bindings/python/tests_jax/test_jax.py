@@ -139,11 +139,13 @@ def test_f16_subnormal_params_equal_c_api(algorithm):
 
 @pytest.mark.parametrize("shape", [(7,), (300, 257)])
 def test_f16_subnormals_survive_a_zero_gradient(shape):
-    # LOMO with a zero gradient and no weight decay leaves every parameter as it was: every
-    # f16 subnormal (and both zeros) on the calling thread (7) and on the pool (300×257).
+    # LOMO with a zero gradient and no weight decay leaves every parameter as it was: f16
+    # subnormals on the calling thread (7), and every f16 subnormal of both signs and both zeros
+    # on the pool (300×257).
     n = int(np.prod(shape))
-    p = (np.arange(n, dtype=np.uint16) % 0x400).astype(np.uint16)
-    p[1::2] |= 0x8000
+    i = np.arange(n)
+    p = (i % 0x400).astype(np.uint16)
+    p[(i // 0x400) % 2 == 1] |= 0x8000
     p = p.view(np.float16).reshape(shape)
     out, finite = jax.jit(lambda p, g: lj.lomo_update(p, g, lr=0.01))(
         jnp.asarray(p), jnp.zeros(shape, jnp.float32)
