@@ -94,7 +94,7 @@ pub fn reference_step(
             RefState::Factored(row, col) => {
                 let (rows, cols, _) = view(&shapes[k]);
                 let u = |i: usize, j: usize| x[i * cols + j].powi(2) + eps1;
-                ema_of_means(row, cols, beta, &u);
+                ema_of_means(row, cols, beta, u);
                 ema_of_means(col, rows, beta, |j, i| u(i, j));
                 let mean_row = row.iter().sum::<f64>() / rows as f64;
                 (0..n)
