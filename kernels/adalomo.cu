@@ -171,19 +171,18 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
   }
   for (u64 row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const u64 base = row * cols;
-    float racc = 0.0f, pacc = 0.0f, old;
+    float racc = 0.0f, pacc = 0.0f;
     float xs[NR][V];
+    const float old = one_seg ? old_next : a.state_a[row];
     if (one_seg) {
       // This row's loads (issued one row ago) are consumed, then the next row's are issued.
       seg_stats<P, G, V, NR>(gn, pn, 0, cols, need_psq, xf, a.eps1, xs, &racc, &pacc, &bad);
-      old = old_next;
       const u64 next = row + gridDim.x;
       if (next < a.rows) {
         seg_load<P, G, V, NR>(g, p, next * cols, 0, cols, need_psq, gn, pn);
         old_next = a.state_a[next];
       }
     } else if (vec) {
-      old = a.state_a[row];
       for (u64 s0 = 0; s0 < cols; s0 += seg) {
         G gv[NR][V];
         P pv[NR][V];
@@ -191,7 +190,6 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
         seg_stats<P, G, V, NR>(gv, pv, s0, cols, need_psq, xf, a.eps1, xs, &racc, &pacc, &bad);
       }
     } else {
-      old = a.state_a[row];
       for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
         bad |= bad_bits(g[base + c]) ? 1u : 0u;
         float x = xform(xf, to_f32(g[base + c]));

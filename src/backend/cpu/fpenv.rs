@@ -106,19 +106,18 @@ mod arch {
     pub(super) fn write(_: Word) {}
 }
 
-/// Test support: runs `f` with flush-to-zero and denormals-are-zero SET on this thread (the
-/// environment XLA's CPU runtime and `-ffast-math` programs give), restoring the modes after.
-#[cfg(test)]
-pub(crate) fn flushing<R>(f: impl FnOnce() -> R) -> R {
-    let saved = arch::read();
-    let _restore = Restore(saved);
-    arch::write(saved | arch::FLUSH_BITS);
-    call(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `f` with flush-to-zero and denormals-are-zero SET on this thread (the environment
+    /// XLA's CPU runtime and `-ffast-math` programs give), restoring the modes after.
+    fn flushing<R>(f: impl FnOnce() -> R) -> R {
+        let saved = arch::read();
+        let _restore = Restore(saved);
+        arch::write(saved | arch::FLUSH_BITS);
+        call(f)
+    }
 
     /// 2^-140 (an f32 subnormal) times 0.5, computed at run time (not constant-folded).
     #[inline(never)]
