@@ -38,8 +38,10 @@ impl Device {
 
 /// Per-parameter option: carry Σp² of the values written by the previous AdaLomo step instead of
 /// re-reading the parameter (saves one read of p per step). Valid only while nothing else writes
-/// the parameter; it is recomputed on the first step and after a state load.
-pub(crate) const PARAM_FLAG_CARRY_RMS: u32 = crate::ffi::types::LOMO_PARAM_CARRY_RMS;
+/// the parameter; it is recomputed on the first step and after a state load. The C API's
+/// `LOMO_PARAM_CARRY_RMS` is defined from it (`src/ffi/types.rs`).
+pub(crate) const PARAM_FLAG_CARRY_RMS: u32 = 1;
+/// Every flag a parameter may carry.
 pub(crate) const PARAM_FLAGS_ALL: u32 = PARAM_FLAG_CARRY_RMS;
 
 /// What a caller registers (already converted from C, not yet validated).

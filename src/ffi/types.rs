@@ -19,6 +19,10 @@ pub const LOMO_DEVICE_CPU: i32 = -1;
 /// state load. Ignored by LOMO.
 pub const LOMO_PARAM_CARRY_RMS: u32 = 1;
 
+// The C constant is the core's flag (`param::PARAM_FLAG_CARRY_RMS`); written as a literal above
+// because cbindgen only exports literal constants, and held equal to the core's here.
+const _: () = assert!(LOMO_PARAM_CARRY_RMS == crate::param::PARAM_FLAG_CARRY_RMS);
+
 /// Optimizer configuration. Fill it with `lomo_config_init`, then change fields.
 ///
 /// Every real-valued field is a `double`; lomo-optim computes derived scalars in double
