@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::backend::cuda::abi::LomoStep;
 use crate::backend::cuda::device::ParamSpec;
 use crate::backend::cuda::passes::Shape;
 use crate::backend::cuda::side::CudaSide;
@@ -95,6 +96,23 @@ pub struct StepInfo {
 }
 
 impl StepInfo {
+    /// Diagnostics from the CUDA backend's step record (`kernels/step.cu` fills its `info_*`
+    /// fields); `submitted` is counted on the host.
+    fn from_device(s: &LomoStep, submitted: u32) -> StepInfo {
+        StepInfo {
+            step: s.info_step,
+            grad_norm: s.info_grad_norm,
+            clip_coef: s.info_clip_coef,
+            loss_scale: s.info_loss_scale,
+            next_loss_scale: s.info_next_loss_scale,
+            overflow: s.info_overflow != 0,
+            skipped: s.info_skipped != 0,
+            skipped_total: s.skipped_total,
+            grads_submitted: submitted,
+            grads_nonfinite: s.info_nonfinite,
+        }
+    }
+
     /// Diagnostics before any phase has run (after creation or a state load).
     fn fresh(step: u64, skipped_total: u64, scale: f32) -> StepInfo {
         StepInfo {
@@ -298,7 +316,10 @@ impl Optimizer {
     /// device (synchronizes).
     pub fn try_step_info(&self) -> Result<StepInfo> {
         match &self.cuda {
-            Some(side) => side.step_info(self.info.grads_submitted),
+            Some(side) => Ok(StepInfo::from_device(
+                &side.step_record()?,
+                self.info.grads_submitted,
+            )),
             None => Ok(self.info),
         }
     }

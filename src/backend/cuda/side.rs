@@ -8,13 +8,13 @@ use std::sync::Arc;
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
+use super::abi::LomoStep;
 use super::device::{DeviceOpt, ParamSpec, Pass};
 use super::launcher::Launcher;
 use super::snapshot::DeviceCounters;
 use crate::config::Config;
 use crate::dtype::DType;
 use crate::error::{bail, Result};
-use crate::optimizer::StepInfo;
 
 /// Emulated "device" size: grids are sized as on a GPU with this many SMs.
 const EMU_SMS: u32 = 4;
@@ -183,22 +183,10 @@ impl CudaSide {
         self.dev.end(update, stream)
     }
 
-    /// Diagnostics from the device (waits for the stream of the latest launch). `submitted` is
-    /// counted on the host.
-    pub fn step_info(&self, submitted: u32) -> Result<StepInfo> {
-        let s = self.dev.read_step(self.dev.last_stream())?;
-        Ok(StepInfo {
-            step: s.info_step,
-            grad_norm: s.info_grad_norm,
-            clip_coef: s.info_clip_coef,
-            loss_scale: s.info_loss_scale,
-            next_loss_scale: s.info_next_loss_scale,
-            overflow: s.info_overflow != 0,
-            skipped: s.info_skipped != 0,
-            skipped_total: s.skipped_total,
-            grads_submitted: submitted,
-            grads_nonfinite: s.info_nonfinite,
-        })
+    /// The device step record (diagnostics, counters, scaler), copied back after the stream of
+    /// the latest launch (synchronizes). The core turns it into its `StepInfo`.
+    pub fn step_record(&self) -> Result<LomoStep> {
+        self.dev.read_step(self.dev.last_stream())
     }
 
     /// Device address of the f32 loss scale for the next backward.
