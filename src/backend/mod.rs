@@ -1,14 +1,21 @@
-//! Backend layer: where the per-tensor passes run. The core decides *what* to compute (phases,
-//! scalars, which tensors); a backend decides *how* (threads and SIMD on the CPU, kernels on CUDA).
+//! Backend layer: where the per-tensor passes run. The core decides *what* to compute and in
+//! which order (`crate::orchestrate`: phases, scalars, which tensors, where statistics are
+//! reduced); a backend decides *how* (threads and SIMD on the CPU, kernels on CUDA), behind one
+//! interface, [`Backend`] ([`interface`] documents each method, its units and who owns what),
+//! implemented by [`cpu::step::CpuStep`] and [`cuda::step::CudaStep`].
 //!
-//! Backends know nothing about the C ABI. They receive raw buffers ([`RawBuf`]) whose validity the
-//! core has established at registration, and plain scalar structs ([`GradXform`], ...).
+//! Backends know nothing about the C ABI, the optimizer or the XLA handlers. They receive raw
+//! buffers ([`RawBuf`]) whose validity the caller has established, and plain scalar structs
+//! ([`GradXform`], [`TensorUpdate`], ...).
 
 pub mod cpu;
 /// Nothing in the CUDA backend is part of the C API:
 /// cbindgen:ignore
 pub mod cuda;
+pub mod interface;
 pub mod scalars;
+
+pub use interface::{Backend, PhaseBegin, TensorUpdate};
 
 use crate::dtype::DType;
 

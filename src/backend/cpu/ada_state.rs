@@ -70,4 +70,12 @@ impl StateViewMut<'_> {
             StateViewMut::Vector { v } => StateView::Vector { v },
         }
     }
+
+    /// A shorter mutable borrow of the same state.
+    pub fn reborrow(&mut self) -> StateViewMut<'_> {
+        match self {
+            StateViewMut::Factored { row, col } => StateViewMut::Factored { row, col },
+            StateViewMut::Vector { v } => StateViewMut::Vector { v },
+        }
+    }
 }

@@ -14,6 +14,7 @@ pub mod lomo;
 pub mod norm;
 pub mod philox;
 pub mod simd;
+pub mod step;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,0 +1,122 @@
+//! Backend layer: the interface every backend implements, and that the core's one orchestration
+//! of a step (`crate::orchestrate`) drives for the optimizer and the XLA handlers alike.
+//!
+//! A [`Backend`] value is a *step context*: one backend, the per-step scalars its passes read,
+//! and (CUDA) the stream its work is enqueued on. It is built for each call (cheap: a few words)
+//! and never outlives it. [`Backend::Tensor`] is one tensor as that backend addresses it — the
+//! caller's parameter, its optimizer state and scratch memory, and its *tensor record*, where the
+//! passes leave their per-tensor results. The core owns the order of the calls; the backend owns
+//! the arithmetic.
+//!
+//! # The calls of one step, in order
+//!
+//! ```text
+//! phase_begin(NORM)                          the step record: has_norm, coef = 1, skip = 0
+//!   norm(t, g)          per tensor           record: Σ(g·inv_scale)² (f64), finite flag
+//! phase_end(NORM)                            record: clip coefficient, skip (= overflow)
+//! phase_begin(UPDATE, lr)                    record: lr, AdaLomo β = 1 − t^decay_rate
+//!   LOMO:    check_finite(t, g)  (only without a clean NORM phase), lomo(t, g, u)
+//!   AdaLomo: ada_stats(t, g, u)  → [reduction point] → ada_apply(t, g, u)
+//! phase_end(UPDATE)                          record: loss scaler, step counter (CUDA)
+//! ```
+//!
+//! # Who computes which scalar
+//!
+//! Formulas are in [`super::scalars`] (host) and mirrored by `kernels/step.cu`,
+//! `kernels/xla.cu` and the finalize kernel of `kernels/adalomo.cu` (device), bit for bit:
+//! - host-known per tensor, passed in [`TensorUpdate`]: group lr multiplier, weight decay,
+//!   parameter id (stochastic-rounding stream), carry-Σp² opt-in, whether a NORM phase checked
+//!   the gradient;
+//! - per step — inv_scale = 1/loss scale, the clip coefficient, the skip flag, lr, β — live in the
+//!   context: host values on the CPU ([`super::cpu::step::HostStep`], formed by the core or read
+//!   from an XLA call's operands); the device step record on CUDA, formed on the stream by the
+//!   phase kernels, so no host synchronization is ever needed;
+//! - per tensor after the statistics — RMS(p) (`‖p‖/√n`), the update clip
+//!   `max(1, RMS(u)/τ)`, the effective lr and decay — in `ada_apply` (CPU: on the host from the
+//!   tensor record; CUDA: in the finalize kernel).
+//!
+//! # The reduction points
+//!
+//! A distributed step inserts its all-reduces in exactly two places, both in
+//! `crate::orchestrate`: between `ada_stats` and `ada_apply` (AdaLomo's per-tensor partial
+//! statistics: row/column sums, Σu² through `D_j`, Σp², the finite flag — on the CPU in the
+//! tensor's workspace and record, on CUDA in its device workspace and `LomoTensor`), and between
+//! the tensors of a phase and `phase_end` (the phase totals: Σg² of the finite tensors and the
+//! non-finite count). In one process both are the identity.
+//!
+//! # Ownership
+//!
+//! Parameters and gradients are the caller's ([`RawBuf`]: host memory on the CPU, device memory
+//! on CUDA); a backend only reads gradients and writes parameters in place. State, workspaces
+//! and records belong to whoever built the [`Backend::Tensor`]: the optimizer (allocated at
+//! registration, so a step allocates nothing) or an XLA call (XLA's buffers and pooled
+//! workspaces). Methods return errors only for failures to enqueue work (CUDA); numerical
+//! outcomes (non-finite gradients) are results in the tensor record, never errors.
+
+use super::RawBuf;
+use crate::error::Result;
+
+/// What starts a phase.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PhaseBegin {
+    /// UPDATE (true) or NORM (false).
+    pub update: bool,
+    /// UPDATE: a NORM phase ran earlier in this step (its clip coefficient and skip flag hold);
+    /// otherwise they are reset (a cancelled step's NORM results must not leak).
+    pub after_norm: bool,
+    /// UPDATE: the learning rate of this step (before the group multiplier).
+    pub lr: f64,
+}
+
+/// The host-known options of one tensor's UPDATE pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorUpdate {
+    /// The stochastic-rounding stream of the tensor (the C API's parameter id).
+    pub param_id: u32,
+    /// The group's lr multiplier: the tensor's lr is `lr · lr_multiplier` (in f64 on the host,
+    /// in the kernels from the f32 lr of the step record).
+    pub lr_multiplier: f64,
+    /// The group's decoupled weight decay.
+    pub weight_decay: f64,
+    /// A NORM phase of this step checked the gradient for non-finite values (its flags decide);
+    /// otherwise the core calls [`Backend::check_finite`] first (LOMO) or the statistics pass
+    /// finds out (AdaLomo).
+    pub prechecked: bool,
+    /// AdaLomo: carry Σp² of the written values to the next step (`PARAM_FLAG_CARRY_RMS`).
+    pub carry: bool,
+}
+
+/// One backend in one call: the passes of a step over its tensors.
+pub trait Backend {
+    /// One tensor as this backend addresses it: parameter, state, workspace and tensor record.
+    type Tensor<'t>;
+
+    /// Starts a phase on the step record (CPU: the host values of the context already are the
+    /// record, nothing to do; CUDA: one single-block kernel).
+    fn phase_begin(&self, begin: &PhaseBegin) -> Result<()>;
+
+    /// NORM: Σ(g·inv_scale)² over the finite gradient (f64) and the finite flag, into the
+    /// tensor record.
+    fn norm(&self, t: &mut Self::Tensor<'_>, g: &RawBuf) -> Result<()>;
+
+    /// The finite flag of the gradient alone, into the tensor record (LOMO without a clean NORM
+    /// phase: nothing may be written from a non-finite gradient).
+    fn check_finite(&self, t: &mut Self::Tensor<'_>, g: &RawBuf) -> Result<()>;
+
+    /// LOMO: `p ← round(fma(x, −lr, p·(1 − lr·wd)))` with `x` the transformed gradient; nothing
+    /// when the step is skipped or the record says the gradient is not finite.
+    fn lomo(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
+
+    /// AdaLomo pass A: the new state (not yet committed), Σu² (via `D_j`), Σp² (unless
+    /// carried) and the finite flag, into the tensor's workspace and record.
+    fn ada_stats(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
+
+    /// AdaLomo after the (reduced) statistics: when finite and not skipped, commits the state,
+    /// forms RMS(p), the update clip and the effective lr and decay, and applies the update
+    /// (Σp² of the written values into the record when `u.carry`).
+    fn ada_apply(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
+
+    /// Ends a phase on the step record from the (reduced) tensor records (CPU: the core decides
+    /// on the host, nothing to do here; CUDA: one single-block kernel).
+    fn phase_end(&self, update: bool) -> Result<()>;
+}
