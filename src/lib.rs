@@ -3,9 +3,13 @@
 //! Layers, each depending only on the ones below it (design.md §2):
 //! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
 //! - [`xla`]: XLA FFI custom-call handlers for JAX (same level as `ffi`, not in the header);
-//! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`state`]
+//! - the core: [`optimizer`], [`orchestrate`] (the one orchestration of a step, shared by the
+//!   optimizer and the XLA handlers), [`param`], [`config`], [`scaler`], [`state`]
 //!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`];
-//! - [`backend`]: the passes themselves (CPU threads and SIMD).
+//! - [`backend`]: the backend interface ([`backend::Backend`]) and its implementations, the
+//!   passes themselves (CPU threads and SIMD; CUDA kernels on the caller's stream). It imports
+//!   nothing from the layers above; [`config`], [`dtype`] and [`error`] are leaves that every
+//!   layer may use.
 
 pub mod backend;
 pub mod config;
@@ -14,10 +18,10 @@ pub mod error;
 pub mod ffi;
 pub mod memory;
 pub mod optimizer;
+pub mod orchestrate;
 pub mod param;
 pub mod scaler;
 pub mod state;
-pub mod update;
 pub mod xla;
 
 pub use config::{Algorithm, Config, LossScaleMode, Rounding};

@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use common::parity::*;
 use common::*;
-use lomo::backend::cuda::device::{DeviceOpt, ParamSpec, Pass};
+use lomo::backend::cuda::device::{DeviceOpt, ParamSpec};
 use lomo::backend::cuda::emu::EmuLauncher;
 use lomo::backend::cuda::passes::Shape;
+use lomo::backend::{PhaseBegin, RawBuf, TensorUpdate};
+use lomo::orchestrate::{self, PhaseTotals, TensorPass};
 use lomo::{
     Algorithm, Config, DType, Device, LossScaleMode, Optimizer, ParamDesc, Phase, Rounding,
 };
@@ -66,7 +68,6 @@ fn run(case: &Case) {
                 p: dev_bufs[i].ptr() as u64,
                 dtype: dt(case.p_dtype),
                 shape: Shape::new(n as u64, rows, cols, factored),
-                carry: case.carry,
             })
             .unwrap();
         assert_eq!(idx, i);
@@ -100,24 +101,38 @@ fn run(case: &Case) {
         for &phase in phases {
             let update = phase == Phase::Update;
             cpu.begin(phase, lr as f64).unwrap();
-            dev.begin(update, norm_phase, lr, 0).unwrap();
+            // The device side through the core's orchestration, as the optimizer drives it.
+            let b = dev.step(0);
+            let begin = PhaseBegin {
+                update,
+                after_norm: norm_phase,
+                lr: lr as f64,
+            };
+            orchestrate::begin(&b, &begin).unwrap();
             for (i, g) in grads.iter_mut().enumerate() {
                 cpu.submit(i as u32, g.ptr() as usize, dt(case.g_dtype))
                     .unwrap();
                 let pass = if update {
-                    Pass::Update {
-                        prechecked: norm_phase,
-                        lr_mult: 1.0,
+                    TensorPass::Update(TensorUpdate {
+                        param_id: i as u32,
+                        lr_multiplier: 1.0,
                         weight_decay: cfg.weight_decay,
-                    }
+                        prechecked: norm_phase,
+                        carry: case.carry,
+                    })
                 } else {
-                    Pass::Norm
+                    TensorPass::Norm
                 };
-                dev.submit(i, g.ptr() as u64, dt(case.g_dtype), pass, 0)
-                    .unwrap();
+                let grad = RawBuf {
+                    addr: g.ptr() as usize,
+                    dtype: dt(case.g_dtype),
+                    numel: g.len(),
+                };
+                let mut t = dev.tensor(i, &grad).unwrap();
+                orchestrate::tensor(&b, cfg.algorithm, &mut t, &grad, &pass).unwrap();
             }
             cpu.end().unwrap();
-            dev.end(update, 0).unwrap();
+            orchestrate::end(&b, update, PhaseTotals::default()).unwrap();
         }
         let what = format!(
             "{} p={} g={} step {step} (carry {}, {:?}, clip_norm {}, clip_value {}, wd {}, {:?})",

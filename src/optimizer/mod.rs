@@ -272,7 +272,6 @@ impl Optimizer {
                     param.cols as u64,
                     param.factored,
                 ),
-                carry: param.flags & crate::param::PARAM_FLAG_CARRY_RMS != 0,
             };
             side.register(n, &spec)?;
             if created.is_some() {

@@ -1,12 +1,15 @@
-//! Core layer: the optimizer's step protocol — `begin`, `submit`, `end`, `cancel` — for CPU
-//! parameters (updated here through [`crate::update`]) and CUDA ones (enqueued on the device
-//! through [`crate::backend::cuda::side::CudaSide`]).
+//! Core layer: the optimizer's step protocol — `begin`, `submit`, `end`, `cancel` — over the
+//! one orchestration of [`crate::orchestrate`], on the CPU backend
+//! ([`crate::backend::cpu::step::CpuStep`], the host values of this optimizer's step) or the
+//! CUDA backend ([`crate::backend::cuda::step::CudaStep`], its device step record).
 
 use super::{NormResult, Optimizer, Phase, StepInfo, StepState};
-use crate::backend::cuda::device::Pass;
+use crate::backend::cpu::step::{CpuAda, CpuStep, CpuTensor, HostStep};
+use crate::backend::{PhaseBegin, TensorUpdate};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
-use crate::update;
+use crate::orchestrate::{self, PhaseTotals, TensorPass};
+use crate::param::PARAM_FLAG_CARRY_RMS;
 
 impl Optimizer {
     /// Starts a phase. `lr` is used by UPDATE phases only.
@@ -41,9 +44,14 @@ impl Optimizer {
         if phase == Phase::Update && !(lr.is_finite() && lr >= 0.0) {
             bail!(InvalidArgument, "lr must be finite and >= 0, got {lr}");
         }
-        if let Some(side) = &self.cuda {
-            let after_norm = matches!(next, StepState::Update { norm: Some(_), .. });
-            side.begin(phase == Phase::Update, after_norm, lr as f32, stream)?;
+        let begin = PhaseBegin {
+            update: phase == Phase::Update,
+            after_norm: matches!(next, StepState::Update { norm: Some(_), .. }),
+            lr,
+        };
+        match &self.cuda {
+            Some(side) => orchestrate::begin(&side.step(stream), &begin)?,
+            None => orchestrate::begin(&self.cpu_step(next), &begin)?,
         }
         self.epoch += 1;
         self.state = next;
@@ -75,45 +83,49 @@ impl Optimizer {
                 param.name
             );
         }
-        let ctx = match self.state {
-            StepState::Norm => update::Phase::Norm {
-                inv_scale: self.inv_scale(),
-            },
-            StepState::Update { lr, norm } => {
+        let pass = match self.state {
+            StepState::Norm => TensorPass::Norm,
+            StepState::Update { norm, .. } => {
                 let group = self.groups[&param.group];
-                update::Phase::Update {
-                    skip: norm.is_some_and(|n| n.overflow),
-                    prechecked: norm.is_some(),
-                    xf: self.xform(norm),
-                    lr: lr * group.lr_multiplier,
-                    weight_decay: group.weight_decay,
-                    step: self.steps + 1,
+                TensorPass::Update(TensorUpdate {
                     param_id: id,
-                }
+                    lr_multiplier: group.lr_multiplier,
+                    weight_decay: group.weight_decay,
+                    prechecked: norm.is_some(),
+                    carry: param.flags & PARAM_FLAG_CARRY_RMS != 0,
+                })
             }
             _ => bail!(
                 PhaseError,
                 "no phase is active: call lomo_step_begin before submitting gradients"
             ),
         };
+        let algorithm = self.config.algorithm;
         if let Some(side) = &self.cuda {
-            let pass = match ctx {
-                update::Phase::Norm { .. } => Pass::Norm,
-                update::Phase::Update { prechecked, .. } => {
-                    let group = self.groups[&param.group];
-                    Pass::Update {
-                        prechecked,
-                        lr_mult: group.lr_multiplier,
-                        weight_decay: group.weight_decay,
-                    }
-                }
-            };
-            side.submit(id, grad.addr, dtype, pass, stream)?;
+            let mut t = side.tensor(id, &grad)?;
+            orchestrate::tensor(&side.step(stream), algorithm, &mut t, &grad, &pass)?;
             inner.epoch = self.epoch;
             return Ok(());
         }
         inner.epoch = self.epoch;
-        update::run(&self.config, param, &mut inner, &grad, &ctx);
+        let carry = matches!(pass, TensorPass::Update(u) if u.carry);
+        let ada = inner.ada.as_mut().map(|a| {
+            let carried = if carry { a.carried_psq } else { None };
+            CpuAda::new(a.state.as_view_mut(), &mut a.ws, carried)
+        });
+        let mut t = CpuTensor::new(param.buf, ada);
+        orchestrate::tensor(&self.cpu_step(self.state), algorithm, &mut t, &grad, &pass)?;
+        let (sum_sq, finite) = (t.sum_sq, t.finite);
+        let written = t
+            .ada
+            .as_ref()
+            .filter(|a| a.applied)
+            .map(|a| a.written_sum_sq);
+        inner.sum_sq = sum_sq;
+        inner.finite = finite;
+        if let (Some(w), Some(a)) = (written, inner.ada.as_mut()) {
+            a.carried_psq = w;
+        }
         Ok(())
     }
 
@@ -126,18 +138,25 @@ impl Optimizer {
     /// parameters the clip coefficient, overflow, loss scaler and step counter advance on the
     /// device; the host keeps only the protocol state.
     pub fn end_on(&mut self, stream: usize) -> Result<()> {
-        if let (Some(side), StepState::Norm | StepState::Update { .. }) = (&self.cuda, self.state) {
-            side.end(matches!(self.state, StepState::Update { .. }), stream)?;
-        }
-        let (submitted, nonfinite, sum_sq) = self.phase_totals();
+        let update = matches!(self.state, StepState::Update { .. });
+        let totals = if matches!(self.state, StepState::Norm | StepState::Update { .. }) {
+            let totals = self.phase_totals();
+            match &self.cuda {
+                Some(side) => orchestrate::end(&side.step(stream), update, totals)?,
+                None => orchestrate::end(&self.cpu_step(self.state), update, totals)?,
+            }
+        } else {
+            PhaseTotals::default()
+        };
+        let PhaseTotals {
+            submitted,
+            nonfinite,
+            sum_sq,
+        } = totals;
         match self.state {
             StepState::Norm => {
-                let overflow = nonfinite > 0;
-                let coef = if self.config.clip_grad_norm > 0.0 && !overflow {
-                    crate::backend::scalars::clip_coef(sum_sq, self.config.clip_grad_norm)
-                } else {
-                    1.0
-                };
+                let decision = orchestrate::norm_decision(&totals, self.config.clip_grad_norm);
+                let (overflow, coef) = (decision.overflow, decision.coef);
                 self.info.grad_norm = if overflow {
                     f32::NAN
                 } else {
@@ -192,22 +211,34 @@ impl Optimizer {
         self.epoch += 1;
     }
 
-    /// (submitted, non-finite, Σ sum_sq) over the parameters submitted in the current phase, in
-    /// id order (deterministic whatever the submission order).
-    fn phase_totals(&self) -> (u32, u32, f64) {
-        let (mut submitted, mut nonfinite, mut sum_sq) = (0u32, 0u32, 0f64);
+    /// The tensor records of the current phase, summed in id order (deterministic whatever the
+    /// submission order).
+    fn phase_totals(&self) -> PhaseTotals {
+        let mut totals = PhaseTotals::default();
         for p in &self.params {
             let inner = p.inner.lock();
             if inner.epoch == self.epoch {
-                submitted += 1;
-                if inner.finite {
-                    sum_sq += inner.sum_sq;
-                } else {
-                    nonfinite += 1;
-                }
+                totals.add(inner.finite, inner.sum_sq);
             }
         }
-        (submitted, nonfinite, sum_sq)
+        totals
+    }
+
+    /// The CPU backend with this optimizer's host step record in state `state`.
+    fn cpu_step(&self, state: StepState) -> CpuStep<'_> {
+        let (lr, norm) = match state {
+            StepState::Update { lr, norm } => (lr, norm),
+            _ => (0.0, None),
+        };
+        CpuStep {
+            cfg: &self.config,
+            host: HostStep {
+                xf: self.xform(norm),
+                lr,
+                step: self.steps + 1,
+                skip: norm.is_some_and(|n| n.overflow),
+            },
+        }
     }
 
     fn inv_scale(&self) -> f32 {

@@ -1,5 +1,6 @@
-//! XLA FFI layer, Host platform: runs the decoded plans on host memory through the core
-//! (`update::{lomo_tensor, adalomo_tensor}`, `backend::cpu::norm`), exactly as the C API does.
+//! XLA FFI layer, Host platform: runs the decoded plans on host memory through the core's one
+//! orchestration (`crate::orchestrate`) on the CPU backend, exactly as the C API does; the step
+//! record is the call's scalar operands (`HostStep`), the state XLA's buffers.
 //!
 //! AdaLomo workspaces are cached per `(rows, cols, factored)` in a process-wide pool: a call
 //! takes one out (or allocates it the first time), uses it, and puts it back, so steady-state
@@ -16,10 +17,10 @@ use super::ops::{
     check_aligned, overlaps, AdaPlan, AdaStatePlan, Grad, InOut, LomoPlan, NormPlan, Scalars,
 };
 use crate::backend::cpu::adalomo::{AdaWorkspace, StateViewMut};
-use crate::backend::cpu::convert::RoundCtx;
-use crate::backend::cpu::norm;
-use crate::backend::{scalars, GradXform, RawBuf};
-use crate::update::{adalomo_tensor, lomo_tensor, TensorStep};
+use crate::backend::cpu::step::{CpuAda, CpuStep, CpuTensor, HostStep};
+use crate::backend::{GradXform, RawBuf};
+use crate::config::Algorithm;
+use crate::orchestrate::{self, PhaseTotals, TensorPass};
 
 type WsKey = (usize, usize, bool);
 
@@ -173,23 +174,21 @@ fn grad_buf(g: &Grad<'_>, outputs: &[&InOut<'_>], scratch: &mut Vec<u64>) -> XRe
     })
 }
 
-fn tensor_step(h: &Hyper, coef: f32, opts: &super::ops::Options) -> TensorStep {
+/// The CPU backend with the call's scalars as its step record.
+fn cpu_step<'c>(h: &Hyper, coef: f32, opts: &'c super::ops::Options) -> CpuStep<'c> {
     let cfg = &opts.config;
     let v = cfg.clip_grad_value;
-    TensorStep {
-        xf: GradXform {
-            inv_scale: h.inv_scale,
-            clip_value: if v > 0.0 { v as f32 } else { f32::INFINITY },
-            coef,
-        },
-        lr: h.lr as f64 * opts.lr_multiplier,
-        weight_decay: cfg.weight_decay,
-        step: h.step,
-        round: RoundCtx {
-            mode: cfg.rounding,
-            seed: cfg.seed,
+    CpuStep {
+        cfg,
+        host: HostStep {
+            xf: GradXform {
+                inv_scale: h.inv_scale,
+                clip_value: if v > 0.0 { v as f32 } else { f32::INFINITY },
+                coef,
+            },
+            lr: h.lr as f64,
             step: h.step,
-            param_id: opts.param_id,
+            skip: false,
         },
     }
 }
@@ -198,30 +197,38 @@ fn tensor_step(h: &Hyper, coef: f32, opts: &super::ops::Options) -> TensorStep {
 /// coefficient, and whether every gradient was finite.
 pub fn grad_sum_sq(plan: &NormPlan<'_>) -> XResult<()> {
     let inv = inv_scale(read_f32(&plan.loss_scale))?;
-    let (mut total, mut finite) = (0f64, true);
+    let cfg = crate::config::Config::defaults(Algorithm::Lomo);
+    let b = CpuStep {
+        cfg: &cfg,
+        host: HostStep {
+            xf: GradXform {
+                inv_scale: inv,
+                clip_value: f32::INFINITY,
+                coef: 1.0,
+            },
+            lr: 0.0,
+            step: 1,
+            skip: false,
+        },
+    };
+    let mut totals = PhaseTotals::default();
     for g in &plan.grads {
-        if g.numel == 0 {
-            continue;
-        }
         let mut none = Vec::new();
         let buf = grad_buf(g, &[], &mut none)?;
-        let (s, ok) = norm::grad_sum_sq(&buf, inv);
-        if ok {
-            total += s;
-        } else {
-            finite = false;
-        }
+        let mut t = CpuTensor::new(buf, None);
+        orchestrate::tensor(&b, cfg.algorithm, &mut t, &buf, &TensorPass::Norm)?;
+        totals.add(t.finite, t.sum_sq);
     }
-    let (sum_sq, coef) = if !finite {
+    let totals = orchestrate::end(&b, false, totals)?;
+    let d = orchestrate::norm_decision(&totals, plan.clip_grad_norm);
+    let (sum_sq, coef) = if d.overflow {
         (f32::NAN, f32::NAN)
-    } else if plan.clip_grad_norm > 0.0 {
-        (total as f32, scalars::clip_coef(total, plan.clip_grad_norm))
     } else {
-        (total as f32, 1.0)
+        (totals.sum_sq as f32, d.coef)
     };
     write_f32(&plan.sum_sq, sum_sq);
     write_f32(&plan.clip_coef, coef);
-    write_pred(&plan.finite, finite);
+    write_pred(&plan.finite, !d.overflow);
     Ok(())
 }
 
@@ -234,7 +241,11 @@ pub fn lomo_update(plan: &LomoPlan<'_>) -> XResult<()> {
         Some(coef) => {
             let mut scratch = Vec::new();
             let grad = grad_buf(&plan.grad, &[&plan.param], &mut scratch)?;
-            lomo_tensor(&param, &grad, &tensor_step(&h, coef, &plan.opts), true)
+            let mut t = CpuTensor::new(param, None);
+            let b = cpu_step(&h, coef, &plan.opts);
+            let pass = plan.opts.update_pass();
+            orchestrate::tensor(&b, Algorithm::Lomo, &mut t, &grad, &pass)?;
+            t.finite
         }
     };
     write_pred(&plan.finite, finite);
@@ -286,8 +297,11 @@ pub fn adalomo_update(plan: &AdaPlan<'_>) -> XResult<()> {
                 .ws
                 .as_mut()
                 .expect("a pooled workspace is present until drop");
-            let t = tensor_step(&h, coef, &plan.opts);
-            adalomo_tensor(&plan.opts.config, &param, &grad, view, ws, &t, false, None).finite
+            let mut t = CpuTensor::new(param, Some(CpuAda::new(view, ws, None)));
+            let b = cpu_step(&h, coef, &plan.opts);
+            let pass = plan.opts.update_pass();
+            orchestrate::tensor(&b, Algorithm::Adalomo, &mut t, &grad, &pass)?;
+            t.finite
         }
     };
     write_pred(&plan.finite, finite);

@@ -9,8 +9,10 @@
 //!    did not alias to its result (no donation);
 //! 3. `xla_prepare` (`kernels/xla.cu`): the step record from the 0-d operands `lr`,
 //!    `loss_scale`, `clip_coef`, `step`, which are device memory and never read by the host;
-//! 4. the tensor's passes: grad_sum_sq one NORM pass per gradient; LOMO the non-finite pre-check
-//!    and the update; AdaLomo stats, finalize and apply (stats and apply for rank ≤ 1);
+//! 4. the tensor's passes, through the core's orchestration (`crate::orchestrate`) on the CUDA
+//!    backend (`backend::cuda::step::CudaStep` with this call's record): grad_sum_sq one NORM
+//!    pass per gradient; LOMO the non-finite pre-check and the update; AdaLomo stats, finalize
+//!    and apply (stats and apply for rank ≤ 1);
 //! 5. `xla_norm_finish` / `xla_update_finish`: the `sum_sq`, `clip_coef` and `finite` results.
 //!
 //! So the handlers need no host synchronization and can be captured in a CUDA graph once the
@@ -25,13 +27,15 @@ use std::ffi::c_void;
 use super::abi::*;
 use super::cuda_ws::{cuda_error, Dev, Need, Pooled};
 use super::frame::{invalid, Buffer, Frame, XResult, XlaError};
-use super::ops::Scalars;
 use super::ops::{check_aligned, overlaps, AdaPlan, AdaStatePlan, Grad, InOut, LomoPlan, NormPlan};
+use super::ops::{Options, Scalars};
 use crate::backend::cuda::abi::{DevPtr, XlaArgs};
-use crate::backend::cuda::launcher::{Geometry, Launcher};
-use crate::backend::cuda::passes::{self, Layout, Records, Shape, Tensor, UpdateOpts, THREADS};
-use crate::backend::cuda::registry::Module;
+use crate::backend::cuda::passes::{Layout, Records, Shape, Tensor};
+use crate::backend::cuda::step::{CudaStep, CudaTensor, StepRecord};
+use crate::backend::{PhaseBegin, RawBuf};
+use crate::config::{Algorithm, Config};
 use crate::dtype::DType;
+use crate::orchestrate::{self, PhaseTotals, TensorPass};
 
 /// The platform stream of this call (a `CUstream`/`cudaStream_t` on the CUDA platform).
 pub fn stream(f: &Frame<'_>) -> XResult<*mut c_void> {
@@ -97,29 +101,42 @@ impl Call {
         }
     }
 
-    /// One tensor's UPDATE: `xla_prepare`, the passes `run` enqueues (on this call's launcher,
-    /// records and stream), `xla_update_finish`.
-    fn update(
-        &self,
-        a: &XlaArgs,
-        run: impl FnOnce(&dyn Launcher, Records, usize) -> crate::error::Result<()>,
-    ) -> XResult<()> {
-        self.xla("xla_prepare", a)?;
-        run(&*self.dev.launcher, self.records(0), self.stream)
-            .map_err(|e| cuda_error(self.op, e))?;
-        self.xla("xla_update_finish", a)
+    /// The CUDA backend on this call's launcher and stream, its step record prepared from the
+    /// operands in `a` (`kernels/xla.cu`).
+    fn step<'c>(&'c self, a: XlaArgs, cfg: &'c Config) -> CudaStep<'c> {
+        CudaStep {
+            launcher: &*self.dev.launcher,
+            cfg,
+            stream: self.stream,
+            record: StepRecord::Xla(a),
+        }
     }
 
-    /// A kernel of `kernels/xla.cu` (one block: the records are tiny).
-    fn xla(&self, name: &str, a: &XlaArgs) -> XResult<()> {
-        let block = if name == "xla_prepare" { THREADS } else { 32 };
-        let geo = Geometry {
-            grid: 1,
-            block,
-            smem: 0,
+    /// One phase through the core's orchestration: `xla_prepare`, each tensor's passes, then
+    /// `xla_norm_finish` or `xla_update_finish`.
+    fn phase(
+        &self,
+        a: XlaArgs,
+        opts: &Options,
+        tensors: &mut [(CudaTensor, RawBuf)],
+        pass: &TensorPass,
+    ) -> XResult<()> {
+        let update = matches!(pass, TensorPass::Update(_));
+        let b = self.step(a, &opts.config);
+        let begin = PhaseBegin {
+            update,
+            after_norm: false,
+            lr: 0.0,
         };
-        passes::launch(&*self.dev.launcher, Module::Xla, name, geo, a, self.stream)
-            .map_err(|e| cuda_error(self.op, e))
+        let algorithm = opts.config.algorithm;
+        let mut run = || -> crate::error::Result<()> {
+            orchestrate::begin(&b, &begin)?;
+            for (t, g) in tensors.iter_mut() {
+                orchestrate::tensor(&b, algorithm, t, g, pass)?;
+            }
+            orchestrate::end(&b, update, PhaseTotals::default()).map(|_| ())
+        };
+        run().map_err(|e| cuda_error(self.op, e))
     }
 
     fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> XResult<()> {
@@ -229,16 +246,12 @@ fn grad_scratch(g: &Grad<'_>, outputs: &[&InOut<'_>]) -> usize {
     }
 }
 
-fn update_opts(opts: &super::ops::Options) -> UpdateOpts {
-    let cfg = &opts.config;
-    UpdateOpts::new(
-        cfg,
-        opts.param_id,
-        opts.lr_multiplier,
-        cfg.weight_decay,
-        false,
-        false,
-    )
+fn raw(g: &Grad<'_>, addr: DevPtr) -> RawBuf {
+    RawBuf {
+        addr: addr as usize,
+        dtype: g.dtype,
+        numel: g.numel,
+    }
 }
 
 /// `grad_sum_sq` on `stream`: one NORM pass per gradient (a `LomoTensor` each), then
@@ -277,25 +290,27 @@ pub fn grad_sum_sq(plan: &NormPlan<'_>, stream: *mut c_void) -> XResult<()> {
         n_tensors: n,
         ..call.args(&plan.loss_scale, &plan.finite)
     };
-    call.xla("xla_prepare", &a)?;
-    for (i, g) in plan.grads.iter().enumerate() {
-        let t = Tensor {
-            layout: layout(g.numel),
-            bufs: call.ws.ws.bufs,
-            p: 0,
-            p_dtype: DType::F32,
-        };
-        t.norm(
-            &*dev.launcher,
-            call.records(i),
-            addr(&g.buf),
-            g.dtype,
-            false,
-            call.stream,
-        )
-        .map_err(|e| cuda_error(OP, e))?;
-    }
-    call.xla("xla_norm_finish", &a)
+    let mut tensors: Vec<(CudaTensor, RawBuf)> = plan
+        .grads
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let tensor = Tensor {
+                layout: layout(g.numel),
+                bufs: call.ws.ws.bufs,
+                p: 0,
+                p_dtype: DType::F32,
+            };
+            let rec = call.records(i);
+            (CudaTensor { tensor, rec }, raw(g, addr(&g.buf)))
+        })
+        .collect();
+    let opts = Options {
+        config: Config::defaults(Algorithm::Lomo),
+        lr_multiplier: 1.0,
+        param_id: 0,
+    };
+    call.phase(a, &opts, &mut tensors, &TensorPass::Norm)
 }
 
 /// `lomo_update` on `stream`: copy p when not aliased, then the pre-check and the LOMO kernel on
@@ -322,9 +337,14 @@ pub fn lomo_update(plan: &LomoPlan<'_>, stream: *mut c_void) -> XResult<()> {
         p,
         p_dtype: plan.param_dtype,
     };
-    call.update(&a, |l, rec, stream| {
-        t.lomo(l, rec, g, plan.grad.dtype, &update_opts(&plan.opts), stream)
-    })
+    let mut tensors = [(
+        CudaTensor {
+            tensor: t,
+            rec: call.records(0),
+        },
+        raw(&plan.grad, g),
+    )];
+    call.phase(a, &plan.opts, &mut tensors, &plan.opts.update_pass())
 }
 
 /// `adalomo_update` on `stream`: copy p and the state when not aliased, then the AdaLomo passes
@@ -368,7 +388,12 @@ pub fn adalomo_update(plan: &AdaPlan<'_>, stream: *mut c_void) -> XResult<()> {
         p,
         p_dtype: plan.param_dtype,
     };
-    call.update(&a, |l, rec, stream| {
-        t.adalomo(l, rec, g, plan.grad.dtype, &update_opts(&plan.opts), stream)
-    })
+    let mut tensors = [(
+        CudaTensor {
+            tensor: t,
+            rec: call.records(0),
+        },
+        raw(&plan.grad, g),
+    )];
+    call.phase(a, &plan.opts, &mut tensors, &plan.opts.update_pass())
 }

@@ -19,8 +19,10 @@
 
 use super::abi::dtype;
 use super::frame::{invalid, AttrValue, Buffer, Frame, XResult};
+use crate::backend::TensorUpdate;
 use crate::config::{Algorithm, Config, Rounding};
 use crate::dtype::DType;
+use crate::orchestrate::TensorPass;
 
 /// An operand and the result it becomes (the same buffer when XLA aliases them).
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +85,20 @@ pub struct Options {
     pub lr_multiplier: f64,
     /// The stochastic-rounding stream of this tensor (the C API's parameter id).
     pub param_id: u32,
+}
+
+impl Options {
+    /// The update of the call's tensor, for the core's orchestration: no NORM phase checked its
+    /// gradient, no Σp² is carried (an XLA call has no previous step), group 0's weight decay.
+    pub fn update_pass(&self) -> TensorPass {
+        TensorPass::Update(TensorUpdate {
+            param_id: self.param_id,
+            lr_multiplier: self.lr_multiplier,
+            weight_decay: self.config.weight_decay,
+            prechecked: false,
+            carry: false,
+        })
+    }
 }
 
 pub struct NormPlan<'a> {

@@ -1,5 +1,5 @@
-//! CUDA backend: the orchestration of one optimizer's CUDA parameters — device records,
-//! workspaces, launch geometry and the passes of each phase — over any [`Launcher`].
+//! CUDA backend: one optimizer's CUDA parameters — device records, workspaces and launch
+//! geometry — over any [`Launcher`].
 //!
 //! Everything a step needs lives in device memory allocated here at registration: one
 //! `LomoStep` (lr, loss scale, clip coefficient, skip/overflow flags, step counter, the dynamic
@@ -8,49 +8,36 @@
 //! never waits for the device; only [`DeviceOpt::read_step`] (diagnostics) copies back.
 //!
 //! The passes of one tensor (geometry, workspace sizes, launches: NORM 1, LOMO UPDATE 1 or 2,
-//! AdaLomo UPDATE 3 or 2) are in [`super::passes`]; this module adds the step kernels around them.
+//! AdaLomo UPDATE 3 or 2) are in [`super::passes`], the backend interface over them and the step
+//! kernels in [`super::step`]; the order of the calls is the core's (`crate::orchestrate`). This
+//! module owns the memory: [`DeviceOpt::step`] and [`DeviceOpt::tensor`] hand it to a step.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::abi::*;
-use super::launcher::{Geometry, Launcher};
-use super::passes::{self, Bufs, Layout, Records, Shape, Tensor, UpdateOpts, THREADS};
-use super::registry::Module;
+use super::launcher::Launcher;
+use super::passes::{self, Bufs, Layout, Records, Shape, Tensor};
+use super::step::{CudaStep, CudaTensor, StepRecord};
+use crate::backend::RawBuf;
 use crate::config::{Algorithm, Config};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
 
-/// What one submission does on the device.
-#[derive(Clone, Copy, Debug)]
-pub enum Pass {
-    Norm,
-    Update {
-        /// A NORM phase ran in this step (its flags decide; no pre-check launch).
-        prechecked: bool,
-        lr_mult: f64,
-        weight_decay: f64,
-    },
-}
-
 /// What registering a CUDA parameter takes.
 #[derive(Clone, Copy, Debug)]
 pub struct ParamSpec {
-    /// The optimizer's id of the parameter (seeds its stochastic rounding).
+    /// The optimizer's id of the parameter (ids arrive densely, in order).
     pub param_id: u32,
     /// The caller's device buffer.
     pub p: DevPtr,
     pub dtype: DType,
     pub shape: Shape,
-    /// AdaLomo: carry Σp² over from the previous step.
-    pub carry: bool,
 }
 
-/// A CUDA parameter: its passes (layout, buffers allocated at registration) and options.
+/// A CUDA parameter: its passes (layout, buffers allocated at registration).
 #[derive(Debug)]
 pub(super) struct DevParam {
-    param_id: u32,
-    carry: bool,
     pub(super) tensor: Tensor,
 }
 
@@ -166,8 +153,6 @@ impl DeviceOpt {
             col_part: self.alloc(s.col_part)?,
         };
         self.params.push(DevParam {
-            param_id: spec.param_id,
-            carry: spec.carry,
             tensor: Tensor {
                 layout,
                 bufs,
@@ -197,18 +182,6 @@ impl DeviceOpt {
         Ok(())
     }
 
-    fn launch<A: Copy>(
-        &self,
-        module: Module,
-        name: &str,
-        geo: Geometry,
-        args: &A,
-        stream: usize,
-    ) -> Result<()> {
-        self.last_stream.store(stream, Ordering::Relaxed);
-        passes::launch(&*self.launcher, module, name, geo, args, stream)
-    }
-
     fn step_args(&self, phase: u32, lr: f32) -> StepArgs {
         let c = &self.cfg;
         StepArgs {
@@ -231,91 +204,33 @@ impl DeviceOpt {
         }
     }
 
-    /// Starts a phase: clears the per-phase records; UPDATE also sets lr and β on the device,
-    /// and without a NORM phase in this step (`after_norm` false) clears the NORM results.
-    pub fn begin(&self, update: bool, after_norm: bool, lr: f32, stream: usize) -> Result<()> {
-        let phase = match (update, after_norm) {
-            (false, _) => 0,
-            (true, true) => 1,
-            (true, false) => 2,
-        };
-        let a = self.step_args(phase, lr);
-        self.launch(
-            Module::Step,
-            "step_begin",
-            Geometry {
-                grid: 1,
-                block: THREADS,
-                smem: 0,
-            },
-            &a,
+    /// This optimizer's CUDA backend on `stream` (the stream of the latest launch from now on).
+    pub fn step(&self, stream: usize) -> CudaStep<'_> {
+        self.last_stream.store(stream, Ordering::Relaxed);
+        CudaStep {
+            launcher: &*self.launcher,
+            cfg: &self.cfg,
             stream,
-        )
+            record: StepRecord::Optimizer(self.step_args(0, 0.0)),
+        }
     }
 
-    /// Ends a phase: NORM forms the clip coefficient and the skip flag; UPDATE advances the
-    /// scaler and the step counter.
-    pub fn end(&self, update: bool, stream: usize) -> Result<()> {
-        let a = self.step_args(update as u32, 0.0);
-        let name = if update {
-            "step_update_end"
-        } else {
-            "step_norm_end"
-        };
-        self.launch(
-            Module::Step,
-            name,
-            Geometry {
-                grid: 1,
-                block: 32,
-                smem: 0,
-            },
-            &a,
-            stream,
-        )
-    }
-
-    /// Enqueues the passes of one submission of parameter `idx`'s gradient.
-    pub fn submit(
-        &self,
-        idx: usize,
-        g: DevPtr,
-        g_dtype: DType,
-        pass: Pass,
-        stream: usize,
-    ) -> Result<()> {
+    /// Parameter `idx` as the passes see it, after checking that the gradient `g` is device
+    /// memory of its size.
+    pub fn tensor(&self, idx: usize, g: &RawBuf) -> Result<CudaTensor> {
         let Some(dp) = self.params.get(idx) else {
             bail!(UnknownParam, "no CUDA parameter with index {idx}");
         };
-        let bytes = dp.tensor.layout.shape.numel * g_dtype.size() as u64;
-        self.launcher.check_buffer(g, bytes, "the gradient")?;
-        let rec = Records {
-            step: self.step,
-            t: self.tensor_ptr(idx),
-        };
-        let l = &*self.launcher;
-        self.last_stream.store(stream, Ordering::Relaxed);
-        match pass {
-            Pass::Norm => dp.tensor.norm(l, rec, g, g_dtype, false, stream),
-            Pass::Update {
-                prechecked,
-                lr_mult,
-                weight_decay,
-            } => {
-                let o = UpdateOpts::new(
-                    &self.cfg,
-                    dp.param_id,
-                    lr_mult,
-                    weight_decay,
-                    dp.carry,
-                    prechecked,
-                );
-                match self.cfg.algorithm {
-                    Algorithm::Lomo => dp.tensor.lomo(l, rec, g, g_dtype, &o, stream),
-                    Algorithm::Adalomo => dp.tensor.adalomo(l, rec, g, g_dtype, &o, stream),
-                }
-            }
-        }
+        let bytes = dp.tensor.layout.shape.numel * g.dtype.size() as u64;
+        self.launcher
+            .check_buffer(g.addr as DevPtr, bytes, "the gradient")?;
+        Ok(CudaTensor {
+            tensor: dp.tensor,
+            rec: Records {
+                step: self.step,
+                t: self.tensor_ptr(idx),
+            },
+        })
     }
 
     /// The stream of the latest launch (0 before any).

@@ -4,7 +4,9 @@
 //! - [`launcher`] — the device interface, implemented by [`emu`] (host emulation of the same
 //!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
 //! - [`passes`] — one tensor's geometry, workspace sizes and kernel launches;
-//! - [`device`] — the orchestration of one optimizer's parameters over a launcher;
+//! - [`step`] — [`step::CudaStep`], the backend interface (`crate::backend::Backend`) over the
+//!   passes and the step kernels, on the caller's stream;
+//! - [`device`] — one optimizer's parameters, records and workspaces over a launcher;
 //! - [`snapshot`] — the device state read and written between steps (checkpoints, memory);
 //! - `pointer` (with `cuda`) — the driver's checks of the caller's buffers.
 //!
@@ -14,6 +16,8 @@
 //! [`emu`]: crate::backend::cuda::emu
 //! [`passes`]: crate::backend::cuda::passes
 //! [`device`]: crate::backend::cuda::device
+//! [`step`]: crate::backend::cuda::step
+//! [`step::CudaStep`]: crate::backend::cuda::step::CudaStep
 //! [`snapshot`]: crate::backend::cuda::snapshot
 
 pub mod abi;
@@ -32,3 +36,4 @@ pub mod pointer;
 pub mod registry;
 pub mod side;
 pub mod snapshot;
+pub mod step;

@@ -5,7 +5,8 @@
 //!
 //! Launches per tensor and pass: NORM 1; LOMO 1 (2 when no clean NORM phase checked the
 //! gradient: a non-finite pre-check, then the update); AdaLomo 3 (stats, finalize, apply; 2 for
-//! rank ≤ 1 tensors). Every kernel reads its per-step scalars from a device `LomoStep` and
+//! rank ≤ 1 tensors). Which of them run, and in which order, is the core's decision
+//! (`crate::orchestrate`, through [`super::step::CudaStep`]). Every kernel reads its per-step scalars from a device `LomoStep` and
 //! writes its per-tensor results into a device `LomoTensor` ([`Records`]).
 
 use std::ffi::c_void;
@@ -305,7 +306,8 @@ impl Tensor {
         launch(l, Module::Norm, &name, self.layout.elementwise, &a, stream)
     }
 
-    /// LOMO's UPDATE pass (with the pre-check unless `o.prechecked`).
+    /// LOMO's UPDATE pass (the update kernel; without a clean NORM phase the caller enqueues
+    /// the pre-check, [`Tensor::norm`] with `check_only`, before it).
     pub fn lomo(
         &self,
         l: &dyn Launcher,
@@ -317,9 +319,6 @@ impl Tensor {
     ) -> Result<()> {
         if self.layout.shape.numel == 0 {
             return Ok(());
-        }
-        if !o.prechecked {
-            self.norm(l, rec, g, g_dtype, true, stream)?;
         }
         let a = LomoArgs {
             p: self.p,
@@ -339,22 +338,14 @@ impl Tensor {
         launch(l, Module::Lomo, &name, self.layout.elementwise, &a, stream)
     }
 
-    /// AdaLomo's UPDATE pass: the state in `bufs.state_a`/`state_b` is updated with the
-    /// parameter.
-    pub fn adalomo(
-        &self,
-        l: &dyn Launcher,
-        rec: Records,
-        g: DevPtr,
-        g_dtype: DType,
-        o: &UpdateOpts,
-        stream: usize,
-    ) -> Result<()> {
+    /// The kernels' arguments of AdaLomo's passes; the state is in `bufs.state_a`/`state_b`.
+    fn ada_args(&self, rec: Records, g: DevPtr, o: &UpdateOpts) -> AdaArgs {
         let (ly, b) = (&self.layout, &self.bufs);
-        if ly.shape.numel == 0 {
-            return Ok(());
+        let mut flags = if o.carry { ADA_CARRY } else { 0 };
+        if ly.shape.factored && ly.stats.smem > 0 {
+            flags |= ADA_SMEM;
         }
-        let mut a = AdaArgs {
+        AdaArgs {
             p: self.p,
             g,
             rows: ly.shape.rows,
@@ -377,22 +368,55 @@ impl Tensor {
             seed: o.seed,
             param_id: o.param_id,
             rounding: o.stochastic as u32,
-            flags: if o.carry { ADA_CARRY } else { 0 },
+            flags,
             stats_blocks: ly.stats.grid,
+        }
+    }
+
+    /// AdaLomo's statistics pass (one launch): the new state into the workspace, the column
+    /// partials of each block, Σp² and the non-finite flag into the tensor record.
+    pub fn ada_stats(
+        &self,
+        l: &dyn Launcher,
+        rec: Records,
+        g: DevPtr,
+        g_dtype: DType,
+        o: &UpdateOpts,
+        stream: usize,
+    ) -> Result<()> {
+        let ly = &self.layout;
+        if ly.shape.numel == 0 {
+            return Ok(());
+        }
+        let a = self.ada_args(rec, g, o);
+        let (name, geo) = if ly.shape.factored {
+            ("adalomo_stats", ly.stats)
+        } else {
+            ("adalomo_vstats", ly.elementwise)
         };
+        let name = pair_name(name, self.p_dtype, g_dtype);
+        launch(l, Module::Adalomo, &name, geo, &a, stream)
+    }
+
+    /// AdaLomo after the statistics: factored, the finalize kernel (column state, Σu², RMS(p),
+    /// the update clip, lr and decay; commits the state unless the gradient was not finite) and
+    /// the apply kernel; rank ≤ 1, the vector apply kernel (which does both).
+    pub fn ada_apply(
+        &self,
+        l: &dyn Launcher,
+        rec: Records,
+        g: DevPtr,
+        g_dtype: DType,
+        o: &UpdateOpts,
+        stream: usize,
+    ) -> Result<()> {
+        let ly = &self.layout;
+        if ly.shape.numel == 0 {
+            return Ok(());
+        }
+        let a = self.ada_args(rec, g, o);
         let pair = |k: &str| pair_name(k, self.p_dtype, g_dtype);
         if ly.shape.factored {
-            if ly.stats.smem > 0 {
-                a.flags |= ADA_SMEM;
-            }
-            launch(
-                l,
-                Module::Adalomo,
-                &pair("adalomo_stats"),
-                ly.stats,
-                &a,
-                stream,
-            )?;
             launch(
                 l,
                 Module::Adalomo,
@@ -410,14 +434,6 @@ impl Tensor {
                 stream,
             )
         } else {
-            launch(
-                l,
-                Module::Adalomo,
-                &pair("adalomo_vstats"),
-                ly.elementwise,
-                &a,
-                stream,
-            )?;
             launch(
                 l,
                 Module::Adalomo,

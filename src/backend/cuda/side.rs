@@ -9,11 +9,12 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::abi::LomoStep;
-use super::device::{DeviceOpt, ParamSpec, Pass};
+use super::device::{DeviceOpt, ParamSpec};
 use super::launcher::Launcher;
 use super::snapshot::DeviceCounters;
+use super::step::{CudaStep, CudaTensor};
+use crate::backend::RawBuf;
 use crate::config::Config;
-use crate::dtype::DType;
 use crate::error::{bail, Result};
 
 /// Emulated "device" size: grids are sized as on a GPU with this many SMs.
@@ -163,24 +164,15 @@ impl CudaSide {
         Ok(())
     }
 
-    pub fn begin(&self, update: bool, after_norm: bool, lr: f32, stream: usize) -> Result<()> {
-        self.dev.begin(update, after_norm, lr, stream)
+    /// The CUDA backend of this optimizer on `stream` (see [`DeviceOpt::step`]).
+    pub fn step(&self, stream: usize) -> CudaStep<'_> {
+        self.dev.step(stream)
     }
 
-    pub fn submit(
-        &self,
-        id: u32,
-        grad: usize,
-        dtype: DType,
-        pass: Pass,
-        stream: usize,
-    ) -> Result<()> {
-        self.dev
-            .submit(self.index[id as usize], grad as u64, dtype, pass, stream)
-    }
-
-    pub fn end(&self, update: bool, stream: usize) -> Result<()> {
-        self.dev.end(update, stream)
+    /// Parameter `id` as the passes see it, with its gradient checked (see
+    /// [`DeviceOpt::tensor`]).
+    pub fn tensor(&self, id: u32, g: &RawBuf) -> Result<CudaTensor> {
+        self.dev.tensor(self.index[id as usize], g)
     }
 
     /// The device step record (diagnostics, counters, scaler), copied back after the stream of

@@ -1,0 +1,150 @@
+//! CUDA backend: [`CudaStep`], the [`Backend`] implementation on a device. Every method
+//! enqueues kernels on the context's stream and returns: nothing waits for the device, so a
+//! whole step can be captured in a CUDA graph. The step record is a device `LomoStep` that the
+//! phase kernels fill — `kernels/step.cu` for an optimizer ([`StepRecord::Optimizer`]),
+//! `kernels/xla.cu` for an XLA call whose scalars are device operands ([`StepRecord::Xla`]) —
+//! and the passes ([`super::passes::Tensor`]) read; each tensor record is a device `LomoTensor`.
+//! Launches per tensor: NORM 1, LOMO 1 (+1 pre-check), AdaLomo 3 (2 for rank ≤ 1).
+
+use super::abi::{DevPtr, StepArgs, XlaArgs};
+use super::launcher::{Geometry, Launcher};
+use super::passes::{self, Records, Tensor, UpdateOpts, THREADS};
+use super::registry::Module;
+use crate::backend::interface::{Backend, PhaseBegin, TensorUpdate};
+use crate::backend::RawBuf;
+use crate::config::Config;
+use crate::error::Result;
+
+/// Where a CUDA step's scalars come from, and the arguments of its phase kernels.
+#[derive(Clone, Copy, Debug)]
+pub enum StepRecord {
+    /// An optimizer's record, advanced by `step_begin` / `step_norm_end` / `step_update_end`
+    /// (`phase` and `lr` are set per call).
+    Optimizer(StepArgs),
+    /// An XLA call's record, prepared from its operands by `xla_prepare` and read back into its
+    /// results by `xla_norm_finish` / `xla_update_finish`.
+    Xla(XlaArgs),
+}
+
+/// The CUDA backend in one call: launcher, configuration, stream and step record.
+#[derive(Clone, Copy)]
+pub struct CudaStep<'c> {
+    pub launcher: &'c dyn Launcher,
+    /// Read: value clip, rounding, seed, AdaLomo's eps1, eps2, clip_threshold.
+    pub cfg: &'c Config,
+    /// The caller's stream (`CUstream`; 0 = the legacy default stream).
+    pub stream: usize,
+    pub record: StepRecord,
+}
+
+/// One tensor on the device: its passes (layout, workspaces, parameter) and records.
+#[derive(Clone, Copy, Debug)]
+pub struct CudaTensor {
+    pub tensor: Tensor,
+    pub rec: Records,
+}
+
+impl CudaStep<'_> {
+    fn opts(&self, u: &TensorUpdate) -> UpdateOpts {
+        UpdateOpts::new(
+            self.cfg,
+            u.param_id,
+            u.lr_multiplier,
+            u.weight_decay,
+            u.carry,
+            u.prechecked,
+        )
+    }
+
+    /// A single-block kernel of the step record (`block` threads).
+    fn record_kernel<A: Copy>(&self, module: Module, name: &str, block: u32, a: &A) -> Result<()> {
+        let geo = Geometry {
+            grid: 1,
+            block,
+            smem: 0,
+        };
+        passes::launch(self.launcher, module, name, geo, a, self.stream)
+    }
+}
+
+fn dev(g: &RawBuf) -> DevPtr {
+    g.addr as DevPtr
+}
+
+impl Backend for CudaStep<'_> {
+    type Tensor<'t> = CudaTensor;
+
+    fn phase_begin(&self, b: &PhaseBegin) -> Result<()> {
+        match self.record {
+            StepRecord::Optimizer(args) => {
+                let a = StepArgs {
+                    phase: match (b.update, b.after_norm) {
+                        (false, _) => 0,
+                        (true, true) => 1,
+                        (true, false) => 2,
+                    },
+                    lr: b.lr as f32,
+                    ..args
+                };
+                self.record_kernel(Module::Step, "step_begin", THREADS, &a)
+            }
+            StepRecord::Xla(a) => self.record_kernel(Module::Xla, "xla_prepare", THREADS, &a),
+        }
+    }
+
+    fn norm(&self, t: &mut CudaTensor, g: &RawBuf) -> Result<()> {
+        let l = self.launcher;
+        t.tensor.norm(l, t.rec, dev(g), g.dtype, false, self.stream)
+    }
+
+    fn check_finite(&self, t: &mut CudaTensor, g: &RawBuf) -> Result<()> {
+        let l = self.launcher;
+        t.tensor.norm(l, t.rec, dev(g), g.dtype, true, self.stream)
+    }
+
+    fn lomo(&self, t: &mut CudaTensor, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
+        let o = self.opts(u);
+        let l = self.launcher;
+        t.tensor.lomo(l, t.rec, dev(g), g.dtype, &o, self.stream)
+    }
+
+    fn ada_stats(&self, t: &mut CudaTensor, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
+        let o = self.opts(u);
+        let l = self.launcher;
+        t.tensor
+            .ada_stats(l, t.rec, dev(g), g.dtype, &o, self.stream)
+    }
+
+    fn ada_apply(&self, t: &mut CudaTensor, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
+        let o = self.opts(u);
+        let l = self.launcher;
+        t.tensor
+            .ada_apply(l, t.rec, dev(g), g.dtype, &o, self.stream)
+    }
+
+    fn phase_end(&self, update: bool) -> Result<()> {
+        match self.record {
+            StepRecord::Optimizer(args) => {
+                let a = StepArgs {
+                    phase: update as u32,
+                    lr: 0.0,
+                    ..args
+                };
+                let name = if update {
+                    "step_update_end"
+                } else {
+                    "step_norm_end"
+                };
+                self.record_kernel(Module::Step, name, 32, &a)
+            }
+            StepRecord::Xla(a) => {
+                let name = if update {
+                    "xla_update_finish"
+                } else {
+                    "xla_norm_finish"
+                };
+                self.record_kernel(Module::Xla, name, 32, &a)
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Core layer: the one orchestration of a step, over the backend interface
+//! ([`crate::backend::Backend`]): which passes run in which order, and where the statistics of a
+//! tensor and of a phase would be reduced across ranks. The optimizer (`optimizer::step`, CPU
+//! and CUDA parameters) and the XLA handlers (`xla::cpu`, `xla::cuda`) all go through here.
+//!
+//! ```text
+//! begin(phase)   →  Backend::phase_begin
+//! tensor(NORM)   →  norm                                      tensor record: Σg², finite
+//! tensor(UPDATE) →  LOMO:    [check_finite] → lomo
+//!                   AdaLomo: ada_stats → reduce_tensor_stats → ada_apply
+//! end(phase)     →  reduce_phase_totals → Backend::phase_end  (+ the host's decisions,
+//!                                                             norm_decision, for the CPU)
+//! ```
+//!
+//! The two `reduce_*` functions are the only places where a distributed step exchanges
+//! statistics (`notes/distributed.md` §3, §4.2); in one process they are the identity.
+
+use crate::backend::{scalars, Backend, PhaseBegin, RawBuf, TensorUpdate};
+use crate::config::Algorithm;
+use crate::error::Result;
+
+/// What one submitted gradient does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TensorPass {
+    /// Contributes Σ(g·inv_scale)² and its finite flag to the phase.
+    Norm,
+    /// Updates its parameter (and state).
+    Update(TensorUpdate),
+}
+
+/// Starts a phase on `b`'s step record.
+pub fn begin<B: Backend>(b: &B, begin: &PhaseBegin) -> Result<()> {
+    b.phase_begin(begin)
+}
+
+/// One tensor's pass. Results land in the tensor record `t` (CPU: host fields; CUDA: the device
+/// `LomoTensor`, in stream order); errors are failures to enqueue (CUDA) only.
+pub fn tensor<B: Backend>(
+    b: &B,
+    algorithm: Algorithm,
+    t: &mut B::Tensor<'_>,
+    g: &RawBuf,
+    pass: &TensorPass,
+) -> Result<()> {
+    let u = match pass {
+        TensorPass::Norm => return b.norm(t, g),
+        TensorPass::Update(u) => u,
+    };
+    match algorithm {
+        Algorithm::Lomo => {
+            if !u.prechecked {
+                b.check_finite(t, g)?;
+            }
+            b.lomo(t, g, u)
+        }
+        Algorithm::Adalomo => {
+            b.ada_stats(t, g, u)?;
+            reduce_tensor_stats(b, t)?;
+            b.ada_apply(t, g, u)
+        }
+    }
+}
+
+/// The reduction point of AdaLomo's per-tensor statistics, between `ada_stats` and
+/// `ada_apply`: where a tensor held in pieces by several ranks all-reduces its partial row or
+/// column sums, `D_j`/`E_i` sums, Σrow, Σp² and non-finite count (one SUM per tensor,
+/// `notes/distributed.md` §3). A whole tensor on one rank needs nothing.
+fn reduce_tensor_stats<B: Backend>(_b: &B, _t: &mut B::Tensor<'_>) -> Result<()> {
+    Ok(())
+}
+
+/// What the tensors of a phase contributed, summed in id (operand) order.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTotals {
+    /// Gradients submitted in the phase.
+    pub submitted: u32,
+    /// Of which non-finite.
+    pub nonfinite: u32,
+    /// Σ(g·inv_scale)² over the finite ones (NORM).
+    pub sum_sq: f64,
+}
+
+impl PhaseTotals {
+    /// Adds one tensor record.
+    pub fn add(&mut self, finite: bool, sum_sq: f64) {
+        self.submitted += 1;
+        if finite {
+            self.sum_sq += sum_sq;
+        } else {
+            self.nonfinite += 1;
+        }
+    }
+}
+
+/// The reduction point of a phase: where a distributed step all-reduces the totals (one SUM
+/// record per phase end over the norm group, `notes/distributed.md` §4.2). On CUDA the totals
+/// are gathered from the device tensor records by the phase-end kernel itself
+/// (`kernels/step.cu`), which splits here into gather, all-reduce on the stream, and decide.
+fn reduce_phase_totals(_totals: &mut PhaseTotals) -> Result<()> {
+    Ok(())
+}
+
+/// Ends a phase: reduces the totals the host holds, then lets `b` decide on its step record.
+/// Returns the (reduced) totals for the host's own decisions ([`norm_decision`]).
+pub fn end<B: Backend>(b: &B, update: bool, mut totals: PhaseTotals) -> Result<PhaseTotals> {
+    reduce_phase_totals(&mut totals)?;
+    b.phase_end(update)?;
+    Ok(totals)
+}
+
+/// What a NORM phase decides, on the host (the same rule as `kernels/step.cu` step_norm_end and
+/// `kernels/xla.cu` xla_norm_finish on the device).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormDecision {
+    /// A gradient was not finite: the UPDATE phase is skipped.
+    pub overflow: bool,
+    /// `min(1, C / (‖g‖ + 1e-6))` in f32 when clipping is on and nothing overflowed, else 1.
+    pub coef: f32,
+}
+
+/// The NORM decision from the (reduced) totals; `clip_grad_norm` 0 turns clipping off.
+pub fn norm_decision(totals: &PhaseTotals, clip_grad_norm: f64) -> NormDecision {
+    let overflow = totals.nonfinite > 0;
+    let coef = if clip_grad_norm > 0.0 && !overflow {
+        scalars::clip_coef(totals.sum_sq, clip_grad_norm)
+    } else {
+        1.0
+    };
+    NormDecision { overflow, coef }
+}
