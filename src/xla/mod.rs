@@ -6,8 +6,10 @@
 //! jax.ffi.pycapsule(lib.lomo_xla_<op>), platform=...)`), not for C callers, and are left out
 //! of `include/lomo.h`. Each one goes through [`frame::boundary`] (metadata query, struct-size
 //! checks, panic boundary, error conversion), decodes its operands into a plan ([`ops`]) and
-//! runs it on the platform ([`cpu`]; [`cuda`] on XLA's stream with the CUDA backend's kernels,
-//! workspaces and device choice in [`cuda_ws`]). The operand layout of every op is in [`ops`];
+//! runs it through the core's one orchestration of a step (`crate::orchestrate`, as the
+//! optimizer does) on the platform's backend ([`cpu`]: the CPU backend with the operands as its
+//! step record; [`cuda`]: the CUDA backend on XLA's stream, with workspaces and the device
+//! choice in [`cuda_ws`]). The operand layout of every op is in [`ops`];
 //! `bindings/python/lomo_native/jax.py` is the caller.
 
 pub mod abi;
