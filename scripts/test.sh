@@ -152,3 +152,13 @@ else
     echo "SKIP: JAX tests: no Python >= 3.10 with a pip-installable jax found (tried: $(jax_python_candidates | tr '\n' ' '))"
 fi
 # ---- JAX -- end ---------------------------------------------------------------------------------
+
+# ---- README: every code block runs as written (tests/readme/run_blocks.py) ----------------------
+# In a scratch clone and HOME; the virtual environment the README creates sees the test
+# environments' packages, so its pip commands need no multi-GB downloads (see the script).
+echo "== README code blocks"
+sites=("$VENV"/lib/python3*/site-packages)
+if [ -d "$JAX_VENV" ]; then sites+=("$JAX_VENV"/lib/python3*/site-packages); fi
+site_args=()
+for s in "${sites[@]}"; do site_args+=(--site "$s"); done
+LOMO_IN_TEST_SH=1 python3 tests/readme/run_blocks.py "${site_args[@]}"
