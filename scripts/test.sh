@@ -99,7 +99,9 @@ if ! cmp -s "$PYREQ" "$VENV/.lomo-requirements-test.txt"; then   # install once 
 fi
 # The tests run the checkout's package on the release library; test_packaging.py builds the
 # wheel and installs it into a folder of its own (nothing is installed into the environment).
+# LOMO_EMULATION_LIBRARY: the emulated CUDA device, for the test that moves device state.
 LOMO_LIBRARY="$PWD/target/release/liblomo.so" PYTHONPATH="$PWD/bindings/python" \
+    LOMO_EMULATION_LIBRARY="$stage/emu/liblomo.so" \
     "$VENV"/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 # The example as a user runs it: the wheel as pip builds it (cargo build inside), installed.
 "$VENV"/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$stage/wheel" ./bindings/python
