@@ -1,8 +1,32 @@
-//! Builds the host emulation of the CUDA kernels: kernels/emu/launcher.cpp includes every
-//! kernels/*.cu with LOMO_EMU defined, so the exact kernel sources run on CPU threads behind
-//! `src/backend/cuda/emu.rs`. Needs only a C++20 compiler (no CUDA).
+//! Build script.
+//!
+//! - The shared library's SONAME (Linux): `liblomo.so.<major>` (`liblomo.so.0.<minor>` while
+//!   the version is 0.x, where a minor version may change the ABI), the name `scripts/install.sh`
+//!   gives the installed file's link.
+//! - With the `cuda-emulation` feature (tests only): the host emulation of the CUDA kernels.
+//!   kernels/emu/launcher.cpp includes every kernels/*.cu with LOMO_EMU defined, so the exact
+//!   kernel sources run on CPU threads behind `src/backend/cuda/emu.rs`. Needs only a C++20
+//!   compiler (no CUDA). The release library does not contain it (no C++ runtime in liblomo).
 
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if target_os == "linux" {
+        let major = std::env::var("CARGO_PKG_VERSION_MAJOR").unwrap_or_default();
+        let minor = std::env::var("CARGO_PKG_VERSION_MINOR").unwrap_or_default();
+        let soname = if major == "0" {
+            format!("liblomo.so.0.{minor}")
+        } else {
+            format!("liblomo.so.{major}")
+        };
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,{soname}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA_EMULATION").is_some() {
+        build_emulation();
+    }
+}
+
+fn build_emulation() {
     let files = [
         "kernels/common.cuh",
         "kernels/norm.cu",

@@ -256,7 +256,7 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
     }
 
     println!(
-        "\n== {} ({} weights, {} clipping, {} backward pass{} per step)",
+        "== {} ({} weights, {} clipping, {} backward pass{} per step)",
         algorithm.as_str(),
         if bf16 { "bf16" } else { "f32" },
         if clip { "global-norm" } else { "no global" },
@@ -303,16 +303,20 @@ fn train(algorithm: lomo::Algorithm, bf16: bool, lr: f32) {
             };
             // SAFETY: `opt` is live, `info` is writable.
             check(unsafe { lomo_step_info_get(opt, &mut info) });
+            // Without clipping there is no NORM phase: no norm and no coefficient to show.
+            let shown = |v: f32, clip: bool| {
+                if clip && !v.is_nan() {
+                    format!("{v:.4}")
+                } else {
+                    "-".to_string()
+                }
+            };
             println!(
-                "step {:4}  loss {:.4}  grad-norm {:>8}  clip {:.3}",
+                "step {:4}  loss {:.4}  grad-norm {:>8}  clip {:>6}",
                 step,
                 loss,
-                if info.grad_norm.is_nan() {
-                    "-".to_string()
-                } else {
-                    format!("{:.4}", info.grad_norm)
-                },
-                info.clip_coef
+                shown(info.grad_norm, clip),
+                shown(info.clip_coef, clip)
             );
         }
     }
@@ -347,5 +351,6 @@ fn print_memory(opt: *mut lomo_optimizer) {
 
 fn main() {
     train(lomo::Algorithm::Lomo, false, 0.5);
+    println!();
     train(lomo::Algorithm::Adalomo, true, 0.02);
 }

@@ -20,7 +20,7 @@
 # LOMO_BENCH_SHAPES=4096x4096,... restricts the benchmark's shapes (e.g. under ncu).
 #
 # Prepare on a machine with network (from the repository root), then carry target/release/liblomo.so
-# (20 MB with debug info; `objcopy --strip-debug` makes it 2.5 MB) and .whl/ with the working tree:
+# (about 2.3 MB: the release profile builds it without debug info) and .whl/ with the working tree:
 #   cargo build --release
 #   mkdir -p .whl && pip download --no-deps -d .whl lomo-optim==0.1.1
 # NVRTC: LOMO_NVRTC_PATH if set; else the loader's libnvrtc.so / .so.13 / .so.12 (a CUDA toolkit on

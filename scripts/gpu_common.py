@@ -2,7 +2,8 @@
 under test (LOMO_LIBRARY, default target/release/liblomo.so) reached through this checkout's
 Python binding (bindings/python/lomo_native), an optimizer wrapper that registers and steps torch
 tensors by address, and the device ("cuda", or "cpu" under --emulate, where LOMO_CUDA_EMULATE=1
-makes host tensors stand in for device tensors)."""
+makes host tensors stand in for device tensors; the emulation is in test builds only:
+`cargo build --release --lib --features cuda-emulation`, as scripts/test.sh does)."""
 import os
 import sys
 
@@ -26,6 +27,10 @@ def use_bindings():
 
 use_bindings()
 import lomo_native  # noqa: E402  (after LOMO_LIBRARY is set)
+
+if EMULATE and not lomo_native.cuda_available():
+    sys.exit(f"--emulate: {lomo_native.library_path()} has no CUDA emulation; build one with "
+             "`cargo build --release --lib --features cuda-emulation` and set LOMO_LIBRARY to it")
 
 
 class Opt:

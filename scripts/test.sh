@@ -1,20 +1,51 @@
 #!/usr/bin/env bash
 # The project's whole test suite, runnable on a fresh machine: installs what it needs
-# (Python virtual environment with the test requirements, C/C++ toolchain pieces), then runs the
+# (Python virtual environments with the test requirements, C/C++ toolchain pieces), then runs the
 # Rust tests (core, C API, C/C++ programs, golden values) and the Python binding tests.
+#
+# The virtual environments live outside the clone, so a clone stays small: under $LOMO_ENV_DIR if
+# set, else ~/.cache/lomo (venv: torch, CPU-only where no NVIDIA GPU is present, ~1 GB; venv-jax;
+# venv-nvrtc), and are reused across clones and runs. A clone that already has .venv,
+# .venv-jax or .venv-nvrtc (an earlier layout, or links to shared ones) keeps using them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# env_path NAME: where the environment NAME (venv, venv-jax, venv-nvrtc) lives.
+env_path() {
+    local in_clone=".venv${1#venv}"   # venv-jax -> .venv-jax
+    if [ -n "${LOMO_ENV_DIR:-}" ]; then echo "$LOMO_ENV_DIR/$1"
+    elif [ -e "$in_clone" ]; then echo "$PWD/$in_clone"
+    else echo "${XDG_CACHE_HOME:-$HOME/.cache}/lomo/$1"
+    fi
+}
+# make_venv DIR [PYTHON]: a virtual environment at DIR (installs Debian's python3-venv if needed).
+make_venv() {
+    local py="${2:-python3}"
+    mkdir -p "$(dirname "$1")"
+    if ! "$py" -m venv "$1" >/dev/null 2>&1; then
+        rm -rf "$1"
+        if command -v apt-get >/dev/null 2>&1; then
+            local sudo=""
+            if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then sudo=sudo; fi
+            $sudo apt-get update -qq >/dev/null 2>&1 || true
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >/dev/null 2>&1 || true
+        fi
+        "$py" -m venv "$1" >/dev/null 2>&1 || { rm -rf "$1"; return 1; }
+    fi
+}
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
 
 # ---- CUDA backend (issue 6) -------------------------------------------------------------------
 # NVRTC from the pip wheel (no GPU, no driver needed) for tests/nvrtc_compile.rs; the emulated
 # CUDA tests need nothing beyond the C++ compiler that build.rs uses.
 # Both NVRTC 12 and 13 (CUDA 13 images ship only libnvrtc.so.13): the kernels must compile with each.
-NVRTC_VENV=.venv-nvrtc
-nvrtc12() { ls "$PWD/$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 2>/dev/null | head -n1; }
-nvrtc13() { ls "$PWD/$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 2>/dev/null | head -n1; }
+NVRTC_VENV=$(env_path venv-nvrtc)
+nvrtc12() { ls "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 2>/dev/null | head -n1; }
+nvrtc13() { ls "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 2>/dev/null | head -n1; }
 if [ -z "$(nvrtc12)" ] || [ -z "$(nvrtc13)" ]; then
   echo "== installing NVRTC 12 and 13 (pip wheels) into $NVRTC_VENV"
-  [ -x "$NVRTC_VENV/bin/pip" ] || python3 -m venv "$NVRTC_VENV"
+  [ -x "$NVRTC_VENV/bin/pip" ] || make_venv "$NVRTC_VENV"
   "$NVRTC_VENV"/bin/pip install -q "nvidia-cuda-nvrtc-cu12>=12.4,<13" "nvidia-cuda-nvrtc>=13,<14"
 fi
 LOMO_NVRTC_PATH=$(nvrtc12)
@@ -23,15 +54,21 @@ export LOMO_REQUIRE_NVRTC=1
 # ---- end CUDA backend --------------------------------------------------------------------------
 
 echo "== Rust tests"
-cargo test --release
+# cuda-emulation: the host emulation of the CUDA kernels, for the tests only (not in the release
+# library that `cargo build --release` makes).
+cargo test --release --features cuda-emulation
 echo "== kernels with NVRTC 13"
-LOMO_NVRTC_PATH=$(nvrtc13) cargo test --release --test nvrtc_compile
+LOMO_NVRTC_PATH=$(nvrtc13) cargo test --release --features cuda-emulation --test nvrtc_compile
 # The SIMD paths must agree: rerun the numerical tests on the portable baseline path.
-LOMO_CPU_LEVEL=baseline cargo test --release --test golden --test reference --test protocol
-cargo run --release --example quickstart
+LOMO_CPU_LEVEL=baseline cargo test --release --features cuda-emulation --test golden --test reference --test protocol
+# A library with the emulation, for scripts/gpu_check.py --emulate below.
+cargo build --release --lib --features cuda-emulation
+mkdir -p "$stage/emu" && cp target/release/liblomo.so "$stage/emu/liblomo.so"
+cargo run --release --example quickstart   # (rebuilds the release library, without the emulation)
+cargo build --release --lib
 
 # ---- BEGIN: installation for C and C++ users (scripts/install.sh, examples/cpp) ----
-echo "== Install, pkg-config and CMake package, C++ example"
+echo "== Install, pkg-config and CMake package (shared and static), C++ example"
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
@@ -42,46 +79,41 @@ if ((${#missing[@]})); then
     $sudo apt-get install -y --no-install-recommends "${missing[@]}" \
         || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends "${missing[@]}"; }
 fi
-stage="$(mktemp -d)"
-scripts/install.sh "$stage/prefix"
-cmake -S examples/cpp -B "$stage/build" -DCMAKE_PREFIX_PATH="$stage/prefix" -DCMAKE_BUILD_TYPE=Release
-cmake --build "$stage/build"
-(cd "$stage/build" && ./trainer)
-cc -std=c99 -Wall -Wextra -Werror -o "$stage/pkgconfig" tests/install/pkgconfig.c \
-    $(PKG_CONFIG_PATH="$stage/prefix/lib/pkgconfig" pkg-config --cflags --libs lomo) \
-    -Wl,-rpath,"$stage/prefix/lib"
-"$stage/pkgconfig"
-rm -rf "$stage"
+tests/install/check.sh "$stage/install"
 # ---- END: installation for C and C++ users ----
 
 # ---- Python binding (bindings/python): venv, test requirements, lomo-native, pytest ----------
 echo "== Python binding tests"
-if [ ! -x .venv/bin/python ]; then
-    if ! python3 -m venv .venv; then
-        # Debian/Ubuntu ship venv separately
-        rm -rf .venv
-        SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-        $SUDO apt-get update -q && $SUDO apt-get install -y -q python3-venv
-        python3 -m venv .venv
-    fi
-fi
+VENV=$(env_path venv)
+[ -x "$VENV/bin/python" ] || make_venv "$VENV"
 PYREQ=bindings/python/requirements-test.txt
-if ! cmp -s "$PYREQ" .venv/.lomo-requirements-test.txt; then   # install once per change
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -r "$PYREQ"
-    cp "$PYREQ" .venv/.lomo-requirements-test.txt
+if ! cmp -s "$PYREQ" "$VENV/.lomo-requirements-test.txt"; then   # install once per change
+    "$VENV"/bin/python -m pip install -q --upgrade pip
+    if ! "$VENV"/bin/python -c 'import torch' 2>/dev/null && ! nvidia-smi -L >/dev/null 2>&1; then
+        # No NVIDIA GPU: PyTorch's CPU-only wheel (~200 MB) instead of PyPI's CUDA one (~5 GB).
+        "$VENV"/bin/python -m pip install -q "torch>=2.1" --index-url https://download.pytorch.org/whl/cpu \
+            || echo "   (the CPU-only torch index is unreachable: torch comes from PyPI)"
+    fi
+    "$VENV"/bin/python -m pip install -q -r "$PYREQ"
+    cp "$PYREQ" "$VENV/.lomo-requirements-test.txt"
 fi
-# builds liblomo.so with cargo (already built above: quick) and bundles it into the package
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall ./bindings/python
-.venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
-.venv/bin/python examples/python/finetune.py --steps 2 --no-progress   # smoke run of the example
+# The tests run the checkout's package on the release library; test_packaging.py builds the
+# wheel and installs it into a folder of its own (nothing is installed into the environment).
+# LOMO_EMULATION_LIBRARY: the emulated CUDA device, for the test that moves device state.
+LOMO_LIBRARY="$PWD/target/release/liblomo.so" PYTHONPATH="$PWD/bindings/python" \
+    LOMO_EMULATION_LIBRARY="$stage/emu/liblomo.so" \
+    "$VENV"/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
+# The example as a user runs it: the wheel as pip builds it (cargo build inside), installed.
+"$VENV"/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$stage/wheel" ./bindings/python
+"$VENV"/bin/python -m pip install -q --no-deps --target "$stage/site" "$stage"/wheel/lomo_native-*.whl
+PYTHONPATH="$stage/site" "$VENV"/bin/python examples/python/finetune.py --steps 2 --no-progress
 # The GPU check's own script, on the emulated device: keeps it working between GPU sessions.
-.venv/bin/python scripts/gpu_check.py parity --emulate
-.venv/bin/python scripts/gpu_check.py bench --emulate > /dev/null
+LOMO_LIBRARY="$stage/emu/liblomo.so" "$VENV"/bin/python scripts/gpu_check.py parity --emulate
+LOMO_LIBRARY="$stage/emu/liblomo.so" "$VENV"/bin/python scripts/gpu_check.py bench --emulate > /dev/null
 # ---- end of the Python binding block ---------------------------------------------------------
 
 # ---- JAX (bindings/python/lomo_native/jax.py, src/xla) -- begin ---------------------------------
-# A private venv (.venv-jax) with jax (CPU), numpy and pytest, preferring Python >= 3.12 (jax
+# A private venv (venv-jax, see env_path) with jax (CPU), numpy and pytest, preferring Python >= 3.12 (jax
 # 0.12; Python 3.10/3.11 get an older jax, which the handlers also support). Reused as is when it
 # already imports them. Prints SKIP only if no Python can get a working jax.
 jax_python_candidates() {
@@ -92,40 +124,43 @@ jax_python_candidates() {
     done
     command -v python3 || true
 }
+JAX_VENV=$(env_path venv-jax)
 jax_venv_ok() {
-    [ -x .venv-jax/bin/python ] && .venv-jax/bin/python -c 'import jax, numpy, pytest' >/dev/null 2>&1
+    [ -x "$JAX_VENV/bin/python" ] && "$JAX_VENV/bin/python" -c 'import jax, numpy, pytest' >/dev/null 2>&1
 }
 jax_setup() {
     jax_venv_ok && return 0
     local py
     for py in $(jax_python_candidates); do
         "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || continue
-        rm -rf .venv-jax
-        if ! "$py" -m venv .venv-jax >/dev/null 2>&1; then
-            # Debian's python3 needs python3-venv for `-m venv`.
-            if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-                apt-get update -qq >/dev/null 2>&1 || true
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null 2>&1 || true
-            fi
-            rm -rf .venv-jax
-            "$py" -m venv .venv-jax >/dev/null 2>&1 || continue
-        fi
-        .venv-jax/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-        if .venv-jax/bin/python -m pip install -q jax numpy pytest && jax_venv_ok; then
+        rm -rf "$JAX_VENV"
+        make_venv "$JAX_VENV" "$py" || continue
+        "$JAX_VENV"/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+        if "$JAX_VENV"/bin/python -m pip install -q jax numpy pytest && jax_venv_ok; then
             return 0
         fi
     done
-    rm -rf .venv-jax
+    rm -rf "$JAX_VENV"
     return 1
 }
 echo "== JAX tests"
 if jax_setup; then
     cargo build --release --lib
-    echo "   $(.venv-jax/bin/python -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__)')"
+    echo "   $("$JAX_VENV"/bin/python -c 'import sys, jax; print("python", sys.version.split()[0], "jax", jax.__version__)')"
     LOMO_LIBRARY="$PWD/target/release/liblomo.so" \
         PYTHONPATH="$PWD/bindings/python" JAX_PLATFORMS=cpu \
-        .venv-jax/bin/python -m pytest -q bindings/python/tests_jax
+        "$JAX_VENV"/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests_jax
 else
     echo "SKIP: JAX tests: no Python >= 3.10 with a pip-installable jax found (tried: $(jax_python_candidates | tr '\n' ' '))"
 fi
 # ---- JAX -- end ---------------------------------------------------------------------------------
+
+# ---- README: every code block runs as written (tests/readme/run_blocks.py) ----------------------
+# In a scratch clone and HOME; the virtual environment the README creates sees the test
+# environments' packages, so its pip commands need no multi-GB downloads (see the script).
+echo "== README code blocks"
+sites=("$VENV"/lib/python3*/site-packages)
+if [ -d "$JAX_VENV" ]; then sites+=("$JAX_VENV"/lib/python3*/site-packages); fi
+site_args=()
+for s in "${sites[@]}"; do site_args+=(--site "$s"); done
+LOMO_IN_TEST_SH=1 python3 tests/readme/run_blocks.py "${site_args[@]}"

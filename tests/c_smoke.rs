@@ -1,23 +1,16 @@
 //! Builds the C99 and C++17 programs in tests/c against include/lomo.h and the freshly built
 //! liblomo.so with -Wall -Wextra -Werror, and runs them.
 
-use std::path::{Path, PathBuf};
+mod native_lib;
+
+use std::path::Path;
 use std::process::Command;
 
-/// target/<profile>/deps/, where cargo built liblomo.so alongside this test.
-pub fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().to_path_buf()
-}
+use native_lib::lib_dir;
 
 fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = lib_dir();
-    assert!(
-        lib.join("liblomo.so").exists(),
-        "liblomo.so not found in {}",
-        lib.display()
-    );
     let out = std::env::temp_dir().join(format!("lomo_smoke_{}_{}", std, std::process::id()));
     let status = Command::new(compiler)
         .arg(format!("-std={std}"))

@@ -1,23 +1,15 @@
 //! Builds tests/cpp/wrapper.cc against include/lomo.hpp and the freshly built liblomo.so with
 //! `c++ -std=c++17 -Wall -Wextra -Werror -Wpedantic -Wshadow -Wconversion`, and runs it.
 
+mod native_lib;
+
 use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn cpp_wrapper_program() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // target/<profile>/deps/, where cargo built liblomo.so alongside this test.
-    let lib = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    assert!(
-        lib.join("liblomo.so").exists(),
-        "liblomo.so not found in {}",
-        lib.display()
-    );
+    let lib = native_lib::lib_dir();
     let dir = std::env::temp_dir().join(format!("lomo_cpp_wrapper_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("wrapper");

@@ -141,8 +141,10 @@ std::pair<float, float> train(lomo::Optimizer &opt, const Mlp &m, std::mt19937 &
         update.end();
         if (step % 50 == 0) {
             const lomo_step_info info = opt.step_info();
-            std::printf("step %4d  loss %.4f  clip %.3f  loss-scale %g\n", step, double(loss),
-                        double(info.clip_coef), double(info.loss_scale));
+            char coef[16] = "-";  // without clipping there is no coefficient to show
+            if (clip) std::snprintf(coef, sizeof coef, "%.3f", double(info.clip_coef));
+            std::printf("step %4d  loss %.4f  clip %5s  loss-scale %g\n", step, double(loss), coef,
+                        double(info.loss_scale));
         }
         if (step < first + 20) head += loss / 20.0f;
         if (step >= first + steps - 20) tail += loss / 20.0f;

@@ -1,9 +1,10 @@
 """Train a small MLP with AdaLomo (or LOMO) from liblomo.so inside jax.jit.
 
-    cargo build --release
-    PYTHONPATH=bindings/python python examples/python/jax_train.py [--algorithm lomo] [--bf16]
+    pip install "./bindings/python[jax]"
+    python examples/python/jax_train.py [--algorithm lomo] [--bf16]
 
-(liblomo.so is found through LOMO_LIBRARY, else target/release/liblomo.so.) The whole step —
+(or, in a checkout without installing: `cargo build --release` and
+`PYTHONPATH=bindings/python python examples/python/jax_train.py`.) The whole step —
 forward, backward, global-norm clipping and the in-place optimizer update — is one jitted
 function; parameters and optimizer state are donated, so the update writes into their buffers.
 """
@@ -57,8 +58,8 @@ def main():
     x, y = make_data()
     # No weight decay for biases (the C API's "group with weight_decay = 0").
     decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    opt = lomo_jax.Optimizer(
-        args.algorithm,
+    make = lomo_jax.adalomo if args.algorithm == "adalomo" else lomo_jax.lomo
+    opt = make(
         clip_grad_norm=1.0,
         weight_decay=1e-4,
         weight_decay_mask=decay_mask,

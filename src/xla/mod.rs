@@ -15,9 +15,9 @@
 pub mod abi;
 pub mod cpu;
 pub mod cuda;
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda-emulation"))]
 mod cuda_norm_tests;
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda-emulation"))]
 mod cuda_tests;
 pub mod cuda_ws;
 pub mod frame;

@@ -6,10 +6,10 @@
   ``LomoError``.
 """
 
-from ._native import LomoError, library_path, load
-from .core import Optimizer, StepInfo
+__version__ = "0.1.0"  # before the imports: _native names it in its version check
 
-__version__ = "0.1.0"
+from ._native import LomoError, library_path, load  # noqa: E402
+from .core import Optimizer, StepInfo  # noqa: E402
 
 __all__ = ["LomoError", "Optimizer", "StepInfo", "load", "library_path", "version", "cuda_available"]
 

@@ -287,6 +287,10 @@ class _Missing:
 
 
 # ------------------------------------------------------------------------------------ loading
+#: The ``LOMO_ABI_VERSION`` (include/lomo.h) this package is written for: a library reporting a
+#: lower ``lomo_abi_version()`` is refused at load time with its path and version.
+ABI_VERSION = 1
+
 _LIB: ctypes.CDLL | None = None
 _LIB_PATH: str | None = None
 _LOCK = threading.Lock()
@@ -331,12 +335,17 @@ def load() -> ctypes.CDLL:
             return _LIB
         path = library_path()
         lib = ctypes.CDLL(path)
+        _check_version(lib, path)
         for name, (restype, argtypes, required) in SIGNATURES.items():
             try:
                 fn = getattr(lib, name)
             except AttributeError:
                 if required:
-                    raise OSError(f"{path} lacks the required symbol {name}") from None
+                    raise OSError(
+                        f"{path} (lomo {_describe(lib)}) lacks the required symbol {name}; "
+                        "rebuild it (cargo build --release) or point LOMO_LIBRARY at a newer "
+                        "liblomo.so"
+                    ) from None
                 setattr(lib, name, _Missing(name, path))
                 continue
             fn.argtypes = argtypes
@@ -348,6 +357,44 @@ def load() -> ctypes.CDLL:
         _LIB_PATH = path
         _LIB = lib
         return lib
+
+
+def _describe(lib: ctypes.CDLL) -> str:
+    """``<version>, ABI <n>`` of a loaded library, as far as it tells."""
+    try:
+        fn = lib.lomo_version
+        fn.restype, fn.argtypes = c_char_p, []
+        version = fn().decode()
+    except (AttributeError, UnicodeDecodeError):
+        version = "of unknown version"
+    try:
+        abi = lib.lomo_abi_version
+        abi.restype, abi.argtypes = c_uint32, []
+        return f"{version}, ABI {abi()}"
+    except AttributeError:
+        return f"{version}, no lomo_abi_version"
+
+
+def _check_version(lib: ctypes.CDLL, path: str) -> None:
+    """Refuses a library older than this package (``lomo_abi_version() < ABI_VERSION``) or one
+    that is not liblomo at all, naming its path and version."""
+    from . import __version__
+
+    try:
+        abi_fn = lib.lomo_abi_version
+    except AttributeError:
+        raise OSError(
+            f"{path} is not a lomo library (no lomo_abi_version); set LOMO_LIBRARY to a "
+            "liblomo.so built from the lomo repository"
+        ) from None
+    abi_fn.restype, abi_fn.argtypes = c_uint32, []
+    abi = abi_fn()
+    if abi < ABI_VERSION:
+        raise OSError(
+            f"{path} is lomo {_describe(lib)}, older than lomo_native {__version__} expects "
+            f"(ABI {ABI_VERSION}); rebuild it (cargo build --release), reinstall the package, "
+            "or point LOMO_LIBRARY at a newer liblomo.so"
+        )
 
 
 def has_symbol(name: str) -> bool:

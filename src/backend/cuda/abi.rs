@@ -169,7 +169,7 @@ pub fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     v
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cuda-emulation"))]
 mod tests {
     use super::*;
     use crate::backend::cuda::emu;

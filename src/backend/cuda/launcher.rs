@@ -1,8 +1,8 @@
 //! CUDA backend: what the orchestration needs from a device — memory, copies and launches.
 //!
 //! Two implementations: [`super::driver::DriverLauncher`] (cudarc, real GPUs) and
-//! [`super::emu::EmuLauncher`] (the same kernel sources compiled for the host, run on CPU threads,
-//! host memory standing in for device memory).
+//! `super::emu::EmuLauncher` (tests, `cuda-emulation` feature: the same kernel sources compiled
+//! for the host, run on CPU threads, host memory standing in for device memory).
 
 use std::ffi::c_void;
 

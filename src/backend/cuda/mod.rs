@@ -1,8 +1,9 @@
 //! CUDA backend: LOMO and AdaLomo on CUDA devices, behind the same core as the CPU backend.
 //!
 //! - [`abi`] — mirrors of the kernels' structs; [`registry`] — kernel sources and names;
-//! - [`launcher`] — the device interface, implemented by [`emu`] (host emulation of the same
-//!   kernel sources) and, with the `cuda` feature, `driver` (cudarc: dynamic loading, NVRTC);
+//! - [`launcher`] — the device interface, implemented by `emu` (with the `cuda-emulation`
+//!   feature, for tests: host emulation of the same kernel sources) and, with the `cuda`
+//!   feature, `driver` (cudarc: dynamic loading, NVRTC);
 //! - [`passes`] — one tensor's geometry, workspace sizes and kernel launches;
 //! - [`step`] — [`step::CudaStep`], the backend interface (`crate::backend::Backend`) over the
 //!   passes and the step kernels, on the caller's stream;
@@ -13,7 +14,6 @@
 //! [`abi`]: crate::backend::cuda::abi
 //! [`registry`]: crate::backend::cuda::registry
 //! [`launcher`]: crate::backend::cuda::launcher
-//! [`emu`]: crate::backend::cuda::emu
 //! [`passes`]: crate::backend::cuda::passes
 //! [`device`]: crate::backend::cuda::device
 //! [`step`]: crate::backend::cuda::step
@@ -24,6 +24,7 @@ pub mod abi;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;
+#[cfg(feature = "cuda-emulation")]
 pub mod emu;
 pub mod launcher;
 #[cfg(feature = "cuda")]

@@ -1,6 +1,7 @@
 //! CUDA backend: what the core holds for an optimizer whose parameters live on a CUDA device —
 //! the device, the launcher chosen for it and the [`DeviceOpt`] orchestration — and the launcher
-//! selection (`LOMO_CUDA_EMULATE=1` picks the host emulation; otherwise the cudarc driver path).
+//! selection (`LOMO_CUDA_EMULATE=1` picks the host emulation in builds with the
+//! `cuda-emulation` feature, i.e. the tests; otherwise the cudarc driver path).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,15 +19,31 @@ use crate::config::Config;
 use crate::error::{bail, Result};
 
 /// Emulated "device" size: grids are sized as on a GPU with this many SMs.
+#[cfg(feature = "cuda-emulation")]
 const EMU_SMS: u32 = 4;
 
-/// Whether the emulated launcher was requested (`LOMO_CUDA_EMULATE=1`).
+/// Whether the emulated launcher was requested (`LOMO_CUDA_EMULATE=1`) and is built in (the
+/// `cuda-emulation` feature, for tests; a release library ignores the variable).
 pub fn emulated() -> bool {
     #[cfg(test)]
     if EMULATE_ON_THIS_THREAD.with(|e| e.get()) {
         return true;
     }
-    std::env::var("LOMO_CUDA_EMULATE").is_ok_and(|v| v == "1")
+    cfg!(feature = "cuda-emulation") && std::env::var("LOMO_CUDA_EMULATE").is_ok_and(|v| v == "1")
+}
+
+/// The host-emulated launcher (tests only).
+#[cfg(feature = "cuda-emulation")]
+fn emu_launcher() -> Result<Arc<dyn Launcher>> {
+    Ok(Arc::new(super::emu::EmuLauncher::new(EMU_SMS)))
+}
+
+#[cfg(not(feature = "cuda-emulation"))]
+fn emu_launcher() -> Result<Arc<dyn Launcher>> {
+    bail!(
+        NoCuda,
+        "this build has no CUDA emulation (feature \"cuda-emulation\", for tests)"
+    )
 }
 
 #[cfg(test)]
@@ -58,7 +75,7 @@ impl Drop for EmulationGuard {
 /// process-wide one (see `shared_launcher`).
 pub fn launcher_for(ordinal: i32) -> Result<Arc<dyn Launcher>> {
     if emulated() {
-        return Ok(Arc::new(super::emu::EmuLauncher::new(EMU_SMS)));
+        return emu_launcher();
     }
     shared_launcher(false, ordinal)
 }
@@ -88,7 +105,7 @@ fn shared_launcher(emu: bool, ordinal: i32) -> Result<Arc<dyn Launcher>> {
         return Ok(l.clone());
     }
     let l = if emu {
-        Arc::new(super::emu::EmuLauncher::new(EMU_SMS))
+        emu_launcher()?
     } else {
         driver_launcher(ordinal)?
     };
