@@ -4,9 +4,11 @@
 //! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
 //! - [`xla`]: XLA FFI custom-call handlers for JAX (same level as `ffi`, not in the header);
 //! - the core: [`optimizer`], [`update`], [`param`], [`config`], [`scaler`], [`state`]
-//!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`];
+//!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`], [`alloc`] (fallible
+//!   allocation, used by every layer);
 //! - [`backend`]: the passes themselves (CPU threads and SIMD).
 
+pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod dtype;

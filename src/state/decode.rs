@@ -11,7 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, state_defining};
 use super::{restore_counters, state_tensors, Counters};
-use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
+use super::{Crc32, BYTE_ORDER, BYTE_ORDER_KEY, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
 use crate::config::{Algorithm, LossScaleMode};
 use crate::error::{bail, Error, Result, Status};
@@ -35,6 +35,7 @@ struct File<'a> {
 
 impl<'a> File<'a> {
     fn parse(bytes: &'a [u8]) -> Result<File<'a>> {
+        check_header_byte_order(bytes)?;
         // The parser runs on untrusted input; contain any panic it might raise on absurd offsets.
         let parsed = std::panic::catch_unwind(|| SafeTensors::read_metadata(bytes));
         let (n, metadata): (usize, Metadata) = match parsed {
@@ -94,6 +95,27 @@ impl<'a> File<'a> {
         }
         Ok(())
     }
+}
+
+/// Safetensors files, lomo's included, are little-endian: the first 8 bytes are the header's
+/// length as a little-endian u64. A file whose length only makes sense read big-endian was
+/// written with the other byte order; say so instead of "corrupted".
+fn check_header_byte_order(bytes: &[u8]) -> Result<()> {
+    let Some(head) = bytes.get(..8) else {
+        return Ok(());
+    };
+    let head: [u8; 8] = head.try_into().unwrap_or_default();
+    let room = (bytes.len() - 8) as u64;
+    let (le, be) = (u64::from_le_bytes(head), u64::from_be_bytes(head));
+    if le > room && be > 0 && be <= room && bytes.get(8) == Some(&b'{') {
+        bail!(
+            StateMismatch,
+            "the checkpoint was written with big-endian byte order (its header length reads \
+             {be} bytes big-endian, {le} little-endian): lomo checkpoints, like every \
+             safetensors file, are little-endian"
+        );
+    }
+    Ok(())
 }
 
 fn mismatch(msg: String) -> Error {
@@ -241,6 +263,14 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
             "not a lomo optimizer-state checkpoint (no '{FORMAT}' format in its metadata)"
         ),
     }
+    match file.meta.get(BYTE_ORDER_KEY).map(String::as_str) {
+        None | Some(BYTE_ORDER) => {}
+        Some(other) => bail!(
+            StateMismatch,
+            "the checkpoint was written with byte order '{other}': this library reads \
+             '{BYTE_ORDER}' (safetensors files are little-endian)"
+        ),
+    }
     let version: u32 = file.num("format_version")?;
     if version != FORMAT_VERSION {
         bail!(
@@ -309,6 +339,13 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
     restore_counters(opt, counters)
 }
 
+/// The little-endian f32 values of `bytes` in a fallibly allocated vector.
+fn f32_vec(bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut v = crate::alloc::with_capacity(bytes.len() / 4, "the checkpoint's state on the host")?;
+    v.extend(f32s(bytes));
+    Ok(v)
+}
+
 fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes
         .chunks_exact(4)
@@ -340,8 +377,8 @@ fn write_cuda(opt: &mut Optimizer, slices: &[Vec<&[u8]>], counters: Counters) ->
     if let Some(side) = opt.cuda() {
         for (id, s) in slices.iter().enumerate() {
             if let [a, rest @ ..] = s.as_slice() {
-                let a: Vec<f32> = f32s(a).collect();
-                let b: Vec<f32> = rest.first().map_or(Vec::new(), |b| f32s(b).collect());
+                let a = f32_vec(a)?;
+                let b = rest.first().map_or(Ok(Vec::new()), |b| f32_vec(b))?;
                 side.write_state(id as u32, &a, &b)?;
             }
         }
