@@ -118,6 +118,10 @@ fn check_header_byte_order(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The largest step counter a checkpoint may hold (2^62: unreachable by training, far from the
+/// wrap-around of the counters, which would restart AdaLomo at t = 0 and write NaN).
+const MAX_COUNTER: u64 = 1 << 62;
+
 fn mismatch(msg: String) -> Error {
     Error::new(Status::StateMismatch, msg)
 }
@@ -229,6 +233,7 @@ fn restored_scaler(opt: &Optimizer, file: &File<'_>) -> Result<LossScaler> {
     let last_overflow_iter: i64 = file.num("scaler.last_overflow_iter")?;
     if !(scale.is_finite() && scale > 0.0)
         || cur_hysteresis == 0
+        || cur_iter > MAX_COUNTER
         || last_overflow_iter < -1
         || last_overflow_iter >= cur_iter as i64 && last_overflow_iter != -1
     {
@@ -308,6 +313,12 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
     let slices = state_slices(opt, &file)?;
     let steps: u64 = file.num("steps")?;
     let skipped_total: u64 = file.num("skipped_total")?;
+    if steps > MAX_COUNTER || skipped_total > MAX_COUNTER {
+        return Err(corrupt(format!(
+            "the step counters ({steps} applied, {skipped_total} skipped) are out of range \
+             (at most {MAX_COUNTER})"
+        )));
+    }
     let scaler = restored_scaler(opt, &file)?;
 
     let counters = Counters {
