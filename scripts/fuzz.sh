@@ -25,9 +25,10 @@ for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
     echo "== fuzz $t for ${secs}s (sanitizer: $san)"
     log="fuzz/stats/$t.log"
+    jobs=()
+    if [ "${FUZZ_JOBS:-1}" -gt 1 ]; then jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS"); fi
     (cd fuzz && cargo +nightly fuzz run -O -s "$san" "$t" "corpus/$t" -- \
-        -max_total_time="$secs" -jobs="${FUZZ_JOBS:-1}" -workers="${FUZZ_JOBS:-1}" \
-        -rss_limit_mb=4096 -malloc_limit_mb=1000000000 -timeout=30 \
+        -max_total_time="$secs" "${jobs[@]}" -rss_limit_mb=4096 -malloc_limit_mb=1000000000 -timeout=30 \
         -print_final_stats=1 -artifact_prefix="artifacts/$t/") 2>&1 | tee "$log" | \
         grep -E "^#[0-9]+ +(DONE|pulse|NEW)|stat::|ERROR|panicked|SUMMARY" | tail -n 8
     execs=$(grep -oE "stat::number_of_executed_units: [0-9]+" "$log" | awk '{s+=$2} END {print s+0}')

@@ -54,6 +54,10 @@ cc -std=c99 -Wall -Wextra -Werror -o "$stage/pkgconfig" tests/install/pkgconfig.
 rm -rf "$stage"
 # ---- END: installation for C and C++ users ----
 
+# ---- Valgrind memcheck over the C/C++ smoke programs (issue 14; installs valgrind if missing) ----
+echo "== Valgrind memcheck"
+scripts/valgrind.sh
+
 # ---- Python binding (bindings/python): venv, test requirements, lomo-native, pytest ----------
 echo "== Python binding tests"
 if [ ! -x .venv/bin/python ]; then

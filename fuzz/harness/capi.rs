@@ -92,6 +92,9 @@ impl Session {
         let mut w = 0usize;
         // SAFETY: `buf` holds `n` writable bytes.
         let s = unsafe { lomo_state_serialize(self.opt, buf.as_mut_ptr(), n, &mut w) };
+        if s == Status::OutOfMemory {
+            return None; // an injected allocation failure (op 21 before op 17)
+        }
         assert_eq!(s, Status::Ok, "{}", last_error());
         assert_eq!(w, n, "lomo_state_size is exact");
         Some(buf)

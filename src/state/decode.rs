@@ -386,11 +386,16 @@ fn commit_cuda(
 
 fn write_cuda(opt: &mut Optimizer, slices: &[Vec<&[u8]>], counters: Counters) -> Result<()> {
     if let Some(side) = opt.cuda() {
-        for (id, s) in slices.iter().enumerate() {
-            if let [a, rest @ ..] = s.as_slice() {
-                let a = f32_vec(a)?;
-                let b = rest.first().map_or(Ok(Vec::new()), |b| f32_vec(b))?;
-                side.write_state(id as u32, &a, &b)?;
+        // Every host buffer first, so that running out of memory changes nothing on the device.
+        let mut host = crate::alloc::with_capacity(slices.len(), "the checkpoint's state")?;
+        for s in slices {
+            let a = s.first().map_or(Ok(Vec::new()), |a| f32_vec(a))?;
+            let b = s.get(1).map_or(Ok(Vec::new()), |b| f32_vec(b))?;
+            host.push((!s.is_empty()).then_some((a, b)));
+        }
+        for (id, h) in host.iter().enumerate() {
+            if let Some((a, b)) = h {
+                side.write_state(id as u32, a, b)?;
             }
         }
     }
