@@ -104,7 +104,8 @@ enum lomo_status
    */
   LOMO_STATUS_STATE_MISMATCH = 11,
   /**
-   * An allocation failed.
+   * An allocation of host or device memory failed; the message gives the bytes asked for.
+   * The call changed nothing.
    */
   LOMO_STATUS_OUT_OF_MEMORY = 12,
   /**
@@ -623,6 +624,11 @@ lomo_status lomo_group_get(const struct lomo_optimizer *opt,
  * is borrowed (see `lomo_param_desc`). AdaLomo allocates the parameter's state and workspace
  * here, so steps allocate nothing. Frozen parameters are simply not registered.
  *
+ * Fails with `LOMO_STATUS_OUT_OF_MEMORY` (the message gives the bytes asked for) when the
+ * state or workspace cannot be allocated, and with `LOMO_STATUS_INVALID_ARGUMENT` when the
+ * shape's element count, or its size in bytes, overflows 64 bits. A failed registration leaves
+ * the optimizer as it was.
+ *
  * A CUDA parameter's buffer is checked with the driver (first and last byte, host-side, no
  * synchronization): memory CUDA does not know is `LOMO_STATUS_INVALID_ARGUMENT`, device memory
  * of another device or of a context other than the device's primary context is
@@ -769,8 +775,9 @@ lomo_status lomo_cuda_loss_scale_ptr(const struct lomo_optimizer *opt, const flo
  * scaler's state and the configuration. LOMO's file has no tensors. The parameters' values are
  * not included: save them with the model.
  *
- * The file is written to `<path>.tmp.<pid>`, flushed, and renamed over `path`, so `path` is
- * either the old file or the complete new one. Call between steps (else
+ * The file is written to `<path>.tmp.<pid>`, flushed (fsync), and renamed over `path`, so
+ * `path` is either the old file or the complete new one: a save that fails part-way (disk full,
+ * read-only directory) removes its temporary file and leaves `path` as it was. Call between steps (else
  * `LOMO_STATUS_PHASE_ERROR`); `LOMO_STATUS_IO_ERROR` if the file cannot be written. `opt` and
  * `path` (NUL-terminated) must not be NULL. For CUDA parameters the state is copied through the
  * host (the call synchronizes). Not thread-safe with other calls on `opt`.
@@ -781,7 +788,8 @@ lomo_status lomo_cuda_loss_scale_ptr(const struct lomo_optimizer *opt, const flo
  * If `path` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `path` must point to
  * a NUL-terminated string, read only during the call.
  */
-lomo_status lomo_state_save(const struct lomo_optimizer *opt, const char *path);
+lomo_status lomo_state_save(const struct lomo_optimizer *opt,
+                            const char *path);
 
 /**
  * Loads a file written by `lomo_state_save` (or `lomo_state_serialize`) into `opt`, between
@@ -791,8 +799,10 @@ lomo_status lomo_state_save(const struct lomo_optimizer *opt, const char *path);
  * Fails with `LOMO_STATUS_STATE_MISMATCH` when the file is truncated, corrupted (it carries a
  * CRC-32) or not a lomo checkpoint, or when its algorithm, set of parameter names, parameter
  * shapes, or (AdaLomo) `eps1` or `decay_rate` differ from the optimizer's; with
- * `LOMO_STATUS_IO_ERROR` when it cannot be read. On failure `opt` is unchanged; the last-error
- * message says what differs.
+ * `LOMO_STATUS_IO_ERROR` when it cannot be read, and with `LOMO_STATUS_OUT_OF_MEMORY` when the
+ * host memory to read it into cannot be allocated. A file whose `format_version` is newer than
+ * this library's, or written with another byte order, is refused (`STATE_MISMATCH`) with a
+ * message saying so. On failure `opt` is unchanged; the last-error message says what differs.
  *
  * Restored: the state tensors, the applied and skipped step counts, and, when both the file
  * and `opt` use dynamic loss scaling, the scaler's scale and counters (clamped to this config's

@@ -82,6 +82,10 @@ fi
 tests/install/check.sh "$stage/install"
 # ---- END: installation for C and C++ users ----
 
+# ---- Valgrind memcheck over the C/C++ smoke programs (issue 14; installs valgrind if missing) ----
+echo "== Valgrind memcheck"
+scripts/valgrind.sh
+
 # ---- Python binding (bindings/python): venv, test requirements, lomo-native, pytest ----------
 echo "== Python binding tests"
 VENV=$(env_path venv)

@@ -34,7 +34,8 @@ pub enum Status {
     IoError = 10,
     /// A checkpoint does not match the optimizer (algorithm, names, shapes) or is corrupted.
     StateMismatch = 11,
-    /// An allocation failed.
+    /// An allocation of host or device memory failed; the message gives the bytes asked for.
+    /// The call changed nothing.
     OutOfMemory = 12,
     /// The operation is not supported by this build or backend.
     Unsupported = 13,

@@ -5,12 +5,14 @@
 //! - [`xla`]: XLA FFI custom-call handlers for JAX (same level as `ffi`, not in the header);
 //! - the core: [`optimizer`], [`orchestrate`] (the one orchestration of a step, shared by the
 //!   optimizer and the XLA handlers), [`param`], [`config`], [`scaler`], [`state`]
-//!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`];
+//!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`], [`alloc`] (fallible
+//!   allocation, used by every layer);
 //! - [`backend`]: the backend interface ([`backend::Backend`]) and its implementations, the
 //!   passes themselves (CPU threads and SIMD; CUDA kernels on the caller's stream). It imports
-//!   nothing from the layers above; [`config`], [`dtype`] and [`error`] are leaves that every
-//!   layer may use.
+//!   nothing from the layers above; [`alloc`], [`config`], [`dtype`] and [`error`] are leaves
+//!   that every layer may use.
 
+pub mod alloc;
 pub mod backend;
 pub mod config;
 pub mod dtype;

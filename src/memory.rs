@@ -18,7 +18,8 @@ use crate::param::Device;
 /// parameters themselves (see the module docs).
 pub fn adamw_bytes(numel: usize, dtype: DType) -> u64 {
     let master = if dtype == DType::F32 { 0 } else { 4 };
-    numel as u64 * (4 + 4 + master + dtype.size() as u64)
+    // Saturating: registered shapes fit 64 bits at 4 bytes per element, not always at 14.
+    (numel as u64).saturating_mul(4 + 4 + master + dtype.size() as u64)
 }
 
 /// Memory of the parameters on one device (or of all of them).
@@ -38,12 +39,12 @@ pub struct DeviceMemory {
 
 impl DeviceMemory {
     fn add(&mut self, o: &DeviceMemory) {
-        self.params += o.params;
-        self.elements += o.elements;
-        self.param_bytes += o.param_bytes;
-        self.state_bytes += o.state_bytes;
-        self.workspace_bytes += o.workspace_bytes;
-        self.adamw_bytes += o.adamw_bytes;
+        self.params = self.params.saturating_add(o.params);
+        self.elements = self.elements.saturating_add(o.elements);
+        self.param_bytes = self.param_bytes.saturating_add(o.param_bytes);
+        self.state_bytes = self.state_bytes.saturating_add(o.state_bytes);
+        self.workspace_bytes = self.workspace_bytes.saturating_add(o.workspace_bytes);
+        self.adamw_bytes = self.adamw_bytes.saturating_add(o.adamw_bytes);
     }
 }
 

@@ -7,7 +7,7 @@ use crate::backend::cpu::adalomo::{AdaState, AdaWorkspace};
 use crate::backend::RawBuf;
 use crate::config::Algorithm;
 use crate::dtype::DType;
-use crate::error::{bail, Result};
+use crate::error::{bail, Error, Result};
 
 /// Where a buffer lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,8 +116,7 @@ impl Param {
                 desc.flags
             );
         }
-        let mut shape = Vec::with_capacity(desc.shape.len());
-        let mut numel: usize = 1;
+        let mut shape = Vec::with_capacity(desc.shape.len()); // rank <= 32
         for (i, &d) in desc.shape.iter().enumerate() {
             if d < 0 {
                 bail!(
@@ -126,16 +125,23 @@ impl Param {
                     desc.name
                 );
             }
-            numel = match numel.checked_mul(d as usize) {
+            shape.push(d as usize);
+        }
+        // The element count, and its bytes at 4 per element, must fit in 64 bits (a zero
+        // dimension makes the product 0 whatever the others are).
+        let numel = if shape.contains(&0) {
+            0
+        } else {
+            match shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
                 Some(n) if n.checked_mul(4).is_some() => n,
                 _ => bail!(
                     InvalidArgument,
-                    "parameter '{}': element count overflows",
-                    desc.name
+                    "parameter '{}': the element count of shape {:?} overflows 64-bit sizes",
+                    desc.name,
+                    desc.shape
                 ),
-            };
-            shape.push(d as usize);
-        }
+            }
+        };
         if numel > 0 && desc.addr == 0 {
             bail!(
                 NullArgument,
@@ -160,14 +166,28 @@ impl Param {
             (numel, 1)
         };
         // CUDA parameters keep their state and workspaces on the device (backend::cuda).
-        let ada =
-            (algorithm == Algorithm::Adalomo && desc.device == Device::Cpu).then(|| AdaParam {
-                state: AdaState::zeros(rows, cols, factored),
-                ws: AdaWorkspace::new(rows, cols, factored),
+        let ada = if algorithm == Algorithm::Adalomo && desc.device == Device::Cpu {
+            let in_param = |e: Error| {
+                Error::new(
+                    e.status(),
+                    format!("parameter '{}': {}", desc.name, e.message()),
+                )
+            };
+            Some(AdaParam {
+                state: AdaState::zeros(rows, cols, factored).map_err(in_param)?,
+                ws: AdaWorkspace::new(rows, cols, factored).map_err(in_param)?,
                 carried_psq: None,
-            });
+            })
+        } else {
+            None
+        };
+        let mut name = String::new();
+        name.try_reserve_exact(desc.name.len()).map_err(|_| {
+            crate::alloc::out_of_memory(desc.name.len() as u128, "a parameter name")
+        })?;
+        name.push_str(desc.name);
         Ok(Param {
-            name: desc.name.to_owned(),
+            name,
             buf: RawBuf {
                 addr: desc.addr,
                 dtype: desc.dtype,

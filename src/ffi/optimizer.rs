@@ -141,6 +141,11 @@ pub unsafe extern "C" fn lomo_group_get(
 /// is borrowed (see `lomo_param_desc`). AdaLomo allocates the parameter's state and workspace
 /// here, so steps allocate nothing. Frozen parameters are simply not registered.
 ///
+/// Fails with `LOMO_STATUS_OUT_OF_MEMORY` (the message gives the bytes asked for) when the
+/// state or workspace cannot be allocated, and with `LOMO_STATUS_INVALID_ARGUMENT` when the
+/// shape's element count, or its size in bytes, overflows 64 bits. A failed registration leaves
+/// the optimizer as it was.
+///
 /// A CUDA parameter's buffer is checked with the driver (first and last byte, host-side, no
 /// synchronization): memory CUDA does not know is `LOMO_STATUS_INVALID_ARGUMENT`, device memory
 /// of another device or of a context other than the device's primary context is

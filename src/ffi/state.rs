@@ -42,8 +42,9 @@ unsafe fn c_path(p: *const c_char) -> Result<PathBuf> {
 /// scaler's state and the configuration. LOMO's file has no tensors. The parameters' values are
 /// not included: save them with the model.
 ///
-/// The file is written to `<path>.tmp.<pid>`, flushed, and renamed over `path`, so `path` is
-/// either the old file or the complete new one. Call between steps (else
+/// The file is written to `<path>.tmp.<pid>`, flushed (fsync), and renamed over `path`, so
+/// `path` is either the old file or the complete new one: a save that fails part-way (disk full,
+/// read-only directory) removes its temporary file and leaves `path` as it was. Call between steps (else
 /// `LOMO_STATUS_PHASE_ERROR`); `LOMO_STATUS_IO_ERROR` if the file cannot be written. `opt` and
 /// `path` (NUL-terminated) must not be NULL. For CUDA parameters the state is copied through the
 /// host (the call synchronizes). Not thread-safe with other calls on `opt`.
@@ -72,8 +73,10 @@ pub unsafe extern "C" fn lomo_state_save(
 /// Fails with `LOMO_STATUS_STATE_MISMATCH` when the file is truncated, corrupted (it carries a
 /// CRC-32) or not a lomo checkpoint, or when its algorithm, set of parameter names, parameter
 /// shapes, or (AdaLomo) `eps1` or `decay_rate` differ from the optimizer's; with
-/// `LOMO_STATUS_IO_ERROR` when it cannot be read. On failure `opt` is unchanged; the last-error
-/// message says what differs.
+/// `LOMO_STATUS_IO_ERROR` when it cannot be read, and with `LOMO_STATUS_OUT_OF_MEMORY` when the
+/// host memory to read it into cannot be allocated. A file whose `format_version` is newer than
+/// this library's, or written with another byte order, is refused (`STATE_MISMATCH`) with a
+/// message saying so. On failure `opt` is unchanged; the last-error message says what differs.
 ///
 /// Restored: the state tensors, the applied and skipped step counts, and, when both the file
 /// and `opt` use dynamic loss scaling, the scaler's scale and counters (clamped to this config's
@@ -144,17 +147,10 @@ pub unsafe extern "C" fn lomo_state_serialize(
         if buf.is_null() {
             bail!(NullArgument, "buf is NULL");
         }
-        let bytes = state::encoded_to_vec(&opt.inner.read())?;
-        if len < bytes.len() {
-            bail!(
-                InvalidArgument,
-                "buffer of {len} bytes is too small: the state needs {} (lomo_state_size)",
-                bytes.len()
-            );
-        }
-        // SAFETY: the caller provides `len` >= bytes.len() writable bytes at `buf`.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len()) };
-        *out = bytes.len();
+        // SAFETY: the caller provides `len` writable bytes of host memory at `buf`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+        // Encoded in place: no copy of the state in memory; nothing written on failure.
+        *out = state::encode_into(&opt.inner.read(), dst)?;
         Ok(())
     })
 }

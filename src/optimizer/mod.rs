@@ -254,6 +254,12 @@ impl Optimizer {
         if self.params.len() >= u32::MAX as usize {
             bail!(InvalidArgument, "too many parameters");
         }
+        // Room for the new entry first, so that nothing after the allocations below can fail:
+        // a registration that fails (out of memory included) leaves the registry as it was.
+        crate::alloc::reserve(&mut self.params, 1, "the parameter registry")?;
+        self.names
+            .try_reserve(1)
+            .map_err(|_| crate::alloc::out_of_memory(64, "the parameter registry"))?;
         let param = Param::new(desc, self.config.algorithm)?;
         let id = self.params.len() as u32;
         if let Device::Cuda(n) = desc.device {

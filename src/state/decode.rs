@@ -11,7 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::{checksum_entry, checksum_tensor, fingerprint, fmt_f64, mode_str, state_defining};
 use super::{restore_counters, state_tensors, Counters};
-use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
+use super::{Crc32, BYTE_ORDER, BYTE_ORDER_KEY, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
 use crate::config::{Algorithm, LossScaleMode};
 use crate::error::{bail, Error, Result, Status};
@@ -35,6 +35,7 @@ struct File<'a> {
 
 impl<'a> File<'a> {
     fn parse(bytes: &'a [u8]) -> Result<File<'a>> {
+        check_header_byte_order(bytes)?;
         // The parser runs on untrusted input; contain any panic it might raise on absurd offsets.
         let parsed = std::panic::catch_unwind(|| SafeTensors::read_metadata(bytes));
         let (n, metadata): (usize, Metadata) = match parsed {
@@ -95,6 +96,31 @@ impl<'a> File<'a> {
         Ok(())
     }
 }
+
+/// Safetensors files, lomo's included, are little-endian: the first 8 bytes are the header's
+/// length as a little-endian u64. A file whose length only makes sense read big-endian was
+/// written with the other byte order; say so instead of "corrupted".
+fn check_header_byte_order(bytes: &[u8]) -> Result<()> {
+    let Some(head) = bytes.get(..8) else {
+        return Ok(());
+    };
+    let head: [u8; 8] = head.try_into().unwrap_or_default();
+    let room = (bytes.len() - 8) as u64;
+    let (le, be) = (u64::from_le_bytes(head), u64::from_be_bytes(head));
+    if le > room && be > 0 && be <= room && bytes.get(8) == Some(&b'{') {
+        bail!(
+            StateMismatch,
+            "the checkpoint was written with big-endian byte order (its header length reads \
+             {be} bytes big-endian, {le} little-endian): lomo checkpoints, like every \
+             safetensors file, are little-endian"
+        );
+    }
+    Ok(())
+}
+
+/// The largest step counter a checkpoint may hold (2^62: unreachable by training, far from the
+/// wrap-around of the counters, which would restart AdaLomo at t = 0 and write NaN).
+const MAX_COUNTER: u64 = 1 << 62;
 
 fn mismatch(msg: String) -> Error {
     Error::new(Status::StateMismatch, msg)
@@ -207,6 +233,7 @@ fn restored_scaler(opt: &Optimizer, file: &File<'_>) -> Result<LossScaler> {
     let last_overflow_iter: i64 = file.num("scaler.last_overflow_iter")?;
     if !(scale.is_finite() && scale > 0.0)
         || cur_hysteresis == 0
+        || cur_iter > MAX_COUNTER
         || last_overflow_iter < -1
         || last_overflow_iter >= cur_iter as i64 && last_overflow_iter != -1
     {
@@ -239,6 +266,14 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
         _ => bail!(
             StateMismatch,
             "not a lomo optimizer-state checkpoint (no '{FORMAT}' format in its metadata)"
+        ),
+    }
+    match file.meta.get(BYTE_ORDER_KEY).map(String::as_str) {
+        None | Some(BYTE_ORDER) => {}
+        Some(other) => bail!(
+            StateMismatch,
+            "the checkpoint was written with byte order '{other}': this library reads \
+             '{BYTE_ORDER}' (safetensors files are little-endian)"
         ),
     }
     let version: u32 = file.num("format_version")?;
@@ -278,6 +313,12 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
     let slices = state_slices(opt, &file)?;
     let steps: u64 = file.num("steps")?;
     let skipped_total: u64 = file.num("skipped_total")?;
+    if steps > MAX_COUNTER || skipped_total > MAX_COUNTER {
+        return Err(corrupt(format!(
+            "the step counters ({steps} applied, {skipped_total} skipped) are out of range \
+             (at most {MAX_COUNTER})"
+        )));
+    }
     let scaler = restored_scaler(opt, &file)?;
 
     let counters = Counters {
@@ -309,6 +350,13 @@ fn load_checked(opt: &mut Optimizer, bytes: &[u8], rollback: bool) -> Result<()>
     restore_counters(opt, counters)
 }
 
+/// The little-endian f32 values of `bytes` in a fallibly allocated vector.
+fn f32_vec(bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut v = crate::alloc::with_capacity(bytes.len() / 4, "the checkpoint's state on the host")?;
+    v.extend(f32s(bytes));
+    Ok(v)
+}
+
 fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes
         .chunks_exact(4)
@@ -338,11 +386,16 @@ fn commit_cuda(
 
 fn write_cuda(opt: &mut Optimizer, slices: &[Vec<&[u8]>], counters: Counters) -> Result<()> {
     if let Some(side) = opt.cuda() {
-        for (id, s) in slices.iter().enumerate() {
-            if let [a, rest @ ..] = s.as_slice() {
-                let a: Vec<f32> = f32s(a).collect();
-                let b: Vec<f32> = rest.first().map_or(Vec::new(), |b| f32s(b).collect());
-                side.write_state(id as u32, &a, &b)?;
+        // Every host buffer first, so that running out of memory changes nothing on the device.
+        let mut host = crate::alloc::with_capacity(slices.len(), "the checkpoint's state")?;
+        for s in slices {
+            let a = s.first().map_or(Ok(Vec::new()), |a| f32_vec(a))?;
+            let b = s.get(1).map_or(Ok(Vec::new()), |b| f32_vec(b))?;
+            host.push((!s.is_empty()).then_some((a, b)));
+        }
+        for (id, h) in host.iter().enumerate() {
+            if let Some((a, b)) = h {
+                side.write_state(id as u32, a, b)?;
             }
         }
     }

@@ -9,7 +9,7 @@ use std::io::Write;
 
 use super::{checksum_entry, checksum_tensor, counters, fingerprint, fmt_f64, mode_str};
 use super::{rounding_str, state_tensors, Counters};
-use super::{Crc32, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
+use super::{Crc32, BYTE_ORDER, BYTE_ORDER_KEY, CHECKSUM_KEY, FORMAT, FORMAT_VERSION};
 use crate::backend::cpu::adalomo::AdaState;
 use crate::config::Algorithm;
 use crate::error::{Error, Result, Status};
@@ -45,6 +45,7 @@ fn metadata(opt: &Optimizer, counters: &Counters) -> BTreeMap<&'static str, Stri
     BTreeMap::from([
         ("format", FORMAT.to_owned()),
         ("format_version", FORMAT_VERSION.to_string()),
+        (BYTE_ORDER_KEY, BYTE_ORDER.to_owned()),
         ("library_version", env!("CARGO_PKG_VERSION").to_owned()),
         ("algorithm", c.algorithm.as_str().to_owned()),
         ("config.weight_decay", fmt_f64(c.weight_decay)),
@@ -194,9 +195,27 @@ pub fn encoded_size(opt: &Optimizer) -> Result<usize> {
     Ok(8 + header(&meta, &entries).len() + data)
 }
 
-/// The checkpoint as a byte vector.
+/// The checkpoint as a byte vector (allocated fallibly, at its exact size).
 pub fn encoded_to_vec(opt: &Optimizer) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
+    let mut v = crate::alloc::with_capacity(encoded_size(opt)?, "the checkpoint")?;
     encode(opt, &mut v)?;
     Ok(v)
+}
+
+/// Encodes the checkpoint into `buf`, which must hold at least [`encoded_size`] bytes; returns
+/// the number of bytes written. Nothing is written when the call fails (the size is checked and
+/// the state gathered before the first byte is written).
+pub fn encode_into(opt: &Optimizer, buf: &mut [u8]) -> Result<usize> {
+    let n = encoded_size(opt)?;
+    if buf.len() < n {
+        crate::error::bail!(
+            InvalidArgument,
+            "buffer of {} bytes is too small: the state needs {n} (lomo_state_size)",
+            buf.len()
+        );
+    }
+    let mut w = &mut buf[..n];
+    encode(opt, &mut w)?;
+    debug_assert!(w.is_empty());
+    Ok(n)
 }

@@ -9,6 +9,7 @@
 //! | key | value |
 //! |---|---|
 //! | `format`, `format_version` | `lomo.optimizer_state`, `1` |
+//! | `byte_order` | `little` (files without it are little-endian; any other value is refused) |
 //! | `library_version` | the writing library's version (informational) |
 //! | `algorithm` | `lomo` or `adalomo` |
 //! | `config.<field>` | every `lomo_config` field of the writer (informational) |
@@ -40,26 +41,45 @@ use crate::scaler::LossScaler;
 
 pub use crc32::Crc32;
 pub use decode::load_bytes;
-pub use encode::{encode, encoded_size, encoded_to_vec};
+pub use encode::{encode, encode_into, encoded_size, encoded_to_vec};
 
 /// `format` metadata value.
 pub const FORMAT: &str = "lomo.optimizer_state";
 /// `format_version` metadata value written by this library (and the newest it reads).
 pub const FORMAT_VERSION: u32 = 1;
+/// Metadata key and value of the byte order of every number in the file (safetensors is
+/// little-endian). Files without the key (written before it existed) are little-endian; a
+/// file naming another byte order is refused.
+pub const BYTE_ORDER_KEY: &str = "byte_order";
+pub const BYTE_ORDER: &str = "little";
 
 /// Writes the optimizer's state to `path` atomically: into a temporary file in the same
 /// directory, flushed to disk, then renamed over `path`.
+///
+/// The state is encoded straight into the file (no copy of the checkpoint in memory). If
+/// anything fails — the encoding, a write (disk full), the flush or the rename — the temporary
+/// file is removed and `path` keeps its previous contents.
 pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
-    let bytes = encoded_to_vec(opt)?;
+    check_checkpointable(opt, "saved")?;
     let tmp = tmp_path(path);
     let io = |what: &str, e: std::io::Error| {
         Error::new(Status::IoError, format!("{what} '{}': {e}", tmp.display()))
     };
     let result = (|| {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
-        f.write_all(&bytes).map_err(|e| io("cannot write", e))?;
-        f.sync_all().map_err(|e| io("cannot flush", e))?;
+        let f = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, Faulty(f));
+        encode(opt, &mut w).map_err(|e| {
+            Error::new(
+                e.status(),
+                format!("{} (file '{}')", e.message(), tmp.display()),
+            )
+        })?;
+        w.flush().map_err(|e| io("cannot write", e))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| io("cannot write", e.into_error()))?;
+        f.0.sync_all().map_err(|e| io("cannot flush", e))?;
         std::fs::rename(&tmp, path).map_err(|e| {
             Error::new(
                 Status::IoError,
@@ -83,15 +103,59 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
     result
 }
 
-/// Reads a checkpoint written by [`save`] and loads it (see [`load_bytes`]).
+/// Reads a checkpoint written by [`save`] and loads it (see [`load_bytes`]). The file is read
+/// into a buffer allocated fallibly (`OutOfMemory` with its size if that fails).
 pub fn load(opt: &mut Optimizer, path: &Path) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    use std::io::Read;
+    let io = |e: std::io::Error| {
         Error::new(
             Status::IoError,
             format!("cannot read '{}': {e}", path.display()),
         )
-    })?;
+    };
+    check_checkpointable(opt, "loaded")?;
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut bytes = crate::alloc::with_capacity::<u8>(len, "reading the checkpoint")?;
+    f.read_to_end(&mut bytes).map_err(io)?;
     load_bytes(opt, &bytes)
+}
+
+/// The checkpoint file's writer: a `File`, through which the fault-injection tests can make a
+/// write fail part-way ([`fail_write_after`]), as a full disk does.
+struct Faulty(std::fs::File);
+
+thread_local! {
+    static WRITE_BUDGET: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Test hook: checkpoint files written on this thread fail with "No space left on device"
+/// (ENOSPC) once `n` more bytes have been written (None: never). Disarms itself after firing.
+#[doc(hidden)]
+pub fn fail_write_after(n: Option<u64>) {
+    WRITE_BUDGET.with(|b| b.set(n));
+}
+
+impl std::io::Write for Faulty {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let allowed = WRITE_BUDGET.with(|b| match b.get() {
+            None => Ok(buf.len()),
+            Some(0) => {
+                b.set(None);
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            Some(n) => {
+                let k = (buf.len() as u64).min(n);
+                b.set(Some(n - k));
+                Ok(k as usize)
+            }
+        })?;
+        self.0.write(&buf[..allowed])
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {

@@ -34,6 +34,7 @@ pub(crate) const XLA_FFI_ATTR_STRING: i32 = 4;
 
 /// `XLA_FFI_Error_Code` values used here.
 pub(crate) const XLA_FFI_ERROR_INVALID_ARGUMENT: i32 = 3;
+pub(crate) const XLA_FFI_ERROR_RESOURCE_EXHAUSTED: i32 = 8;
 pub(crate) const XLA_FFI_ERROR_UNIMPLEMENTED: i32 = 12;
 pub(crate) const XLA_FFI_ERROR_INTERNAL: i32 = 13;
 

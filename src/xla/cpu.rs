@@ -34,13 +34,15 @@ struct PooledWs {
 }
 
 impl PooledWs {
-    fn take(rows: usize, cols: usize, factored: bool) -> PooledWs {
+    /// A cached workspace, or a new one (`OutOfMemory` if it cannot be allocated).
+    fn take(rows: usize, cols: usize, factored: bool) -> crate::error::Result<PooledWs> {
         let key = (rows, cols, factored);
         let cached = WORKSPACES.lock().get_mut(&key).and_then(|v| v.pop());
-        PooledWs {
-            key,
-            ws: Some(cached.unwrap_or_else(|| AdaWorkspace::new(rows, cols, factored))),
-        }
+        let ws = match cached {
+            Some(ws) => ws,
+            None => AdaWorkspace::new(rows, cols, factored)?,
+        };
+        Ok(PooledWs { key, ws: Some(ws) })
     }
 }
 
@@ -148,13 +150,13 @@ fn materialize(io: &InOut<'_>, what: &str) -> XResult<RawBuf> {
 /// (XLA may hand the same buffer to an operand and another operand's aliased result).
 fn grad_buf(g: &Grad<'_>, outputs: &[&InOut<'_>], scratch: &mut Vec<u64>) -> XResult<RawBuf> {
     check_aligned(&g.buf, g.dtype.size(), g.numel, "grad")?;
-    let bytes = g.numel * g.dtype.size();
+    let bytes = g.numel.saturating_mul(g.dtype.size());
     let addr = g.buf.data as usize;
     let clash = outputs
         .iter()
         .any(|o| overlaps(addr, bytes, o.output.data as usize, o.bytes()));
     let addr = if clash {
-        scratch.resize(bytes.div_ceil(8), 0);
+        *scratch = crate::alloc::zeros(bytes.div_ceil(8), "a copy of the gradient")?;
         // SAFETY: the gradient holds `bytes` readable bytes; scratch holds at least as many.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -292,7 +294,7 @@ pub fn adalomo_update(plan: &AdaPlan<'_>) -> XResult<()> {
                     }
                 }
             };
-            let mut ws = PooledWs::take(plan.rows, plan.cols, factored);
+            let mut ws = PooledWs::take(plan.rows, plan.cols, factored)?;
             let ws = ws
                 .ws
                 .as_mut()

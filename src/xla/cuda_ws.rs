@@ -114,7 +114,17 @@ fn allocate(dev: &Dev, need: &Need) -> crate::error::Result<Workspace> {
         s.col_part,
         need.scratch,
     ];
-    let total: usize = parts.iter().map(|b| b.next_multiple_of(ALIGN)).sum();
+    // Checked: sizes saturate for shapes past the address space; that is out of memory.
+    let total = parts.iter().try_fold(0usize, |t, b| {
+        b.checked_next_multiple_of(ALIGN)
+            .and_then(|b| t.checked_add(b))
+    });
+    let Some(total) = total else {
+        return Err(crate::alloc::out_of_memory(
+            parts.iter().map(|&b| b as u128).sum(),
+            "an XLA call's device workspace",
+        ));
+    };
     let base = dev.launcher.alloc(total)?;
     let mut at = base;
     let mut carve = |bytes: usize| -> DevPtr {

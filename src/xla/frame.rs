@@ -50,6 +50,7 @@ impl From<Error> for XlaError {
         let code = match e.status() {
             Status::NullArgument | Status::InvalidArgument => XLA_FFI_ERROR_INVALID_ARGUMENT,
             Status::NoCuda | Status::Unsupported => XLA_FFI_ERROR_UNIMPLEMENTED,
+            Status::OutOfMemory => XLA_FFI_ERROR_RESOURCE_EXHAUSTED,
             _ => XLA_FFI_ERROR_INTERNAL,
         };
         XlaError {
@@ -172,8 +173,12 @@ impl Buffer<'_> {
             };
             n = match n.checked_mul(d) {
                 Some(n) => n,
-                None => invalid!("{what}: shape {:?} overflows", self.dims),
+                None => invalid!("{what}: shape {:?} overflows 64 bits", self.dims),
             };
+        }
+        // Its bytes (at most 8 per element) must fit in 64 bits too.
+        if n.checked_mul(8).is_none() {
+            invalid!("{what}: shape {:?} overflows 64 bits", self.dims);
         }
         Ok(n)
     }
@@ -322,7 +327,7 @@ impl<'a> Frame<'a> {
     pub fn attrs(&self) -> XResult<Vec<(String, AttrValue)>> {
         let a = &self.raw.attrs;
         let n = a.size.max(0) as usize;
-        let mut out = Vec::with_capacity(n);
+        let mut out = crate::alloc::with_capacity(n, "the attribute list")?;
         for i in 0..n {
             // SAFETY: `types`, `names` and `attrs` hold `size` entries (c_api.h); each name is a
             // ByteSpan and each value matches its type tag.

@@ -56,7 +56,7 @@ pub fn check_aligned(b: &Buffer<'_>, elem: usize, numel: usize, what: &str) -> X
 
 /// Whether the byte ranges `[a, a + a_len)` and `[b, b + b_len)` intersect.
 pub fn overlaps(a: usize, a_len: usize, b: usize, b_len: usize) -> bool {
-    a_len > 0 && b_len > 0 && a < b + b_len && b < a + a_len
+    a_len > 0 && b_len > 0 && a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
 }
 
 /// A gradient (or any read-only f32/f16/bf16 array).

@@ -2,6 +2,9 @@
 //! ([`AdaState`]), or borrowed from caller buffers such as XLA's ([`StateView`],
 //! [`StateViewMut`]). The passes that read and write it are in [`super::adalomo`].
 
+use crate::alloc;
+use crate::error::Result;
+
 /// Optimizer state of one parameter (f32, host memory), owned by the core.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdaState {
@@ -12,17 +15,20 @@ pub enum AdaState {
 }
 
 impl AdaState {
-    pub fn zeros(rows: usize, cols: usize, factored: bool) -> AdaState {
-        if factored {
+    /// Zero state for the `[rows, cols]` view (`rows * cols` must not overflow: the core checks
+    /// shapes first); `OutOfMemory` if it cannot be allocated.
+    pub fn zeros(rows: usize, cols: usize, factored: bool) -> Result<AdaState> {
+        const WHAT: &str = "AdaLomo state";
+        Ok(if factored {
             AdaState::Factored {
-                row: vec![0.0; rows],
-                col: vec![0.0; cols],
+                row: alloc::zeros(rows, WHAT)?,
+                col: alloc::zeros(cols, WHAT)?,
             }
         } else {
             AdaState::Vector {
-                v: vec![0.0; rows * cols],
+                v: alloc::zeros(rows * cols, WHAT)?,
             }
-        }
+        })
     }
     pub fn bytes(&self) -> usize {
         4 * match self {

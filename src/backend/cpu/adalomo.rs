@@ -18,8 +18,10 @@
 use super::convert::{all_finite, Elem, RoundCtx, TILE};
 use super::simd::multiversion;
 use super::{chunk_count, chunk_range, for_each_chunk_mut, lane_sum, with_dtypes};
+use crate::alloc;
 use crate::backend::{GradXform, RawBuf};
 use crate::config::Rounding;
+use crate::error::Result;
 
 pub use super::ada_state::{AdaState, StateView, StateViewMut};
 
@@ -60,37 +62,38 @@ pub struct AdaWorkspace {
 }
 
 impl AdaWorkspace {
-    pub fn new(rows: usize, cols: usize, factored: bool) -> AdaWorkspace {
+    /// Scratch for the `[rows, cols]` view; `OutOfMemory` if it cannot be allocated.
+    pub fn new(rows: usize, cols: usize, factored: bool) -> Result<AdaWorkspace> {
+        const WHAT: &str = "AdaLomo workspace";
         let units = if factored { rows } else { rows * cols };
         let unit_elems = if factored { cols } else { 1 };
         let n = chunk_count(units, unit_elems);
-        let chunks = (0..n)
-            .map(|c| {
-                let (a, b) = chunk_range(units, n, c);
-                let per_col = if factored { cols } else { 0 };
-                ChunkWs {
-                    a,
-                    b,
-                    new_state: vec![0.0; b - a],
-                    r_scale: vec![0.0; if factored { b - a } else { 0 }],
-                    col64: vec![0.0; per_col],
-                    d64: vec![0.0; per_col],
-                    colblk: vec![0.0; per_col],
-                    dblk: vec![0.0; per_col],
-                    xsq: vec![0.0; per_col],
-                    ..ChunkWs::default()
-                }
-            })
-            .collect();
+        let mut chunks = alloc::with_capacity(n, WHAT)?;
+        for c in 0..n {
+            let (a, b) = chunk_range(units, n, c);
+            let per_col = if factored { cols } else { 0 };
+            chunks.push(ChunkWs {
+                a,
+                b,
+                new_state: alloc::zeros(b - a, WHAT)?,
+                r_scale: alloc::zeros(if factored { b - a } else { 0 }, WHAT)?,
+                col64: alloc::zeros(per_col, WHAT)?,
+                d64: alloc::zeros(per_col, WHAT)?,
+                colblk: alloc::zeros(per_col, WHAT)?,
+                dblk: alloc::zeros(per_col, WHAT)?,
+                xsq: alloc::zeros(per_col, WHAT)?,
+                ..ChunkWs::default()
+            });
+        }
         let c = if factored { cols } else { 0 };
-        AdaWorkspace {
+        Ok(AdaWorkspace {
             rows,
             cols,
             factored,
             chunks,
-            col_new: vec![0.0; c],
-            c_scale: vec![0.0; c],
-        }
+            col_new: alloc::zeros(c, WHAT)?,
+            c_scale: alloc::zeros(c, WHAT)?,
+        })
     }
 
     pub fn bytes(&self) -> usize {

@@ -83,10 +83,26 @@ impl DeviceOpt {
             scale_f32: scale as f32,
             ..LomoStep::default()
         };
-        launcher.copy_from_host(step, as_bytes(&init))?;
         let cap = 16;
-        let tensors = launcher.alloc(cap * std::mem::size_of::<LomoTensor>())?;
-        launcher.copy_from_host(tensors, &vec![0u8; cap * std::mem::size_of::<LomoTensor>()])?;
+        let records = cap * std::mem::size_of::<LomoTensor>();
+        // On failure, free what was allocated (the launcher may outlive this optimizer).
+        let tensors = (|| {
+            launcher.copy_from_host(step, as_bytes(&init))?;
+            let zeros = crate::alloc::zeros::<u8>(records, "the CUDA tensor records")?;
+            let tensors = launcher.alloc(records)?;
+            if let Err(e) = launcher.copy_from_host(tensors, &zeros) {
+                launcher.free(tensors);
+                return Err(e);
+            }
+            Ok(tensors)
+        })();
+        let tensors = match tensors {
+            Ok(t) => t,
+            Err(e) => {
+                launcher.free(step);
+                return Err(e);
+            }
+        };
         let max_blocks = passes::max_blocks(&*launcher);
         Ok(DeviceOpt {
             launcher,
@@ -106,21 +122,28 @@ impl DeviceOpt {
         self.step + std::mem::offset_of!(LomoStep, scale_f32) as u64
     }
 
-    /// A workspace: contents unspecified (every kernel writes before it reads).
-    fn alloc(&mut self, bytes: usize) -> Result<DevPtr> {
+    /// A workspace: contents unspecified (every kernel writes before it reads). Recorded in
+    /// `got` (freed by the caller if the registration fails).
+    fn alloc(&self, bytes: usize, got: &mut Vec<DevPtr>) -> Result<DevPtr> {
         if bytes == 0 {
             return Ok(0);
         }
         let p = self.launcher.alloc(bytes)?;
-        self.allocs.push(p);
+        got.push(p);
         Ok(p)
     }
 
-    /// Optimizer state: starts at zero.
-    fn alloc_zeroed(&mut self, bytes: usize) -> Result<DevPtr> {
-        let p = self.alloc(bytes)?;
+    /// Optimizer state: starts at zero (copied from a bounded host buffer of zeros).
+    fn alloc_zeroed(&self, bytes: usize, got: &mut Vec<DevPtr>) -> Result<DevPtr> {
+        let p = self.alloc(bytes, got)?;
         if p != 0 {
-            self.launcher.copy_from_host(p, &vec![0u8; bytes])?;
+            let zeros = crate::alloc::zeros::<u8>(bytes.min(1 << 20), "zeroing device state")?;
+            let mut at = 0;
+            while at < bytes {
+                let n = zeros.len().min(bytes - at);
+                self.launcher.copy_from_host(p + at as u64, &zeros[..n])?;
+                at += n;
+            }
         }
         Ok(p)
     }
@@ -137,21 +160,39 @@ impl DeviceOpt {
             spec.shape.numel * spec.dtype.size() as u64,
             "the parameter",
         )?;
-        if self.params.len() == self.cap {
-            self.grow()?;
-        }
         let ada = self.cfg.algorithm == Algorithm::Adalomo;
         let layout = Layout::new(spec.shape, ada, self.max_blocks, self.launcher.max_smem());
         let s = layout.sizes();
-        let bufs = Bufs {
-            partials: self.alloc(s.partials)?,
-            state_a: self.alloc_zeroed(s.state_a)?,
-            state_b: self.alloc_zeroed(s.state_b)?,
-            ws_a: self.alloc(s.ws_a)?,
-            ws_r: self.alloc(s.ws_r)?,
-            ws_c: self.alloc(s.ws_c)?,
-            col_part: self.alloc(s.col_part)?,
+        // Everything is allocated before anything is recorded: on failure (out of device memory
+        // included) the buffers allocated so far are freed and the optimizer is as it was.
+        let mut got = Vec::with_capacity(7);
+        let result = (|| {
+            crate::alloc::reserve(&mut self.params, 1, "the CUDA parameter list")?;
+            crate::alloc::reserve(&mut self.allocs, 7, "the CUDA allocation list")?;
+            let bufs = Bufs {
+                partials: self.alloc(s.partials, &mut got)?,
+                state_a: self.alloc_zeroed(s.state_a, &mut got)?,
+                state_b: self.alloc_zeroed(s.state_b, &mut got)?,
+                ws_a: self.alloc(s.ws_a, &mut got)?,
+                ws_r: self.alloc(s.ws_r, &mut got)?,
+                ws_c: self.alloc(s.ws_c, &mut got)?,
+                col_part: self.alloc(s.col_part, &mut got)?,
+            };
+            if self.params.len() == self.cap {
+                self.grow()?;
+            }
+            Ok(bufs)
+        })();
+        let bufs = match result {
+            Ok(b) => b,
+            Err(e) => {
+                for p in got {
+                    self.launcher.free(p);
+                }
+                return Err(e);
+            }
         };
+        self.allocs.extend(got);
         self.params.push(DevParam {
             tensor: Tensor {
                 layout,
@@ -166,16 +207,18 @@ impl DeviceOpt {
     /// Doubles the tensor-record array, keeping the records (registration only).
     fn grow(&mut self) -> Result<()> {
         let sz = std::mem::size_of::<LomoTensor>();
-        let mut old = vec![0u8; self.cap * sz];
+        let cap = self.cap * 2;
+        let mut old = crate::alloc::zeros::<u8>(cap * sz, "the CUDA tensor records")?;
         self.launcher.copy_to_host(
-            &mut old,
+            &mut old[..self.cap * sz],
             self.tensors,
             self.last_stream.load(Ordering::Relaxed),
         )?;
-        let cap = self.cap * 2;
         let fresh = self.launcher.alloc(cap * sz)?;
-        old.resize(cap * sz, 0);
-        self.launcher.copy_from_host(fresh, &old)?;
+        if let Err(e) = self.launcher.copy_from_host(fresh, &old) {
+            self.launcher.free(fresh);
+            return Err(e);
+        }
         self.launcher.free(self.tensors);
         self.tensors = fresh;
         self.cap = cap;

@@ -235,10 +235,17 @@ impl Launcher for DriverLauncher {
         let _c = self.push()?;
         let mut p: sys::CUdeviceptr = 0;
         // SAFETY: valid out pointer; the context is current.
-        check(
-            unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(16)) },
-            "cuMemAlloc",
-        )?;
+        let r = unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(16)) };
+        if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return Err(crate::alloc::out_of_memory(
+                bytes as u128,
+                &format!(
+                    "memory on CUDA device {} (CUDA_ERROR_OUT_OF_MEMORY)",
+                    self.ordinal
+                ),
+            ));
+        }
+        check(r, "cuMemAlloc")?;
         Ok(p)
     }
 

@@ -75,16 +75,20 @@ impl Launcher for EmuLauncher {
     /// Memory comes back filled with 0xFF bytes (NaN as f32/f64): nothing may rely on
     /// allocations being zero, so tests see any read of a workspace before its write.
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
+        crate::alloc::check_injected(bytes, "emulated device memory")?;
         let layout = match Layout::from_size_align(bytes.max(16), 16) {
             Ok(l) => l,
-            Err(_) => bail!(OutOfMemory, "allocation of {bytes} bytes is too large"),
+            Err(_) => bail!(
+                OutOfMemory,
+                "out of memory: allocating {bytes} bytes of emulated device memory failed (too large)"
+            ),
         };
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc(layout) };
         if p.is_null() {
             bail!(
                 OutOfMemory,
-                "emulated device allocation of {bytes} bytes failed"
+                "out of memory: allocating {bytes} bytes of emulated device memory failed"
             );
         }
         // SAFETY: `p` points to layout.size() writable bytes.

@@ -161,16 +161,21 @@ impl Layout {
             partials: 8 * 2 * self.max_blocks as usize,
             ..Sizes::default()
         };
+        // Saturating: a size past the address space (shapes from XLA are not bounded by the
+        // core's checks) fails as an allocation (OUT_OF_MEMORY) instead of wrapping.
+        let f32s = |n: usize| n.saturating_mul(4);
         if self.ada && self.shape.factored {
-            s.state_a = 4 * rows;
-            s.state_b = 4 * cols;
-            s.ws_a = 4 * rows;
-            s.ws_r = 4 * rows;
-            s.ws_c = 4 * cols;
-            s.col_part = 4 * 2 * cols * self.stats.grid as usize;
+            s.state_a = f32s(rows);
+            s.state_b = f32s(cols);
+            s.ws_a = f32s(rows);
+            s.ws_r = f32s(rows);
+            s.ws_c = f32s(cols);
+            s.col_part = f32s(cols)
+                .saturating_mul(2)
+                .saturating_mul(self.stats.grid as usize);
         } else if self.ada {
-            s.state_a = 4 * numel;
-            s.ws_a = 4 * numel;
+            s.state_a = f32s(numel);
+            s.ws_a = f32s(numel);
         }
         s
     }

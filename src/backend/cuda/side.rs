@@ -176,6 +176,7 @@ impl CudaSide {
             bail!(DeviceMismatch, "all CUDA parameters of one optimizer must be on one device: this one has device {} and the new one device {ordinal}", self.ordinal);
         }
         debug_assert_eq!(spec.param_id as usize, self.index.len());
+        crate::alloc::reserve(&mut self.index, 1, "the CUDA parameter index")?;
         let i = self.dev.register(spec)?;
         self.index.push(i);
         Ok(())

@@ -23,11 +23,15 @@ fn records_bytes(cap: usize) -> u64 {
     (std::mem::size_of::<LomoStep>() + cap * std::mem::size_of::<LomoTensor>()) as u64
 }
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+/// The bytes of `v` (f32 has no padding, and u8 no alignment).
+fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: `v` is `4 * v.len()` initialized bytes, and every byte pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), 4 * v.len()) }
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: `v` is `4 * v.len()` initialized bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), 4 * v.len()) }
 }
 
 impl DeviceOpt {
@@ -49,11 +53,12 @@ impl DeviceOpt {
     pub fn read_state(&self, idx: usize, stream: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let mut out = [Vec::new(), Vec::new()];
         for (o, (ptr, n)) in out.iter_mut().zip(self.state_buffers(idx)) {
-            let mut b = vec![0u8; 4 * n as usize];
+            let mut v = crate::alloc::zeros::<f32>(n as usize, "a copy of the CUDA state")?;
             if n > 0 && ptr != 0 {
-                self.launcher.copy_to_host(&mut b, ptr, stream)?;
+                self.launcher
+                    .copy_to_host(f32_bytes_mut(&mut v), ptr, stream)?;
             }
-            *o = f32s(&b);
+            *o = v;
         }
         let [a, b] = out;
         Ok((a, b))
@@ -71,8 +76,7 @@ impl DeviceOpt {
                 );
             }
             if n > 0 && ptr != 0 {
-                let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_ne_bytes()).collect();
-                self.launcher.copy_from_host(ptr, &bytes)?;
+                self.launcher.copy_from_host(ptr, f32_bytes(src))?;
             }
         }
         let field = std::mem::offset_of!(LomoTensor, carried_valid);
