@@ -696,6 +696,26 @@ lomo_status lomo_grad_submit(struct lomo_optimizer *opt,
                              void *stream);
 
 /**
+ * `lomo_grad_submit` with the gradient's element count, so that a buffer of the wrong extent is
+ * refused instead of read past its end (the form every binding and the C++ wrapper use).
+ *
+ * `grad_count` is the number of `grad_dtype` elements the caller's buffer holds (as NCCL's
+ * `count`); it must equal the parameter's element count (the product of its registered shape),
+ * else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
+ * the parameter still expecting its gradient in this phase. Everything else — phases, NULL,
+ * host or device memory, stream ordering, thread safety — is as for `lomo_grad_submit`.
+ *
+ * # Safety
+ * As `lomo_grad_submit`; `grad` must point to `grad_count` readable elements of `grad_dtype`.
+ */
+lomo_status lomo_grad_submit_checked(struct lomo_optimizer *opt,
+                                     uint32_t param_id,
+                                     const void *grad,
+                                     uint32_t grad_dtype,
+                                     uint64_t grad_count,
+                                     void *stream);
+
+/**
  * Ends the active phase. After a NORM phase it forms the clip coefficient and the overflow
  * decision (an overflow turns the following UPDATE phase into a no-op); after an UPDATE phase it
  * advances the loss scaler and the step counter. `stream`: as for `lomo_step_begin`.

@@ -277,6 +277,38 @@ pub unsafe extern "C" fn lomo_grad_submit(
     })
 }
 
+/// `lomo_grad_submit` with the gradient's element count, so that a buffer of the wrong extent is
+/// refused instead of read past its end (the form every binding and the C++ wrapper use).
+///
+/// `grad_count` is the number of `grad_dtype` elements the caller's buffer holds (as NCCL's
+/// `count`); it must equal the parameter's element count (the product of its registered shape),
+/// else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
+/// the parameter still expecting its gradient in this phase. Everything else — phases, NULL,
+/// host or device memory, stream ordering, thread safety — is as for `lomo_grad_submit`.
+///
+/// # Safety
+/// As `lomo_grad_submit`; `grad` must point to `grad_count` readable elements of `grad_dtype`.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_grad_submit_checked(
+    opt: *mut lomo_optimizer,
+    param_id: u32,
+    grad: *const c_void,
+    grad_dtype: u32,
+    grad_count: u64,
+    stream: *mut c_void,
+) -> Status {
+    guard(|| {
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        let dtype = DType::try_from(grad_dtype)?;
+        let inner = opt.inner.read();
+        if let Some(p) = inner.params().get(param_id as usize) {
+            p.check_grad_count(grad_count)?;
+        }
+        inner.submit_on(param_id, grad as usize, dtype, stream as usize)
+    })
+}
+
 /// Ends the active phase. After a NORM phase it forms the clip coefficient and the overflow
 /// decision (an overflow turns the following UPDATE phase into a no-op); after an UPDATE phase it
 /// advances the loss scaler and the step counter. `stream`: as for `lomo_step_begin`.

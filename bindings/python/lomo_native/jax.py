@@ -101,6 +101,18 @@ def _check_float(x, what: str) -> None:
         raise TypeError("%s must be float32, float16 or bfloat16, got %s" % (what, x.dtype))
 
 
+def _check_grad(param, grad) -> None:
+    """The gradient must be a float array of the parameter's shape (checked at trace time,
+    before anything is handed to XLA)."""
+    _check_float(param, "param")
+    _check_float(grad, "grad")
+    if tuple(grad.shape) != tuple(param.shape):
+        raise ValueError(
+            "grad shape must equal the parameter's: param %s, grad %s"
+            % (tuple(param.shape), tuple(grad.shape))
+        )
+
+
 def _rounding(r: str) -> str:
     if r not in _ROUNDING:
         raise ValueError("rounding must be 'nearest' or 'stochastic', got %r" % (r,))
@@ -162,8 +174,7 @@ def lomo_update(
     donated to the enclosing ``jax.jit``.
     """
     register()
-    _check_float(param, "param")
-    _check_float(grad, "grad")
+    _check_grad(param, grad)
     call = jax.ffi.ffi_call(
         "lomo_lomo_update",
         (jax.ShapeDtypeStruct(param.shape, param.dtype), _BOOL),
@@ -184,13 +195,14 @@ def lomo_update(
 def adalomo_state(param) -> Tuple[jax.Array, ...]:
     """Zero AdaLomo state for ``param``: ``(row, col)`` of shapes ``[prod(shape[:-1])]`` and
     ``[shape[-1]]`` for rank ≥ 2, or ``(v,)`` of the parameter's shape for rank ≤ 1 (f32)."""
-    shape = tuple(param.shape)
+    return tuple(jnp.zeros(s, jnp.float32) for s in _state_shapes(param.shape))
+
+
+def _state_shapes(shape) -> list:
+    shape = tuple(shape)
     if len(shape) >= 2:
-        return (
-            jnp.zeros((math.prod(shape[:-1]),), jnp.float32),
-            jnp.zeros((shape[-1],), jnp.float32),
-        )
-    return (jnp.zeros(shape, jnp.float32),)
+        return [(math.prod(shape[:-1]),), (shape[-1],)]
+    return [shape]
 
 
 def adalomo_update(
@@ -221,14 +233,20 @@ def adalomo_update(
     ``state`` are updated in place when donated to the enclosing ``jax.jit``.
     """
     register()
-    _check_float(param, "param")
-    _check_float(grad, "grad")
+    _check_grad(param, grad)
     state = tuple(state)
     n = len(state)
     if n != (2 if param.ndim >= 2 else 1):
         raise ValueError(
             "AdaLomo state for a rank-%d parameter is %s, got %d arrays"
             % (param.ndim, "(row, col)" if param.ndim >= 2 else "(v,)", n)
+        )
+    want = _state_shapes(param.shape)
+    got = [tuple(s.shape) for s in state]
+    if got != want or any(jnp.dtype(s.dtype) != jnp.dtype(jnp.float32) for s in state):
+        raise ValueError(
+            "AdaLomo state for a parameter of shape %s is float32 arrays of shapes %s, got %s"
+            % (tuple(param.shape), want, [(g, str(s.dtype)) for g, s in zip(got, state)])
         )
     results = [jax.ShapeDtypeStruct(param.shape, param.dtype)]
     results += [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in state]
