@@ -87,8 +87,8 @@ pub fn run(cfg: &Config, param: &Param, inner: &mut ParamInner, grad: &RawBuf, p
                         carry,
                         carried,
                     );
-                    if out.finite {
-                        ada.carried_psq = out.written_sum_sq;
+                    if let Some(written) = out.written_sum_sq {
+                        ada.carried_psq = Some(written);
                     }
                     out.finite
                 }
@@ -109,8 +109,10 @@ pub struct TensorStep {
     pub round: RoundCtx,
 }
 
-/// LOMO on one tensor; returns whether the gradient was finite (if not, nothing was written when
-/// `precheck` is set, and only finite tiles otherwise — never a non-finite element).
+/// LOMO on one tensor; returns whether the step was clean: the gradient finite (if not, nothing
+/// was written when `precheck` is set, and only finite tiles otherwise), the scalars finite (if
+/// not, nothing was written) and no new value overflowing the dtype (such elements keep their
+/// old value). Never writes a non-finite element.
 pub fn lomo_tensor(param: &RawBuf, grad: &RawBuf, t: &TensorStep, precheck: bool) -> bool {
     if param.numel == 0 {
         return true;
@@ -119,6 +121,9 @@ pub fn lomo_tensor(param: &RawBuf, grad: &RawBuf, t: &TensorStep, precheck: bool
         return false;
     }
     let (decay, neg_lr) = scalars::lomo_scalars(t.lr, t.weight_decay);
+    if !(decay.is_finite() && neg_lr.is_finite()) {
+        return false; // lr · weight_decay or lr overflows f32
+    }
     lomo::lomo_update(
         param,
         grad,
@@ -134,9 +139,11 @@ pub fn lomo_tensor(param: &RawBuf, grad: &RawBuf, t: &TensorStep, precheck: bool
 /// What [`adalomo_tensor`] did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdaOutcome {
-    /// False: the gradient had a non-finite element; neither state nor parameter changed.
+    /// False: the gradient had a non-finite element, or the f32 statistics or scalars it gives
+    /// overflow (neither state nor parameter changed; `written_sum_sq` is None), or some new
+    /// values overflow the parameter's dtype (those elements keep their old values).
     pub finite: bool,
-    /// Σp² of the written parameter, when `carry` was requested.
+    /// Σp² of the written parameter, when `carry` was requested and the update was applied.
     pub written_sum_sq: Option<f64>,
 }
 
@@ -176,11 +183,26 @@ pub fn adalomo_tensor(
             written_sum_sq: None,
         };
     }
-    adalomo::commit(state, ws);
     let sum_p_sq = carried_sum_sq.unwrap_or(stats.sum_p_sq);
     let rms = scalars::param_rms(sum_p_sq, n);
     let (decay, neg_lr) = scalars::adalomo_scalars(t.lr, t.weight_decay, cfg.eps2, rms);
     let inv_clip = 1.0 / scalars::update_clip(stats.sum_u_sq, n, cfg.clip_threshold);
+    // Finite gradients can still overflow the f32 statistics (g² for |g/S| ≳ 1.8e19, Σp² for
+    // parameters above ~1.8e19) or the scalars: that step would write NaN or silently zero
+    // updates, so it is refused like a non-finite gradient, before anything changes.
+    let clean = stats.sum_u_sq.is_finite()
+        && rms.is_finite()
+        && ws.new_state_finite()
+        && decay.is_finite()
+        && neg_lr.is_finite()
+        && inv_clip.is_finite();
+    if !clean {
+        return AdaOutcome {
+            finite: false,
+            written_sum_sq: None,
+        };
+    }
+    adalomo::commit(state, ws);
     let args = ApplyArgs {
         xf: t.xf,
         inv_clip,
@@ -189,9 +211,9 @@ pub fn adalomo_tensor(
         round: t.round,
         carry,
     };
-    let written = adalomo::apply(param, grad, ws, &args);
+    let (written, no_overflow) = adalomo::apply(param, grad, ws, &args);
     AdaOutcome {
-        finite: true,
+        finite: no_overflow,
         written_sum_sq: carry.then_some(written),
     }
 }

@@ -40,10 +40,14 @@ fn truncating() -> bool {
     std::hint::black_box(1.0 + 3.0 * 2f64.powi(-25)) as f32 == 1.0
 }
 
+/// Every parameter's bits after each step, and (grad norm, clip coefficient, next loss scale)
+/// bits of each step.
+type Trace = (Vec<Vec<u32>>, Vec<(u32, u32, u32)>);
+
 /// Three steps of `algorithm` on f32 / bf16 / f16 parameters with norm clipping and weight
 /// decay; inputs are generated rounding to nearest, the library is called under `mode`.
 /// Returns every parameter's bits after each step and the diagnostics.
-fn run(algorithm: u32, rounding_toward_zero: bool) -> (Vec<Vec<u32>>, Vec<(u32, u32, u32)>) {
+fn run(algorithm: u32, rounding_toward_zero: bool) -> Trace {
     let shapes: [&[i64]; 4] = [&[37], &[3, 4097], &[5, 7, 11], &[300, 1000]];
     let mut cfg = config(algorithm);
     cfg.clip_grad_norm = 0.5;

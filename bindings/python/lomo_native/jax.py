@@ -355,6 +355,28 @@ class Optimizer:
                 raise ValueError(
                     "min_loss_scale must be in (0, loss_scale], got %r" % (min_loss_scale,)
                 )
+        # Every other range (eps1 > 0 and the like, issue 13) is the library's: validate the
+        # same configuration through lomo_optimizer_new now rather than at the first step.
+        from .core import Optimizer as _NativeOptimizer
+
+        _NativeOptimizer(
+            algorithm,
+            weight_decay=float(weight_decay),
+            clip_grad_norm=float(clip_grad_norm),
+            clip_grad_value=float(clip_grad_value),
+            loss_scale_mode=loss_scale_mode,
+            loss_scale=float(loss_scale),
+            scale_factor=float(scale_factor),
+            scale_window=int(scale_window),
+            min_loss_scale=float(min_loss_scale),
+            hysteresis=int(hysteresis),
+            eps1=float(eps1),
+            eps2=float(eps2),
+            clip_threshold=float(clip_threshold),
+            decay_rate=float(decay_rate),
+            rounding=_rounding(rounding),
+            seed=int(seed),
+        ).close()
         self.algorithm = algorithm
         self.weight_decay = float(weight_decay)
         self.clip_grad_norm = float(clip_grad_norm)

@@ -59,3 +59,38 @@ def test_raw_pointer_with_a_count_is_checked_by_the_library():
     assert e.value.status == 2 and "1024" in e.value.message
     opt.cancel()
     np.testing.assert_array_equal(w, 0)
+
+
+def test_configurations_that_would_write_nan_are_refused():
+    # The issue's case: eps1 = 0 wrote NaN to every element of zero-gradient rows.
+    for field, value in (("eps1", 0.0), ("eps2", 0.0), ("eps1", 1e-300), ("clip_threshold", 0.0)):
+        with pytest.raises(LomoError) as e:
+            Optimizer("adalomo", **{field: value})
+        assert e.value.status == 2 and field in e.value.message
+    with pytest.raises(LomoError, match="clip_grad_value"):
+        Optimizer("lomo", clip_grad_value=1e-300)
+
+
+def test_torch_adalomo_refuses_eps1_zero_at_construction():
+    torch = pytest.importorskip("torch")
+    from lomo_native.torch import AdaLomo
+
+    model = torch.nn.Linear(16, 8)
+    with pytest.raises(LomoError, match="eps1"):
+        AdaLomo(model, eps=(0.0, 1e-3))
+    # Nothing was hooked: a plain backward leaves .grad as PyTorch does.
+    model(torch.ones(2, 16)).sum().backward()
+    assert model.weight.grad is not None
+
+
+def test_zero_gradient_rows_and_vectors_stay_finite_with_the_default_eps1():
+    w = np.full((8, 16), 0.5, np.float32)
+    v = np.full(16, 0.25, np.float32)
+    opt = Optimizer("adalomo", loss_scale_mode="none")
+    wid, vid = opt.register_array("w", w), opt.register_array("v", v)
+    g = np.zeros((8, 16), np.float32)
+    g[1::2] = 1e12   # rows this large make the zero rows' ratio underflow f32
+    info = opt.step({wid: g, vid: np.zeros(16, np.float32)}, lr=0.01)
+    assert not info.overflow
+    assert np.isfinite(w).all() and np.isfinite(v).all()
+    assert (w[0::2] == 0.5).all() and (w[1::2] < 0.5).all() and (v == 0.25).all()

@@ -88,3 +88,23 @@ def test_a_gradient_of_another_shape_is_refused_before_xla():
     with pytest.raises(ValueError, match="grad shape"):
         jax.jit(opt.step)(params, {"w": jnp.ones((4, 32)), "b": jnp.ones(3)}, state, 0.1)
     assert np.array_equal(np.asarray(params["w"]), np.ones((4, 64), np.float32))
+
+
+# ------------------------------------------------------------------------------ kind 4
+
+
+def test_configurations_that_would_write_nan_are_refused():
+    from lomo_native import LomoError
+
+    # The case: eps1 = 0 made AdaLomo write NaN to zero-gradient rows.
+    with pytest.raises(LomoError, match="eps1"):
+        lj.adalomo(eps1=0.0)
+    with pytest.raises(LomoError, match="eps2"):
+        lj.adalomo(eps2=0.0)
+    with pytest.raises(LomoError, match="clip_grad_value"):
+        lj.lomo(clip_grad_value=1e-300)
+    p = jnp.ones((8, 16), jnp.float32)
+    with pytest.raises(Exception, match="eps1"):
+        lj.adalomo_update(p, jnp.zeros_like(p), lj.adalomo_state(p), lr=0.1, step=1, eps1=0.0)[
+            0
+        ].block_until_ready()

@@ -19,9 +19,12 @@ pub struct LomoArgs {
     pub round: RoundCtx,
 }
 
-/// Applies the update in place and returns whether the gradient was finite. Each tile is checked
-/// before it is written, so a non-finite element never reaches the parameter; the caller runs
-/// `norm::grad_all_finite` first when the whole tensor must be left untouched in that case.
+/// Applies the update in place and returns whether it was clean: the gradient finite and every
+/// new value finite. Each tile is checked before it is written, so a non-finite element never
+/// reaches the parameter: a tile with a non-finite gradient element is not written (the caller
+/// runs `norm::grad_all_finite` first when the whole tensor must be left untouched in that
+/// case), and an element whose new value overflows the parameter's dtype keeps its old value
+/// (finite inputs can only give ±inf by overflow, never NaN).
 pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
     let n = param.numel;
     let chunks = chunk_count(n, 1);
@@ -48,6 +51,7 @@ multiversion! {
         // Each tile is computed into `tmp` (in L1) while its gradient is checked, and written
         // back only if every element was finite: one pass over p and g, streamed together.
         let mut tmp = [P::from_f32_rne(0.0); TILE];
+        let mut clean = true;
         for (t, (pt, gt)) in p.chunks_mut(TILE).zip(g.chunks(TILE)).enumerate() {
             let out = &mut tmp[..pt.len()];
             let mut bad = 0u32;
@@ -77,8 +81,21 @@ multiversion! {
             if bad != 0 {
                 return false;
             }
-            pt.copy_from_slice(out);
+            let mut overflow = 0u32;
+            for o in out.iter() {
+                overflow |= (!o.is_finite_bits()) as u32;
+            }
+            if overflow == 0 {
+                pt.copy_from_slice(out);
+            } else {
+                clean = false;
+                for (pv, o) in pt.iter_mut().zip(out.iter()) {
+                    if o.is_finite_bits() {
+                        *pv = *o;
+                    }
+                }
+            }
         }
-        true
+        clean
     }
 }
