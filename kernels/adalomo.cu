@@ -327,7 +327,12 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
        i += (u64)gridDim.x * blockDim.x) {
     const float rn = a.ws_a[i];
     a.state_a[i] = rn;
-    a.ws_r[i] = 1.0f / sqrtf(rn / row_mean);
+    // rsqrt(row / mean(row)); a row far below the mean (a zero-gradient row next to rows of
+    // |g| >~ 1e7) underflows the quotient, and 1/0 would make its zero update inf * 0 = NaN:
+    // sqrt(mean) * rsqrt(row) represents it (as the CPU backend's row_scale).
+    float rs = 1.0f / sqrtf(rn / row_mean);
+    if (bad_bits(rs)) rs = fminf(sqrtf(row_mean) * (1.0f / sqrtf(rn)), 3.40282347e38f);
+    a.ws_r[i] = rs;
   }
   const double usq_b = block_sum(usq, sd);
   if (threadIdx.x == 0) a.partials[blockIdx.x] = usq_b;

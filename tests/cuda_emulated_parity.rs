@@ -31,6 +31,9 @@ struct Case {
     carry: bool,
     /// (step, shape index) whose gradient gets an inf (odd steps) or a NaN (even steps).
     inject_inf: Option<(usize, usize)>,
+    /// Every other row's gradient is zero and the rest ±1e12 (issue 13: the zero rows' scale
+    /// rsqrt(row / mean(row)) underflowed to 1/0 and made their update inf · 0 = NaN).
+    zero_rows_next_to_large: bool,
 }
 
 fn run(case: &Case) {
@@ -81,6 +84,16 @@ fn run(case: &Case) {
             .map(|(i, shape)| {
                 let n: i64 = shape.iter().product();
                 let mut g: Vec<f32> = rng.vec(n as usize, 0.5 * scale.min(1e4));
+                if case.zero_rows_next_to_large {
+                    let cols = *shape.last().unwrap() as usize;
+                    for (e, v) in g.iter_mut().enumerate() {
+                        *v = if (e / cols) % 2 == 0 {
+                            0.0
+                        } else {
+                            v.signum() * 1e12
+                        };
+                    }
+                }
                 if case.inject_inf == Some((step, i)) {
                     g[n as usize / 2] = if step % 2 == 0 {
                         f32::NAN
@@ -222,6 +235,7 @@ fn case(cfg: Config, p: u32, g: u32) -> Case {
         steps: 3,
         carry: false,
         inject_inf: None,
+        zero_rows_next_to_large: false,
     }
 }
 
@@ -308,6 +322,18 @@ fn adalomo_carried_rms() {
             carry: true,
             steps: 4,
             ..case(base(Algorithm::Adalomo), p, g)
+        });
+    }
+}
+
+#[test]
+fn adalomo_zero_rows_next_to_large_rows() {
+    let mut c = base(Algorithm::Adalomo);
+    c.loss_scale_mode = LossScaleMode::None;
+    for (p, g) in [(F32, F32), (BF16, F32)] {
+        run(&Case {
+            zero_rows_next_to_large: true,
+            ..case(c.clone(), p, g)
         });
     }
 }
