@@ -508,7 +508,9 @@ class Optimizer:
         o_hyst = jnp.where(back_off, sc.cur_hysteresis, sc.cur_hysteresis - 1)
         stable = sc.cur_iter - sc.last_overflow_iter - 1
         grow = jnp.logical_and(stable > 0, stable % self.scale_window == 0)
-        c_scale = jnp.where(grow, scale * factor, scale)
+        # Never past the largest f32 (src/scaler.rs): backing off from inf stays inf.
+        fits = jnp.logical_and(grow, jnp.isfinite(scale * factor))
+        c_scale = jnp.where(fits, scale * factor, scale)
         c_hyst = jnp.where(grow, jnp.int32(self.hysteresis), sc.cur_hysteresis)
         new_scale = jnp.where(overflow, o_scale, c_scale).astype(jnp.float32)
         new_sc = ScalerState(

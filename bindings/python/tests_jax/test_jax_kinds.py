@@ -108,3 +108,21 @@ def test_configurations_that_would_write_nan_are_refused():
         lj.adalomo_update(p, jnp.zeros_like(p), lj.adalomo_state(p), lr=0.1, step=1, eps1=0.0)[
             0
         ].block_until_ready()
+
+
+def test_dynamic_scale_growth_stops_below_the_largest_f32_as_the_c_api():
+    # A sibling of kind 3 (training that silently stops): a scale grown past the largest f32 is
+    # infinite, every gradient overflows, and backing off from infinity stays infinite.
+    rng = np.random.default_rng(9)
+    p = rng.normal(size=(4, 3)).astype(np.float32)
+    opts = dict(loss_scale_mode="dynamic", loss_scale=2.0**124, scale_window=1)
+    ref = CApiOptimizer("lomo", [p], **opts)
+    opt = lj.lomo(**opts)
+    params = [jnp.asarray(p)]
+    state = opt.init(params)
+    step = jax.jit(opt.step)
+    for t in range(8):
+        g = np.zeros((4, 3), np.float32)   # finite at any scale
+        ref.step([g], 1e-3)
+        params, state = step(params, [jnp.asarray(g)], state, 1e-3)
+        assert float(state.loss_scale) == ref.loss_scale() == min(2.0 ** (124 + t), 2.0**127)
