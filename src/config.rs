@@ -7,7 +7,7 @@ use crate::error::{bail, Error, Result};
 
 /// The smallest positive normal f32 (2^-126), as f64: the lower bound of every positive
 /// configuration value the step uses in f32.
-pub const MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
+pub(crate) const MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
 
 /// Which update rule the optimizer applies.
 #[repr(u32)]
