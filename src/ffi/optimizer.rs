@@ -246,10 +246,10 @@ pub unsafe extern "C" fn lomo_step_begin(
 /// (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
 /// the library unscales it. On the CPU the parameter is updated before the call returns and
 /// `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
-/// is never applied: it is reported through `lomo_step_info` (not as an error). On the CPU the
-/// optimizer never writes a non-finite value it made itself either: a finite gradient whose
-/// f32 statistics or scalars overflow (|g / loss scale| or |p| above ~1.8e19) is refused like a
-/// non-finite one, and an element whose new value would overflow the parameter's dtype keeps
+/// is never applied: it is reported through `lomo_step_info` (not as an error). Nor does the
+/// optimizer write a non-finite value it made itself: a finite gradient whose f32 statistics
+/// or scalars overflow (|g / loss scale| or |p| above ~1.8e19) is refused like a non-finite one
+/// (nothing changes), and an element whose new value would overflow the parameter's dtype keeps
 /// its old value; both are reported the same way. Prefer `lomo_grad_submit_checked`, which
 /// also checks the gradient's element count. A CUDA gradient
 /// is checked with the driver as the parameter is at `lomo_param_register` (host-side, legal
