@@ -23,6 +23,13 @@ lomo-optim 0.1.1 (bug numbers of ``reference/semantics.md`` §7) are listed in t
   an overflowing step is skipped with every parameter untouched: models with fp16 parameters run a
   norm pass before the update even without clipping (``two_pass``), as lomo-optim needed anyway (B3).
 * ``state_dict()`` holds the complete optimizer state (B15); hooks are removable (B16).
+
+What trains, or raises before anything changes (issue 13): ``fused_backward(loss)`` uses each
+group's own ``lr`` (schedulers per group); ``add_param_group`` registers its parameters;
+parameters the model replaced (``load_state_dict(assign=True)``) are re-registered with their
+state; sparse gradients are densified; parameters used in several reentrant checkpoint segments
+get one update with the summed gradient at the end of backward; channels_last and transposed
+parameters are updated in place (AdaLomo refuses layouts whose last dimension is not innermost).
 """
 
 from __future__ import annotations
