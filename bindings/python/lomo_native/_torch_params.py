@@ -70,7 +70,8 @@ class Entry:
     """One registered parameter: its library id, name, a weak reference to the tensor (the
     optimizer must not keep replaced parameters alive), its data address and layout."""
 
-    __slots__ = ("pid", "name", "ref", "ptr", "perm", "shape", "dtype", "device", "handle")
+    __slots__ = ("pid", "name", "ref", "ptr", "perm", "shape", "strides", "dtype", "device",
+                 "handle")
 
     def __init__(self, pid: int, name: str, p: torch.Tensor, perm, handle=None):
         self.pid = pid
@@ -79,6 +80,7 @@ class Entry:
         self.ptr = p.data_ptr()
         self.perm = perm
         self.shape = tuple(p.shape)
+        self.strides = p.stride()
         self.dtype = p.dtype
         self.device = p.device
         self.handle = handle
@@ -87,15 +89,10 @@ class Entry:
         return self.ref()
 
     def holds(self, p: torch.Tensor) -> bool:
-        """Whether the registration still describes ``p`` (same object, same memory)."""
-        return self.ref() is p and p.data_ptr() == self.ptr and memory_order_or_none(p) == self.perm
-
-
-def memory_order_or_none(p: torch.Tensor):
-    try:
-        return memory_order(p)
-    except ValueError:
-        return "other"
+        """Whether the registration still describes ``p`` (same object, same memory, same
+        shape and strides)."""
+        return (self.ref() is p and p.data_ptr() == self.ptr and p.stride() == self.strides
+                and tuple(p.shape) == self.shape)
 
 
 def prepared_grad(e: Entry, g: torch.Tensor) -> torch.Tensor:

@@ -169,19 +169,54 @@ def test_reentrant_checkpointing_equals_the_model_without_it(cls):
         assert all(p.grad is None for p in model.parameters())
 
 
+class Mixed(torch.nn.Module):
+    """A Linear used outside a reentrant checkpoint segment and inside it."""
+
+    def __init__(self, ckpt):
+        super().__init__()
+        torch.manual_seed(7)
+        self.a, self.b, self.ckpt = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), ckpt
+
+    def seg(self, h):
+        return torch.tanh(self.a(self.b(h)))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = checkpoint(self.seg, h, use_reentrant=True) if self.ckpt else self.seg(h)
+        return h.pow(2).mean()
+
+
+def test_parameter_used_inside_and_outside_a_checkpoint():
+    x = torch.randn(3, 4, requires_grad=True)
+    model, plain = Mixed(ckpt=True), Mixed(ckpt=False)
+    opt = Lomo(model, lr=0.1)
+    for _ in range(3):
+        want = sgd(plain, lambda m: m(x), 0.1)
+        opt.fused_backward(model(x), 0.1)
+        assert opt.step_info().grads_submitted == 4
+        assert_close(model, want)
+        with torch.no_grad():
+            for q, p in zip(plain.parameters(), model.parameters()):
+                q.copy_(p)
+
+
 # --------------------------------------------------------------------------------- kind 3
+@pytest.mark.parametrize("how", ["assign", "data"])
 @pytest.mark.parametrize("cls", [Lomo, AdaLomo])
-def test_load_state_dict_assign_rehomes_the_optimizer(cls):
+def test_load_state_dict_assign_rehomes_the_optimizer(cls, how):
     torch.manual_seed(3)
     x = torch.randn(8, 4)
     a, b = torch.nn.Linear(4, 3), None
     b = copy.deepcopy(a)
     opt_a, opt_b = cls(a, lr=0.05), cls(b, lr=0.05)
     for step in range(3):
-        if step == 1:
+        if step == 1 and how == "assign":
             # What resume loaders do: new parameter objects with the same values.
             a.load_state_dict({k: v.detach().clone() for k, v in a.state_dict().items()},
                               assign=True)
+        elif step == 1:
+            # The same objects with new memory.
+            a.weight.data = a.weight.data.clone()
         before = a.weight.detach().clone()
         opt_a.fused_backward(a(x).pow(2).mean(), 0.05)
         opt_b.fused_backward(b(x).pow(2).mean(), 0.05)
