@@ -55,18 +55,27 @@ multiversion! {
         for (t, (pt, gt)) in p.chunks_mut(TILE).zip(g.chunks(TILE)).enumerate() {
             let out = &mut tmp[..pt.len()];
             let mut bad = 0u32;
+            // Whether some |result| before rounding exceeds the dtype's largest value (NaN cannot
+            // arise from finite operands): a tile within the range cannot round to infinity
+            // under round-to-nearest, nor under stochastic rounding, which never rounds past the
+            // next representable value.
+            let mut big = 0u32;
             match args.round.mode {
                 Rounding::Nearest if identity => {
                     for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
                         bad |= (!gv.is_finite_bits()) as u32;
-                        *o = P::from_f32_rne(gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay));
+                        let r = gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay);
+                        big |= (r.abs() > P::MAX_F32) as u32;
+                        *o = P::from_f32_rne(r);
                     }
                 }
                 Rounding::Nearest => {
                     for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
                         bad |= (!gv.is_finite_bits()) as u32;
                         let x = xf.apply(gv.to_f32());
-                        *o = P::from_f32_rne(x.mul_add(neg_lr, pv.to_f32() * decay));
+                        let r = x.mul_add(neg_lr, pv.to_f32() * decay);
+                        big |= (r.abs() > P::MAX_F32) as u32;
+                        *o = P::from_f32_rne(r);
                     }
                 }
                 Rounding::Stochastic => {
@@ -74,24 +83,24 @@ multiversion! {
                     for (k, ((o, pv), gv)) in out.iter_mut().zip(pt.iter()).zip(gt).enumerate() {
                         bad |= (!gv.is_finite_bits()) as u32;
                         let x = xf.apply(gv.to_f32());
-                        *o = args.round.store(x.mul_add(neg_lr, pv.to_f32() * decay), e0 + k as u64);
+                        let r = x.mul_add(neg_lr, pv.to_f32() * decay);
+                        big |= (r.abs() > P::MAX_F32) as u32;
+                        *o = args.round.store(r, e0 + k as u64);
                     }
                 }
             }
             if bad != 0 {
                 return false;
             }
-            let mut overflow = 0u32;
-            for o in out.iter() {
-                overflow |= (!o.is_finite_bits()) as u32;
-            }
-            if overflow == 0 {
+            if big == 0 {
                 pt.copy_from_slice(out);
             } else {
-                clean = false;
+                // Near the range's end: an element that rounded to infinity keeps its value.
                 for (pv, o) in pt.iter_mut().zip(out.iter()) {
                     if o.is_finite_bits() {
                         *pv = *o;
+                    } else {
+                        clean = false;
                     }
                 }
             }
