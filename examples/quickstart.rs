@@ -2,7 +2,7 @@
 //!
 //! A two-layer MLP (64 → 256 → 10, tanh, softmax cross-entropy) learns to classify inputs
 //! labelled by a random teacher network. Its backward pass is written by hand and hands each
-//! parameter's gradient to `lomo_grad_submit` as soon as it is complete, so only one gradient
+//! parameter's gradient to `lomo_grad_submit_checked` as soon as it is complete, so only one gradient
 //! buffer per layer is alive at a time. It trains once with LOMO (with global gradient-norm
 //! clipping, i.e. two backward passes per step) and once with AdaLomo (bf16 weights, one
 //! backward pass), printing the loss and the optimizer's memory next to AdamW's.
@@ -139,13 +139,15 @@ fn cross_entropy(z: &[f32], labels: &[usize], scale: f32) -> (f32, Vec<f32>) {
 /// Backward pass that submits each gradient the moment it is complete (last layer first).
 fn backward(opt: *mut lomo_optimizer, ids: &[u32; 4], m: &Mlp, x: &[f32], h: &[f32], dz: &[f32]) {
     let submit = |id: u32, g: &[f32]| {
-        // SAFETY: `opt` is live and `g` holds the parameter's element count of f32 values.
+        // SAFETY: `opt` is live and `g` holds `g.len()` f32 values (the library checks that
+        // this is the parameter's element count before reading).
         check(unsafe {
-            lomo_grad_submit(
+            lomo_grad_submit_checked(
                 opt,
                 id,
                 g.as_ptr().cast(),
                 lomo::DType::F32 as u32,
+                g.len() as u64,
                 null_mut(),
             )
         })

@@ -412,7 +412,8 @@ typedef struct lomo_step_info {
    */
   float next_loss_scale;
   /**
-   * 1 if a non-finite gradient was seen in the last step.
+   * 1 if a non-finite gradient was seen in the last step, or an update that would have made
+   * a non-finite value (see `lomo_grad_submit`).
    */
   uint32_t overflow;
   /**
@@ -428,7 +429,9 @@ typedef struct lomo_step_info {
    */
   uint32_t grads_submitted;
   /**
-   * Of those, gradients with a non-finite element (not applied).
+   * Of those, gradients with a non-finite element (not applied), or whose update overflowed:
+   * f32 statistics or scalars (not applied) or the parameter's dtype (the overflowing
+   * elements kept their old values).
    */
   uint32_t grads_nonfinite;
 } lomo_step_info;
@@ -681,7 +684,12 @@ lomo_status lomo_step_begin(struct lomo_optimizer *opt, uint32_t phase, float lr
  * (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
  * the library unscales it. On the CPU the parameter is updated before the call returns and
  * `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
- * is never applied: it is reported through `lomo_step_info` (not as an error). A CUDA gradient
+ * is never applied: it is reported through `lomo_step_info` (not as an error). Nor does the
+ * optimizer write a non-finite value it made itself: a finite gradient whose f32 statistics
+ * or scalars overflow (|g / loss scale| or |p| above ~1.8e19) is refused like a non-finite one
+ * (nothing changes), and an element whose new value would overflow the parameter's dtype keeps
+ * its old value; both are reported the same way. Prefer `lomo_grad_submit_checked`, which
+ * also checks the gradient's element count. A CUDA gradient
  * is checked with the driver as the parameter is at `lomo_param_register` (host-side, legal
  * during graph capture) and refused, with nothing enqueued, if the device could not read it.
  *
@@ -700,6 +708,26 @@ lomo_status lomo_grad_submit(struct lomo_optimizer *opt,
                              const void *grad,
                              uint32_t grad_dtype,
                              void *stream);
+
+/**
+ * `lomo_grad_submit` with the gradient's element count, so that a buffer of the wrong extent is
+ * refused instead of read past its end (the form every binding and the C++ wrapper use).
+ *
+ * `grad_count` is the number of `grad_dtype` elements the caller's buffer holds (as NCCL's
+ * `count`); it must equal the parameter's element count (the product of its registered shape),
+ * else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
+ * the parameter still expecting its gradient in this phase. Everything else — phases, NULL,
+ * host or device memory, stream ordering, thread safety — is as for `lomo_grad_submit`.
+ *
+ * # Safety
+ * As `lomo_grad_submit`; `grad` must point to `grad_count` readable elements of `grad_dtype`.
+ */
+lomo_status lomo_grad_submit_checked(struct lomo_optimizer *opt,
+                                     uint32_t param_id,
+                                     const void *grad,
+                                     uint32_t grad_dtype,
+                                     uint64_t grad_count,
+                                     void *stream);
 
 /**
  * Ends the active phase. After a NORM phase it forms the clip coefficient and the overflow

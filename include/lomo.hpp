@@ -9,7 +9,7 @@
  *   uint32_t w = opt.register_param("w", weights.data(), {out_features, in_features});
  *   {
  *       lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, lr);   // cancels the step on exception
- *       ... backward: opt.submit(w, grad_w.data()); ...
+ *       ... backward: opt.submit(w, grad_w.data(), grad_w.size()); ...  // count checked
  *       update.end();
  *   }
  *   opt.save("optimizer.safetensors");
@@ -165,16 +165,43 @@ public:
     void step_begin(lomo_phase phase, float lr, void *stream = nullptr) {
         check(lomo_step_begin(get(), static_cast<uint32_t>(phase), lr, stream));
     }
+    /// An f32 gradient of `count` elements: the library checks `count` against the
+    /// parameter's element count before reading (`lomo_grad_submit_checked`).
+    void submit(uint32_t id, const float *grad, uint64_t count, void *stream = nullptr) {
+        submit_raw(id, grad, LOMO_DTYPE_F32, count, stream);
+    }
+    /// A whole std::vector<float> as the gradient (its size is checked).
+    void submit(uint32_t id, const std::vector<float> &grad, void *stream = nullptr) {
+        submit_raw(id, grad.data(), LOMO_DTYPE_F32, grad.size(), stream);
+    }
+    /// A 16-bit gradient of `count` elements; `dtype` is LOMO_DTYPE_F16 or LOMO_DTYPE_BF16.
+    void submit(uint32_t id, const uint16_t *grad, lomo_dtype dtype, uint64_t count,
+                void *stream = nullptr) {
+        if (dtype == LOMO_DTYPE_F32) {
+            throw std::invalid_argument("lomo: a uint16_t gradient needs LOMO_DTYPE_F16 or _BF16");
+        }
+        submit_raw(id, grad, dtype, count, stream);
+    }
+    /// Any gradient buffer of `count` elements of `dtype` (`lomo_grad_submit_checked`).
+    void submit_raw(uint32_t id, const void *grad, lomo_dtype dtype, uint64_t count,
+                    void *stream) {
+        check(lomo_grad_submit_checked(get(), id, grad, static_cast<uint32_t>(dtype), count,
+                                       stream));
+    }
+    /// Unchecked: `grad` must hold the parameter's element count. Prefer the overloads with a
+    /// count, which the library checks.
     void submit(uint32_t id, const float *grad, void *stream = nullptr) {
         submit_raw(id, grad, LOMO_DTYPE_F32, stream);
     }
     /// A 16-bit gradient; `dtype` is LOMO_DTYPE_F16 or LOMO_DTYPE_BF16.
+    /// Unchecked 16-bit gradient (see above); prefer the overload with a count.
     void submit(uint32_t id, const uint16_t *grad, lomo_dtype dtype, void *stream = nullptr) {
         if (dtype == LOMO_DTYPE_F32) {
             throw std::invalid_argument("lomo: a uint16_t gradient needs LOMO_DTYPE_F16 or _BF16");
         }
         submit_raw(id, grad, dtype, stream);
     }
+    /// Unchecked raw gradient (`lomo_grad_submit`).
     void submit_raw(uint32_t id, const void *grad, lomo_dtype dtype, void *stream = nullptr) {
         check(lomo_grad_submit(get(), id, grad, static_cast<uint32_t>(dtype), stream));
     }

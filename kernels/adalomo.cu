@@ -257,8 +257,19 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
     if (threadIdx.x == 0) {
       a.t->row_sum = rs;
       a.t->psq = need_psq ? ps : a.t->psq_carried;
+      // Finite gradients whose f32 statistics overflow (|g/S| >~ 1.8e19 squares to inf) or
+      // parameters whose RMS does: refused like a non-finite gradient, before finalize commits
+      // any state (as the CPU backend).
+      if (bad_bits((float)(rs / (double)a.rows)) || bad_bits((float)sqrt(a.t->psq)))
+        atomicOr(&a.t->bad, 1u);
     }
   }
+}
+
+// Scalars that overflowed f32 (lr · RMS(p), Σu²) refuse the tensor's apply like a non-finite
+// gradient: it would write NaN or nothing at all.
+LOMO_DEV void ada_check_scalars(LomoTensor* t) {
+  if (bad_bits(t->decay) || bad_bits(t->neg_lr) || bad_bits(t->inv_clip)) atomicOr(&t->bad, 1u);
 }
 
 // Column state, r_i, c_j, Σu² and the step scalars (one instantiation: no gradient access).
@@ -327,7 +338,12 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
        i += (u64)gridDim.x * blockDim.x) {
     const float rn = a.ws_a[i];
     a.state_a[i] = rn;
-    a.ws_r[i] = 1.0f / sqrtf(rn / row_mean);
+    // rsqrt(row / mean(row)); a row far below the mean (a zero-gradient row next to rows of
+    // |g| >~ 1e7) underflows the quotient, and 1/0 would make its zero update inf * 0 = NaN:
+    // sqrt(mean) * rsqrt(row) represents it (as the CPU backend's row_scale).
+    float rs = 1.0f / sqrtf(rn / row_mean);
+    if (bad_bits(rs)) rs = fminf(sqrtf(row_mean) * (1.0f / sqrtf(rn)), 3.40282347e38f);
+    a.ws_r[i] = rs;
   }
   const double usq_b = block_sum(usq, sd);
   if (threadIdx.x == 0) a.partials[blockIdx.x] = usq_b;
@@ -337,6 +353,7 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
       const double lr = (double)st->lr * a.lr_mult;
       adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, total,
                       rows * cols, a.t);
+      ada_check_scalars(a.t);
     }
   }
 }
@@ -357,20 +374,33 @@ LOMO_DEV void ada_carry_finish(const AdaArgs& a, double psq, double* sd, u32* la
 
 template <typename P, typename G>
 LOMO_DEV float ada_write(P* p, G g, float scale, const Xform& xf, const LomoTensor* t, bool sr,
-                         u32 w) {
+                         u32 w, u32* ovf) {
   const float x = xform(xf, to_f32(g));
   const float u = (scale * x) * t->inv_clip;
+  const P old = *p;
   store_f32(p, fmaf(u, t->neg_lr, to_f32(*p) * t->decay), sr, w);
+  if (bad_bits(*p)) {  // the new value overflows P: keep the old one (reported by the caller)
+    *p = old;
+    *ovf = 1u;
+  }
   const float back = to_f32(*p);
   return back * back;
+}
+
+// Bit 2 of LomoTensor::bad: some new value overflowed its dtype and kept its old value. Bit 1
+// (a non-finite gradient) is the only one the kernels of the same step skip on.
+LOMO_DEV void ada_report_overflow(const AdaArgs& a, u32 ovf, u32* su) {
+  if (block_or(ovf, su) && threadIdx.x == 0) atomicOr(&a.t->bad, 2u);
 }
 
 template <typename P, typename G>
 LOMO_DEV void ada_apply_rows(const AdaArgs& a) {
   __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 su[LOMO_WARPS];
   __shared__ u32 last;
   const LomoStep* st = a.step;
-  if (st->skip || a.t->bad) return;
+  if (st->skip || (a.t->bad & 1u)) return;
+  u32 ovf = 0;
   const Xform xf = {st->inv_scale, a.clip_value, st->coef};
   const RoundCtx rc = {a.rounding == 1, a.seed, (u32)(st->steps + 1), a.param_id};
   P* p = static_cast<P*>(a.p);
@@ -392,17 +422,18 @@ LOMO_DEV void ada_apply_rows(const AdaArgs& a) {
         load_vec<G, V>(g, base + c0, gv);
         random_words<V>(rc, base + c0, w);
         for (int k = 0; k < V; ++k)
-          acc += ada_write(&pv[k], gv[k], rs * a.ws_c[c0 + k], xf, a.t, rc.sr, w[k]);
+          acc += ada_write(&pv[k], gv[k], rs * a.ws_c[c0 + k], xf, a.t, rc.sr, w[k], &ovf);
         store_vec<P, V>(p, base + c0, pv);
       }
     } else {
       for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
         const u32 w = rc.sr ? random_word(rc, base + c) : 0u;
-        acc += ada_write(&p[base + c], g[base + c], rs * a.ws_c[c], xf, a.t, rc.sr, w);
+        acc += ada_write(&p[base + c], g[base + c], rs * a.ws_c[c], xf, a.t, rc.sr, w, &ovf);
       }
     }
     psq += (double)acc;
   }
+  ada_report_overflow(a, ovf, su);
   ada_carry_finish(a, psq, sd, &last);
 }
 
@@ -426,6 +457,7 @@ LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
     const float x = xform(xf, to_f32(g[i]));
     const float u = x * x + a.eps1;
     const float nv = fmaf(u, omb, a.state_a[i] * beta);
+    bad |= bad_bits(nv) ? 1u : 0u;  // g² overflowed f32: refused before apply commits it
     a.ws_a[i] = nv;
     const float uu = (1.0f / sqrtf(nv)) * x;
     usq += uu * uu;
@@ -446,6 +478,7 @@ LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
       a.t->psq = need_psq ? ps : a.t->psq_carried;
       const double lr = (double)st->lr * a.lr_mult;
       adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, us, a.rows, a.t);
+      ada_check_scalars(a.t);
     }
   }
 }
@@ -453,9 +486,11 @@ LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
 template <typename P, typename G>
 LOMO_DEV void ada_apply_vector(const AdaArgs& a) {
   __shared__ double sd[LOMO_WARPS];
+  __shared__ u32 su[LOMO_WARPS];
   __shared__ u32 last;
   const LomoStep* st = a.step;
-  if (st->skip || a.t->bad) return;
+  if (st->skip || (a.t->bad & 1u)) return;
+  u32 ovf = 0;
   const Xform xf = {st->inv_scale, a.clip_value, st->coef};
   const RoundCtx rc = {a.rounding == 1, a.seed, (u32)(st->steps + 1), a.param_id};
   P* p = static_cast<P*>(a.p);
@@ -466,8 +501,9 @@ LOMO_DEV void ada_apply_vector(const AdaArgs& a) {
     const float nv = a.ws_a[i];
     a.state_a[i] = nv;
     const u32 w = rc.sr ? random_word(rc, i) : 0u;
-    acc += ada_write(&p[i], g[i], 1.0f / sqrtf(nv), xf, a.t, rc.sr, w);
+    acc += ada_write(&p[i], g[i], 1.0f / sqrtf(nv), xf, a.t, rc.sr, w, &ovf);
   }
+  ada_report_overflow(a, ovf, su);
   ada_carry_finish(a, (double)acc, sd, &last);
 }
 

@@ -34,7 +34,12 @@ LOMO_DEV float lomo_elem(P* p, G g, const Xform& xf, float decay, float neg_lr, 
   }
   float x = xform(xf, to_f32(g));
   float v = fmaf(x, neg_lr, to_f32(*p) * decay);
+  const P old = *p;
   store_f32(p, v, sr, w);
+  if (bad_bits(*p)) {  // the new value overflows P: keep the old one, report (bit 2)
+    *p = old;
+    *bad |= 2u;
+  }
   return v;
 }
 
@@ -43,7 +48,7 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
   __shared__ u32 su[LOMO_WARPS];
   const LomoStep* st = a.step;
   if (st->skip) return;
-  if (!a.prechecked && a.t->bad) return;
+  if (!a.prechecked && (a.t->bad & 1u)) return;  // bit 1: the pre-check's non-finite gradient
   const double lr = (double)st->lr * a.lr_mult;
   const float decay = (float)(1.0 - lr * a.weight_decay);
   const float neg_lr = (float)(-lr);
@@ -74,7 +79,8 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
     u32 w = rc.sr ? random_word(rc, i) : 0u;
     lomo_elem(&p[i], g[i], xf, decay, neg_lr, rc.sr, w, &bad);
   }
-  if (block_or(bad, su) && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+  const u32 any = block_or(bad, su);
+  if (any && threadIdx.x == 0) atomicOr(&a.t->bad, any);
 }
 
 #define LOMO_UPDATE(name, P, G) LOMO_KERNEL(name, LomoArgs, (lomo_body<P, G>(a)))

@@ -86,7 +86,8 @@ LOMO_DEV void scaler_update(const StepArgs& a, LomoStep* s, bool overflow) {
     const long long stable = (long long)s->cur_iter - s->last_overflow_iter - 1;
     if (stable > 0 && stable % (long long)a.scale_window == 0) {
       s->cur_hysteresis = a.hysteresis;
-      s->scale *= a.scale_factor;
+      // Never past the largest f32 (src/scaler.rs): backing off from infinity stays infinite.
+      if (!bad_bits((float)(s->scale * a.scale_factor))) s->scale *= a.scale_factor;
     }
   }
   s->cur_iter += 1;

@@ -5,6 +5,10 @@
 
 use crate::error::{bail, Error, Result};
 
+/// The smallest positive normal f32 (2^-126), as f64: the lower bound of every positive
+/// configuration value the step uses in f32.
+pub(crate) const MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
+
 /// Which update rule the optimizer applies.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -148,6 +152,17 @@ impl Config {
     }
 
     /// Checks every field; the message names the field and the accepted range.
+    ///
+    /// Beyond "finite and non-negative", the ranges exclude values the f32 arithmetic of a step
+    /// would turn into non-finite parameters or silently zero updates (issue 13, kind 4):
+    /// every positive value that the step uses as an f32 must be a normal f32 (a smaller one
+    /// rounds to 0 or flushes, a larger one to infinity), so `clip_grad_value = 1e-300` cannot
+    /// clamp every gradient to 0, `loss_scale = 1e-300` cannot make 1/S infinite, and
+    /// AdaLomo's `eps1` and `eps2` must be positive: with `eps1 = 0` a row or column whose
+    /// gradient is all zero gives 0/0 = NaN, and with `eps2 = 0` a parameter that is all zero
+    /// (zero-initialised biases) has a zero step size and never trains. `eps1` is also at most
+    /// 1: it regularises squared gradients (lomo-optim's 1e-30), and large values would both
+    /// swamp them and overflow the f32 row and column sums.
     pub fn validate(&self) -> Result<()> {
         fn finite_nonneg(name: &str, v: f64) -> Result<()> {
             if !(v.is_finite() && v >= 0.0) {
@@ -158,17 +173,34 @@ impl Config {
             }
             Ok(())
         }
+        /// A value the step uses as a positive f32.
+        fn normal_f32(name: &str, v: f64, why: &str) -> Result<()> {
+            if !(v >= MIN_NORMAL && v <= f32::MAX as f64) {
+                bail!(
+                    InvalidArgument,
+                    "config.{name} must be in [{MIN_NORMAL:e}, {:e}] (a normal f32{why}), got {v}",
+                    f32::MAX
+                );
+            }
+            Ok(())
+        }
+        /// 0 (off) or a positive f32.
+        fn off_or_normal_f32(name: &str, v: f64) -> Result<()> {
+            finite_nonneg(name, v)?;
+            if v != 0.0 {
+                normal_f32(name, v, "; 0 turns it off")?;
+            }
+            Ok(())
+        }
         finite_nonneg("weight_decay", self.weight_decay)?;
-        finite_nonneg("clip_grad_norm", self.clip_grad_norm)?;
-        finite_nonneg("clip_grad_value", self.clip_grad_value)?;
-        if self.loss_scale_mode != LossScaleMode::None
-            && !(self.loss_scale.is_finite() && self.loss_scale > 0.0)
-        {
-            bail!(
-                InvalidArgument,
-                "config.loss_scale must be finite and > 0, got {}",
-                self.loss_scale
-            );
+        off_or_normal_f32("clip_grad_norm", self.clip_grad_norm)?;
+        off_or_normal_f32("clip_grad_value", self.clip_grad_value)?;
+        if self.loss_scale_mode != LossScaleMode::None {
+            normal_f32(
+                "loss_scale",
+                self.loss_scale,
+                ", so that 1/loss_scale is finite",
+            )?;
         }
         if self.loss_scale_mode == LossScaleMode::Dynamic {
             if !(self.scale_factor.is_finite() && self.scale_factor > 1.0) {
@@ -181,13 +213,7 @@ impl Config {
             if self.scale_window == 0 {
                 bail!(InvalidArgument, "config.scale_window must be >= 1");
             }
-            if !(self.min_loss_scale.is_finite() && self.min_loss_scale > 0.0) {
-                bail!(
-                    InvalidArgument,
-                    "config.min_loss_scale must be > 0, got {}",
-                    self.min_loss_scale
-                );
-            }
+            normal_f32("min_loss_scale", self.min_loss_scale, "")?;
             if self.min_loss_scale > self.loss_scale {
                 bail!(
                     InvalidArgument,
@@ -201,21 +227,25 @@ impl Config {
             }
         }
         if self.algorithm == Algorithm::Adalomo {
-            if !(self.eps1.is_finite() && self.eps1 >= 0.0) {
+            if !(self.eps1 >= MIN_NORMAL && self.eps1 <= 1.0) {
                 bail!(
                     InvalidArgument,
-                    "config.eps1 must be finite and >= 0, got {}",
+                    "config.eps1 must be in [{MIN_NORMAL:e}, 1] (lomo-optim's default 1e-30): \
+                     with 0, a row or column whose gradient is all zero divides 0 by 0; got {}",
                     self.eps1
                 );
             }
-            finite_nonneg("eps2", self.eps2)?;
-            if !(self.clip_threshold.is_finite() && self.clip_threshold > 0.0) {
+            if !(self.eps2 >= MIN_NORMAL && self.eps2 <= f32::MAX as f64) {
                 bail!(
                     InvalidArgument,
-                    "config.clip_threshold must be > 0, got {}",
-                    self.clip_threshold
+                    "config.eps2 must be in [{MIN_NORMAL:e}, {:e}] (lomo-optim's default 1e-3): \
+                     with 0, an all-zero parameter (a zero-initialised bias) has step size 0 \
+                     and never trains; got {}",
+                    f32::MAX,
+                    self.eps2
                 );
             }
+            normal_f32("clip_threshold", self.clip_threshold, "")?;
             if !(self.decay_rate.is_finite() && self.decay_rate < 0.0) {
                 bail!(
                     InvalidArgument,

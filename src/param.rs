@@ -213,6 +213,21 @@ impl Param {
         self.buf.numel
     }
 
+    /// Checks a gradient's element count, as the caller states it, against this parameter's
+    /// (`lomo_grad_submit_checked`): a buffer of another extent is refused before it is read.
+    pub fn check_grad_count(&self, count: u64) -> Result<()> {
+        if count != self.numel() as u64 {
+            bail!(
+                InvalidArgument,
+                "gradient for '{}' has {count} elements, but the parameter has {} (shape {:?})",
+                self.name,
+                self.numel(),
+                self.shape
+            );
+        }
+        Ok(())
+    }
+
     /// A gradient buffer for this parameter at `addr` with `dtype`.
     pub fn grad_buf(&self, addr: usize, dtype: DType) -> Result<RawBuf> {
         if addr == 0 && self.numel() > 0 {

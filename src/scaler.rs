@@ -60,7 +60,11 @@ impl LossScaler {
             let stable = self.cur_iter as i64 - self.last_overflow_iter - 1;
             if stable > 0 && stable % self.window as i64 == 0 {
                 self.cur_hysteresis = self.hysteresis;
-                self.scale *= self.factor;
+                // Never past the largest f32: an infinite scale makes every gradient infinite,
+                // and backing off from infinity stays infinite — every later step skipped.
+                if ((self.scale * self.factor) as f32).is_finite() {
+                    self.scale *= self.factor;
+                }
             }
         }
         self.cur_iter += 1;
@@ -88,6 +92,17 @@ mod tests {
         assert_eq!(s.scale(), 1024.0);
         let s = LossScaler::new(&Config::defaults(Algorithm::Lomo));
         assert_eq!(s.scale(), 1.0);
+    }
+
+    #[test]
+    fn growth_stops_below_the_largest_f32() {
+        let mut s = dynamic(1, 1);
+        for _ in 0..400 {
+            s.update(false);
+        }
+        assert_eq!(s.scale(), 2f64.powi(127));
+        s.update(true);
+        assert_eq!(s.scale(), 2f64.powi(126));
     }
 
     #[test]

@@ -173,3 +173,28 @@ fn one_device_per_optimizer() {
         .unwrap_err();
     expect_mismatch(&e);
 }
+
+#[test]
+fn dynamic_scale_growth_stops_below_the_largest_f32_on_the_device() {
+    // The device scaler (kernels/step.cu) as the host's: a scale grown past the largest f32
+    // would be infinite, and backing off from infinity stays infinite.
+    emulate();
+    let mut cfg = config(0);
+    cfg.loss_scale_mode = 2;
+    cfg.loss_scale = 2f64.powi(124);
+    cfg.scale_window = 1;
+    let dev = Opt::new(&cfg).unwrap();
+    let mut p = Buf::new(F32, &[1.0; 4]);
+    let id = dev.register_on("p", p.ptr(), F32, &[4], 0, 0, 0).unwrap();
+    let mut g = Buf::new(F32, &[0.0; 4]);
+    for step in 0..8 {
+        dev.begin(1, 0.1).unwrap();
+        dev.submit(id, g.ptr(), F32).unwrap();
+        dev.end().unwrap();
+        assert_eq!(
+            dev.loss_scale() as f64,
+            2f64.powi((124 + step).min(127)),
+            "step {step}"
+        );
+    }
+}

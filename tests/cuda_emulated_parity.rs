@@ -33,6 +33,15 @@ struct Case {
     carry: bool,
     /// (step, shape index) whose gradient gets an inf (odd steps) or a NaN (even steps).
     inject_inf: Option<(usize, usize)>,
+    /// Every other row's gradient is zero and the rest ±1e12 (issue 13: the zero rows' scale
+    /// rsqrt(row / mean(row)) underflowed to 1/0 and made their update inf · 0 = NaN).
+    zero_rows_next_to_large: bool,
+    /// Every other parameter element starts at ±65504, the largest f16, the others at 0
+    /// (issue 13: a new value that overflows the dtype keeps its old value; never inf).
+    largest_f16_params: bool,
+    /// (step, shape index) whose gradient gets elements of ±1e20 (finite; AdaLomo's f32 g²
+    /// overflows: refused as overflow before any state changes).
+    huge_grad_at: Option<(usize, usize)>,
 }
 
 fn run(case: &Case) {
@@ -45,7 +54,14 @@ fn run(case: &Case) {
     let mut dev_bufs = Vec::new();
     for (i, shape) in SHAPES.iter().enumerate() {
         let n: i64 = shape.iter().product();
-        let vals = rng.vec(n as usize, 1.0);
+        let mut vals = rng.vec(n as usize, 1.0);
+        if case.largest_f16_params {
+            // The others start at 0: with RMS(p) ~ 4.6e4, AdaLomo's steps are ~500, and values
+            // of order 1 would be differences of such numbers (cancellation).
+            for (e, v) in vals.iter_mut().enumerate() {
+                *v = [65504.0, 0.0, -65504.0, 0.0][e % 4];
+            }
+        }
         cpu_bufs.push(Buf::new(case.p_dtype, &vals));
         dev_bufs.push(Buf::new(case.p_dtype, &vals));
         let name = format!("p{i}");
@@ -82,6 +98,23 @@ fn run(case: &Case) {
             .map(|(i, shape)| {
                 let n: i64 = shape.iter().product();
                 let mut g: Vec<f32> = rng.vec(n as usize, 0.5 * scale.min(1e4));
+                if case.huge_grad_at == Some((step, i)) {
+                    g.iter_mut().step_by(3).for_each(|v| *v = v.signum() * 1e20);
+                }
+                if case.largest_f16_params {
+                    // LOMO's lr·g of up to ~100 pushes some ±65504 past the f16 range.
+                    g.iter_mut().for_each(|v| *v *= 3000.0);
+                }
+                if case.zero_rows_next_to_large {
+                    let cols = *shape.last().unwrap() as usize;
+                    for (e, v) in g.iter_mut().enumerate() {
+                        *v = if (e / cols) % 2 == 0 {
+                            0.0
+                        } else {
+                            v.signum() * 1e12
+                        };
+                    }
+                }
                 if case.inject_inf == Some((step, i)) {
                     g[n as usize / 2] = if step % 2 == 0 {
                         f32::NAN
@@ -237,6 +270,9 @@ fn case(cfg: Config, p: u32, g: u32) -> Case {
         steps: 3,
         carry: false,
         inject_inf: None,
+        zero_rows_next_to_large: false,
+        largest_f16_params: false,
+        huge_grad_at: None,
     }
 }
 
@@ -324,6 +360,49 @@ fn adalomo_carried_rms() {
             steps: 4,
             ..case(base(Algorithm::Adalomo), p, g)
         });
+    }
+}
+
+#[test]
+fn adalomo_zero_rows_next_to_large_rows() {
+    let mut c = base(Algorithm::Adalomo);
+    c.loss_scale_mode = LossScaleMode::None;
+    for (p, g) in [(F32, F32), (BF16, F32)] {
+        run(&Case {
+            zero_rows_next_to_large: true,
+            ..case(c.clone(), p, g)
+        });
+    }
+}
+
+#[test]
+fn updates_that_overflow_f16_keep_the_old_values() {
+    for algorithm in [Algorithm::Lomo, Algorithm::Adalomo] {
+        let mut c = base(algorithm);
+        c.loss_scale_mode = LossScaleMode::None;
+        for g in [F16, F32] {
+            // One step: later ones bring values back near 0 as differences of ~500s.
+            run(&Case {
+                largest_f16_params: true,
+                steps: 1,
+                ..case(c.clone(), F16, g)
+            });
+        }
+    }
+}
+
+#[test]
+fn finite_gradients_whose_statistics_overflow_are_refused() {
+    for algorithm in [Algorithm::Lomo, Algorithm::Adalomo] {
+        let mut c = base(algorithm);
+        c.loss_scale_mode = LossScaleMode::None;
+        for (shape, p) in [(0, F32), (3, F32), (2, BF16), (6, F32)] {
+            run(&Case {
+                huge_grad_at: Some((1, shape)),
+                steps: 3,
+                ..case(c.clone(), p, F32)
+            });
+        }
     }
 }
 

@@ -98,8 +98,8 @@ float forward_backward(const Mlp &m, const Batch &b, lomo::Optimizer &opt, float
                 dh[i * HID + o] += d * m.w2[k * HID + o];  // uses w2 before its update
             }
         }
-    opt.submit(m.id_b2, gb2.data());
-    opt.submit(m.id_w2, gw2.data());
+    opt.submit(m.id_b2, gb2);  // the vector overloads pass the size, which the library checks
+    opt.submit(m.id_w2, gw2);
     // Layer 1.
     std::vector<float> gw1(HID * IN, 0.0f), gb1(HID, 0.0f);
     for (int64_t i = 0; i < BATCH; ++i)
@@ -108,8 +108,8 @@ float forward_backward(const Mlp &m, const Batch &b, lomo::Optimizer &opt, float
             gb1[o] += d;
             for (int64_t j = 0; j < IN; ++j) gw1[o * IN + j] += d * b.x[i * IN + j];
         }
-    opt.submit(m.id_b1, gb1.data());
-    opt.submit(m.id_w1, gw1.data());
+    opt.submit(m.id_b1, gb1);
+    opt.submit(m.id_w1, gw1);
     return loss;
 }
 

@@ -24,9 +24,11 @@ pub fn with_last_error<R>(f: impl FnOnce(&str) -> R) -> R {
     LAST_ERROR.with(|e| f(&e.borrow()))
 }
 
-/// The boundary for status-returning exports.
+/// The boundary for status-returning exports. The body runs in the IEEE floating-point
+/// environment (no flush-to-zero, round to nearest even; the caller's modes are restored after,
+/// see `backend::cpu::fpenv`), so no result depends on the caller's MXCSR/FPCR.
 pub fn guard<F: FnOnce() -> Result<()>>(f: F) -> Status {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catch_unwind(AssertUnwindSafe(|| crate::backend::cpu::fpenv::ieee(f))) {
         Ok(Ok(())) => Status::Ok,
         Ok(Err(e)) => {
             let status = e.status();
@@ -43,9 +45,10 @@ pub fn guard<F: FnOnce() -> Result<()>>(f: F) -> Status {
     }
 }
 
-/// The boundary for exports that return a value: `on_panic` is returned if `f` panics.
+/// The boundary for exports that return a value: `on_panic` is returned if `f` panics. Runs in
+/// the IEEE environment, as [`guard`].
 pub fn guard_or<T, F: FnOnce() -> T>(on_panic: T, f: F) -> T {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    match catch_unwind(AssertUnwindSafe(|| crate::backend::cpu::fpenv::ieee(f))) {
         Ok(v) => v,
         Err(payload) => {
             set_last_error(format!(

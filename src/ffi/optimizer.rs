@@ -251,7 +251,12 @@ pub unsafe extern "C" fn lomo_step_begin(
 /// (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
 /// the library unscales it. On the CPU the parameter is updated before the call returns and
 /// `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
-/// is never applied: it is reported through `lomo_step_info` (not as an error). A CUDA gradient
+/// is never applied: it is reported through `lomo_step_info` (not as an error). Nor does the
+/// optimizer write a non-finite value it made itself: a finite gradient whose f32 statistics
+/// or scalars overflow (|g / loss scale| or |p| above ~1.8e19) is refused like a non-finite one
+/// (nothing changes), and an element whose new value would overflow the parameter's dtype keeps
+/// its old value; both are reported the same way. Prefer `lomo_grad_submit_checked`, which
+/// also checks the gradient's element count. A CUDA gradient
 /// is checked with the driver as the parameter is at `lomo_param_register` (host-side, legal
 /// during graph capture) and refused, with nothing enqueued, if the device could not read it.
 ///
@@ -279,6 +284,38 @@ pub unsafe extern "C" fn lomo_grad_submit(
         opt.inner
             .read()
             .submit_on(param_id, grad as usize, dtype, stream as usize)
+    })
+}
+
+/// `lomo_grad_submit` with the gradient's element count, so that a buffer of the wrong extent is
+/// refused instead of read past its end (the form every binding and the C++ wrapper use).
+///
+/// `grad_count` is the number of `grad_dtype` elements the caller's buffer holds (as NCCL's
+/// `count`); it must equal the parameter's element count (the product of its registered shape),
+/// else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
+/// the parameter still expecting its gradient in this phase. Everything else — phases, NULL,
+/// host or device memory, stream ordering, thread safety — is as for `lomo_grad_submit`.
+///
+/// # Safety
+/// As `lomo_grad_submit`; `grad` must point to `grad_count` readable elements of `grad_dtype`.
+#[no_mangle]
+pub unsafe extern "C" fn lomo_grad_submit_checked(
+    opt: *mut lomo_optimizer,
+    param_id: u32,
+    grad: *const c_void,
+    grad_dtype: u32,
+    grad_count: u64,
+    stream: *mut c_void,
+) -> Status {
+    guard(|| {
+        // SAFETY: a non-NULL `opt` is a live optimizer from lomo_optimizer_new.
+        let opt = unsafe { deref(opt, "opt") }?;
+        let dtype = DType::try_from(grad_dtype)?;
+        let inner = opt.inner.read();
+        if let Some(p) = inner.params().get(param_id as usize) {
+            p.check_grad_count(grad_count)?;
+        }
+        inner.submit_on(param_id, grad as usize, dtype, stream as usize)
     })
 }
 

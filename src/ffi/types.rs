@@ -164,7 +164,8 @@ pub struct lomo_step_info {
     pub loss_scale: f32,
     /// Loss scale for the next step.
     pub next_loss_scale: f32,
-    /// 1 if a non-finite gradient was seen in the last step.
+    /// 1 if a non-finite gradient was seen in the last step, or an update that would have made
+    /// a non-finite value (see `lomo_grad_submit`).
     pub overflow: u32,
     /// 1 if the last step was skipped entirely (overflow found in its NORM phase).
     pub skipped: u32,
@@ -172,7 +173,9 @@ pub struct lomo_step_info {
     pub skipped_total: u64,
     /// Gradients submitted in the last phase.
     pub grads_submitted: u32,
-    /// Of those, gradients with a non-finite element (not applied).
+    /// Of those, gradients with a non-finite element (not applied), or whose update overflowed:
+    /// f32 statistics or scalars (not applied) or the parameter's dtype (the overflowing
+    /// elements kept their old values).
     pub grads_nonfinite: u32,
 }
 

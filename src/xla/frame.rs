@@ -102,7 +102,9 @@ pub unsafe fn create_error(api: *const XLA_FFI_Api, err: &XlaError) -> *mut XLA_
 }
 
 /// The boundary of every exported handler: frame checks, the metadata query, `catch_unwind`,
-/// error conversion. `name` prefixes panic messages.
+/// error conversion. The handler runs in the IEEE floating-point environment (XLA's CPU runtime
+/// sets flush-to-zero; a caller may set a rounding direction), restored after
+/// (`backend::cpu::fpenv`). `name` prefixes panic messages.
 ///
 /// # Safety
 /// `frame` is NULL or the call frame XLA passed to the handler.
@@ -124,19 +126,21 @@ pub unsafe fn boundary(
         }
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: as above; `Frame::new` checks the size before reading further fields.
-        let frame = unsafe { Frame::new(frame) }?;
-        // SAFETY: the extension chain belongs to this frame.
-        if unsafe { frame.answer_metadata_query() }? {
-            return Ok(());
-        }
-        if frame.raw.stage != XLA_FFI_STAGE_EXECUTE {
-            invalid!(
-                "{name}: called for execution stage {} (only EXECUTE = 3 is registered)",
-                frame.raw.stage
-            );
-        }
-        handler(&frame)
+        crate::backend::cpu::fpenv::ieee(|| {
+            // SAFETY: as above; `Frame::new` checks the size before reading further fields.
+            let frame = unsafe { Frame::new(frame) }?;
+            // SAFETY: the extension chain belongs to this frame.
+            if unsafe { frame.answer_metadata_query() }? {
+                return Ok(());
+            }
+            if frame.raw.stage != XLA_FFI_STAGE_EXECUTE {
+                invalid!(
+                    "{name}: called for execution stage {} (only EXECUTE = 3 is registered)",
+                    frame.raw.stage
+                );
+            }
+            handler(&frame)
+        })
     }));
     let err = match result {
         Ok(Ok(())) => return std::ptr::null_mut(),

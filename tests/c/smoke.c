@@ -78,7 +78,11 @@ int main(void) {
     CHECK(lomo_step_begin(opt, LOMO_PHASE_UPDATE, 0.1f, NULL));
     CHECK(lomo_grad_submit(opt, bid, gb, LOMO_DTYPE_F32, NULL));
     EXPECT(lomo_grad_submit(opt, bid, gb, LOMO_DTYPE_F32, NULL) == LOMO_STATUS_DUPLICATE_GRADIENT);
-    CHECK(lomo_grad_submit(opt, wid, gw, LOMO_DTYPE_F32, NULL));
+    /* The checked form refuses a gradient whose element count is not the parameter's. */
+    EXPECT(lomo_grad_submit_checked(opt, wid, gw, LOMO_DTYPE_F32, 3, NULL) ==
+           LOMO_STATUS_INVALID_ARGUMENT);
+    EXPECT(w[0] == 1.0f);
+    CHECK(lomo_grad_submit_checked(opt, wid, gw, LOMO_DTYPE_F32, 6, NULL));
     CHECK(lomo_step_end(opt, NULL));
 
     /* w <- w * (1 - 0.1 * 0.5) - 0.1 * 1 ; b <- b - 0.1 * 2 */

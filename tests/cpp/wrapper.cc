@@ -70,8 +70,14 @@ void lomo_sgd_step() {
     const float lr = 0.125f;
     {
         lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, lr);
-        opt.submit(ib, gb.data(), LOMO_DTYPE_BF16);
-        opt.submit(iw, gw.data());
+        // A gradient of the wrong extent is refused before it is read, nothing changed, and
+        // the parameter still expects its gradient in this phase.
+        const std::vector<float> short_grad{0.1f, 0.2f, -0.3f};
+        expect(status_of([&] { opt.submit(iw, short_grad); }) == LOMO_STATUS_INVALID_ARGUMENT,
+               "a 3-element gradient for a 6-element parameter");
+        expect(w == w0, "a refused gradient changes nothing");
+        opt.submit(ib, gb.data(), LOMO_DTYPE_BF16, gb.size());
+        opt.submit(iw, gw);
         update.end();
     }
     for (size_t i = 0; i < w.size(); ++i) {
@@ -118,8 +124,8 @@ void adalomo_state_and_memory() {
         for (size_t i = 0; i < gw.size(); ++i) gw[i] = opt.loss_scale() * 0.01f * float(i + 1);
         for (size_t i = 0; i < gv.size(); ++i) gv[i] = -opt.loss_scale() * 0.02f * float(i + 1);
         lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, 0.01f);
-        opt.submit(iv, gv.data());
-        opt.submit(iw, gw.data());
+        opt.submit(iv, gv);
+        opt.submit(iw, gw.data(), gw.size());
         update.end();
     }
     const lomo_memory_stats st = opt.memory_stats();

@@ -217,6 +217,8 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     # steps
     "lomo_step_begin": (_status, [_opt, c_uint32, c_float, c_void_p], True),
     "lomo_grad_submit": (_status, [_opt, c_uint32, c_void_p, c_uint32, c_void_p], True),
+    "lomo_grad_submit_checked": (
+        _status, [_opt, c_uint32, c_void_p, c_uint32, c_uint64, c_void_p], False),
     "lomo_step_end": (_status, [_opt, c_void_p], True),
     "lomo_step_cancel": (_status, [_opt], True),
     "lomo_step_info_get": (_status, [_opt, POINTER(StepInfo)], True),

@@ -92,6 +92,9 @@ class Optimizer:
         self.config = {name: getattr(cfg, name) for name, _ in N.Config._fields_}
         self._arrays: dict[int, object] = {}  # keeps registered NumPy buffers alive
         self._names: dict[str, int] = {}
+        # id -> (name, shape, dtype code, device) of each registration, to check gradients
+        self._regs: dict[int, tuple[str, tuple, int, int]] = {}
+        self._checked = N.has_symbol("lomo_grad_submit_checked")
 
     # ------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -150,7 +153,14 @@ class Optimizer:
         out = ctypes.c_uint32()
         self._lib.lomo_param_register(self.handle, ctypes.byref(desc), ctypes.byref(out))
         self._names[name] = out.value
+        self._regs[out.value] = (name, tuple(shape), int(dtype), int(device))
         return out.value
+
+    def registration(self, param_id: int) -> tuple[str, tuple, int, int]:
+        """``(name, shape, dtype code, device)`` of a registered parameter."""
+        if param_id not in self._regs:
+            raise KeyError(f"no parameter with id {param_id} ({len(self._regs)} registered)")
+        return self._regs[param_id]
 
     def register_array(self, name: str, array, group: int = 0, flags: int = 0) -> int:
         """Registers a NumPy array (C-contiguous, writeable; float32, float16 or ml_dtypes'
@@ -177,17 +187,55 @@ class Optimizer:
         """``lomo_step_begin``: ``phase`` is ``PHASE_NORM`` (0) or ``PHASE_UPDATE`` (1)."""
         self._lib.lomo_step_begin(self.handle, phase, lr, _stream(stream))
 
-    def submit_pointer(self, param_id: int, grad: int, dtype: int, stream=None) -> None:
-        """``lomo_grad_submit`` with a raw gradient address (scaled by ``loss_scale``)."""
-        self._lib.lomo_grad_submit(self.handle, param_id, ctypes.c_void_p(int(grad) or None),
-                                   dtype, _stream(stream))
+    def submit_pointer(self, param_id: int, grad: int, dtype: int, stream=None,
+                       numel: int | None = None) -> None:
+        """Hands over a raw gradient address (scaled by ``loss_scale``): ``numel`` elements of
+        ``dtype``, contiguous. With ``numel`` (what every binding passes) the library checks it
+        against the parameter's element count before reading (``lomo_grad_submit_checked``),
+        so a buffer of another extent raises LomoError (INVALID_ARGUMENT) with nothing changed;
+        without it, the buffer must hold the parameter's element count (``lomo_grad_submit``)."""
+        ptr = ctypes.c_void_p(int(grad) or None)
+        if numel is None:
+            self._lib.lomo_grad_submit(self.handle, param_id, ptr, dtype, _stream(stream))
+            return
+        numel = int(numel)
+        if self._checked:
+            self._lib.lomo_grad_submit_checked(self.handle, param_id, ptr, dtype, numel,
+                                               _stream(stream))
+            return
+        # A library without the checked entry point: check the count here.
+        expected = 1
+        for d in self.registration(param_id)[1]:
+            expected *= d
+        if numel != expected:
+            name = self.registration(param_id)[0]
+            raise ValueError(f"gradient for {name!r} has {numel} elements, the parameter "
+                             f"{expected}")
+        self._lib.lomo_grad_submit(self.handle, param_id, ptr, dtype, _stream(stream))
 
     def submit_array(self, param_id: int, grad) -> None:
-        """Submits a NumPy gradient (any of the three dtypes, the parameter's shape)."""
+        """Submits a NumPy gradient: any of the three dtypes, exactly the registered shape
+        (checked before the buffer crosses: a gradient of another shape, or of an unsupported
+        dtype, raises ValueError/TypeError with nothing changed)."""
+        grad, code = self._checked_array(int(param_id), grad)
+        self.submit_pointer(param_id, grad.ctypes.data, code, numel=grad.size)
+
+    def _checked_array(self, param_id: int, grad):
+        """(contiguous array, dtype code) of a NumPy gradient that matches its registration."""
         import numpy as np
 
-        grad = np.ascontiguousarray(grad)
-        self.submit_pointer(param_id, grad.ctypes.data, _numpy_dtype_code(grad.dtype))
+        # Device: a CUDA parameter's gradient pointer is checked by the library with the driver.
+        name, shape, _, _ = self.registration(param_id)
+        if isinstance(grad, np.generic):  # a 0-d result such as np.float32(1.0)
+            grad = np.asarray(grad)
+        if not isinstance(grad, np.ndarray):
+            raise TypeError(f"gradient for {name!r} must be a NumPy array, got "
+                            f"{type(grad).__name__}")
+        code = _numpy_dtype_code(grad.dtype)
+        if tuple(grad.shape) != shape:
+            raise ValueError(f"gradient for {name!r} has shape {tuple(grad.shape)}, the "
+                             f"parameter {shape}")
+        return np.ascontiguousarray(grad), code
 
     def end(self, stream=None) -> None:
         self._lib.lomo_step_end(self.handle, _stream(stream))
@@ -201,7 +249,17 @@ class Optimizer:
         ``clip_grad_norm`` set (or ``norm_pass=True``: an overflowing step is then skipped with
         every parameter untouched), a NORM phase over the same gradients comes first. The
         gradients are those of the loss times ``loss_scale``."""
-        items = [(self._names[k] if isinstance(k, str) else int(k), g) for k, g in grads.items()]
+        items = []
+        for k, g in grads.items():
+            if isinstance(k, str) and k not in self._names:
+                raise KeyError(f"no parameter named {k!r}")
+            items.append((self._names[k] if isinstance(k, str) else int(k), g))
+        # Every gradient is checked before the first one is applied: a step either runs whole
+        # or raises with every parameter untouched.
+        ids = [pid for pid, _ in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a parameter appears twice in grads")
+        items = [(pid, self._checked_array(pid, g)) for pid, g in items]
         if norm_pass is None:
             norm_pass = self.config["clip_grad_norm"] > 0
         if norm_pass:
@@ -212,8 +270,8 @@ class Optimizer:
     def _phase(self, phase, lr, items):
         self.begin(phase, lr)
         try:
-            for pid, g in items:
-                self.submit_array(pid, g)
+            for pid, (g, code) in items:
+                self.submit_pointer(pid, g.ctypes.data, code, numel=g.size)
         except BaseException:
             self.cancel()
             raise

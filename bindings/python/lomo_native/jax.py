@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 
@@ -101,6 +101,18 @@ def _check_float(x, what: str) -> None:
         raise TypeError("%s must be float32, float16 or bfloat16, got %s" % (what, x.dtype))
 
 
+def _check_grad(param, grad) -> None:
+    """The gradient must be a float array of the parameter's shape (checked at trace time,
+    before anything is handed to XLA)."""
+    _check_float(param, "param")
+    _check_float(grad, "grad")
+    if tuple(grad.shape) != tuple(param.shape):
+        raise ValueError(
+            "grad shape must equal the parameter's: param %s, grad %s"
+            % (tuple(param.shape), tuple(grad.shape))
+        )
+
+
 def _rounding(r: str) -> str:
     if r not in _ROUNDING:
         raise ValueError("rounding must be 'nearest' or 'stochastic', got %r" % (r,))
@@ -158,12 +170,12 @@ def lomo_update(
     ``lr``, ``step`` (≥ 1; the stochastic-rounding stream), ``loss_scale`` (S) and
     ``clip_coef`` may be traced. A non-finite ``clip_coef`` skips the update. Returns
     ``(new_param, finite)``; ``finite`` is False when the gradient had a non-finite element (the
-    parameter is then unchanged) or the step was skipped. ``param`` is updated in place when
-    donated to the enclosing ``jax.jit``.
+    parameter is then unchanged), the step was skipped, or a new value would overflow the
+    parameter's dtype (that element keeps its value; never inf). ``param`` is updated in place
+    when donated to the enclosing ``jax.jit``.
     """
     register()
-    _check_float(param, "param")
-    _check_float(grad, "grad")
+    _check_grad(param, grad)
     call = jax.ffi.ffi_call(
         "lomo_lomo_update",
         (jax.ShapeDtypeStruct(param.shape, param.dtype), _BOOL),
@@ -184,13 +196,14 @@ def lomo_update(
 def adalomo_state(param) -> Tuple[jax.Array, ...]:
     """Zero AdaLomo state for ``param``: ``(row, col)`` of shapes ``[prod(shape[:-1])]`` and
     ``[shape[-1]]`` for rank ≥ 2, or ``(v,)`` of the parameter's shape for rank ≤ 1 (f32)."""
-    shape = tuple(param.shape)
+    return tuple(jnp.zeros(s, jnp.float32) for s in _state_shapes(param.shape))
+
+
+def _state_shapes(shape) -> list:
+    shape = tuple(shape)
     if len(shape) >= 2:
-        return (
-            jnp.zeros((math.prod(shape[:-1]),), jnp.float32),
-            jnp.zeros((shape[-1],), jnp.float32),
-        )
-    return (jnp.zeros(shape, jnp.float32),)
+        return [(math.prod(shape[:-1]),), (shape[-1],)]
+    return [shape]
 
 
 def adalomo_update(
@@ -217,18 +230,26 @@ def adalomo_update(
 
     ``state`` is ``adalomo_state(param)`` or a previous result; ``step`` is AdaLomo's t (≥ 1).
     Returns ``(new_param, new_state, finite)``. Nothing changes when the gradient has a
-    non-finite element or ``clip_coef`` is not finite (``finite`` is then False). ``param`` and
-    ``state`` are updated in place when donated to the enclosing ``jax.jit``.
+    non-finite element, ``clip_coef`` is not finite, or the f32 statistics or scalars of a
+    finite gradient overflow (``finite`` is then False); a new value that would overflow the
+    parameter's dtype keeps the old one (``finite`` False too). ``param`` and ``state`` are
+    updated in place when donated to the enclosing ``jax.jit``.
     """
     register()
-    _check_float(param, "param")
-    _check_float(grad, "grad")
+    _check_grad(param, grad)
     state = tuple(state)
     n = len(state)
     if n != (2 if param.ndim >= 2 else 1):
         raise ValueError(
             "AdaLomo state for a rank-%d parameter is %s, got %d arrays"
             % (param.ndim, "(row, col)" if param.ndim >= 2 else "(v,)", n)
+        )
+    want = _state_shapes(param.shape)
+    got = [tuple(s.shape) for s in state]
+    if got != want or any(jnp.dtype(s.dtype) != jnp.dtype(jnp.float32) for s in state):
+        raise ValueError(
+            "AdaLomo state for a parameter of shape %s is float32 arrays of shapes %s, got %s"
+            % (tuple(param.shape), want, [(g, str(s.dtype)) for g, s in zip(got, state)])
         )
     results = [jax.ShapeDtypeStruct(param.shape, param.dtype)]
     results += [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in state]
@@ -252,239 +273,5 @@ def adalomo_update(
     return out[0], tuple(out[1 : 1 + n]), out[-1]
 
 
-# --------------------------------------------------------------------------------------------
-# Pytree helper
-
-
-class ScalerState(NamedTuple):
-    """Dynamic loss-scaler bookkeeping (DeepSpeed's rule, as the C API's ``LossScaler``)."""
-
-    cur_hysteresis: jax.Array  # int32
-    cur_iter: jax.Array  # int32: scaler updates so far
-    last_overflow_iter: jax.Array  # int32, -1 = never
-
-
-class OptState(NamedTuple):
-    """Optimizer state: a pytree of arrays (donate it together with the parameters)."""
-
-    step: jax.Array  # int32: applied update steps so far (AdaLomo's t of the last update)
-    loss_scale: jax.Array  # f32: multiply the loss by this before differentiating
-    scaler: ScalerState
-    ada: Tuple[Tuple[jax.Array, ...], ...]  # per leaf: (row, col), (v,), or () for LOMO
-    grad_norm: jax.Array  # f32: norm of the unscaled gradients of the last step (NaN: none)
-    overflow: jax.Array  # bool: a non-finite gradient was seen in the last step
-    skipped: jax.Array  # bool: the last step was skipped (overflow found by the norm pass)
-
-
-_MODES = {"none": 0, "static": 1, "dynamic": 2}
-
-
-class Optimizer:
-    """LOMO or AdaLomo over a parameter pytree; create with :func:`lomo` or :func:`adalomo`.
-
-    Options and defaults are those of ``lomo_config`` (C API). ``weight_decay_mask`` is a pytree
-    of bools with the parameters' structure, or a function ``params -> that pytree``; leaves
-    marked False get no weight decay (use it for biases and norm weights).
-    """
-
-    def __init__(
-        self,
-        algorithm: str,
-        *,
-        weight_decay: float = 0.0,
-        clip_grad_norm: float = 0.0,
-        clip_grad_value: float = 0.0,
-        loss_scale_mode: Optional[str] = None,
-        loss_scale: Optional[float] = None,
-        scale_factor: float = 2.0,
-        scale_window: int = 1000,
-        min_loss_scale: float = 1.0,
-        hysteresis: int = 1,
-        eps1: float = 1e-30,
-        eps2: float = 1e-3,
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        rounding: str = "nearest",
-        seed: int = 0,
-        weight_decay_mask: Any = None,
-    ):
-        if algorithm not in ("lomo", "adalomo"):
-            raise ValueError("algorithm must be 'lomo' or 'adalomo', got %r" % (algorithm,))
-        ada = algorithm == "adalomo"
-        if loss_scale_mode is None:
-            loss_scale_mode = "static" if ada else "none"
-        if loss_scale_mode not in _MODES:
-            raise ValueError(
-                "loss_scale_mode must be 'none', 'static' or 'dynamic', got %r" % (loss_scale_mode,)
-            )
-        if loss_scale is None:
-            loss_scale = 1024.0 if ada else 65536.0
-        for name, v in (
-            ("weight_decay", weight_decay),
-            ("clip_grad_norm", clip_grad_norm),
-            ("clip_grad_value", clip_grad_value),
-        ):
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError("%s must be finite and >= 0, got %r" % (name, v))
-        if loss_scale_mode != "none" and not (math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError("loss_scale must be finite and > 0, got %r" % (loss_scale,))
-        if loss_scale_mode == "dynamic":
-            if not (math.isfinite(scale_factor) and scale_factor > 1):
-                raise ValueError("scale_factor must be > 1, got %r" % (scale_factor,))
-            if scale_window < 1 or hysteresis < 1:
-                raise ValueError("scale_window and hysteresis must be >= 1")
-            if not (0 < min_loss_scale <= loss_scale):
-                raise ValueError(
-                    "min_loss_scale must be in (0, loss_scale], got %r" % (min_loss_scale,)
-                )
-        self.algorithm = algorithm
-        self.weight_decay = float(weight_decay)
-        self.clip_grad_norm = float(clip_grad_norm)
-        self.clip_grad_value = float(clip_grad_value)
-        self.loss_scale_mode = loss_scale_mode
-        self.initial_loss_scale = 1.0 if loss_scale_mode == "none" else float(loss_scale)
-        self.scale_factor = float(scale_factor)
-        self.scale_window = int(scale_window)
-        self.min_loss_scale = float(min_loss_scale)
-        self.hysteresis = int(hysteresis)
-        self.ada_options = dict(
-            eps1=float(eps1),
-            eps2=float(eps2),
-            clip_threshold=float(clip_threshold),
-            decay_rate=float(decay_rate),
-        )
-        self.rounding = _rounding(rounding)
-        self.seed = int(seed)
-        self.weight_decay_mask = weight_decay_mask
-
-    # -- state ---------------------------------------------------------------------------------
-
-    def init(self, params) -> OptState:
-        """Fresh state for ``params`` (zero AdaLomo state, the initial loss scale, step 0)."""
-        leaves = jax.tree_util.tree_leaves(params)
-        for i, p in enumerate(leaves):
-            _check_float(p, "parameter %d" % i)
-        ada = tuple(adalomo_state(p) if self.algorithm == "adalomo" else () for p in leaves)
-        return OptState(
-            step=jnp.zeros((), jnp.int32),
-            loss_scale=jnp.asarray(self.initial_loss_scale, jnp.float32),
-            scaler=ScalerState(
-                cur_hysteresis=jnp.asarray(self.hysteresis, jnp.int32),
-                cur_iter=jnp.zeros((), jnp.int32),
-                last_overflow_iter=jnp.asarray(-1, jnp.int32),
-            ),
-            ada=ada,
-            grad_norm=jnp.asarray(jnp.nan, jnp.float32),
-            overflow=jnp.zeros((), jnp.bool_),
-            skipped=jnp.zeros((), jnp.bool_),
-        )
-
-    @staticmethod
-    def loss_scale(state: OptState) -> jax.Array:
-        """The factor to multiply the loss by before computing the gradients."""
-        return state.loss_scale
-
-    # -- one step ------------------------------------------------------------------------------
-
-    def _decay_per_leaf(self, params, treedef, n):
-        mask = self.weight_decay_mask
-        if mask is None:
-            return [self.weight_decay] * n
-        if callable(mask):
-            mask = mask(params)
-        flags = treedef.flatten_up_to(mask)
-        return [self.weight_decay if bool(m) else 0.0 for m in flags]
-
-    def step(self, params, grads, state: OptState, lr):
-        """Applies one step; returns ``(new_params, new_state)``.
-
-        ``grads`` are the gradients of the loss multiplied by ``state.loss_scale`` (same
-        structure as ``params``); ``lr`` may be traced. With ``clip_grad_norm`` the global norm
-        is taken first (the C API's NORM phase) and a non-finite gradient skips the whole step;
-        otherwise a tensor whose gradient is not finite is left unchanged. Then the loss scaler
-        and the step counter advance as in ``lomo_step_end``.
-        """
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        gleaves = treedef.flatten_up_to(grads)
-        if len(state.ada) != len(leaves):
-            raise ValueError(
-                "state was made for %d parameters, got %d" % (len(state.ada), len(leaves))
-            )
-        scale = state.loss_scale
-        if self.clip_grad_norm > 0:
-            sum_sq, coef, finite = grad_sum_sq(
-                gleaves, loss_scale=scale, clip_grad_norm=self.clip_grad_norm
-            )
-            skipped = jnp.logical_not(finite)
-            grad_norm = jnp.sqrt(sum_sq)
-        else:
-            coef = jnp.ones((), jnp.float32)
-            skipped = jnp.zeros((), jnp.bool_)
-            grad_norm = jnp.asarray(jnp.nan, jnp.float32)
-        t = state.step + 1
-        decays = self._decay_per_leaf(params, treedef, len(leaves))
-        new_leaves, new_ada, oks = [], [], []
-        for i, (p, g, s, wd) in enumerate(zip(leaves, gleaves, state.ada, decays)):
-            common = dict(
-                lr=lr,
-                step=t,
-                loss_scale=scale,
-                clip_coef=coef,
-                weight_decay=wd,
-                clip_grad_value=self.clip_grad_value,
-                rounding=self.rounding,
-                seed=self.seed,
-                param_id=i,
-            )
-            if self.algorithm == "adalomo":
-                p2, s2, ok = adalomo_update(p, g, s, **common, **self.ada_options)
-            else:
-                (p2, ok), s2 = lomo_update(p, g, **common), ()
-            new_leaves.append(p2)
-            new_ada.append(s2)
-            oks.append(ok)
-        all_ok = jnp.all(jnp.stack(oks)) if oks else jnp.ones((), jnp.bool_)
-        overflow = jnp.logical_or(skipped, jnp.logical_not(all_ok))
-        scale2, scaler2 = self._scaler_update(scale, state.scaler, overflow)
-        new_state = OptState(
-            step=state.step + jnp.where(skipped, 0, 1).astype(jnp.int32),
-            loss_scale=scale2,
-            scaler=scaler2,
-            ada=tuple(new_ada),
-            grad_norm=grad_norm,
-            overflow=overflow,
-            skipped=skipped,
-        )
-        return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
-
-    def _scaler_update(self, scale, sc: ScalerState, overflow):
-        """``LossScaler::update`` (src/scaler.rs) in jnp; scales stay exact for power-of-two
-        factors."""
-        if self.loss_scale_mode != "dynamic":
-            return scale, sc
-        factor = jnp.float32(self.scale_factor)
-        back_off = jnp.logical_or(self.hysteresis == 1, sc.cur_hysteresis == 1)
-        o_scale = jnp.where(back_off, jnp.maximum(scale / factor, self.min_loss_scale), scale)
-        o_hyst = jnp.where(back_off, sc.cur_hysteresis, sc.cur_hysteresis - 1)
-        stable = sc.cur_iter - sc.last_overflow_iter - 1
-        grow = jnp.logical_and(stable > 0, stable % self.scale_window == 0)
-        c_scale = jnp.where(grow, scale * factor, scale)
-        c_hyst = jnp.where(grow, jnp.int32(self.hysteresis), sc.cur_hysteresis)
-        new_scale = jnp.where(overflow, o_scale, c_scale).astype(jnp.float32)
-        new_sc = ScalerState(
-            cur_hysteresis=jnp.where(overflow, o_hyst, c_hyst).astype(jnp.int32),
-            cur_iter=sc.cur_iter + 1,
-            last_overflow_iter=jnp.where(overflow, sc.cur_iter, sc.last_overflow_iter),
-        )
-        return new_scale, new_sc
-
-
-def lomo(**options) -> Optimizer:
-    """A LOMO optimizer (fused SGD with decoupled weight decay); options as :class:`Optimizer`."""
-    return Optimizer("lomo", **options)
-
-
-def adalomo(**options) -> Optimizer:
-    """An AdaLomo optimizer (factored second moment, relative step); options as
-    :class:`Optimizer`. Default loss scaling: static, 1024."""
-    return Optimizer("adalomo", **options)
+# The pytree helper (Optimizer, OptState, ScalerState, lomo, adalomo) lives in _jax_pytree.py.
+from ._jax_pytree import OptState, Optimizer, ScalerState, adalomo, lomo  # noqa: E402

@@ -23,6 +23,13 @@ lomo-optim 0.1.1 (bug numbers of ``reference/semantics.md`` §7) are listed in t
   an overflowing step is skipped with every parameter untouched: models with fp16 parameters run a
   norm pass before the update even without clipping (``two_pass``), as lomo-optim needed anyway (B3).
 * ``state_dict()`` holds the complete optimizer state (B15); hooks are removable (B16).
+
+What trains, or raises before anything changes (issue 13): ``fused_backward(loss)`` uses each
+group's own ``lr`` (schedulers per group); ``add_param_group`` registers its parameters;
+parameters the model replaced (``load_state_dict(assign=True)``) are re-registered with their
+state; sparse gradients are densified; parameters used in several reentrant checkpoint segments
+get one update with the summed gradient at the end of backward; channels_last and transposed
+parameters are updated in place (AdaLomo refuses layouts whose last dimension is not innermost).
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ from typing import Optional
 import torch
 
 from . import _native as N
+from . import _torch_params as TP
+from ._torch_sync import ModelSync
 from .core import Optimizer as _NativeOptimizer
 from .core import StepInfo
 
 __all__ = ["Lomo", "AdaLomo", "StepInfo", "is_no_decay"]
 
-_DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
+_DTYPES = TP._DTYPES
 _STATE_FORMAT = "lomo_native.torch/1"
 
 
@@ -69,7 +78,7 @@ class _LossScalerView:
         return bool(info.grads_nonfinite > 0 or (not opt._norm_pending and info.overflow))
 
 
-class _FusedOptimizer(torch.optim.Optimizer):
+class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
     """Shared machinery of :class:`Lomo` and :class:`AdaLomo` (not used directly)."""
 
     _ALGORITHM = "lomo"
@@ -115,12 +124,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._phase: Optional[int] = None
         self._norm_pending = False
         self._stray: Optional[str] = None
-        self._handles = []
-        self._param_names = []
+        self._entries: dict = {}  # name -> TP.Entry, in registration order
+        self._removed = False
         self._cuda_devices = set()
         self._has_fp16 = False
-        self._register(named)
+        # Reentrant checkpointing: the outer backward's graph task, the parameters whose
+        # gradients wait for its end, the ones submitted in this phase, and the parameters seen
+        # receiving a gradient inside a checkpoint's recomputation (deferred from then on).
+        self._outer_task = -1
+        self._pending: dict = {}
+        self._submitted: set = set()
+        self._deferred_names: set = set()
+        self._group_sent: dict = {}
+        self._register([(n, p, self._group_of[n]) for n, p in named])
+        self._start_sync()
         self.two_pass = self._has_fp16 if two_pass is None else bool(two_pass)
+        self._built = True
 
     # ---------------------------------------------------------------------------- construction
     @staticmethod
@@ -163,56 +182,50 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     group_of[name] = gid
         return group_of, settings
 
-    def _register(self, named):
-        ref = weakref.ref(self)
-        for name, p in named:
-            if p.dtype not in _DTYPES:
-                raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32, float16, bfloat16)")
-            if p.layout != torch.strided or not p.is_contiguous():
-                raise ValueError(f"{name}: the parameter must be a dense contiguous tensor")
-            if p.device.type == "cpu":
-                device = N.DEVICE_CPU
-            elif p.device.type == "cuda":
-                device = p.device.index if p.device.index is not None else torch.cuda.current_device()
-                self._cuda_devices.add(device)
-            else:
-                raise ValueError(f"{name}: device {p.device} is not supported (cpu, cuda)")
-            self._has_fp16 |= p.dtype == torch.float16
-            pid = self._native.register_pointer(name, p.data_ptr(), _DTYPES[p.dtype], p.shape,
-                                                device, self._group_of[name])
-            self._param_names.append(name)
-            self._handles.append(
-                p.register_post_accumulate_grad_hook(_make_hook(ref, pid, name, p.data_ptr()))
-            )
+    @property
+    def _param_names(self):
+        return list(self._entries)
+
+    @property
+    def _handles(self):
+        return [] if self._removed else [e.handle for e in self._entries.values()]
 
     # ------------------------------------------------------------------------------ the steps
     def fused_backward(self, loss: torch.Tensor, lr: Optional[float] = None) -> None:
         """Backward pass with each parameter updated (and its gradient dropped) as soon as its
-        gradient is complete. ``lr`` is this step's learning rate (group multipliers apply);
-        None uses ``param_groups[0]["lr"]``, so torch LR schedulers also work. With
-        ``clip_grad_norm`` set, ``grad_norm(loss)`` must have been called first in this step."""
+        gradient is complete. ``lr`` is this step's learning rate for every group (times the
+        group's ``lr_scale``); None uses each group's own ``param_groups[g]["lr"]``, so torch LR
+        schedulers work, per group too. With ``clip_grad_norm`` set, ``grad_norm(loss)`` must
+        have been called first in this step.
+
+        Before the backward, parameters the model replaced (``load_state_dict(assign=True)``,
+        ``.data =``, ``.to()``) are re-registered with their state, and a parameter that
+        requires a gradient but is not trained by this optimizer raises."""
         self._check_usable()
-        if lr is None:
-            lr = self.param_groups[0]["lr"]
         if not self._norm_pending:
             if self.clip_grad_norm is not None:
                 raise ValueError(
                     "clip_grad_norm is set, so every step needs grad_norm(loss) before "
                     "fused_backward(loss, lr) (lomo_native requires this for Lomo and AdaLomo)")
+            self._sync_model()
             if self.two_pass:
                 self._norm_backward(loss)
+        base = self._sync_groups(lr)
         stream = self._stream()
-        self._native.begin(N.PHASE_UPDATE, float(lr), stream)
+        self._native.begin(N.PHASE_UPDATE, base, stream)
         self._norm_pending = False
         self._backward(loss, N.PHASE_UPDATE, retain_graph=False)
         self._native.end(stream)
-        self.lr = lr
+        self.lr = self.param_groups[0]["lr"] if lr is None else lr
 
     def grad_norm(self, loss: torch.Tensor) -> None:
         """First backward of a step: computes the global gradient norm (for ``clip_grad_norm``)
         and checks for overflow, without updating anything. The graph is retained for
         ``fused_backward``. The norm is in ``step_info().grad_norm``."""
         self._check_usable()
+        if self._norm_pending:
+            self._finish_pending()
+        self._sync_model()
         self._norm_backward(loss)
 
     def _norm_backward(self, loss):
@@ -242,13 +255,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
             # that the scaled loss itself cannot saturate (the gradients are checked anyway).
             loss = (loss.float() if loss.dtype == torch.float16 else loss) * scale
         self._phase = phase
+        self._pending, self._submitted, self._outer_task = {}, set(), -1
+        root = loss.grad_fn.register_prehook(self._enter_backward) if loss.grad_fn else None
         try:
             loss.backward(retain_graph=retain_graph)
+            self._flush_pending()
         except BaseException:
             self._phase = None
             self._norm_pending = False
             self._native.cancel()
             raise
+        finally:
+            if root is not None:
+                root.remove()
+            self._pending = {}
         self._phase = None
 
     def _stream(self):
@@ -345,7 +365,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._native.load_state_bytes(blob)
         for gid, (g, saved) in enumerate(zip(self.param_groups, state_dict["groups"])):
             g.update(lr_scale=saved["lr_scale"], weight_decay=saved["weight_decay"], lr=saved["lr"])
-            self._native.group_set(gid, saved["lr_scale"], saved["weight_decay"])
+        self._group_sent = {}  # the next step sends every group's lr and decay
         self.lr = state_dict["lr"]
 
     def _settings(self) -> dict:
@@ -357,9 +377,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def remove(self) -> None:
         """Removes every hook and frees the native optimizer; the model trains normally again.
         Idempotent. Also done at the end of ``with opt:`` and when the optimizer is collected."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        for e in getattr(self, "_entries", {}).values():
+            if e.handle is not None:
+                e.handle.remove()
+                e.handle = None
+        self._removed = True
         if getattr(self, "_native", None) is not None:
             self._native.close()
 
@@ -374,37 +396,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self.remove()
         except Exception:
             pass
-
-
-def _make_hook(opt_ref, pid: int, name: str, ptr: int):
-    """The post-accumulate-grad hook of one parameter: O(1), holds the optimizer weakly."""
-
-    def hook(p: torch.Tensor) -> None:
-        opt = opt_ref()
-        if opt is None:
-            return
-        if opt._phase is None:
-            opt._stray = name  # a plain backward(): leave .grad as PyTorch would
-            return
-        g = p.grad
-        if g is None:
-            return
-        if p.data_ptr() != ptr:
-            raise RuntimeError(f"'{name}' was moved or reallocated after the optimizer was built "
-                               "(e.g. .to() or .data =); build the optimizer after that")
-        if g.layout != torch.strided:
-            raise RuntimeError(f"'{name}': sparse gradients are not supported")
-        if not g.is_contiguous():
-            g = g.contiguous()
-        stream = None
-        if g.is_cuda:
-            s = torch.cuda.current_stream(g.device)
-            g.record_stream(s)
-            stream = s.cuda_stream
-        opt._native.submit_pointer(pid, g.data_ptr(), _DTYPES[g.dtype], stream)
-        p.grad = None
-
-    return hook
 
 
 class Lomo(_FusedOptimizer):

@@ -48,6 +48,8 @@ struct ChunkWs {
     usq: f64,
     psq: f64,
     finite: bool,
+    /// Pass C: every new value of this chunk was finite.
+    clean: bool,
 }
 
 /// Scratch memory of one parameter, sized at registration.
@@ -94,6 +96,16 @@ impl AdaWorkspace {
             col_new: alloc::zeros(c, WHAT)?,
             c_scale: alloc::zeros(c, WHAT)?,
         })
+    }
+
+    /// Whether the new state computed by the last [`stats`] is finite everywhere (rows and
+    /// columns, or the vector). The f32 statistics can overflow on finite gradients
+    /// (|g/S| ≳ 1.8e19 squares to infinity), which would silently zero or NaN the update.
+    pub fn new_state_finite(&self) -> bool {
+        self.chunks
+            .iter()
+            .all(|w| w.new_state.iter().all(|v| v.is_finite()))
+            && self.col_new.iter().all(|v| v.is_finite())
     }
 
     pub fn bytes(&self) -> usize {
@@ -223,10 +235,25 @@ fn finalize_factored(ws: &mut AdaWorkspace, col_old: &[f32], rows: usize, args: 
     }
     for w in &mut ws.chunks {
         for (s, &r) in w.r_scale.iter_mut().zip(&w.new_state) {
-            *s = 1.0 / (r / row_mean).sqrt();
+            *s = row_scale(r, row_mean);
         }
     }
     sum_u_sq * row_mean as f64
+}
+
+/// rsqrt(row / mean(row)), lomo-optim's formula, for every row it can represent. A row far
+/// below the mean (a zero-gradient row, whose state is ε1-sized, next to rows with |g| ≳ 1e7)
+/// makes the quotient underflow to 0 and the formula infinite, and ∞ · 0 would turn that row's
+/// zero update into NaN: such rows take the same value as sqrt(mean) · rsqrt(row), which
+/// represents it (saturated at the f32 maximum in the limit).
+#[inline]
+fn row_scale(r: f32, row_mean: f32) -> f32 {
+    let s = 1.0 / (r / row_mean).sqrt();
+    if s.is_finite() {
+        s
+    } else {
+        (row_mean.sqrt() * (1.0 / r.sqrt())).min(f32::MAX)
+    }
 }
 
 /// Writes the new state computed by [`stats`] into `state`.
@@ -246,8 +273,15 @@ pub fn commit(state: StateViewMut<'_>, ws: &AdaWorkspace) {
     }
 }
 
-/// Pass C: applies the normalized update; returns Σp² of the written values when `args.carry`.
-pub fn apply(param: &RawBuf, grad: &RawBuf, ws: &mut AdaWorkspace, args: &ApplyArgs) -> f64 {
+/// Pass C: applies the normalized update; returns Σp² of the written values when `args.carry`
+/// (else 0) and whether every new value was finite. An element whose new value overflows the
+/// parameter's dtype keeps its old value (finite inputs can only overflow, never give NaN).
+pub fn apply(
+    param: &RawBuf,
+    grad: &RawBuf,
+    ws: &mut AdaWorkspace,
+    args: &ApplyArgs,
+) -> (f64, bool) {
     let cols = ws.cols;
     let factored = ws.factored;
     let c_scale = &ws.c_scale;
@@ -257,7 +291,7 @@ pub fn apply(param: &RawBuf, grad: &RawBuf, ws: &mut AdaWorkspace, args: &ApplyA
         } else {
             (w.a, w.b)
         };
-        w.psq = with_dtypes!(param.dtype, grad.dtype, |P, G| {
+        (w.psq, w.clean) = with_dtypes!(param.dtype, grad.dtype, |P, G| {
             // SAFETY: buffers validated by the core; chunks are disjoint, so this is the only
             // reference to p[a..b]; the gradient is only read.
             let (p, g) = unsafe { (param.slice_mut::<P>(a, b), grad.slice::<G>(a, b)) };
@@ -268,11 +302,13 @@ pub fn apply(param: &RawBuf, grad: &RawBuf, ws: &mut AdaWorkspace, args: &ApplyA
             }
         });
     });
-    if args.carry {
+    let clean = ws.chunks.iter().all(|w| w.clean);
+    let psq = if args.carry {
         ws.chunks.iter().map(|w| w.psq).sum()
     } else {
         0.0
-    }
+    };
+    (psq, clean)
 }
 
 multiversion! {
@@ -408,24 +444,31 @@ multiversion! {
 }
 
 multiversion! {
-    fn apply_rows<P: Elem, G: Elem>(p: &mut [P], g: &[G], r_scale: &[f32], c_scale: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
+    fn apply_rows<P: Elem, G: Elem>(p: &mut [P], g: &[G], r_scale: &[f32], c_scale: &[f32], args: &ApplyArgs, elem0: u64) -> (f64, bool) {
         let cols = c_scale.len();
         let (xf, inv_clip, neg_lr, decay) = (args.xf, args.inv_clip, args.neg_lr, args.decay);
         let mut psq = 0f64;
+        let mut overflow = 0u32;
         for (i, &rs) in r_scale.iter().enumerate() {
             let (prow, grow) = (&mut p[i * cols..(i + 1) * cols], &g[i * cols..(i + 1) * cols]);
             match args.round.mode {
                 Rounding::Nearest => {
                     for ((pv, gv), &cs) in prow.iter_mut().zip(grow).zip(c_scale) {
                         let u = ((rs * cs) * xf.apply(gv.to_f32())) * inv_clip;
-                        *pv = P::from_f32_rne(u.mul_add(neg_lr, pv.to_f32() * decay));
+                        let nv = P::from_f32_rne(u.mul_add(neg_lr, pv.to_f32() * decay));
+                        let ok = nv.is_finite_bits();
+                        overflow |= (!ok) as u32;
+                        *pv = if ok { nv } else { *pv };
                     }
                 }
                 Rounding::Stochastic => {
                     let e0 = elem0 + (i * cols) as u64;
                     for (k, ((pv, gv), &cs)) in prow.iter_mut().zip(grow).zip(c_scale).enumerate() {
                         let u = ((rs * cs) * xf.apply(gv.to_f32())) * inv_clip;
-                        *pv = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), e0 + k as u64);
+                        let nv: P = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), e0 + k as u64);
+                        let ok = nv.is_finite_bits();
+                        overflow |= (!ok) as u32;
+                        *pv = if ok { nv } else { *pv };
                     }
                 }
             }
@@ -433,21 +476,22 @@ multiversion! {
                 psq += sum_sq(prow);
             }
         }
-        psq
+        (psq, overflow == 0)
     }
 }
 
 multiversion! {
-    fn apply_vector<P: Elem, G: Elem>(p: &mut [P], g: &[G], v: &[f32], args: &ApplyArgs, elem0: u64) -> f64 {
+    fn apply_vector<P: Elem, G: Elem>(p: &mut [P], g: &[G], v: &[f32], args: &ApplyArgs, elem0: u64) -> (f64, bool) {
         let (xf, inv_clip, neg_lr, decay) = (args.xf, args.inv_clip, args.neg_lr, args.decay);
+        let mut overflow = 0u32;
         for (k, ((pv, gv), &vv)) in p.iter_mut().zip(g).zip(v).enumerate() {
             let u = ((1.0 / vv.sqrt()) * xf.apply(gv.to_f32())) * inv_clip;
-            *pv = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), elem0 + k as u64);
+            let nv: P = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), elem0 + k as u64);
+            let ok = nv.is_finite_bits();
+            overflow |= (!ok) as u32;
+            *pv = if ok { nv } else { *pv };
         }
-        if args.carry {
-            sum_sq(p)
-        } else {
-            0.0
-        }
+        let psq = if args.carry { sum_sq(p) } else { 0.0 };
+        (psq, overflow == 0)
     }
 }

@@ -14,6 +14,8 @@ pub(crate) const TILE: usize = 1024;
 /// A stored element type. `Bits` is its storage (f32, or u16 for the half types).
 pub trait Elem: Copy + Send + Sync + 'static {
     const DTYPE: DType;
+    /// The largest finite value, as f32: a result of larger magnitude may round to infinity.
+    const MAX_F32: f32;
     fn to_f32(self) -> f32;
     /// Round to nearest, ties to even; NaN stays NaN.
     fn from_f32_rne(v: f32) -> Self;
@@ -25,6 +27,7 @@ pub trait Elem: Copy + Send + Sync + 'static {
 
 impl Elem for f32 {
     const DTYPE: DType = DType::F32;
+    const MAX_F32: f32 = f32::MAX;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -50,6 +53,7 @@ pub struct Bf16(pub u16);
 
 impl Elem for Bf16 {
     const DTYPE: DType = DType::Bf16;
+    const MAX_F32: f32 = 3.389_531_4e38; // 0x7f7f as bf16
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
@@ -75,6 +79,7 @@ pub struct F16(pub u16);
 
 impl Elem for F16 {
     const DTYPE: DType = DType::F16;
+    const MAX_F32: f32 = 65504.0;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16_to_f32(self.0)

@@ -19,9 +19,12 @@ pub struct LomoArgs {
     pub round: RoundCtx,
 }
 
-/// Applies the update in place and returns whether the gradient was finite. Each tile is checked
-/// before it is written, so a non-finite element never reaches the parameter; the caller runs
-/// `norm::grad_all_finite` first when the whole tensor must be left untouched in that case.
+/// Applies the update in place and returns whether it was clean: the gradient finite and every
+/// new value finite. Each tile is checked before it is written, so a non-finite element never
+/// reaches the parameter: a tile with a non-finite gradient element is not written (the caller
+/// runs `norm::grad_all_finite` first when the whole tensor must be left untouched in that
+/// case), and an element whose new value overflows the parameter's dtype keeps its old value
+/// (finite inputs can only give ±inf by overflow, never NaN).
 pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
     let n = param.numel;
     let chunks = chunk_count(n, 1);
@@ -48,21 +51,31 @@ multiversion! {
         // Each tile is computed into `tmp` (in L1) while its gradient is checked, and written
         // back only if every element was finite: one pass over p and g, streamed together.
         let mut tmp = [P::from_f32_rne(0.0); TILE];
+        let mut clean = true;
         for (t, (pt, gt)) in p.chunks_mut(TILE).zip(g.chunks(TILE)).enumerate() {
             let out = &mut tmp[..pt.len()];
             let mut bad = 0u32;
+            // Whether some |result| before rounding exceeds the dtype's largest value (NaN cannot
+            // arise from finite operands): a tile within the range cannot round to infinity
+            // under round-to-nearest, nor under stochastic rounding, which never rounds past the
+            // next representable value.
+            let mut big = 0u32;
             match args.round.mode {
                 Rounding::Nearest if identity => {
                     for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
                         bad |= (!gv.is_finite_bits()) as u32;
-                        *o = P::from_f32_rne(gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay));
+                        let r = gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay);
+                        big |= (r.abs() > P::MAX_F32) as u32;
+                        *o = P::from_f32_rne(r);
                     }
                 }
                 Rounding::Nearest => {
                     for ((o, pv), gv) in out.iter_mut().zip(pt.iter()).zip(gt) {
                         bad |= (!gv.is_finite_bits()) as u32;
                         let x = xf.apply(gv.to_f32());
-                        *o = P::from_f32_rne(x.mul_add(neg_lr, pv.to_f32() * decay));
+                        let r = x.mul_add(neg_lr, pv.to_f32() * decay);
+                        big |= (r.abs() > P::MAX_F32) as u32;
+                        *o = P::from_f32_rne(r);
                     }
                 }
                 Rounding::Stochastic => {
@@ -70,15 +83,28 @@ multiversion! {
                     for (k, ((o, pv), gv)) in out.iter_mut().zip(pt.iter()).zip(gt).enumerate() {
                         bad |= (!gv.is_finite_bits()) as u32;
                         let x = xf.apply(gv.to_f32());
-                        *o = args.round.store(x.mul_add(neg_lr, pv.to_f32() * decay), e0 + k as u64);
+                        let r = x.mul_add(neg_lr, pv.to_f32() * decay);
+                        big |= (r.abs() > P::MAX_F32) as u32;
+                        *o = args.round.store(r, e0 + k as u64);
                     }
                 }
             }
             if bad != 0 {
                 return false;
             }
-            pt.copy_from_slice(out);
+            if big == 0 {
+                pt.copy_from_slice(out);
+            } else {
+                // Near the range's end: an element that rounded to infinity keeps its value.
+                for (pv, o) in pt.iter_mut().zip(out.iter()) {
+                    if o.is_finite_bits() {
+                        *pv = *o;
+                    } else {
+                        clean = false;
+                    }
+                }
+            }
         }
-        true
+        clean
     }
 }

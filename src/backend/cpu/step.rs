@@ -141,6 +141,10 @@ impl Backend for CpuStep<'_> {
             return Ok(());
         }
         let (decay, neg_lr) = scalars::lomo_scalars(self.lr(u), u.weight_decay);
+        if !(decay.is_finite() && neg_lr.is_finite()) {
+            t.finite = false; // lr · weight_decay or lr overflows f32: nothing is written
+            return Ok(());
+        }
         let args = lomo::LomoArgs {
             xf: self.host.xf,
             decay,
@@ -177,12 +181,25 @@ impl Backend for CpuStep<'_> {
         }
         let param = t.param;
         let a = ada(t);
-        adalomo::commit(a.state.reborrow(), a.ws);
         let sum_p_sq = a.carried_sum_sq.unwrap_or(a.stats.sum_p_sq);
         let rms = scalars::param_rms(sum_p_sq, n);
         let (decay, neg_lr) =
             scalars::adalomo_scalars(self.lr(u), u.weight_decay, self.cfg.eps2, rms);
         let inv_clip = 1.0 / scalars::update_clip(a.stats.sum_u_sq, n, self.cfg.clip_threshold);
+        // Finite gradients can still overflow the f32 statistics (g² for |g/S| ≳ 1.8e19, Σp² for
+        // parameters above ~1.8e19) or the scalars: that step would write NaN or silently zero
+        // updates, so it is refused like a non-finite gradient, before anything changes.
+        let clean = a.stats.sum_u_sq.is_finite()
+            && rms.is_finite()
+            && a.ws.new_state_finite()
+            && decay.is_finite()
+            && neg_lr.is_finite()
+            && inv_clip.is_finite();
+        if !clean {
+            t.finite = false;
+            return Ok(());
+        }
+        adalomo::commit(a.state.reborrow(), a.ws);
         let args = ApplyArgs {
             xf: self.host.xf,
             inv_clip,
@@ -191,9 +208,11 @@ impl Backend for CpuStep<'_> {
             round: self.round(u),
             carry: u.carry,
         };
-        let written = adalomo::apply(&param, g, a.ws, &args);
+        let (written, no_overflow) = adalomo::apply(&param, g, a.ws, &args);
         a.applied = true;
         a.written_sum_sq = u.carry.then_some(written);
+        // Elements whose new value would overflow the dtype kept their old value: reported.
+        t.finite = no_overflow;
         Ok(())
     }
 
