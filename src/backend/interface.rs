@@ -116,6 +116,12 @@ pub trait Backend {
     /// (Σp² of the written values into the record when `u.carry`).
     fn ada_apply(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
 
+    /// The tensor's partial statistics as one f64 record to all-reduce (SUM) over the group of
+    /// ranks holding its pieces, after `ada_stats` or `check_finite`; None when the tensor is
+    /// whole on this rank (nothing to reduce). The layout is the backend's (CPU:
+    /// `cpu::ada_piece`); the core only reduces it.
+    fn partials<'s>(&self, t: &'s mut Self::Tensor<'_>) -> Option<&'s mut [f64]>;
+
     /// Ends a phase on the step record from the (reduced) tensor records (CPU: the core decides
     /// on the host, nothing to do here; CUDA: one single-block kernel).
     fn phase_end(&self, update: bool) -> Result<()>;

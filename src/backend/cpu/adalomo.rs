@@ -30,33 +30,33 @@ const FOLD_ROWS: usize = 64;
 const ROW_FOLD: usize = 256;
 
 #[derive(Debug, Default)]
-struct ChunkWs {
+pub(super) struct ChunkWs {
     /// Factored: rows `[a, b)`; vector: elements `[a, b)`.
-    a: usize,
-    b: usize,
+    pub(super) a: usize,
+    pub(super) b: usize,
     /// New row state (factored) or new vector state (vector) for this chunk's range.
-    new_state: Vec<f32>,
+    pub(super) new_state: Vec<f32>,
     /// rsqrt(row_i / mean(row)) for this chunk's rows (factored).
-    r_scale: Vec<f32>,
-    col64: Vec<f64>,
-    d64: Vec<f64>,
-    colblk: Vec<f32>,
-    dblk: Vec<f32>,
-    xsq: Vec<f32>,
-    usq: f64,
-    psq: f64,
-    finite: bool,
+    pub(super) r_scale: Vec<f32>,
+    pub(super) col64: Vec<f64>,
+    pub(super) d64: Vec<f64>,
+    pub(super) colblk: Vec<f32>,
+    pub(super) dblk: Vec<f32>,
+    pub(super) xsq: Vec<f32>,
+    pub(super) usq: f64,
+    pub(super) psq: f64,
+    pub(super) finite: bool,
 }
 
 /// Scratch memory of one parameter, sized at registration.
 #[derive(Debug)]
 pub struct AdaWorkspace {
-    rows: usize,
-    cols: usize,
-    factored: bool,
-    chunks: Vec<ChunkWs>,
-    col_new: Vec<f32>,
-    c_scale: Vec<f32>,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) factored: bool,
+    pub(super) chunks: Vec<ChunkWs>,
+    pub(super) col_new: Vec<f32>,
+    pub(super) c_scale: Vec<f32>,
 }
 
 impl AdaWorkspace {
@@ -149,9 +149,31 @@ pub fn stats(
     ws: &mut AdaWorkspace,
     args: &StatsArgs,
 ) -> Stats {
-    let (rows, cols) = (ws.rows, ws.cols);
+    let rows = ws.rows;
+    chunk_pass(param, grad, state, ws, args);
+    let stats = gather(ws, args.need_psq);
     match state {
-        StateView::Factored { row, col } => {
+        StateView::Factored { col, .. } if stats.finite => {
+            // On the calling thread, outside the chunks: IEEE arithmetic too.
+            let sum_u_sq = super::fpenv::ieee(|| finalize_factored(ws, col, rows, args));
+            Stats { sum_u_sq, ..stats }
+        }
+        _ => stats,
+    }
+}
+
+/// The per-chunk loops of pass A: each chunk's new state, column and `D_j` partials, Σu²
+/// (vector), Σp² and finite flag, in its workspace. The buffers must hold at least one element.
+pub(super) fn chunk_pass(
+    param: &RawBuf,
+    grad: &RawBuf,
+    state: StateView<'_>,
+    ws: &mut AdaWorkspace,
+    args: &StatsArgs,
+) {
+    let cols = ws.cols;
+    match state {
+        StateView::Factored { row, .. } => {
             for_each_chunk_mut(&mut ws.chunks, |_, w| {
                 let (a, b) = (w.a * cols, w.b * cols);
                 with_dtypes!(param.dtype, grad.dtype, |P, G| {
@@ -160,13 +182,6 @@ pub fn stats(
                     stats_rows::<P, G>(w, g, p, &row[w.a..w.b], cols, args)
                 });
             });
-            let stats = gather(ws, args.need_psq);
-            if !stats.finite {
-                return stats;
-            }
-            // On the calling thread, outside the chunks: IEEE arithmetic too.
-            let sum_u_sq = super::fpenv::ieee(|| finalize_factored(ws, col, rows, args));
-            Stats { sum_u_sq, ..stats }
         }
         StateView::Vector { v } => {
             for_each_chunk_mut(&mut ws.chunks, |_, w| {
@@ -176,12 +191,11 @@ pub fn stats(
                     stats_vector::<P, G>(w, g, p, &v[w.a..w.b], args)
                 });
             });
-            gather(ws, args.need_psq)
         }
     }
 }
 
-fn gather(ws: &AdaWorkspace, need_psq: bool) -> Stats {
+pub(super) fn gather(ws: &AdaWorkspace, need_psq: bool) -> Stats {
     let finite = ws.chunks.iter().all(|w| w.finite);
     let sum_u_sq = ws.chunks.iter().map(|w| w.usq).sum();
     let sum_p_sq = if need_psq {

@@ -100,13 +100,16 @@ pub struct RoundCtx {
     pub seed: u64,
     pub step: u64,
     pub param_id: u32,
+    /// Global index of the buffer's first element (a piece of a larger tensor; 0 otherwise), so
+    /// an element draws the same bits whichever rank holds it.
+    pub offset: u64,
 }
 
 impl RoundCtx {
     /// The random word of element `element` of this parameter at this step.
     #[inline(always)]
     pub fn word(&self, element: u64) -> u32 {
-        random_word(self.seed, self.step, self.param_id, element)
+        random_word(self.seed, self.step, self.param_id, self.offset + element)
     }
 
     /// Stores `v` into `out` for element `element`.

@@ -4,7 +4,8 @@
 //! The passes are [`super::norm`], [`super::lomo`] and [`super::adalomo`]; the scalars come from
 //! [`crate::backend::scalars`]. Nothing here allocates.
 
-use super::adalomo::{self, AdaWorkspace, ApplyArgs, StateViewMut, Stats, StatsArgs};
+use super::ada_piece;
+use super::adalomo::{self, AdaWorkspace, ApplyArgs, StateView, StateViewMut, Stats, StatsArgs};
 use super::convert::RoundCtx;
 use super::{lomo, norm};
 use crate::backend::interface::{Backend, PhaseBegin, TensorUpdate};
@@ -71,6 +72,21 @@ impl<'a> CpuAda<'a> {
     }
 }
 
+/// A tensor held in pieces by several ranks: where this rank's piece lies and the buffer of its
+/// partial statistics, which the core all-reduces between `ada_stats` (or `check_finite`) and
+/// the pass that uses them.
+#[derive(Debug)]
+pub struct CpuPiece<'a> {
+    /// Elements and rows of the global tensor's `[R, C]` view (`[numel, 1]` for rank ≤ 1).
+    pub global_numel: usize,
+    pub global_rows: usize,
+    /// Global index of the piece's first element.
+    pub elem_offset: u64,
+    /// The partial record: AdaLomo `ada_piece::record_len` values; LOMO one value (the
+    /// non-finite count).
+    pub record: &'a mut [f64],
+}
+
 /// One tensor on the CPU: the parameter, AdaLomo's state and workspace, and the tensor record.
 #[derive(Debug)]
 pub struct CpuTensor<'a> {
@@ -78,6 +94,8 @@ pub struct CpuTensor<'a> {
     pub param: RawBuf,
     /// AdaLomo state and workspace (None for LOMO and NORM-only tensors).
     pub ada: Option<CpuAda<'a>>,
+    /// The tensor is a piece of a larger one (None: the whole tensor is here).
+    pub piece: Option<CpuPiece<'a>>,
     /// Record: NORM's Σ(g·inv_scale)² over a finite gradient (0 otherwise).
     pub sum_sq: f64,
     /// Record: the gradient was finite (true until a pass finds otherwise).
@@ -89,19 +107,39 @@ impl<'a> CpuTensor<'a> {
         CpuTensor {
             param,
             ada,
+            piece: None,
             sum_sq: 0.0,
             finite: true,
         }
     }
+
+    /// Elements of the whole tensor (of this buffer when it is not a piece).
+    fn global_numel(&self) -> usize {
+        self.piece
+            .as_ref()
+            .map_or(self.param.numel, |p| p.global_numel)
+    }
 }
 
 impl CpuStep<'_> {
-    fn round(&self, u: &TensorUpdate) -> RoundCtx {
+    fn round(&self, u: &TensorUpdate, t: &CpuTensor<'_>) -> RoundCtx {
         RoundCtx {
             mode: self.cfg.rounding,
             seed: self.cfg.seed,
             step: self.host.step,
             param_id: u.param_id,
+            offset: t.piece.as_ref().map_or(0, |p| p.elem_offset),
+        }
+    }
+
+    fn stats_args(&self, need_psq: bool) -> StatsArgs {
+        let (beta, one_minus_beta) = scalars::adalomo_beta(self.host.step, self.cfg.decay_rate);
+        StatsArgs {
+            xf: self.host.xf,
+            beta,
+            one_minus_beta,
+            eps1: self.cfg.eps1 as f32,
+            need_psq,
         }
     }
 
@@ -111,8 +149,8 @@ impl CpuStep<'_> {
     }
 }
 
-fn ada<'t, 'a>(t: &'t mut CpuTensor<'a>) -> &'t mut CpuAda<'a> {
-    t.ada.as_mut().expect("AdaLomo tensors carry AdaLomo state")
+fn ada<'t, 'a>(ada: &'t mut Option<CpuAda<'a>>) -> &'t mut CpuAda<'a> {
+    ada.as_mut().expect("AdaLomo tensors carry AdaLomo state")
 }
 
 impl Backend for CpuStep<'_> {
@@ -133,10 +171,18 @@ impl Backend for CpuStep<'_> {
         if g.numel > 0 && !self.host.skip {
             t.finite = norm::grad_all_finite(g);
         }
+        if let Some(p) = t.piece.as_mut() {
+            p.record.fill(0.0);
+            p.record[0] = (!t.finite) as u32 as f64;
+        }
         Ok(())
     }
 
     fn lomo(&self, t: &mut CpuTensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
+        if let (Some(p), false) = (t.piece.as_ref(), u.prechecked) {
+            // The reduced count of pieces with a non-finite gradient.
+            t.finite = p.record[0] == 0.0;
+        }
         if t.param.numel == 0 || self.host.skip || !t.finite {
             return Ok(());
         }
@@ -145,56 +191,89 @@ impl Backend for CpuStep<'_> {
             xf: self.host.xf,
             decay,
             neg_lr,
-            round: self.round(u),
+            round: self.round(u, t),
         };
         t.finite = lomo::lomo_update(&t.param, g, &args);
         Ok(())
     }
 
     fn ada_stats(&self, t: &mut CpuTensor<'_>, g: &RawBuf, _u: &TensorUpdate) -> Result<()> {
-        if t.param.numel == 0 || self.host.skip {
+        if t.global_numel() == 0 || self.host.skip {
             return Ok(());
         }
-        let (beta, one_minus_beta) = scalars::adalomo_beta(self.host.step, self.cfg.decay_rate);
         let param = t.param;
-        let a = ada(t);
-        let st = StatsArgs {
-            xf: self.host.xf,
-            beta,
-            one_minus_beta,
-            eps1: self.cfg.eps1 as f32,
-            need_psq: a.carried_sum_sq.is_none(),
-        };
-        a.stats = adalomo::stats(&param, g, a.state.as_view(), a.ws, &st);
-        t.finite = a.stats.finite;
+        let (a, piece) = (ada(&mut t.ada), t.piece.as_mut());
+        let st = self.stats_args(a.carried_sum_sq.is_none());
+        match piece {
+            None => {
+                a.stats = adalomo::stats(&param, g, a.state.as_view(), a.ws, &st);
+                t.finite = a.stats.finite;
+            }
+            Some(p) => {
+                let view = a.state.as_view();
+                ada_piece::stats(&param, g, view, a.ws, &st, a.carried_sum_sq, p.record);
+            }
+        }
         Ok(())
     }
 
     fn ada_apply(&self, t: &mut CpuTensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
-        let n = t.param.numel;
-        if n == 0 || self.host.skip || !t.finite {
+        let n = t.global_numel();
+        if n == 0 || self.host.skip {
             return Ok(());
         }
+        let round = self.round(u, t);
         let param = t.param;
-        let a = ada(t);
+        let (a, piece) = (ada(&mut t.ada), t.piece.as_ref());
+        let (sum_u_sq, sum_p_sq) = match piece {
+            None if !t.finite => return Ok(()),
+            None => (
+                a.stats.sum_u_sq,
+                a.carried_sum_sq.unwrap_or(a.stats.sum_p_sq),
+            ),
+            Some(p) => {
+                if !ada_piece::finite(p.record) {
+                    t.finite = false;
+                    return Ok(());
+                }
+                let st = self.stats_args(a.carried_sum_sq.is_none());
+                // Reads the old column state; the new one goes to the workspace.
+                let col_old = match a.state.as_view() {
+                    StateView::Factored { col, .. } => Some(col),
+                    StateView::Vector { .. } => None,
+                };
+                let ws = &mut *a.ws;
+                let sum_u_sq = super::fpenv::ieee(|| {
+                    ada_piece::finalize(ws, col_old, p.record, p.global_rows, &st)
+                });
+                (sum_u_sq, ada_piece::sum_p_sq(p.record))
+            }
+        };
         adalomo::commit(a.state.reborrow(), a.ws);
-        let sum_p_sq = a.carried_sum_sq.unwrap_or(a.stats.sum_p_sq);
         let rms = scalars::param_rms(sum_p_sq, n);
         let (decay, neg_lr) =
             scalars::adalomo_scalars(self.lr(u), u.weight_decay, self.cfg.eps2, rms);
-        let inv_clip = 1.0 / scalars::update_clip(a.stats.sum_u_sq, n, self.cfg.clip_threshold);
+        let inv_clip = 1.0 / scalars::update_clip(sum_u_sq, n, self.cfg.clip_threshold);
         let args = ApplyArgs {
             xf: self.host.xf,
             inv_clip,
             decay,
             neg_lr,
-            round: self.round(u),
+            round,
             carry: u.carry,
         };
-        let written = adalomo::apply(&param, g, a.ws, &args);
+        let written = if param.numel > 0 {
+            adalomo::apply(&param, g, a.ws, &args)
+        } else {
+            0.0
+        };
         a.applied = true;
         a.written_sum_sq = u.carry.then_some(written);
         Ok(())
+    }
+
+    fn partials<'s>(&self, t: &'s mut CpuTensor<'_>) -> Option<&'s mut [f64]> {
+        t.piece.as_mut().map(|p| &mut *p.record)
     }
 
     fn phase_end(&self, _update: bool) -> Result<()> {

@@ -1,0 +1,229 @@
+//! Core layer: the optimizer's distributed setup — communicators (`lomo_comm_add`), the group
+//! that agrees on the step's scalars (`lomo_dist_set`) and pieces of tensors
+//! (`lomo_param_set_shard`). All of it between steps; the step itself is `step.rs` over
+//! `crate::orchestrate`.
+
+use super::{Optimizer, StepState};
+use crate::backend::cpu::ada_piece;
+use crate::config::Algorithm;
+use crate::dist::{Comm, Layout, Shard, DIST_CHECK, SHARD_NORM_DUPLICATE};
+use crate::error::{bail, Result};
+use crate::param::Device;
+
+/// A piece description as the C API hands it over (`lomo_shard_desc`), not yet checked.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardDesc<'a> {
+    pub layout: u32,
+    pub global_shape: &'a [i64],
+    /// ROWS: first row of the `[R, C]` view (rank ≤ 1: first element); COLS: first column;
+    /// FLAT: first element; FULL: 0.
+    pub offset: i64,
+    pub piece_comm: Option<u32>,
+    pub grad_mode: u32,
+    pub grad_comm: Option<u32>,
+    pub flags: u32,
+}
+
+impl Optimizer {
+    fn between_steps(&self, what: &str) -> Result<()> {
+        if self.state != StepState::Idle {
+            bail!(PhaseError, "{what} is only possible between steps");
+        }
+        Ok(())
+    }
+
+    /// Whether a communicator may be added now (between steps, below the id limit).
+    pub fn comm_add_check(&self) -> Result<()> {
+        self.between_steps("adding a communicator")?;
+        if self.dist.comms.len() >= u32::MAX as usize - 1 {
+            bail!(InvalidArgument, "too many communicators");
+        }
+        Ok(())
+    }
+
+    /// Adds a communicator (after [`Optimizer::comm_add_check`]); returns its id (dense, from 0).
+    pub fn comm_add(&mut self, comm: Comm) -> u32 {
+        self.dist.comms.push(comm);
+        self.dist.comms.len() as u32 - 1
+    }
+
+    /// Sets the group over which the step's scalars are agreed (None: this rank alone) and the
+    /// `DIST_CHECK` flag.
+    pub fn dist_set(&mut self, norm_comm: Option<u32>, flags: u32) -> Result<()> {
+        self.between_steps("lomo_dist_set")?;
+        if flags & !DIST_CHECK != 0 {
+            bail!(InvalidArgument, "lomo_dist_set: unknown flags {flags:#x}");
+        }
+        if let Some(c) = norm_comm {
+            self.dist.comm(c, "lomo_dist_set")?;
+            if self.cuda.is_some() {
+                bail!(
+                    Unsupported,
+                    "lomo_dist_set: this optimizer has CUDA parameters; distributed steps run \
+                     on the CPU backend only so far"
+                );
+            }
+        }
+        self.dist.norm_comm = norm_comm;
+        self.dist.check = flags & DIST_CHECK != 0;
+        self.dist.fingerprint = fingerprint(&format!("{:?}", self.config));
+        Ok(())
+    }
+
+    /// Declares parameter `id` a piece of a global tensor (between steps). Checks the piece
+    /// against the registration and sizes its statistics record.
+    pub fn param_set_shard(&mut self, id: u32, d: &ShardDesc<'_>) -> Result<()> {
+        self.between_steps("lomo_param_set_shard")?;
+        let comms = self.dist.comms.len();
+        let Some(param) = self.params.get_mut(id as usize) else {
+            bail!(UnknownParam, "no parameter with id {id}");
+        };
+        let name = param.name.clone();
+        if param.device != Device::Cpu {
+            bail!(
+                Unsupported,
+                "'{name}': pieces of tensors are supported on the CPU backend only so far"
+            );
+        }
+        let layout = match d.layout {
+            0 => Layout::Full,
+            1 => Layout::Rows,
+            2 | 3 => bail!(
+                Unsupported,
+                "'{name}': LOMO_LAYOUT_COLS and LOMO_LAYOUT_FLAT are not supported yet (use \
+                 LOMO_LAYOUT_ROWS, or FULL with gradients reduced by the caller)"
+            ),
+            v => bail!(InvalidArgument, "'{name}': unknown layout {v}"),
+        };
+        match d.grad_mode {
+            0 => {}
+            1 | 2 => bail!(
+                Unsupported,
+                "'{name}': the library does not reduce gradients yet: submit the reduced \
+                 gradient of the piece (LOMO_GRAD_REDUCED)"
+            ),
+            v => bail!(InvalidArgument, "'{name}': unknown gradient mode {v}"),
+        }
+        if d.flags & !SHARD_NORM_DUPLICATE != 0 {
+            bail!(
+                InvalidArgument,
+                "'{name}': unknown shard flags {:#x}",
+                d.flags
+            );
+        }
+        for c in [d.piece_comm, d.grad_comm].into_iter().flatten() {
+            if c as usize >= comms {
+                bail!(
+                    InvalidArgument,
+                    "'{name}': no communicator {c} ({comms} added)"
+                );
+            }
+        }
+        let mut global = Vec::with_capacity(d.global_shape.len());
+        let mut g_numel: usize = 1;
+        for &v in d.global_shape {
+            if v < 0 {
+                bail!(
+                    InvalidArgument,
+                    "'{name}': global shape {:?} has a negative dimension",
+                    d.global_shape
+                );
+            }
+            g_numel = match g_numel.checked_mul(v as usize) {
+                Some(n) => n,
+                None => bail!(
+                    InvalidArgument,
+                    "'{name}': the global element count overflows"
+                ),
+            };
+            global.push(v as usize);
+        }
+        let factored = global.len() >= 2;
+        let (g_rows, g_cols) = if factored {
+            let c = global[global.len() - 1];
+            (g_numel.checked_div(c).unwrap_or(0), c)
+        } else {
+            (g_numel, 1)
+        };
+        if factored != param.factored || (factored && g_cols != param.cols) {
+            bail!(
+                InvalidArgument,
+                "'{name}': the piece {:?} does not fit the global shape {:?} (same rank ≥ 2 and \
+                 the same last dimension for ROWS; rank ≤ 1 for a range of elements)",
+                param.shape,
+                global
+            );
+        }
+        let offset = d.offset;
+        let elem_offset = match layout {
+            Layout::Full => {
+                if global != param.shape || offset != 0 {
+                    bail!(
+                        InvalidArgument,
+                        "'{name}': LOMO_LAYOUT_FULL needs the registered shape {:?} to be the \
+                         global shape (got {global:?}) and offset 0 (got {offset})",
+                        param.shape
+                    );
+                }
+                0
+            }
+            _ => {
+                if offset < 0 || (offset as usize).saturating_add(param.rows) > g_rows {
+                    bail!(
+                        InvalidArgument,
+                        "'{name}': rows [{offset}, {offset} + {}) are not inside the {g_rows} rows \
+                         of the global [{g_rows}, {g_cols}] view",
+                        param.rows
+                    );
+                }
+                offset as u64 * g_cols as u64
+            }
+        };
+        let whole = param.numel() == g_numel;
+        if layout == Layout::Rows && d.piece_comm.is_none() && !whole {
+            bail!(
+                InvalidArgument,
+                "'{name}': a piece of rows needs piece_comm, the ranks holding the other rows"
+            );
+        }
+        let rec_len = match (layout, self.config.algorithm) {
+            (Layout::Full, _) => 0,
+            (_, Algorithm::Adalomo) => ada_piece::record_len(param.cols, factored),
+            (_, Algorithm::Lomo) => 1,
+        };
+        param.shard = Some(Shard {
+            layout,
+            global_numel: g_numel,
+            global_rows: g_rows,
+            elem_offset,
+            piece_comm: d.piece_comm,
+            norm_duplicate: d.flags & SHARD_NORM_DUPLICATE != 0,
+        });
+        param.inner.lock().dist_rec = vec![0.0; rec_len];
+        Ok(())
+    }
+
+    /// The agreement of the current phase's end, when a norm group is set.
+    pub(super) fn agreement(&self, submitted: u32) -> Option<crate::orchestrate::Agreement<'_>> {
+        let comm = self.dist.comms.get(self.dist.norm_comm? as usize)?;
+        let lr = match self.state {
+            StepState::Update { lr, .. } => lr,
+            _ => 0.0,
+        };
+        let check = self.dist.check.then_some([
+            submitted as f64,
+            lr,
+            self.steps as f64,
+            (self.dist.fingerprint >> 11) as f64,
+            self.params.len() as f64,
+        ]);
+        Some(crate::orchestrate::Agreement { comm, check })
+    }
+}
+
+/// FNV-1a of the configuration's description: equal configurations, equal fingerprints.
+fn fingerprint(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
