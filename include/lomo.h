@@ -49,7 +49,7 @@
 #define LOMO_LAYOUT_ROWS 1
 
 /**
- * A range of columns of that view (row-parallel weights). Not supported yet.
+ * A range of columns of that view (row-parallel weights); rank ≥ 2, every row.
  */
 #define LOMO_LAYOUT_COLS 2
 
@@ -426,23 +426,24 @@ typedef struct lomo_shard_desc {
    */
   size_t struct_size;
   /**
-   * `LOMO_LAYOUT_FULL` or `LOMO_LAYOUT_ROWS` (COLS and FLAT: not supported yet).
+   * `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS` or `LOMO_LAYOUT_COLS` (FLAT: not supported yet).
    */
   uint32_t layout;
   /**
    * The global tensor's shape (host memory, read during the call): ROWS needs the registered
-   * shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements.
+   * shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements; COLS
+   * needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`).
    */
   uint32_t global_ndim;
   const int64_t *global_shape;
   /**
    * ROWS: the piece's first row in the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: first
-   * element); FULL: 0.
+   * element); COLS: its first column; FULL: 0.
    */
   int64_t offset;
   /**
-   * Communicator of the ranks holding the pieces of this tensor (ROWS; `LOMO_COMM_NONE` only
-   * when the piece is the whole tensor).
+   * Communicator of the ranks holding the pieces of this tensor (ROWS, COLS;
+   * `LOMO_COMM_NONE` only when the piece is the whole tensor).
    */
   uint32_t piece_comm;
   /**
@@ -776,8 +777,11 @@ lomo_status lomo_comm_add(struct lomo_optimizer *opt,
  * Declares parameter `id` of `opt` a piece of a global tensor, between steps. With pieces every
  * rank must submit the same parameters in the same order from one thread, and call
  * `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
- * statistics (2C + 3 doubles; 3 for rank ≤ 1) over `piece_comm` in `lomo_grad_submit`, LOMO its
- * non-finite flag when no NORM phase checked the gradient. Set the norm group with
+ * statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
+ * columns: R + 2 doubles, then 1 more after a second read of the gradient), LOMO its non-finite
+ * flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
+ * (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
+ * by the global element index. Set the norm group with
  * `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CPU
  * parameters only (`LOMO_STATUS_UNSUPPORTED` for CUDA). `opt` and `desc` must not be NULL.
  *

@@ -7,10 +7,11 @@
 //! agreement record).
 //!
 //! Supported today: the CPU backend; pieces laid out as the whole tensor ([`Layout::Full`],
-//! optionally `LOMO_SHARD_NORM_DUPLICATE`) or a range of rows of the `[prod(shape[:-1]),
-//! shape[-1]]` view ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights), with
-//! already reduced gradients ([`GradMode::Reduced`]). Column and flat pieces and gradient
-//! reduction by the library are refused with `LOMO_STATUS_UNSUPPORTED`.
+//! optionally `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]),
+//! shape[-1]]` view ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) or a range
+//! of its columns ([`Layout::Cols`]: row-parallel weights), with already reduced gradients
+//! ([`GradMode::Reduced`]). Flat pieces and gradient reduction by the library are refused with
+//! `LOMO_STATUS_UNSUPPORTED`.
 
 use std::ffi::c_void;
 
@@ -159,10 +160,13 @@ pub enum GradMode {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Shard {
     pub layout: Layout,
-    /// Elements and rows of the global tensor's `[R, C]` view (`[numel, 1]` for rank ≤ 1).
+    /// Elements, rows and columns of the global tensor's `[R, C]` view (`[numel, 1]` for
+    /// rank ≤ 1).
     pub global_numel: usize,
     pub global_rows: usize,
-    /// Global index of the piece's first element (stochastic rounding draws by it).
+    pub global_cols: usize,
+    /// Global index of the piece's first element (ROWS; stochastic rounding draws by it), or
+    /// its first column (COLS).
     pub elem_offset: u64,
     /// The communicator of the ranks that hold the other pieces (None: nothing to reduce).
     pub piece_comm: Option<u32>,

@@ -7,7 +7,8 @@
 //! begin(phase)   →  Backend::phase_begin
 //! tensor(NORM)   →  norm                                      tensor record: Σg², finite
 //! tensor(UPDATE) →  LOMO:    [check_finite] → lomo
-//!                   AdaLomo: ada_stats → reduce_tensor_stats → ada_apply
+//!                   AdaLomo: ada_stats → reduce_tensor_stats
+//!                            [→ ada_next_round → reduce_tensor_stats]* → ada_apply
 //! end(phase)     →  reduce_phase_totals → Backend::phase_end  (+ the host's decisions,
 //!                                                             norm_decision, for the CPU)
 //! ```
@@ -61,6 +62,9 @@ pub fn tensor<B: Backend>(
         Algorithm::Adalomo => {
             b.ada_stats(t, g, u)?;
             reduce_tensor_stats(b, t, piece)?;
+            while b.ada_next_round(t, g, u)? {
+                reduce_tensor_stats(b, t, piece)?;
+            }
             b.ada_apply(t, g, u)
         }
     }

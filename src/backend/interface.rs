@@ -16,7 +16,8 @@
 //! phase_end(NORM)                            record: clip coefficient, skip (= overflow)
 //! phase_begin(UPDATE, lr)                    record: lr, AdaLomo β = 1 − t^decay_rate
 //!   LOMO:    check_finite(t, g)  (only without a clean NORM phase), lomo(t, g, u)
-//!   AdaLomo: ada_stats(t, g, u)  → [reduction point] → ada_apply(t, g, u)
+//!   AdaLomo: ada_stats(t, g, u)  → [reduction point]
+//!            (→ ada_next_round(t, g, u) → [reduction point])*  → ada_apply(t, g, u)
 //! phase_end(UPDATE)                          record: loss scaler, step counter (CUDA)
 //! ```
 //!
@@ -38,7 +39,8 @@
 //! # The reduction points
 //!
 //! A distributed step inserts its all-reduces in exactly two places, both in
-//! `crate::orchestrate`: between `ada_stats` and `ada_apply` (AdaLomo's per-tensor partial
+//! `crate::orchestrate`: between `ada_stats` (and each `ada_next_round`) and `ada_apply`, or
+//! `check_finite` and `lomo` (AdaLomo's per-tensor partial
 //! statistics: row/column sums, Σu² through `D_j`, Σp², the finite flag — on the CPU in the
 //! tensor's workspace and record, on CUDA in its device workspace and `LomoTensor`), and between
 //! the tensors of a phase and `phase_end` (the phase totals: Σg² of the finite tensors and the
@@ -110,6 +112,17 @@ pub trait Backend {
     /// AdaLomo pass A: the new state (not yet committed), Σu² (via `D_j`), Σp² (unless
     /// carried) and the finite flag, into the tensor's workspace and record.
     fn ada_stats(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
+
+    /// AdaLomo pieces whose statistics need another round after the first reduction (a piece of
+    /// columns: the new rows, then `D_j` with them, a second read of g): computes this rank's
+    /// part into the record and returns true, and the core reduces it again; false when the
+    /// statistics are complete (whole tensors, pieces of rows, non-finite gradients).
+    fn ada_next_round(
+        &self,
+        t: &mut Self::Tensor<'_>,
+        g: &RawBuf,
+        u: &TensorUpdate,
+    ) -> Result<bool>;
 
     /// AdaLomo after the (reduced) statistics: when finite and not skipped, commits the state,
     /// forms RMS(p), the update clip and the effective lr and decay, and applies the update

@@ -26,7 +26,7 @@ pub const LOMO_LAYOUT_FULL: u32 = 0;
 /// A range of rows of the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: of elements): FSDP2's
 /// dim-0 shards, column-parallel and vocabulary-parallel weights.
 pub const LOMO_LAYOUT_ROWS: u32 = 1;
-/// A range of columns of that view (row-parallel weights). Not supported yet.
+/// A range of columns of that view (row-parallel weights); rank ≥ 2, every row.
 pub const LOMO_LAYOUT_COLS: u32 = 2;
 /// A range of the flattened tensor that may cut rows (DeepSpeed ZeRO-3, FSDP1). Not supported
 /// yet.
@@ -120,17 +120,18 @@ pub struct lomo_comm {
 pub struct lomo_shard_desc {
     /// `sizeof(lomo_shard_desc)`.
     pub struct_size: usize,
-    /// `LOMO_LAYOUT_FULL` or `LOMO_LAYOUT_ROWS` (COLS and FLAT: not supported yet).
+    /// `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS` or `LOMO_LAYOUT_COLS` (FLAT: not supported yet).
     pub layout: u32,
     /// The global tensor's shape (host memory, read during the call): ROWS needs the registered
-    /// shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements.
+    /// shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements; COLS
+    /// needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`).
     pub global_ndim: u32,
     pub global_shape: *const i64,
     /// ROWS: the piece's first row in the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: first
-    /// element); FULL: 0.
+    /// element); COLS: its first column; FULL: 0.
     pub offset: i64,
-    /// Communicator of the ranks holding the pieces of this tensor (ROWS; `LOMO_COMM_NONE` only
-    /// when the piece is the whole tensor).
+    /// Communicator of the ranks holding the pieces of this tensor (ROWS, COLS;
+    /// `LOMO_COMM_NONE` only when the piece is the whole tensor).
     pub piece_comm: u32,
     /// `LOMO_GRAD_REDUCED` (the other modes are not supported yet).
     pub grad_mode: u32,
@@ -206,8 +207,11 @@ pub unsafe extern "C" fn lomo_comm_add(
 /// Declares parameter `id` of `opt` a piece of a global tensor, between steps. With pieces every
 /// rank must submit the same parameters in the same order from one thread, and call
 /// `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
-/// statistics (2C + 3 doubles; 3 for rank ≤ 1) over `piece_comm` in `lomo_grad_submit`, LOMO its
-/// non-finite flag when no NORM phase checked the gradient. Set the norm group with
+/// statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
+/// columns: R + 2 doubles, then 1 more after a second read of the gradient), LOMO its non-finite
+/// flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
+/// (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
+/// by the global element index. Set the norm group with
 /// `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CPU
 /// parameters only (`LOMO_STATUS_UNSUPPORTED` for CUDA). `opt` and `desc` must not be NULL.
 ///

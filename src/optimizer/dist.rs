@@ -4,7 +4,8 @@
 //! `crate::orchestrate`.
 
 use super::{Optimizer, StepState};
-use crate::backend::cpu::ada_piece;
+use crate::backend::cpu::adalomo::{AdaState, AdaWorkspace};
+use crate::backend::cpu::{ada_cols, ada_piece};
 use crate::config::Algorithm;
 use crate::dist::{Comm, Layout, Shard, DIST_CHECK, SHARD_NORM_DUPLICATE};
 use crate::error::{bail, Result};
@@ -88,10 +89,11 @@ impl Optimizer {
         let layout = match d.layout {
             0 => Layout::Full,
             1 => Layout::Rows,
-            2 | 3 => bail!(
+            2 => Layout::Cols,
+            3 => bail!(
                 Unsupported,
-                "'{name}': LOMO_LAYOUT_COLS and LOMO_LAYOUT_FLAT are not supported yet (use \
-                 LOMO_LAYOUT_ROWS, or FULL with gradients reduced by the caller)"
+                "'{name}': LOMO_LAYOUT_FLAT is not supported yet (use LOMO_LAYOUT_ROWS or \
+                 LOMO_LAYOUT_COLS, or FULL with gradients reduced by the caller)"
             ),
             v => bail!(InvalidArgument, "'{name}': unknown layout {v}"),
         };
@@ -145,16 +147,33 @@ impl Optimizer {
         } else {
             (g_numel, 1)
         };
-        if factored != param.factored || (factored && g_cols != param.cols) {
+        // Rows of the local [prod(shape[:-1]), shape[-1]] view, also when it has no columns.
+        let local_rows: usize = param.shape[..param.shape.len().saturating_sub(1)]
+            .iter()
+            .product();
+        let fits = match layout {
+            Layout::Cols => factored && param.factored && local_rows == g_rows,
+            _ => factored == param.factored && (!factored || g_cols == param.cols),
+        };
+        if !fits {
             bail!(
                 InvalidArgument,
-                "'{name}': the piece {:?} does not fit the global shape {:?} (same rank ≥ 2 and \
-                 the same last dimension for ROWS; rank ≤ 1 for a range of elements)",
+                "'{name}': the piece {:?} does not fit the global shape {:?} (ROWS: the same rank \
+                 ≥ 2 and last dimension, or rank ≤ 1 for a range of elements; COLS: rank ≥ 2 and \
+                 the same rows of the [prod(shape[:-1]), shape[-1]] view)",
                 param.shape,
                 global
             );
         }
         let offset = d.offset;
+        let (span, len, what) = match layout {
+            Layout::Cols => (
+                g_cols,
+                param.numel().checked_div(local_rows).unwrap_or(0),
+                "columns",
+            ),
+            _ => (g_rows, param.rows, "rows"),
+        };
         let elem_offset = match layout {
             Layout::Full => {
                 if global != param.shape || offset != 0 {
@@ -168,26 +187,29 @@ impl Optimizer {
                 0
             }
             _ => {
-                if offset < 0 || (offset as usize).saturating_add(param.rows) > g_rows {
+                if offset < 0 || (offset as usize).saturating_add(len) > span {
                     bail!(
                         InvalidArgument,
-                        "'{name}': rows [{offset}, {offset} + {}) are not inside the {g_rows} rows \
-                         of the global [{g_rows}, {g_cols}] view",
-                        param.rows
+                        "'{name}': {what} [{offset}, {offset} + {len}) are not inside the {span} \
+                         {what} of the global [{g_rows}, {g_cols}] view"
                     );
                 }
-                offset as u64 * g_cols as u64
+                match layout {
+                    Layout::Cols => offset as u64,
+                    _ => offset as u64 * g_cols as u64,
+                }
             }
         };
         let whole = param.numel() == g_numel;
-        if layout == Layout::Rows && d.piece_comm.is_none() && !whole {
+        if layout != Layout::Full && d.piece_comm.is_none() && !whole {
             bail!(
                 InvalidArgument,
-                "'{name}': a piece of rows needs piece_comm, the ranks holding the other rows"
+                "'{name}': a piece needs piece_comm, the ranks holding the other pieces"
             );
         }
         let rec_len = match (layout, self.config.algorithm) {
             (Layout::Full, _) => 0,
+            (Layout::Cols, Algorithm::Adalomo) => ada_cols::record_len(local_rows),
             (_, Algorithm::Adalomo) => ada_piece::record_len(param.cols, factored),
             (_, Algorithm::Lomo) => 1,
         };
@@ -195,11 +217,24 @@ impl Optimizer {
             layout,
             global_numel: g_numel,
             global_rows: g_rows,
+            global_cols: g_cols,
             elem_offset,
             piece_comm: d.piece_comm,
             norm_duplicate: d.flags & SHARD_NORM_DUPLICATE != 0,
         });
-        param.inner.lock().dist_rec = vec![0.0; rec_len];
+        let mut inner = param.inner.lock();
+        if layout == Layout::Cols && param.rows != local_rows {
+            // A piece without columns still keeps the (replicated) row state of every row.
+            param.rows = local_rows;
+            if let Some(ada) = inner.ada.as_mut() {
+                ada.state = AdaState::zeros(local_rows, 0, true);
+                ada.ws = AdaWorkspace::new(local_rows, 0, true);
+            }
+        }
+        inner.dist_rec = vec![0.0; rec_len];
+        if let (Layout::Cols, Some(ada)) = (layout, inner.ada.as_mut()) {
+            ada.ws.prepare_cols();
+        }
         Ok(())
     }
 

@@ -123,7 +123,10 @@ impl Optimizer {
             global_numel: s.global_numel,
             global_rows: s.global_rows,
             elem_offset: s.elem_offset,
+            cols_of: (s.layout == Layout::Cols).then_some(s.global_cols),
             record: &mut inner.dist_rec[..],
+            round: 0,
+            row_mean: 0.0,
         });
         let b = self.cpu_step(self.state);
         orchestrate::tensor(&b, algorithm, &mut t, &grad, &pass, piece_comm)?;

@@ -24,10 +24,10 @@ use crate::config::Rounding;
 pub use super::ada_state::{AdaState, StateView, StateViewMut};
 
 /// Rows accumulated in f32 before folding into the f64 column sums.
-const FOLD_ROWS: usize = 64;
+pub(super) const FOLD_ROWS: usize = 64;
 /// Elements of a row summed in f32 lanes (32 terms per lane) before folding into the row's f64
 /// total, so long rows keep f32-level accuracy (the kernels sum ~cols/256 terms per thread).
-const ROW_FOLD: usize = 256;
+pub(super) const ROW_FOLD: usize = 256;
 
 #[derive(Debug, Default)]
 pub(super) struct ChunkWs {
@@ -46,6 +46,9 @@ pub(super) struct ChunkWs {
     pub(super) usq: f64,
     pub(super) psq: f64,
     pub(super) finite: bool,
+    /// Column pieces (`ada_cols`): this chunk's rows' partial sums Σ_{j∈J} U_ij (empty
+    /// otherwise; sized by `AdaWorkspace::prepare_cols`).
+    pub(super) row64: Vec<f64>,
 }
 
 /// Scratch memory of one parameter, sized at registration.
@@ -93,6 +96,13 @@ impl AdaWorkspace {
         }
     }
 
+    /// Makes room for column pieces (`ada_cols`): per-row partial sums, at piece setup.
+    pub fn prepare_cols(&mut self) {
+        for w in &mut self.chunks {
+            w.row64 = vec![0.0; w.b - w.a];
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         let per_chunk: usize = self
             .chunks
@@ -103,7 +113,7 @@ impl AdaWorkspace {
                     + w.colblk.len()
                     + w.dblk.len()
                     + w.xsq.len())
-                    + 8 * (w.col64.len() + w.d64.len())
+                    + 8 * (w.col64.len() + w.d64.len() + w.row64.len())
             })
             .sum();
         per_chunk + 4 * (self.col_new.len() + self.c_scale.len())
@@ -347,7 +357,7 @@ multiversion! {
 }
 
 #[inline(always)]
-fn fold(acc: &mut [f64], blk: &mut [f32]) {
+pub(super) fn fold(acc: &mut [f64], blk: &mut [f32]) {
     for (a, b) in acc.iter_mut().zip(blk.iter_mut()) {
         *a += *b as f64;
         *b = 0.0;
@@ -356,7 +366,7 @@ fn fold(acc: &mut [f64], blk: &mut [f32]) {
 
 /// Adds `v[k] + c` to lane `k % 8`.
 #[inline(always)]
-fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
+pub(super) fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
     let mut it = v.chunks_exact(8);
     for c8 in &mut it {
         for k in 0..8 {
@@ -370,7 +380,7 @@ fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
 
 /// Σv² of a slice in f32 lanes, folded to f64 per tile.
 #[inline(always)]
-fn sum_sq<P: Elem>(v: &[P]) -> f64 {
+pub(super) fn sum_sq<P: Elem>(v: &[P]) -> f64 {
     let mut total = 0f64;
     for tile in v.chunks(TILE) {
         let mut lanes = [0f32; 8];

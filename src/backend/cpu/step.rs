@@ -4,9 +4,9 @@
 //! The passes are [`super::norm`], [`super::lomo`] and [`super::adalomo`]; the scalars come from
 //! [`crate::backend::scalars`]. Nothing here allocates.
 
-use super::ada_piece;
 use super::adalomo::{self, AdaWorkspace, ApplyArgs, StateView, StateViewMut, Stats, StatsArgs};
 use super::convert::RoundCtx;
+use super::{ada_cols, ada_piece};
 use super::{lomo, norm};
 use crate::backend::interface::{Backend, PhaseBegin, TensorUpdate};
 use crate::backend::{scalars, GradXform, RawBuf};
@@ -80,11 +80,17 @@ pub struct CpuPiece<'a> {
     /// Elements and rows of the global tensor's `[R, C]` view (`[numel, 1]` for rank ≤ 1).
     pub global_numel: usize,
     pub global_rows: usize,
-    /// Global index of the piece's first element.
+    /// Global index of the piece's first element (a piece of columns: its first column).
     pub elem_offset: u64,
-    /// The partial record: AdaLomo `ada_piece::record_len` values; LOMO one value (the
-    /// non-finite count).
+    /// A piece of columns of the `[R, C]` view: C (None: a range of rows or elements).
+    pub cols_of: Option<usize>,
+    /// The partial record: AdaLomo `ada_piece::record_len` values (rows) or
+    /// `ada_cols::record_len` (columns); LOMO one value (the non-finite count).
     pub record: &'a mut [f64],
+    /// AdaLomo columns: the round whose part of the record is reduced next (1, then 2), and
+    /// mean(row) of the new rows after round 2.
+    pub round: u8,
+    pub row_mean: f32,
 }
 
 /// One tensor on the CPU: the parameter, AdaLomo's state and workspace, and the tensor record.
@@ -129,6 +135,11 @@ impl CpuStep<'_> {
             step: self.host.step,
             param_id: u.param_id,
             offset: t.piece.as_ref().map_or(0, |p| p.elem_offset),
+            cols: match t.piece.as_ref().and_then(|p| p.cols_of) {
+                Some(_) => local_cols(t),
+                None => 0,
+            },
+            row_stride: t.piece.as_ref().and_then(|p| p.cols_of).unwrap_or(0) as u64,
         }
     }
 
@@ -147,6 +158,12 @@ impl CpuStep<'_> {
     fn lr(&self, u: &TensorUpdate) -> f64 {
         self.host.lr * u.lr_multiplier
     }
+}
+
+/// Width of the local buffer of a piece of columns: numel / rows of the `[R, C]` view.
+fn local_cols(t: &CpuTensor<'_>) -> u64 {
+    let rows = t.piece.as_ref().map_or(1, |p| p.global_rows).max(1);
+    (t.param.numel / rows) as u64
 }
 
 fn ada<'t, 'a>(ada: &'t mut Option<CpuAda<'a>>) -> &'t mut CpuAda<'a> {
@@ -209,12 +226,37 @@ impl Backend for CpuStep<'_> {
                 a.stats = adalomo::stats(&param, g, a.state.as_view(), a.ws, &st);
                 t.finite = a.stats.finite;
             }
+            Some(p) if p.cols_of.is_some() => {
+                p.round = 1;
+                ada_cols::stats(&param, g, a.ws, &st, a.carried_sum_sq, p.record);
+            }
             Some(p) => {
                 let view = a.state.as_view();
                 ada_piece::stats(&param, g, view, a.ws, &st, a.carried_sum_sq, p.record);
             }
         }
         Ok(())
+    }
+
+    fn ada_next_round(&self, t: &mut CpuTensor<'_>, g: &RawBuf, _u: &TensorUpdate) -> Result<bool> {
+        if t.global_numel() == 0 || self.host.skip {
+            return Ok(false);
+        }
+        let (a, piece) = (ada(&mut t.ada), t.piece.as_mut());
+        let Some(p) = piece.filter(|p| p.cols_of.is_some() && p.round == 1) else {
+            return Ok(false);
+        };
+        if !ada_cols::finite(p.record) {
+            return Ok(false);
+        }
+        let st = self.stats_args(a.carried_sum_sq.is_none());
+        let global_cols = p.cols_of.unwrap_or(0);
+        let view = a.state.as_view();
+        let ws = &mut *a.ws;
+        let record = &mut *p.record;
+        p.row_mean = super::fpenv::ieee(|| ada_cols::second(g, view, ws, &st, record, global_cols));
+        p.round = 2;
+        Ok(true)
     }
 
     fn ada_apply(&self, t: &mut CpuTensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
@@ -231,6 +273,14 @@ impl Backend for CpuStep<'_> {
                 a.stats.sum_u_sq,
                 a.carried_sum_sq.unwrap_or(a.stats.sum_p_sq),
             ),
+            Some(p) if p.cols_of.is_some() => {
+                if !ada_cols::finite(p.record) {
+                    t.finite = false;
+                    return Ok(());
+                }
+                let r2 = p.record[p.record.len() - 1];
+                (r2 * p.row_mean as f64, ada_cols::sum_p_sq(p.record))
+            }
             Some(p) => {
                 if !ada_piece::finite(p.record) {
                     t.finite = false;
@@ -273,7 +323,11 @@ impl Backend for CpuStep<'_> {
     }
 
     fn partials<'s>(&self, t: &'s mut CpuTensor<'_>) -> Option<&'s mut [f64]> {
-        t.piece.as_mut().map(|p| &mut *p.record)
+        let ada = t.ada.is_some();
+        t.piece.as_mut().map(|p| match p.cols_of {
+            Some(_) if ada => ada_cols::round_mut(p.record, p.round),
+            _ => &mut *p.record,
+        })
     }
 
     fn phase_end(&self, _update: bool) -> Result<()> {
