@@ -4,12 +4,9 @@
 
 mod common;
 
-use std::sync::{Arc, Barrier};
-
 use common::dist::*;
 use common::*;
 use lomo::ffi::dist::*;
-use parking_lot::Mutex;
 
 /// Two replicas of every tensor (tensor-parallel style), rank 1's marked NORM_DUPLICATE: the
 /// global norm, the clip coefficient and the parameters equal one rank's, bit for bit.
@@ -21,12 +18,7 @@ fn duplicate_replicas_are_counted_once() {
             ..case(algorithm)
         };
         let (whole, whole_info) = run(&c, 0);
-        let group = Arc::new(Group {
-            n: 2,
-            barrier: Barrier::new(2),
-            slots: Mutex::new(vec![Vec::new(); 2]),
-            fail: Mutex::new(0),
-        });
+        let group = Group::new(2);
         std::thread::scope(|s| {
             for r in 0..2 {
                 let (group, whole, whole_info, c) = (group.clone(), &whole, &whole_info, &c);
@@ -78,12 +70,7 @@ fn duplicate_replicas_are_counted_once() {
 #[test]
 fn failing_callback_changes_nothing() {
     for algorithm in [0, 1] {
-        let group = Arc::new(Group {
-            n: 1,
-            barrier: Barrier::new(1),
-            slots: Mutex::new(vec![Vec::new(); 1]),
-            fail: Mutex::new(0),
-        });
+        let group = Group::new(1);
         let opt = Opt::new(&cfg_of(&case(algorithm))).unwrap();
         let comm = add_comm(&opt, &group, 0);
         let mut p = Buf::new(F32, &dyadic(&mut Rng::new(1), 35));
@@ -119,12 +106,7 @@ fn failing_callback_changes_nothing() {
 #[test]
 fn disagreeing_ranks_get_dist_mismatch() {
     for mismatch in ["submissions", "lr"] {
-        let group = Arc::new(Group {
-            n: 2,
-            barrier: Barrier::new(2),
-            slots: Mutex::new(vec![Vec::new(); 2]),
-            fail: Mutex::new(0),
-        });
+        let group = Group::new(2);
         std::thread::scope(|s| {
             for r in 0..2 {
                 let group = group.clone();
@@ -187,12 +169,7 @@ fn bad_shards_and_comms_are_refused() {
     let opt = Opt::new(&config(1)).unwrap();
     let mut p = Buf::new(F32, &[0.5; 35]);
     let id = opt.register("w", p.ptr(), F32, &[7, 5], 0).unwrap();
-    let group = Arc::new(Group {
-        n: 1,
-        barrier: Barrier::new(1),
-        slots: Mutex::new(vec![Vec::new(); 1]),
-        fail: Mutex::new(0),
-    });
+    let group = Group::new(1);
     let comm = add_comm(&opt, &group, 0);
     let refused = |layout, global: &[i64], offset, piece, status: lomo::Status, needle: &str| {
         let e = shard(&opt, id, layout, global, offset, piece, 0).unwrap_err();
@@ -241,11 +218,19 @@ fn bad_shards_and_comms_are_refused() {
     );
     refused(
         LOMO_LAYOUT_COLS,
-        &[7, 10],
+        &[8, 10],
         0,
         comm,
-        lomo::Status::Unsupported,
-        "not supported yet",
+        lomo::Status::InvalidArgument,
+        "does not fit",
+    );
+    refused(
+        LOMO_LAYOUT_COLS,
+        &[7, 9],
+        6,
+        comm,
+        lomo::Status::InvalidArgument,
+        "columns",
     );
     refused(
         LOMO_LAYOUT_FLAT,

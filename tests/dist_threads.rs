@@ -115,6 +115,54 @@ fn row_pieces_equal_one_rank_lomo() {
 }
 
 #[test]
+fn column_pieces_equal_one_rank() {
+    for n in 1..=4 {
+        for algorithm in [0, 1] {
+            let c = Case {
+                cols: true,
+                ..case(algorithm)
+            };
+            compare(&c, n);
+            compare(
+                &Case {
+                    clip_norm: 0.5,
+                    wd: 0.1,
+                    clip_value: 0.3,
+                    carry: true,
+                    ..c.clone()
+                },
+                n,
+            );
+            compare(
+                &Case {
+                    dtype: BF16,
+                    stochastic: true,
+                    ..c.clone()
+                },
+                n,
+            );
+            compare(
+                &Case {
+                    dynamic: true,
+                    clip_norm: 1.0,
+                    inf: Some((1, 2)),
+                    ..c.clone()
+                },
+                n,
+            );
+            compare(
+                &Case {
+                    dynamic: true,
+                    inf: Some((2, 0)),
+                    ..c.clone()
+                },
+                n,
+            );
+        }
+    }
+}
+
+#[test]
 fn row_pieces_equal_one_rank_adalomo() {
     for n in 1..=4 {
         compare(&case(1), n);

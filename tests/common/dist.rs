@@ -3,7 +3,7 @@
 //! every rank gets the same bits) and a runner that splits every tensor into row pieces.
 
 use std::ffi::c_void;
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 
 use super::*;
 use lomo::ffi::dist::*;
@@ -16,10 +16,58 @@ pub const UPDATE: u32 = 1;
 /// One in-process group of `n` ranks.
 pub struct Group {
     pub n: usize,
-    pub barrier: Barrier,
+    barrier: Rendezvous,
     pub slots: Mutex<Vec<Vec<f64>>>,
     /// The all-reduce returns this code instead of reducing (0: work).
     pub fail: Mutex<i32>,
+}
+
+impl Group {
+    pub fn new(n: usize) -> Arc<Group> {
+        Arc::new(Group {
+            n,
+            barrier: Rendezvous::new(n),
+            slots: Mutex::new(vec![Vec::new(); n]),
+            fail: Mutex::new(0),
+        })
+    }
+}
+
+/// A barrier that gives up after 20 s, so a rank that panicked (and never arrives) fails the
+/// others' collectives (code -99) instead of hanging the test.
+struct Rendezvous {
+    n: usize,
+    state: std::sync::Mutex<(usize, u64)>,
+    cv: std::sync::Condvar,
+}
+
+impl Rendezvous {
+    fn new(n: usize) -> Rendezvous {
+        Rendezvous {
+            n,
+            state: std::sync::Mutex::new((0, 0)),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> bool {
+        let mut st = self.state.lock().unwrap();
+        let generation = st.1;
+        st.0 += 1;
+        if st.0 == self.n {
+            *st = (0, generation + 1);
+            self.cv.notify_all();
+            return true;
+        }
+        let (st, timeout) = self
+            .cv
+            .wait_timeout_while(st, std::time::Duration::from_secs(20), |s| {
+                s.1 == generation
+            })
+            .unwrap();
+        drop(st);
+        !timeout.timed_out()
+    }
 }
 
 /// A rank's `user` pointer.
@@ -47,7 +95,9 @@ pub unsafe extern "C" fn all_reduce(
     let buf = unsafe { std::slice::from_raw_parts_mut(buf as *mut f64, count) };
     let g = &ctx.group;
     g.slots.lock()[ctx.rank] = buf.to_vec();
-    g.barrier.wait();
+    if !g.barrier.wait() {
+        return -99;
+    }
     {
         let slots = g.slots.lock();
         for (k, v) in buf.iter_mut().enumerate() {
@@ -62,7 +112,9 @@ pub unsafe extern "C" fn all_reduce(
             *v = acc;
         }
     }
-    g.barrier.wait();
+    if !g.barrier.wait() {
+        return -99;
+    }
     0
 }
 
@@ -150,6 +202,9 @@ pub struct Case {
     pub carry: bool,
     /// (step, tensor) whose gradient gets an inf in its middle element (on the rank holding it).
     pub inf: Option<(usize, usize)>,
+    /// Split matrices into pieces of columns (LOMO_LAYOUT_COLS) instead of rows; vectors are
+    /// split into ranges either way.
+    pub cols: bool,
 }
 
 pub const SHAPES: [&[i64]; 5] = [&[7, 5], &[40, 3], &[3, 5, 7], &[31], &[2, 6]];
@@ -183,7 +238,8 @@ pub fn rows_cols(shape: &[i64]) -> (usize, usize) {
 /// Every tensor's values after every step (`[step][tensor][element]`).
 pub type History = Vec<Vec<Vec<f32>>>;
 
-/// Runs `c` on one rank holding everything (`n == 0`) or on `n` ranks holding rows; returns
+/// Runs `c` on one rank holding everything (`n == 0`) or on `n` ranks holding rows (or
+/// columns, `c.cols`); returns
 /// the assembled parameters after every step and each rank's step infos.
 pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
     let mut rng = Rng::new(5);
@@ -200,13 +256,8 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
         })
         .collect();
     let ranks = n.max(1);
-    let group = Arc::new(Group {
-        n: ranks,
-        barrier: Barrier::new(ranks),
-        slots: Mutex::new(vec![Vec::new(); ranks]),
-        fail: Mutex::new(0),
-    });
-    let results: Vec<(History, Vec<lomo_step_info>)> = std::thread::scope(|s| {
+    let group = Group::new(ranks);
+    let results: Vec<(History, Vec<lomo_step_info>, Vec<Vec<usize>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
             .map(|r| {
                 let (group, params0, grads) = (group.clone(), &params0, &grads);
@@ -214,20 +265,31 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                     let opt = Opt::new(&cfg_of(c)).unwrap();
                     let comm = (n > 0).then(|| add_comm(&opt, &group, r));
                     let mut bufs = Vec::new();
-                    let mut ranges = Vec::new();
+                    let mut pieces = Vec::new();
                     for (i, shape) in SHAPES.iter().enumerate() {
                         let (rows, cols) = rows_cols(shape);
-                        let (a, b) = if n > 0 { split(rows, n, r) } else { (0, rows) };
-                        let mut local: Vec<i64> = if shape.len() >= 2 {
-                            vec![(b - a) as i64, cols as i64]
+                        let by_cols = c.cols && shape.len() >= 2;
+                        let units = if by_cols { cols } else { rows };
+                        let (a, b) = if n > 0 {
+                            split(units, n, r)
                         } else {
-                            vec![(b - a) as i64]
+                            (0, units)
                         };
-                        if shape.len() == 3 {
-                            // [3, 5, 7] viewed as [15, 7]: the piece is registered 2-D.
-                            local = vec![(b - a) as i64, cols as i64];
-                        }
-                        let mut buf = Buf::new(c.dtype, &params0[i][a * cols..b * cols]);
+                        // Global element indices of the piece, in its row-major order.
+                        let idx: Vec<usize> = if by_cols {
+                            (0..rows)
+                                .flat_map(|i| (a..b).map(move |j| i * cols + j))
+                                .collect()
+                        } else {
+                            (a * cols..b * cols).collect()
+                        };
+                        let local: Vec<i64> = match (shape.len() >= 2, by_cols) {
+                            (true, true) => vec![rows as i64, (b - a) as i64],
+                            (true, false) => vec![(b - a) as i64, cols as i64],
+                            _ => vec![(b - a) as i64],
+                        };
+                        let vals: Vec<f32> = idx.iter().map(|&k| params0[i][k]).collect();
+                        let mut buf = Buf::new(c.dtype, &vals);
                         let id = opt
                             .register_flags(
                                 &format!("p{i}"),
@@ -239,15 +301,21 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                             )
                             .unwrap();
                         if let Some(comm) = comm {
+                            // [3, 5, 7] is registered as its [15, 7] view.
                             let global: Vec<i64> = if shape.len() == 3 {
                                 vec![15, 7]
                             } else {
                                 shape.to_vec()
                             };
-                            shard(&opt, id, LOMO_LAYOUT_ROWS, &global, a as i64, comm, 0).unwrap();
+                            let layout = if by_cols {
+                                LOMO_LAYOUT_COLS
+                            } else {
+                                LOMO_LAYOUT_ROWS
+                            };
+                            shard(&opt, id, layout, &global, a as i64, comm, 0).unwrap();
                         }
                         bufs.push(buf);
-                        ranges.push((a * cols, b * cols));
+                        pieces.push(idx);
                     }
                     if let Some(comm) = comm {
                         dist_set(&opt, comm, LOMO_DIST_CHECK).unwrap();
@@ -264,13 +332,13 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         for &phase in phases {
                             opt.begin(phase, [0.05f32, 0.02, 0.1][step % 3]).unwrap();
                             for (i, gi) in g.iter().enumerate() {
-                                let (a, b) = ranges[i];
+                                let idx = &pieces[i];
                                 let mut piece: Vec<f32> =
-                                    gi[a..b].iter().map(|v| v * scale).collect();
+                                    idx.iter().map(|&k| gi[k] * scale).collect();
                                 if c.inf == Some((step, i)) {
                                     let mid = gi.len() / 2;
-                                    if (a..b).contains(&mid) {
-                                        piece[mid - a] = f32::INFINITY;
+                                    if let Some(pos) = idx.iter().position(|&k| k == mid) {
+                                        piece[pos] = f32::INFINITY;
                                     }
                                 }
                                 let mut gb = Buf::new(c.dtype, &piece);
@@ -281,22 +349,28 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         infos.push(opt.info());
                         history.push(bufs.iter().map(|b| b.values()).collect::<Vec<_>>());
                     }
-                    (history, infos)
+                    (history, infos, pieces)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    // Assemble the pieces in rank order.
-    let mut assembled = vec![vec![Vec::new(); SHAPES.len()]; STEPS];
-    for (history, _) in &results {
+    // Assemble the pieces.
+    let sizes: Vec<usize> = SHAPES
+        .iter()
+        .map(|s| rows_cols(s).0 * rows_cols(s).1)
+        .collect();
+    let mut assembled: History = vec![sizes.iter().map(|&n| vec![f32::NAN; n]).collect(); STEPS];
+    for (history, _, pieces) in &results {
         for (step, tensors) in history.iter().enumerate() {
             for (i, t) in tensors.iter().enumerate() {
-                assembled[step][i].extend_from_slice(t);
+                for (&k, &v) in pieces[i].iter().zip(t) {
+                    assembled[step][i][k] = v;
+                }
             }
         }
     }
-    (assembled, results.into_iter().map(|(_, i)| i).collect())
+    (assembled, results.into_iter().map(|(_, i, _)| i).collect())
 }
 
 pub fn case(algorithm: u32) -> Case {
@@ -310,5 +384,6 @@ pub fn case(algorithm: u32) -> Case {
         dynamic: false,
         carry: false,
         inf: None,
+        cols: false,
     }
 }
