@@ -798,8 +798,9 @@ lomo_status lomo_param_set_shard(struct lomo_optimizer *opt,
  * Sets the group over which `opt`'s step scalars are agreed, between steps: at every phase end
  * one all-reduce (SUM) of `[Σg², non-finite count]` over `norm_comm`, so the clip coefficient,
  * the skip decision and the loss scaler are the same on every rank (`LOMO_COMM_NONE`: this rank
- * alone, the default). `flags`: 0 or `LOMO_DIST_CHECK`. CPU parameters only. `opt` must not be
- * NULL.
+ * alone, the default); `lomo_step_info` then reports the global norm and the non-finite count
+ * of every rank (`grads_submitted` stays this rank's). `flags`: 0 or `LOMO_DIST_CHECK`. CPU
+ * parameters only. `opt` must not be NULL.
  *
  * # Safety
  * If `opt` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise it must come from
