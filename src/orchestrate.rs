@@ -1,12 +1,12 @@
 //! Core layer: the one orchestration of a step, over the backend interface
 //! ([`crate::backend::Backend`]): which passes run in which order, and where the statistics of a
-//! tensor and of a phase would be reduced across ranks. The optimizer (`optimizer::step`, CPU
+//! tensor and of a phase are reduced across ranks ([`crate::dist`]). The optimizer (`optimizer::step`, CPU
 //! and CUDA parameters) and the XLA handlers (`xla::cpu`, `xla::cuda`) all go through here.
 //!
 //! ```text
 //! begin(phase)   →  Backend::phase_begin
 //! tensor(NORM)   →  norm                                      tensor record: Σg², finite
-//! tensor(UPDATE) →  LOMO:    [check_finite] → lomo
+//! tensor(UPDATE) →  LOMO:    [check_finite → reduce_tensor_stats] → lomo
 //!                   AdaLomo: ada_stats → reduce_tensor_stats
 //!                            [→ ada_next_round → reduce_tensor_stats]* → ada_apply
 //! end(phase)     →  reduce_phase_totals → Backend::phase_end  (+ the host's decisions,
@@ -14,7 +14,8 @@
 //! ```
 //!
 //! The two `reduce_*` functions are the only places where a distributed step exchanges
-//! statistics (`notes/distributed.md` §3, §4.2); in one process they are the identity.
+//! statistics (`notes/distributed.md` §3, §4.2), through the caller's communicator; for a whole
+//! tensor, and without a norm group, they exchange nothing.
 
 use crate::backend::{scalars, Backend, PhaseBegin, RawBuf, TensorUpdate};
 use crate::config::Algorithm;

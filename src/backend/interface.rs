@@ -44,7 +44,7 @@
 //! statistics: row/column sums, Σu² through `D_j`, Σp², the finite flag — on the CPU in the
 //! tensor's workspace and record, on CUDA in its device workspace and `LomoTensor`), and between
 //! the tensors of a phase and `phase_end` (the phase totals: Σg² of the finite tensors and the
-//! non-finite count). In one process both are the identity.
+//! non-finite count). For whole tensors on one rank nothing is exchanged.
 //!
 //! # Ownership
 //!
