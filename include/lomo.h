@@ -20,9 +20,78 @@
 
 
 /**
- * ABI version of this library; bumped on any incompatible change of the C API.
+ * No communicator (`lomo_shard_desc.piece_comm`, `.grad_comm`; `lomo_dist_set`'s `norm_comm`).
  */
-#define LOMO_ABI_VERSION 1
+#define LOMO_COMM_NONE 4294967295
+
+/**
+ * Reduction operators handed to the callbacks.
+ */
+#define LOMO_REDUCE_SUM 0
+
+#define LOMO_REDUCE_MAX 1
+
+/**
+ * The dtype code of f64 buffers handed to the callbacks (beside `LOMO_DTYPE_F32/F16/BF16`):
+ * the statistics and scalar records the library reduces are f64.
+ */
+#define LOMO_DTYPE_F64 3
+
+/**
+ * `lomo_shard_desc.layout`: the buffer is the whole tensor (replicas: data or tensor parallel).
+ */
+#define LOMO_LAYOUT_FULL 0
+
+/**
+ * A range of rows of the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: of elements): FSDP2's
+ * dim-0 shards, column-parallel and vocabulary-parallel weights.
+ */
+#define LOMO_LAYOUT_ROWS 1
+
+/**
+ * A range of columns of that view (row-parallel weights); rank ≥ 2, every row.
+ */
+#define LOMO_LAYOUT_COLS 2
+
+/**
+ * A range of the flattened tensor that may cut rows (DeepSpeed ZeRO-3, FSDP1). Not supported
+ * yet.
+ */
+#define LOMO_LAYOUT_FLAT 3
+
+/**
+ * `lomo_shard_desc.grad_mode`: the caller submits the already reduced gradient of its piece.
+ */
+#define LOMO_GRAD_REDUCED 0
+
+/**
+ * The library averages the submitted gradient over `grad_comm`. Not supported yet.
+ */
+#define LOMO_GRAD_ALL_REDUCE 1
+
+/**
+ * FLAT: the library reduce-scatters the full local gradient to the piece. Not supported yet.
+ */
+#define LOMO_GRAD_REDUCE_SCATTER 2
+
+/**
+ * `lomo_shard_desc.flags`: another rank counts this replica's Σg² (e.g. a norm weight
+ * replicated across tensor-parallel ranks: set it on all of them but one).
+ */
+#define LOMO_SHARD_NORM_DUPLICATE 1
+
+/**
+ * `lomo_dist_set` flags: at every phase end, check that the ranks agree on the gradients
+ * submitted, lr, step counter, configuration and parameter count (one extra MAX all-reduce);
+ * disagreement is `LOMO_STATUS_DIST_MISMATCH` on every rank instead of a hang or divergence.
+ */
+#define LOMO_DIST_CHECK 1
+
+/**
+ * ABI version of this library; bumped on every change of the C API (2: distributed training —
+ * `lomo_comm`, `lomo_shard_desc`, `lomo_dist_set`, two statuses).
+ */
+#define LOMO_ABI_VERSION 2
 
 /**
  * The `device` of a parameter that lives in host memory.
@@ -116,6 +185,16 @@ enum lomo_status
    * A Rust panic was caught at the boundary; the optimizer should be discarded.
    */
   LOMO_STATUS_PANIC = 14,
+  /**
+   * A communicator callback (`lomo_comm`) returned non-zero; the message carries its code. The
+   * failed call changed nothing (a step can be cancelled with `lomo_step_cancel`).
+   */
+  LOMO_STATUS_COMM_ERROR = 15,
+  /**
+   * `LOMO_DIST_CHECK` found the ranks disagreeing (submissions, lr, configuration, step); every
+   * rank of the norm group gets this status from the same call.
+   */
+  LOMO_STATUS_DIST_MISMATCH = 16,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -258,6 +337,129 @@ typedef uint32_t lomo_rounding;
  * (calls are serialized internally, so a violation blocks rather than corrupts).
  */
 typedef struct lomo_optimizer lomo_optimizer;
+
+/**
+ * In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for everything the
+ * library reduces so far) at `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the
+ * communicator's group; every rank must end with the same bits. `buf` is host memory for CPU
+ * parameters, valid only during the call; `stream` is NULL for them. Returns 0 on success; any
+ * other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message carries it).
+ */
+typedef int32_t (*lomo_all_reduce_fn)(void *user,
+                                      void *buf,
+                                      size_t count,
+                                      uint32_t dtype,
+                                      uint32_t op,
+                                      void *stream);
+
+/**
+ * Reduce-scatter of `count_per_rank × size` elements at `send` into `count_per_rank` at `recv`.
+ * Optional; not called yet.
+ */
+typedef int32_t (*lomo_reduce_scatter_fn)(void *user,
+                                          const void *send,
+                                          void *recv,
+                                          size_t count_per_rank,
+                                          uint32_t dtype,
+                                          uint32_t op,
+                                          void *stream);
+
+/**
+ * All-gather of `count_per_rank` elements from every rank into `recv` (rank order). Optional;
+ * not called yet.
+ */
+typedef int32_t (*lomo_all_gather_fn)(void *user,
+                                      const void *send,
+                                      void *recv,
+                                      size_t count_per_rank,
+                                      uint32_t dtype,
+                                      void *stream);
+
+/**
+ * Called once with `user` when the optimizer is freed. Optional.
+ */
+typedef void (*lomo_comm_destroy_fn)(void *user);
+
+/**
+ * A communicator of the caller's (torch.distributed, MPI, NCCL, threads...): this rank in a
+ * group and the callbacks that reach the others. The library calls them from the thread that
+ * makes the library call (`lomo_grad_submit`, `lomo_step_end`), in the same order on every rank
+ * when every rank makes the same calls in the same order.
+ */
+typedef struct lomo_comm {
+  /**
+   * `sizeof(lomo_comm)`.
+   */
+  size_t struct_size;
+  /**
+   * This rank in the group, `0 <= rank < size`.
+   */
+  uint32_t rank;
+  uint32_t size;
+  /**
+   * Handed back to every callback; owned by the caller (see `destroy`).
+   */
+  void *user;
+  /**
+   * Required.
+   */
+  lomo_all_reduce_fn all_reduce;
+  /**
+   * Optional (NULL).
+   */
+  lomo_reduce_scatter_fn reduce_scatter;
+  /**
+   * Optional (NULL).
+   */
+  lomo_all_gather_fn all_gather;
+  /**
+   * Optional (NULL).
+   */
+  lomo_comm_destroy_fn destroy;
+} lomo_comm;
+
+/**
+ * Where a registered buffer lies in a tensor held by several ranks (`lomo_param_set_shard`).
+ */
+typedef struct lomo_shard_desc {
+  /**
+   * `sizeof(lomo_shard_desc)`.
+   */
+  size_t struct_size;
+  /**
+   * `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS` or `LOMO_LAYOUT_COLS` (FLAT: not supported yet).
+   */
+  uint32_t layout;
+  /**
+   * The global tensor's shape (host memory, read during the call): ROWS needs the registered
+   * shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements; COLS
+   * needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`).
+   */
+  uint32_t global_ndim;
+  const int64_t *global_shape;
+  /**
+   * ROWS: the piece's first row in the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: first
+   * element); COLS: its first column; FULL: 0.
+   */
+  int64_t offset;
+  /**
+   * Communicator of the ranks holding the pieces of this tensor (ROWS, COLS;
+   * `LOMO_COMM_NONE` only when the piece is the whole tensor).
+   */
+  uint32_t piece_comm;
+  /**
+   * `LOMO_GRAD_REDUCED` (the other modes are not supported yet).
+   */
+  uint32_t grad_mode;
+  /**
+   * `LOMO_COMM_NONE` (for the gradient modes not supported yet).
+   */
+  uint32_t grad_comm;
+  /**
+   * 0 or `LOMO_SHARD_NORM_DUPLICATE`.
+   */
+  uint32_t flags;
+} lomo_shard_desc;
 
 /**
  * Optimizer configuration. Fill it with `lomo_config_init`, then change fields.
@@ -558,6 +760,57 @@ size_t lomo_last_error_message(char *buf, size_t len);
  * `LOMO_CUDA_EMULATE=1`). Probes the driver once, never fails. Thread-safe.
  */
 bool lomo_cuda_available(void);
+
+/**
+ * Adds a communicator to `opt` between steps and writes its id (0, 1, ... in order) to
+ * `*out_comm`. `*comm` is copied; `comm->user` stays the caller's and is passed to
+ * `comm->destroy` (if any) when `opt` is freed, never when this call fails. `opt`, `comm`,
+ * `out_comm` must not be NULL. One thread at a time.
+ *
+ * # Safety
+ * If a pointer is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come
+ * from `lomo_optimizer_new` and stay alive during the call, `comm` must point to a readable
+ * `lomo_comm` whose callbacks follow the documented contract for the optimizer's lifetime, and
+ * `out_comm` to a writable `uint32_t`.
+ */
+lomo_status lomo_comm_add(struct lomo_optimizer *opt,
+                          const struct lomo_comm *comm,
+                          uint32_t *out_comm);
+
+/**
+ * Declares parameter `id` of `opt` a piece of a global tensor, between steps. With pieces every
+ * rank must submit the same parameters in the same order from one thread, and call
+ * `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
+ * statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
+ * columns: R + 2 doubles, then 1 more after a second read of the gradient), LOMO its non-finite
+ * flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
+ * (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
+ * by the global element index. Set the norm group with
+ * `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CPU
+ * parameters only (`LOMO_STATUS_UNSUPPORTED` for CUDA). `opt` and `desc` must not be NULL.
+ *
+ * # Safety
+ * If `opt` or `desc` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and stay alive during the call, and `desc` must point to a
+ * readable `lomo_shard_desc` whose `global_shape` holds `global_ndim` values.
+ */
+lomo_status lomo_param_set_shard(struct lomo_optimizer *opt,
+                                 uint32_t id,
+                                 const struct lomo_shard_desc *desc);
+
+/**
+ * Sets the group over which `opt`'s step scalars are agreed, between steps: at every phase end
+ * one all-reduce (SUM) of `[Σg², non-finite count]` over `norm_comm`, so the clip coefficient,
+ * the skip decision and the loss scaler are the same on every rank (`LOMO_COMM_NONE`: this rank
+ * alone, the default); `lomo_step_info` then reports the global norm and the non-finite count
+ * of every rank (`grads_submitted` stays this rank's). `flags`: 0 or `LOMO_DIST_CHECK`. CPU
+ * parameters only. `opt` must not be NULL.
+ *
+ * # Safety
+ * If `opt` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise it must come from
+ * `lomo_optimizer_new` and stay alive during the call.
+ */
+lomo_status lomo_dist_set(struct lomo_optimizer *opt, uint32_t norm_comm, uint32_t flags);
 
 /**
  * Fills `*cfg` with lomo-optim's defaults for `algorithm` (`LOMO_ALGORITHM_LOMO` or

@@ -41,11 +41,17 @@ pub enum Status {
     Unsupported = 13,
     /// A Rust panic was caught at the boundary; the optimizer should be discarded.
     Panic = 14,
+    /// A communicator callback (`lomo_comm`) returned non-zero; the message carries its code. The
+    /// failed call changed nothing (a step can be cancelled with `lomo_step_cancel`).
+    CommError = 15,
+    /// `LOMO_DIST_CHECK` found the ranks disagreeing (submissions, lr, configuration, step); every
+    /// rank of the norm group gets this status from the same call.
+    DistMismatch = 16,
 }
 
 impl Status {
     /// All statuses in numeric order (used by tests and `lomo_status_str`).
-    pub fn all() -> [Status; 15] {
+    pub fn all() -> [Status; 17] {
         [
             Status::Ok,
             Status::NullArgument,
@@ -62,6 +68,8 @@ impl Status {
             Status::OutOfMemory,
             Status::Unsupported,
             Status::Panic,
+            Status::CommError,
+            Status::DistMismatch,
         ]
     }
 
@@ -83,6 +91,8 @@ impl Status {
             Status::OutOfMemory => c"out of memory",
             Status::Unsupported => c"unsupported",
             Status::Panic => c"internal panic",
+            Status::CommError => c"communicator callback failed",
+            Status::DistMismatch => c"ranks disagree",
         }
     }
 

@@ -4,9 +4,9 @@
 //! - [`ffi`]: the C ABI (`include/lomo.h`), thin shims around the core;
 //! - [`xla`]: XLA FFI custom-call handlers for JAX (same level as `ffi`, not in the header);
 //! - the core: [`optimizer`], [`orchestrate`] (the one orchestration of a step, shared by the
-//!   optimizer and the XLA handlers), [`param`], [`config`], [`scaler`], [`state`]
-//!   (checkpoints), [`memory`] (accounting), [`error`], [`dtype`], [`alloc`] (fallible
-//!   allocation, used by every layer);
+//!   optimizer and the XLA handlers), [`dist`] (several ranks as one optimizer), [`param`],
+//!   [`config`], [`scaler`], [`state`] (checkpoints), [`memory`] (accounting), [`error`],
+//!   [`dtype`], [`alloc`] (fallible allocation, used by every layer);
 //! - [`backend`]: the backend interface ([`backend::Backend`]) and its implementations, the
 //!   passes themselves (CPU threads and SIMD; CUDA kernels on the caller's stream). It imports
 //!   nothing from the layers above; [`alloc`], [`config`], [`dtype`] and [`error`] are leaves
@@ -15,6 +15,7 @@
 pub mod alloc;
 pub mod backend;
 pub mod config;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod ffi;

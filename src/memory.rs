@@ -68,12 +68,15 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
     for (id, p) in opt.params().iter().enumerate() {
         let (state, ws) = match (p.device, opt.cuda()) {
             (Device::Cuda(_), Some(side)) => side.param_memory(id as u32),
-            _ => p
-                .inner
-                .lock()
-                .ada
-                .as_ref()
-                .map_or((0, 0), |a| (a.state.bytes() as u64, a.ws.bytes() as u64)),
+            _ => {
+                let inner = p.inner.lock();
+                let (state, ws) = inner
+                    .ada
+                    .as_ref()
+                    .map_or((0, 0), |a| (a.state.bytes() as u64, a.ws.bytes() as u64));
+                // A piece's statistics record (lomo_param_set_shard) is workspace too.
+                (state, ws + 8 * inner.dist_rec.len() as u64)
+            }
         };
         let m = DeviceMemory {
             params: 1,

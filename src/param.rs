@@ -76,6 +76,9 @@ pub struct ParamInner {
     pub finite: bool,
     /// AdaLomo state of a CPU parameter (None for LOMO and for CUDA parameters).
     pub ada: Option<AdaParam>,
+    /// A piece's partial statistics, all-reduced over its group (sized by
+    /// `lomo_param_set_shard`, so steps allocate nothing; empty for a whole tensor).
+    pub dist_rec: Vec<f64>,
 }
 
 /// One registered parameter.
@@ -91,6 +94,8 @@ pub struct Param {
     pub rows: usize,
     pub cols: usize,
     pub factored: bool,
+    /// Where this buffer lies in a tensor held by several ranks (`lomo_param_set_shard`).
+    pub shard: Option<crate::dist::Shard>,
     pub inner: Mutex<ParamInner>,
 }
 
@@ -200,11 +205,13 @@ impl Param {
             rows,
             cols,
             factored,
+            shard: None,
             inner: Mutex::new(ParamInner {
                 epoch: 0,
                 sum_sq: 0.0,
                 finite: true,
                 ada,
+                dist_rec: Vec::new(),
             }),
         })
     }

@@ -162,10 +162,10 @@ fn run(case: &Case) {
                     numel: g.len(),
                 };
                 let mut t = dev.tensor(i, &grad).unwrap();
-                orchestrate::tensor(&b, cfg.algorithm, &mut t, &grad, &pass).unwrap();
+                orchestrate::tensor(&b, cfg.algorithm, &mut t, &grad, &pass, None).unwrap();
             }
             cpu.end().unwrap();
-            orchestrate::end(&b, update, PhaseTotals::default()).unwrap();
+            orchestrate::end(&b, update, PhaseTotals::default(), None).unwrap();
         }
         let what = format!(
             "{} p={} g={} step {step} (carry {}, {:?}, clip_norm {}, clip_value {}, wd {}, {:?})",

@@ -1,6 +1,7 @@
 //! Steps allocate nothing on the CPU backend: a counting global allocator watches every thread
 //! while LOMO and AdaLomo steps (with a NORM phase, dynamic loss scaling and stochastic rounding)
-//! run on tensors large enough to use the thread pool.
+//! run on tensors large enough to use the thread pool — whole, and as pieces of rows and of
+//! columns with the agreement check on (one rank; its all-reduce is the identity).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,9 +32,26 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// A one-rank communicator: the all-reduce leaves the buffer as it is.
+unsafe extern "C" fn identity(
+    _user: *mut std::ffi::c_void,
+    _buf: *mut std::ffi::c_void,
+    _count: usize,
+    _dtype: u32,
+    _op: u32,
+    _stream: *mut std::ffi::c_void,
+) -> i32 {
+    0
+}
+
 #[test]
 fn steps_do_not_allocate() {
-    for algorithm in [Algorithm::Lomo, Algorithm::Adalomo] {
+    for (algorithm, pieces) in [
+        (Algorithm::Lomo, false),
+        (Algorithm::Adalomo, false),
+        (Algorithm::Lomo, true),
+        (Algorithm::Adalomo, true),
+    ] {
         let mut cfg = Config::defaults(algorithm);
         cfg.clip_grad_norm = 1.0;
         cfg.loss_scale_mode = LossScaleMode::Dynamic;
@@ -65,6 +83,28 @@ fn steps_do_not_allocate() {
                 .unwrap()
             })
             .collect();
+        if pieces {
+            let comm =
+                lomo::dist::Comm::new(0, 1, std::ptr::null_mut(), Some(identity), None, None, None)
+                    .unwrap();
+            opt.comm_add_check().unwrap();
+            let c = opt.comm_add(comm);
+            for (k, (&id, s)) in ids.iter().zip(shapes).enumerate() {
+                // Columns of the matrix; ranges (rows of the [n, 1] view) of the vectors.
+                let layout = if k == 0 { 2 } else { 1 };
+                let desc = lomo::optimizer::ShardDesc {
+                    layout,
+                    global_shape: s,
+                    offset: 0,
+                    piece_comm: Some(c),
+                    grad_mode: 0,
+                    grad_comm: None,
+                    flags: 0,
+                };
+                opt.param_set_shard(id, &desc).unwrap();
+            }
+            opt.dist_set(Some(c), 1).unwrap();
+        }
         let step = |opt: &mut Optimizer| {
             for phase in [Phase::Norm, Phase::Update] {
                 opt.begin(phase, 1e-3).unwrap();
@@ -83,7 +123,7 @@ fn steps_do_not_allocate() {
         assert_eq!(
             COUNT.swap(0, Ordering::SeqCst),
             0,
-            "{algorithm:?}: steps allocated"
+            "{algorithm:?} (pieces: {pieces}): steps allocated"
         );
         assert_eq!(opt.step_info().step, 4);
     }

@@ -16,7 +16,8 @@
 //! phase_end(NORM)                            record: clip coefficient, skip (= overflow)
 //! phase_begin(UPDATE, lr)                    record: lr, AdaLomo β = 1 − t^decay_rate
 //!   LOMO:    check_finite(t, g)  (only without a clean NORM phase), lomo(t, g, u)
-//!   AdaLomo: ada_stats(t, g, u)  → [reduction point] → ada_apply(t, g, u)
+//!   AdaLomo: ada_stats(t, g, u)  → [reduction point]
+//!            (→ ada_next_round(t, g, u) → [reduction point])*  → ada_apply(t, g, u)
 //! phase_end(UPDATE)                          record: loss scaler, step counter (CUDA)
 //! ```
 //!
@@ -38,11 +39,12 @@
 //! # The reduction points
 //!
 //! A distributed step inserts its all-reduces in exactly two places, both in
-//! `crate::orchestrate`: between `ada_stats` and `ada_apply` (AdaLomo's per-tensor partial
+//! `crate::orchestrate`: between `ada_stats` (and each `ada_next_round`) and `ada_apply`, or
+//! `check_finite` and `lomo` (AdaLomo's per-tensor partial
 //! statistics: row/column sums, Σu² through `D_j`, Σp², the finite flag — on the CPU in the
 //! tensor's workspace and record, on CUDA in its device workspace and `LomoTensor`), and between
 //! the tensors of a phase and `phase_end` (the phase totals: Σg² of the finite tensors and the
-//! non-finite count). In one process both are the identity.
+//! non-finite count). For whole tensors on one rank nothing is exchanged.
 //!
 //! # Ownership
 //!
@@ -111,10 +113,27 @@ pub trait Backend {
     /// carried) and the finite flag, into the tensor's workspace and record.
     fn ada_stats(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
 
+    /// AdaLomo pieces whose statistics need another round after the first reduction (a piece of
+    /// columns: the new rows, then `D_j` with them, a second read of g): computes this rank's
+    /// part into the record and returns true, and the core reduces it again; false when the
+    /// statistics are complete (whole tensors, pieces of rows, non-finite gradients).
+    fn ada_next_round(
+        &self,
+        t: &mut Self::Tensor<'_>,
+        g: &RawBuf,
+        u: &TensorUpdate,
+    ) -> Result<bool>;
+
     /// AdaLomo after the (reduced) statistics: when finite and not skipped, commits the state,
     /// forms RMS(p), the update clip and the effective lr and decay, and applies the update
     /// (Σp² of the written values into the record when `u.carry`).
     fn ada_apply(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
+
+    /// The tensor's partial statistics as one f64 record to all-reduce (SUM) over the group of
+    /// ranks holding its pieces, after `ada_stats` or `check_finite`; None when the tensor is
+    /// whole on this rank (nothing to reduce). The layout is the backend's (CPU:
+    /// `cpu::ada_piece`); the core only reduces it.
+    fn partials<'s>(&self, t: &'s mut Self::Tensor<'_>) -> Option<&'s mut [f64]>;
 
     /// Ends a phase on the step record from the (reduced) tensor records (CPU: the core decides
     /// on the host, nothing to do here; CUDA: one single-block kernel).

@@ -7,8 +7,9 @@ use crate::ffi::guard::check_struct_size;
 use crate::memory::MemoryStats;
 use crate::optimizer::StepInfo;
 
-/// ABI version of this library; bumped on any incompatible change of the C API.
-pub const LOMO_ABI_VERSION: u32 = 1;
+/// ABI version of this library; bumped on every change of the C API (2: distributed training —
+/// `lomo_comm`, `lomo_shard_desc`, `lomo_dist_set`, two statuses).
+pub const LOMO_ABI_VERSION: u32 = 2;
 
 /// The `device` of a parameter that lives in host memory.
 pub const LOMO_DEVICE_CPU: i32 = -1;

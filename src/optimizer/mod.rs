@@ -18,7 +18,10 @@ use crate::error::{bail, Result};
 use crate::param::{Device, Param, ParamDesc};
 use crate::scaler::LossScaler;
 
+mod dist;
 mod step;
+
+pub use dist::ShardDesc;
 
 /// The two kinds of backward pass in a step.
 #[repr(u32)]
@@ -147,6 +150,8 @@ pub struct Optimizer {
     info: StepInfo,
     /// The device side when the parameters live on a CUDA device (all on one device).
     cuda: Option<CudaSide>,
+    /// Communicators, the norm group and the agreement check (`lomo_comm_add`, `lomo_dist_set`).
+    pub(crate) dist: crate::dist::Dist,
 }
 
 impl Optimizer {
@@ -174,6 +179,7 @@ impl Optimizer {
             skipped_total: 0,
             info: StepInfo::fresh(0, 0, scale),
             cuda: None,
+            dist: crate::dist::Dist::default(),
         })
     }
 
@@ -241,6 +247,12 @@ impl Optimizer {
                 DeviceMismatch,
                 "parameter '{}' is on CUDA device {n}, but this optimizer already has CPU \
                  parameters: one optimizer's parameters must all be on one device",
+                desc.name
+            ),
+            Device::Cuda(_) if self.dist.norm_comm.is_some() => bail!(
+                Unsupported,
+                "parameter '{}' is on CUDA, but this optimizer is distributed (lomo_dist_set): \
+                 distributed steps run on the CPU backend only so far",
                 desc.name
             ),
             Device::Cpu if self.cuda.is_some() => bail!(

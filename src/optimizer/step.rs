@@ -4,8 +4,9 @@
 //! CUDA backend ([`crate::backend::cuda::step::CudaStep`], its device step record).
 
 use super::{NormResult, Optimizer, Phase, StepInfo, StepState};
-use crate::backend::cpu::step::{CpuAda, CpuStep, CpuTensor, HostStep};
+use crate::backend::cpu::step::{CpuAda, CpuPiece, CpuStep, CpuTensor, HostStep};
 use crate::backend::{PhaseBegin, TensorUpdate};
+use crate::dist::Layout;
 use crate::dtype::DType;
 use crate::error::{bail, Result};
 use crate::orchestrate::{self, PhaseTotals, TensorPass};
@@ -103,24 +104,39 @@ impl Optimizer {
         let algorithm = self.config.algorithm;
         if let Some(side) = &self.cuda {
             let mut t = side.tensor(id, &grad)?;
-            orchestrate::tensor(&side.step(stream), algorithm, &mut t, &grad, &pass)?;
+            orchestrate::tensor(&side.step(stream), algorithm, &mut t, &grad, &pass, None)?;
             inner.epoch = self.epoch;
             return Ok(());
         }
-        inner.epoch = self.epoch;
         let carry = matches!(pass, TensorPass::Update(u) if u.carry);
+        let shard = param.shard.filter(|s| s.layout != Layout::Full);
+        let piece_comm = shard
+            .and_then(|s| s.piece_comm)
+            .map(|c| &self.dist.comms[c as usize]);
+        let inner = &mut *inner;
         let ada = inner.ada.as_mut().map(|a| {
             let carried = if carry { a.carried_psq } else { None };
             CpuAda::new(a.state.as_view_mut(), &mut a.ws, carried)
         });
         let mut t = CpuTensor::new(param.buf, ada);
-        orchestrate::tensor(&self.cpu_step(self.state), algorithm, &mut t, &grad, &pass)?;
+        t.piece = shard.map(|s| CpuPiece {
+            global_numel: s.global_numel,
+            global_rows: s.global_rows,
+            elem_offset: s.elem_offset,
+            cols_of: (s.layout == Layout::Cols).then_some(s.global_cols),
+            record: &mut inner.dist_rec[..],
+            round: 0,
+            row_mean: 0.0,
+        });
+        let b = self.cpu_step(self.state);
+        orchestrate::tensor(&b, algorithm, &mut t, &grad, &pass, piece_comm)?;
         let (sum_sq, finite) = (t.sum_sq, t.finite);
         let written = t
             .ada
             .as_ref()
             .filter(|a| a.applied)
             .map(|a| a.written_sum_sq);
+        inner.epoch = self.epoch;
         inner.sum_sq = sum_sq;
         inner.finite = finite;
         if let (Some(w), Some(a)) = (written, inner.ada.as_mut()) {
@@ -141,9 +157,10 @@ impl Optimizer {
         let update = matches!(self.state, StepState::Update { .. });
         let totals = if matches!(self.state, StepState::Norm | StepState::Update { .. }) {
             let totals = self.phase_totals();
+            let agree = self.agreement(totals.submitted);
             match &self.cuda {
-                Some(side) => orchestrate::end(&side.step(stream), update, totals)?,
-                None => orchestrate::end(&self.cpu_step(self.state), update, totals)?,
+                Some(side) => orchestrate::end(&side.step(stream), update, totals, agree)?,
+                None => orchestrate::end(&self.cpu_step(self.state), update, totals, agree)?,
             }
         } else {
             PhaseTotals::default()
@@ -218,7 +235,8 @@ impl Optimizer {
         for p in &self.params {
             let inner = p.inner.lock();
             if inner.epoch == self.epoch {
-                totals.add(inner.finite, inner.sum_sq);
+                let duplicate = p.shard.is_some_and(|s| s.norm_duplicate);
+                totals.add(inner.finite, if duplicate { 0.0 } else { inner.sum_sq });
             }
         }
         totals

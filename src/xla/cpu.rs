@@ -218,10 +218,10 @@ pub fn grad_sum_sq(plan: &NormPlan<'_>) -> XResult<()> {
         let mut none = Vec::new();
         let buf = grad_buf(g, &[], &mut none)?;
         let mut t = CpuTensor::new(buf, None);
-        orchestrate::tensor(&b, cfg.algorithm, &mut t, &buf, &TensorPass::Norm)?;
+        orchestrate::tensor(&b, cfg.algorithm, &mut t, &buf, &TensorPass::Norm, None)?;
         totals.add(t.finite, t.sum_sq);
     }
-    let totals = orchestrate::end(&b, false, totals)?;
+    let totals = orchestrate::end(&b, false, totals, None)?;
     let d = orchestrate::norm_decision(&totals, plan.clip_grad_norm);
     let (sum_sq, coef) = if d.overflow {
         (f32::NAN, f32::NAN)
@@ -246,7 +246,7 @@ pub fn lomo_update(plan: &LomoPlan<'_>) -> XResult<()> {
             let mut t = CpuTensor::new(param, None);
             let b = cpu_step(&h, coef, &plan.opts);
             let pass = plan.opts.update_pass();
-            orchestrate::tensor(&b, Algorithm::Lomo, &mut t, &grad, &pass)?;
+            orchestrate::tensor(&b, Algorithm::Lomo, &mut t, &grad, &pass, None)?;
             t.finite
         }
     };
@@ -302,7 +302,7 @@ pub fn adalomo_update(plan: &AdaPlan<'_>) -> XResult<()> {
             let mut t = CpuTensor::new(param, Some(CpuAda::new(view, ws, None)));
             let b = cpu_step(&h, coef, &plan.opts);
             let pass = plan.opts.update_pass();
-            orchestrate::tensor(&b, Algorithm::Adalomo, &mut t, &grad, &pass)?;
+            orchestrate::tensor(&b, Algorithm::Adalomo, &mut t, &grad, &pass, None)?;
             t.finite
         }
     };

@@ -132,9 +132,9 @@ impl Call {
         let mut run = || -> crate::error::Result<()> {
             orchestrate::begin(&b, &begin)?;
             for (t, g) in tensors.iter_mut() {
-                orchestrate::tensor(&b, algorithm, t, g, pass)?;
+                orchestrate::tensor(&b, algorithm, t, g, pass, None)?;
             }
-            orchestrate::end(&b, update, PhaseTotals::default()).map(|_| ())
+            orchestrate::end(&b, update, PhaseTotals::default(), None).map(|_| ())
         };
         run().map_err(|e| cuda_error(self.op, e))
     }

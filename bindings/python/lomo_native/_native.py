@@ -17,6 +17,7 @@ import os
 import threading
 from ctypes import (
     POINTER,
+    CFUNCTYPE,
     Structure,
     c_bool,
     c_char,
@@ -60,6 +61,22 @@ __all__ = [
     "ROUNDING_NEAREST",
     "ROUNDING_STOCHASTIC",
     "PARAM_CARRY_RMS",
+    "Comm",
+    "ShardDesc",
+    "ALL_REDUCE_FN",
+    "COMM_NONE",
+    "REDUCE_SUM",
+    "REDUCE_MAX",
+    "DTYPE_F64",
+    "LAYOUT_FULL",
+    "LAYOUT_ROWS",
+    "LAYOUT_COLS",
+    "LAYOUT_FLAT",
+    "GRAD_REDUCED",
+    "GRAD_ALL_REDUCE",
+    "GRAD_REDUCE_SCATTER",
+    "SHARD_NORM_DUPLICATE",
+    "DIST_CHECK",
 ]
 
 # ---------------------------------------------------------------------------------------- enums
@@ -81,6 +98,8 @@ STATUS_NAMES = {
     12: "OUT_OF_MEMORY",
     13: "UNSUPPORTED",
     14: "PANIC",
+    15: "COMM_ERROR",
+    16: "DIST_MISMATCH",
 }
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 DEVICE_CPU = -1
@@ -185,6 +204,55 @@ class MemoryStats(Structure):
 
 # ------------------------------------------------------------------------------ the one table
 
+# Distributed training (lomo_comm, lomo_shard_desc, lomo_dist_set; ABI 2).
+COMM_NONE = 0xFFFFFFFF
+REDUCE_SUM, REDUCE_MAX = 0, 1
+DTYPE_F64 = 3  # the dtype of the records the library hands to the callbacks
+LAYOUT_FULL, LAYOUT_ROWS, LAYOUT_COLS, LAYOUT_FLAT = 0, 1, 2, 3
+GRAD_REDUCED, GRAD_ALL_REDUCE, GRAD_REDUCE_SCATTER = 0, 1, 2
+SHARD_NORM_DUPLICATE = 1
+DIST_CHECK = 1
+
+ALL_REDUCE_FN = CFUNCTYPE(c_int32, c_void_p, c_void_p, c_size_t, c_uint32, c_uint32, c_void_p)
+REDUCE_SCATTER_FN = CFUNCTYPE(
+    c_int32, c_void_p, c_void_p, c_void_p, c_size_t, c_uint32, c_uint32, c_void_p
+)
+ALL_GATHER_FN = CFUNCTYPE(c_int32, c_void_p, c_void_p, c_void_p, c_size_t, c_uint32, c_void_p)
+DESTROY_FN = CFUNCTYPE(None, c_void_p)
+
+
+class Comm(Structure):
+    """``lomo_comm``: the caller's communicator (keep the callback objects alive as long as
+    the optimizer)."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("rank", c_uint32),
+        ("size", c_uint32),
+        ("user", c_void_p),
+        ("all_reduce", ALL_REDUCE_FN),
+        ("reduce_scatter", REDUCE_SCATTER_FN),
+        ("all_gather", ALL_GATHER_FN),
+        ("destroy", DESTROY_FN),
+    ]
+
+
+class ShardDesc(Structure):
+    """``lomo_shard_desc``: where a registered buffer lies in a global tensor."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("layout", c_uint32),
+        ("global_ndim", c_uint32),
+        ("global_shape", POINTER(c_int64)),
+        ("offset", c_int64),
+        ("piece_comm", c_uint32),
+        ("grad_mode", c_uint32),
+        ("grad_comm", c_uint32),
+        ("flags", c_uint32),
+    ]
+
+
 class _StatusMarker:
     """Marks functions that return a ``lomo_status`` (a ``uint32_t``) in ``SIGNATURES``."""
 
@@ -236,6 +304,10 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     ),
     "lomo_state_deserialize": (_status, [_opt, POINTER(c_uint8), c_size_t], False),
     "lomo_memory_stats_get": (_status, [_opt, POINTER(MemoryStats)], False),
+    # distributed training (ABI 2)
+    "lomo_comm_add": (_status, [_opt, POINTER(Comm), POINTER(c_uint32)], False),
+    "lomo_param_set_shard": (_status, [_opt, c_uint32, POINTER(ShardDesc)], False),
+    "lomo_dist_set": (_status, [_opt, c_uint32, c_uint32], False),
 }
 
 
@@ -291,7 +363,7 @@ class _Missing:
 # ------------------------------------------------------------------------------------ loading
 #: The ``LOMO_ABI_VERSION`` (include/lomo.h) this package is written for: a library reporting a
 #: lower ``lomo_abi_version()`` is refused at load time with its path and version.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _LIB: ctypes.CDLL | None = None
 _LIB_PATH: str | None = None

@@ -222,3 +222,48 @@ def test_close_is_idempotent():
     opt.close()
     with pytest.raises(ValueError):
         opt.loss_scale
+
+
+def test_distributed_structs_and_one_rank_piece_equal_plain_steps():
+    """lomo_comm / lomo_shard_desc through ctypes: one rank holding the whole tensor as a ROWS
+    piece calls the all-reduce (identity for one rank) and steps exactly like a plain optimizer;
+    a failing callback is LOMO_STATUS_COMM_ERROR."""
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((6, 4)).astype(np.float32)
+    grads = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(3)]
+    calls = []
+    fail = [0]
+
+    @_native.ALL_REDUCE_FN
+    def all_reduce(user, buf, count, dtype, op, stream):
+        assert dtype == _native.DTYPE_F64 and op in (_native.REDUCE_SUM, _native.REDUCE_MAX)
+        calls.append(count)
+        return fail[0]
+
+    plain_w, piece_w = w0.copy(), w0.copy()
+    plain, piece = Optimizer("adalomo"), Optimizer("adalomo")
+    plain.register_array("w", plain_w)
+    pid = piece.register_array("w", piece_w)
+    comm = _native.Comm(struct_size=ctypes.sizeof(_native.Comm), rank=0, size=1,
+                        all_reduce=all_reduce)
+    cid = ctypes.c_uint32()
+    piece._lib.lomo_comm_add(piece.handle, ctypes.byref(comm), ctypes.byref(cid))
+    shape = (ctypes.c_int64 * 2)(6, 4)
+    desc = _native.ShardDesc(struct_size=ctypes.sizeof(_native.ShardDesc),
+                             layout=_native.LAYOUT_ROWS, global_ndim=2, global_shape=shape,
+                             offset=0, piece_comm=cid.value, grad_mode=_native.GRAD_REDUCED,
+                             grad_comm=_native.COMM_NONE, flags=0)
+    piece._lib.lomo_param_set_shard(piece.handle, pid, ctypes.byref(desc))
+    piece._lib.lomo_dist_set(piece.handle, cid.value, _native.DIST_CHECK)
+    for g in grads:
+        plain.step({0: g * plain.loss_scale}, lr=0.01)
+        piece.step({0: g * piece.loss_scale}, lr=0.01)
+        assert plain_w.tobytes() == piece_w.tobytes()
+    # per step: the tensor's statistics (2C + 3), the check record, the phase record
+    assert calls[:3] == [2 * 4 + 3, 10, 2]
+    fail[0] = 5
+    piece.begin(_native.PHASE_UPDATE, 0.01)
+    with pytest.raises(LomoError) as e:
+        piece.submit_array(pid, grads[0])
+    assert e.value.status == 15 and "5" in e.value.message
+    piece.cancel()

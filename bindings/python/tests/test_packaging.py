@@ -121,6 +121,15 @@ def test_the_loaded_library_is_at_least_the_abi_the_package_expects():
     assert _native.load().lomo_abi_version() >= _native.ABI_VERSION
 
 
+def test_the_package_expects_the_abi_of_the_header_it_declares():
+    """The ctypes declarations follow include/lomo.h: the ABI they need is the header's."""
+    import re
+
+    header = (PKG.parents[1] / "include" / "lomo.h").read_text()
+    abi = int(re.search(r"#define LOMO_ABI_VERSION (\d+)", header).group(1))
+    assert _native.ABI_VERSION == abi
+
+
 def _elf_sections(data):
     """Section names of a 64-bit little-endian ELF file."""
     import struct

@@ -26,41 +26,44 @@ use crate::error::Result;
 pub use super::ada_state::{AdaState, StateView, StateViewMut};
 
 /// Rows accumulated in f32 before folding into the f64 column sums.
-const FOLD_ROWS: usize = 64;
+pub(super) const FOLD_ROWS: usize = 64;
 /// Elements of a row summed in f32 lanes (32 terms per lane) before folding into the row's f64
 /// total, so long rows keep f32-level accuracy (the kernels sum ~cols/256 terms per thread).
-const ROW_FOLD: usize = 256;
+pub(super) const ROW_FOLD: usize = 256;
 
 #[derive(Debug, Default)]
-struct ChunkWs {
+pub(super) struct ChunkWs {
     /// Factored: rows `[a, b)`; vector: elements `[a, b)`.
-    a: usize,
-    b: usize,
+    pub(super) a: usize,
+    pub(super) b: usize,
     /// New row state (factored) or new vector state (vector) for this chunk's range.
-    new_state: Vec<f32>,
+    pub(super) new_state: Vec<f32>,
     /// rsqrt(row_i / mean(row)) for this chunk's rows (factored).
-    r_scale: Vec<f32>,
-    col64: Vec<f64>,
-    d64: Vec<f64>,
-    colblk: Vec<f32>,
-    dblk: Vec<f32>,
-    xsq: Vec<f32>,
-    usq: f64,
-    psq: f64,
-    finite: bool,
+    pub(super) r_scale: Vec<f32>,
+    pub(super) col64: Vec<f64>,
+    pub(super) d64: Vec<f64>,
+    pub(super) colblk: Vec<f32>,
+    pub(super) dblk: Vec<f32>,
+    pub(super) xsq: Vec<f32>,
+    pub(super) usq: f64,
+    pub(super) psq: f64,
+    pub(super) finite: bool,
     /// Pass C: every new value of this chunk was finite.
-    clean: bool,
+    pub(super) clean: bool,
+    /// Column pieces (`ada_cols`): this chunk's rows' partial sums Σ_{j∈J} U_ij (empty
+    /// otherwise; sized by `AdaWorkspace::prepare_cols`).
+    pub(super) row64: Vec<f64>,
 }
 
 /// Scratch memory of one parameter, sized at registration.
 #[derive(Debug)]
 pub struct AdaWorkspace {
-    rows: usize,
-    cols: usize,
-    factored: bool,
-    chunks: Vec<ChunkWs>,
-    col_new: Vec<f32>,
-    c_scale: Vec<f32>,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) factored: bool,
+    pub(super) chunks: Vec<ChunkWs>,
+    pub(super) col_new: Vec<f32>,
+    pub(super) c_scale: Vec<f32>,
 }
 
 impl AdaWorkspace {
@@ -108,6 +111,19 @@ impl AdaWorkspace {
             && self.col_new.iter().all(|v| v.is_finite())
     }
 
+    /// Makes room for column pieces (`ada_cols`): per-row partial sums, at piece setup. Fails
+    /// with `OutOfMemory` leaving the workspace as it was.
+    pub fn prepare_cols(&mut self) -> Result<()> {
+        let mut rows = alloc::with_capacity(self.chunks.len(), "AdaLomo column-piece workspace")?;
+        for w in &self.chunks {
+            rows.push(alloc::zeros(w.b - w.a, "AdaLomo column-piece workspace")?);
+        }
+        for (w, r) in self.chunks.iter_mut().zip(rows) {
+            w.row64 = r;
+        }
+        Ok(())
+    }
+
     pub fn bytes(&self) -> usize {
         let per_chunk: usize = self
             .chunks
@@ -118,7 +134,7 @@ impl AdaWorkspace {
                     + w.colblk.len()
                     + w.dblk.len()
                     + w.xsq.len())
-                    + 8 * (w.col64.len() + w.d64.len())
+                    + 8 * (w.col64.len() + w.d64.len() + w.row64.len())
             })
             .sum();
         per_chunk + 4 * (self.col_new.len() + self.c_scale.len())
@@ -164,9 +180,31 @@ pub fn stats(
     ws: &mut AdaWorkspace,
     args: &StatsArgs,
 ) -> Stats {
-    let (rows, cols) = (ws.rows, ws.cols);
+    let rows = ws.rows;
+    chunk_pass(param, grad, state, ws, args);
+    let stats = gather(ws, args.need_psq);
     match state {
-        StateView::Factored { row, col } => {
+        StateView::Factored { col, .. } if stats.finite => {
+            // On the calling thread, outside the chunks: IEEE arithmetic too.
+            let sum_u_sq = super::fpenv::ieee(|| finalize_factored(ws, col, rows, args));
+            Stats { sum_u_sq, ..stats }
+        }
+        _ => stats,
+    }
+}
+
+/// The per-chunk loops of pass A: each chunk's new state, column and `D_j` partials, Σu²
+/// (vector), Σp² and finite flag, in its workspace. The buffers must hold at least one element.
+pub(super) fn chunk_pass(
+    param: &RawBuf,
+    grad: &RawBuf,
+    state: StateView<'_>,
+    ws: &mut AdaWorkspace,
+    args: &StatsArgs,
+) {
+    let cols = ws.cols;
+    match state {
+        StateView::Factored { row, .. } => {
             for_each_chunk_mut(&mut ws.chunks, |_, w| {
                 let (a, b) = (w.a * cols, w.b * cols);
                 with_dtypes!(param.dtype, grad.dtype, |P, G| {
@@ -175,13 +213,6 @@ pub fn stats(
                     stats_rows::<P, G>(w, g, p, &row[w.a..w.b], cols, args)
                 });
             });
-            let stats = gather(ws, args.need_psq);
-            if !stats.finite {
-                return stats;
-            }
-            // On the calling thread, outside the chunks: IEEE arithmetic too.
-            let sum_u_sq = super::fpenv::ieee(|| finalize_factored(ws, col, rows, args));
-            Stats { sum_u_sq, ..stats }
         }
         StateView::Vector { v } => {
             for_each_chunk_mut(&mut ws.chunks, |_, w| {
@@ -191,12 +222,11 @@ pub fn stats(
                     stats_vector::<P, G>(w, g, p, &v[w.a..w.b], args)
                 });
             });
-            gather(ws, args.need_psq)
         }
     }
 }
 
-fn gather(ws: &AdaWorkspace, need_psq: bool) -> Stats {
+pub(super) fn gather(ws: &AdaWorkspace, need_psq: bool) -> Stats {
     let finite = ws.chunks.iter().all(|w| w.finite);
     let sum_u_sq = ws.chunks.iter().map(|w| w.usq).sum();
     let sum_p_sq = if need_psq {
@@ -372,7 +402,7 @@ multiversion! {
 }
 
 #[inline(always)]
-fn fold(acc: &mut [f64], blk: &mut [f32]) {
+pub(super) fn fold(acc: &mut [f64], blk: &mut [f32]) {
     for (a, b) in acc.iter_mut().zip(blk.iter_mut()) {
         *a += *b as f64;
         *b = 0.0;
@@ -381,7 +411,7 @@ fn fold(acc: &mut [f64], blk: &mut [f32]) {
 
 /// Adds `v[k] + c` to lane `k % 8`.
 #[inline(always)]
-fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
+pub(super) fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
     let mut it = v.chunks_exact(8);
     for c8 in &mut it {
         for k in 0..8 {
@@ -395,7 +425,7 @@ fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
 
 /// Σv² of a slice in f32 lanes, folded to f64 per tile.
 #[inline(always)]
-fn sum_sq<P: Elem>(v: &[P]) -> f64 {
+pub(super) fn sum_sq<P: Elem>(v: &[P]) -> f64 {
     let mut total = 0f64;
     for tile in v.chunks(TILE) {
         let mut lanes = [0f32; 8];

@@ -105,13 +105,25 @@ pub struct RoundCtx {
     pub seed: u64,
     pub step: u64,
     pub param_id: u32,
+    /// Global index of the buffer's first element (a piece of a larger tensor; 0 otherwise), so
+    /// an element draws the same bits whichever rank holds it; for a piece of columns, its first
+    /// column.
+    pub offset: u64,
+    /// A piece of columns: its width (0: the buffer is a contiguous range of the tensor) and the
+    /// global row length; element `e` is then global `(e / cols)·row_stride + offset + e % cols`.
+    pub cols: u64,
+    pub row_stride: u64,
 }
 
 impl RoundCtx {
     /// The random word of element `element` of this parameter at this step.
     #[inline(always)]
     pub fn word(&self, element: u64) -> u32 {
-        random_word(self.seed, self.step, self.param_id, element)
+        let global = match element.checked_div(self.cols) {
+            None => self.offset + element,
+            Some(row) => row * self.row_stride + self.offset + element % self.cols,
+        };
+        random_word(self.seed, self.step, self.param_id, global)
     }
 
     /// Stores `v` into `out` for element `element`.

@@ -122,6 +122,16 @@ impl Backend for CudaStep<'_> {
             .ada_apply(l, t.rec, dev(g), g.dtype, &o, self.stream)
     }
 
+    /// Whole tensors only on CUDA: the statistics are complete after `ada_stats`.
+    fn ada_next_round(&self, _t: &mut CudaTensor, _g: &RawBuf, _u: &TensorUpdate) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Pieces of tensors are not supported on CUDA yet (refused at `lomo_param_set_shard`).
+    fn partials<'s>(&self, _t: &'s mut CudaTensor) -> Option<&'s mut [f64]> {
+        None
+    }
+
     fn phase_end(&self, update: bool) -> Result<()> {
         match self.record {
             StepRecord::Optimizer(args) => {

@@ -1,0 +1,237 @@
+//! Core layer: several ranks as one optimizer, through the caller's collectives
+//! (`notes/distributed.md`). The library owns no transport: a [`Comm`] is the caller's
+//! all-reduce callback (and optional reduce-scatter / all-gather), called in place on buffers the
+//! optimizer owns. Where the collectives happen is `crate::orchestrate`'s two reduction points:
+//! per tensor (AdaLomo's partial statistics of a piece; LOMO's non-finite flag of a piece without
+//! a NORM phase) and per phase end (Σg², the non-finite count and, with `LOMO_DIST_CHECK`, the
+//! agreement record).
+//!
+//! Supported today: the CPU backend; pieces laid out as the whole tensor ([`Layout::Full`],
+//! optionally `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]),
+//! shape[-1]]` view ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) or a range
+//! of its columns ([`Layout::Cols`]: row-parallel weights), with already reduced gradients
+//! ([`GradMode::Reduced`]). Flat pieces and gradient reduction by the library are refused with
+//! `LOMO_STATUS_UNSUPPORTED`.
+
+use std::ffi::c_void;
+
+use crate::error::{bail, Result};
+
+/// `all_reduce(user, buf, count, dtype, op, stream)`: in place; 0 = success.
+pub type AllReduceFn =
+    unsafe extern "C" fn(*mut c_void, *mut c_void, usize, u32, u32, *mut c_void) -> i32;
+/// `reduce_scatter(user, send, recv, count_per_rank, dtype, op, stream)`; 0 = success.
+pub type ReduceScatterFn = unsafe extern "C" fn(
+    *mut c_void,
+    *const c_void,
+    *mut c_void,
+    usize,
+    u32,
+    u32,
+    *mut c_void,
+) -> i32;
+/// `all_gather(user, send, recv, count_per_rank, dtype, stream)`; 0 = success.
+pub type AllGatherFn =
+    unsafe extern "C" fn(*mut c_void, *const c_void, *mut c_void, usize, u32, *mut c_void) -> i32;
+/// `destroy(user)`, called once when the optimizer is freed.
+pub type DestroyFn = unsafe extern "C" fn(*mut c_void);
+
+/// Reduction operators of the callbacks (`LOMO_REDUCE_SUM`, `LOMO_REDUCE_MAX`).
+pub(crate) const REDUCE_SUM: u32 = 0;
+pub(crate) const REDUCE_MAX: u32 = 1;
+/// The dtype code of f64 buffers handed to the callbacks (the statistics and scalar records).
+pub(crate) const COMM_DTYPE_F64: u32 = 3;
+/// `lomo_dist_set` flag: check at every phase end that the ranks agree.
+pub(crate) const DIST_CHECK: u32 = 1;
+/// `lomo_shard_desc.flags`: this piece duplicates another rank's; its Σg² is not counted here.
+pub(crate) const SHARD_NORM_DUPLICATE: u32 = 1;
+
+/// A caller's communicator: this rank in a group and the callbacks that reach the others.
+#[derive(Debug)]
+pub struct Comm {
+    pub rank: u32,
+    pub size: u32,
+    /// The caller's `user` pointer, handed back to every callback.
+    user: usize,
+    all_reduce: AllReduceFn,
+    pub reduce_scatter: Option<ReduceScatterFn>,
+    pub all_gather: Option<AllGatherFn>,
+    destroy: Option<DestroyFn>,
+}
+
+impl Comm {
+    pub fn new(
+        rank: u32,
+        size: u32,
+        user: *mut c_void,
+        all_reduce: Option<AllReduceFn>,
+        reduce_scatter: Option<ReduceScatterFn>,
+        all_gather: Option<AllGatherFn>,
+        destroy: Option<DestroyFn>,
+    ) -> Result<Comm> {
+        let Some(all_reduce) = all_reduce else {
+            bail!(
+                NullArgument,
+                "lomo_comm.all_reduce is NULL (it is required)"
+            );
+        };
+        if size == 0 || rank >= size {
+            bail!(
+                InvalidArgument,
+                "lomo_comm: rank {rank} is not in a group of size {size}"
+            );
+        }
+        Ok(Comm {
+            rank,
+            size,
+            user: user as usize,
+            all_reduce,
+            reduce_scatter,
+            all_gather,
+            destroy,
+        })
+    }
+
+    /// All-reduces `buf` in place over the group (`op` `LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), on
+    /// the host (stream NULL). `what` names the record in the error message.
+    pub fn all_reduce_f64(&self, buf: &mut [f64], op: u32, what: &str) -> Result<()> {
+        // SAFETY: `all_reduce` is the caller's callback with the documented contract; `buf` is
+        // `len` writable f64 values that live through the call.
+        let rc = unsafe {
+            (self.all_reduce)(
+                self.user as *mut c_void,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                COMM_DTYPE_F64,
+                op,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                CommError,
+                "the all_reduce callback failed with code {rc} on {what} ({} f64 values; rank {} \
+                 of {}); nothing was changed by this call",
+                buf.len(),
+                self.rank,
+                self.size
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        if let Some(destroy) = self.destroy {
+            // SAFETY: the caller's destructor for its own `user` pointer, called exactly once.
+            unsafe { destroy(self.user as *mut c_void) }
+        }
+    }
+}
+
+/// How a registered buffer lies in the global tensor (`LOMO_LAYOUT_*`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// The buffer is the whole tensor.
+    Full = 0,
+    /// A range of rows of the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: of elements).
+    Rows = 1,
+    /// A range of columns of that view.
+    Cols = 2,
+    /// A range of the flattened tensor that may cut rows.
+    Flat = 3,
+}
+
+/// What `lomo_grad_submit` receives for a piece (`LOMO_GRAD_*`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradMode {
+    /// The already reduced gradient of the piece.
+    Reduced = 0,
+    /// The local gradient; the library averages it over `grad_comm`.
+    AllReduce = 1,
+    /// The full local gradient; the library reduce-scatters it to the piece.
+    ReduceScatter = 2,
+}
+
+/// A registered buffer as a piece of a global tensor, checked against the registration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shard {
+    pub layout: Layout,
+    /// Elements, rows and columns of the global tensor's `[R, C]` view (`[numel, 1]` for
+    /// rank ≤ 1).
+    pub global_numel: usize,
+    pub global_rows: usize,
+    pub global_cols: usize,
+    /// Global index of the piece's first element (ROWS; stochastic rounding draws by it), or
+    /// its first column (COLS).
+    pub elem_offset: u64,
+    /// The communicator of the ranks that hold the other pieces (None: nothing to reduce).
+    pub piece_comm: Option<u32>,
+    /// Σg² of this piece is counted on another rank.
+    pub norm_duplicate: bool,
+}
+
+/// The optimizer's distributed setup: communicators and the group that agrees on the scalars.
+#[derive(Debug, Default)]
+pub struct Dist {
+    pub comms: Vec<Comm>,
+    /// The group of the phase-end record (`lomo_dist_set`).
+    pub norm_comm: Option<u32>,
+    /// `LOMO_DIST_CHECK`: check agreement at every phase end.
+    pub check: bool,
+    /// Configuration fingerprint for the check (formed at `lomo_dist_set`).
+    pub fingerprint: u64,
+}
+
+impl Dist {
+    /// Communicator `id`, or an error naming `what` uses it.
+    pub fn comm(&self, id: u32, what: &str) -> Result<&Comm> {
+        match self.comms.get(id as usize) {
+            Some(c) => Ok(c),
+            None => bail!(
+                InvalidArgument,
+                "{what}: no communicator {id} (add one with lomo_comm_add; {} so far)",
+                self.comms.len()
+            ),
+        }
+    }
+}
+
+/// The agreement record of a phase end: values every rank must hold equally. Reduced with MAX
+/// over `(v, −v)` pairs, so every rank learns the largest and the smallest value of each.
+pub const CHECK_FIELDS: [&str; 5] = [
+    "gradients submitted in the phase",
+    "learning rate",
+    "step counter",
+    "configuration",
+    "registered parameters",
+];
+
+/// Reduces `values` (one per [`CHECK_FIELDS`]) with MAX over `(v, −v)` and fails with
+/// `DIST_MISMATCH` on every rank when any field differs between ranks.
+pub fn check_agreement(comm: &Comm, values: [f64; 5]) -> Result<()> {
+    let mut rec = [0f64; 10];
+    for (k, v) in values.iter().enumerate() {
+        rec[2 * k] = *v;
+        rec[2 * k + 1] = -*v;
+    }
+    comm.all_reduce_f64(
+        &mut rec,
+        REDUCE_MAX,
+        "the agreement record (LOMO_DIST_CHECK)",
+    )?;
+    for (k, name) in CHECK_FIELDS.iter().enumerate() {
+        let (max, min) = (rec[2 * k], -rec[2 * k + 1]);
+        if max != min {
+            bail!(
+                DistMismatch,
+                "the ranks disagree on the {name}: between {min} and {max} (every rank must \
+                 submit the same parameters with the same lr and configuration in each phase)"
+            );
+        }
+    }
+    Ok(())
+}
