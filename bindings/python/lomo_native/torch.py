@@ -23,6 +23,9 @@ lomo-optim 0.1.1 (bug numbers of ``reference/semantics.md`` §7) are listed in t
   an overflowing step is skipped with every parameter untouched: models with fp16 parameters run a
   norm pass before the update even without clipping (``two_pass``), as lomo-optim needed anyway (B3).
 * ``state_dict()`` holds the complete optimizer state (B15); hooks are removable (B16).
+* ``step()`` applies what a plain ``loss.backward()`` left in ``.grad`` (any trainer, accelerate,
+  gradient accumulation), with the fused path's numerics but the gradients' memory; see
+  ``lomo_native._torch_step``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Optional
 import torch
 
 from . import _native as N
+from . import _torch_step
 from .core import Optimizer as _NativeOptimizer
 from .core import StepInfo
 
@@ -117,6 +121,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._stray: Optional[str] = None
         self._handles = []
         self._param_names = []
+        self._step_params = []  # (id, name, parameter, address): step()'s non-fused path
+        self._grad_scale = 1.0  # the factor .grad carries (scale_loss), for step()
         self._cuda_devices = set()
         self._has_fp16 = False
         self._register(named)
@@ -181,6 +187,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             pid = self._native.register_pointer(name, p.data_ptr(), _DTYPES[p.dtype], p.shape,
                                                 device, self._group_of[name])
             self._param_names.append(name)
+            self._step_params.append((pid, name, p, p.data_ptr()))
             self._handles.append(
                 p.register_post_accumulate_grad_hook(_make_hook(ref, pid, name, p.data_ptr()))
             )
@@ -207,6 +214,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._backward(loss, N.PHASE_UPDATE, retain_graph=False)
         self._native.end(stream)
         self.lr = lr
+        self._opt_called = True  # torch's LR schedulers check that the optimizer stepped
 
     def grad_norm(self, loss: torch.Tensor) -> None:
         """First backward of a step: computes the global gradient norm (for ``clip_grad_norm``)
@@ -266,15 +274,47 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 "it is left in .grad and would be applied on top of the next step's gradient. "
                 "Call zero_grad(set_to_none=True) first (or use fused_backward for every backward)")
 
-    def step(self, closure=None):  # noqa: D401 - torch.optim.Optimizer API
-        """Not used: the update happens inside ``fused_backward`` (as in lomo-optim)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} updates inside fused_backward(loss, lr); call that instead of "
-            "loss.backward() + step()")
+    def step(self, closure=None):
+        """The non-fused path, for trainers that call ``loss.backward()`` then ``step()``:
+        applies the gradients in ``.grad`` with the fused path's numerics (a NORM phase first
+        when ``clip_grad_norm`` or ``two_pass`` is set, clipping, loss scaling, overflow skip),
+        at the lr of ``param_groups[0]["lr"]`` (group ``lr_scale`` multipliers apply). The
+        gradients stay in ``.grad`` until ``zero_grad()``, as with torch's optimizers, so several
+        backwards before one ``step()`` accumulate. Gradients are those of the plain loss, or of
+        ``scale_loss(loss)``. No gradient at all: nothing happens. ``closure`` (re-evaluates the
+        loss with a backward) is called first, as torch's optimizers do. Memory: unlike
+        ``fused_backward``, every gradient exists at once (see ``lomo_native._torch_step``)."""
+        self._check_usable_for_step()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lr = self.param_groups[0]["lr"]
+        if _torch_step.apply_grads(self, lr):
+            self.lr = lr
+            self._opt_called = True
+        self._grad_scale = 1.0
+        return loss
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` multiplied by the current loss scale, for a plain ``backward()`` followed by
+        ``step()`` (as ``GradScaler.scale``): fp16 gradients then keep the range the scaler
+        protects, and ``step()`` submits them unchanged. The scale is constant within a step, so
+        every micro-batch of an accumulated step is scaled alike."""
+        self._grad_scale = self._native.loss_scale
+        if self._grad_scale == 1.0:
+            return loss
+        return (loss.float() if loss.dtype == torch.float16 else loss) * self._grad_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's: sets (or zeroes) every ``.grad`` of the optimizer's parameters."""
         super().zero_grad(set_to_none=set_to_none)
         self._stray = None
+        self._grad_scale = 1.0
+
+    def _check_usable_for_step(self):
+        if not self._handles:
+            raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
 
     # ---------------------------------------------------------------------------- diagnostics
     def step_info(self) -> StepInfo:
