@@ -80,6 +80,24 @@ fi
 .venv/bin/python scripts/gpu_check.py bench --emulate > /dev/null
 # ---- end of the Python binding block ---------------------------------------------------------
 
+# ---- libtorch C++ trainer (examples/cpp/libtorch) -- begin -------------------------------------
+# Built against the libtorch inside .venv's torch wheel and the lomo installed into a temporary
+# prefix; the program checks one step against autograd and that the loss falls.
+echo "== libtorch C++ trainer"
+TORCH_CMAKE=$(.venv/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)' 2>/dev/null || true)
+if [ -n "$TORCH_CMAKE" ] && [ -f "$TORCH_CMAKE/Torch/TorchConfig.cmake" ]; then
+    stage="$(mktemp -d)"
+    scripts/install.sh "$stage/prefix" > /dev/null
+    cmake -S examples/cpp/libtorch -B "$stage/build" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$stage/prefix;$TORCH_CMAKE"
+    cmake --build "$stage/build"
+    "$stage/build/libtorch_trainer"
+    rm -rf "$stage"
+else
+    echo "SKIP: libtorch C++ trainer: torch's CMake files not found (torch.utils.cmake_prefix_path)"
+fi
+# ---- libtorch C++ trainer -- end ----------------------------------------------------------------
+
 # ---- JAX (bindings/python/lomo_native/jax.py, src/xla) -- begin ---------------------------------
 # A private venv (.venv-jax) with jax (CPU), numpy and pytest, preferring Python >= 3.12 (jax
 # 0.12; Python 3.10/3.11 get an older jax, which the handlers also support). Reused as is when it
