@@ -268,7 +268,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if not self._handles:
             raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
         if self._stray is not None:
-            name, self._stray = self._stray, None
+            # a plain backward ran; what matters is whether its gradients are still there
+            # (model.zero_grad(), as the HF Trainer calls, clears them without telling us)
+            left = [n for _, n, p, _ in self._step_params if p.grad is not None]
+            if not left:
+                self._stray = None
+                return
+            name = left[0]
             raise RuntimeError(
                 f"'{name}' received a gradient from a backward() outside fused_backward/grad_norm; "
                 "it is left in .grad and would be applied on top of the next step's gradient. "
@@ -284,7 +290,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         ``scale_loss(loss)``. No gradient at all: nothing happens. ``closure`` (re-evaluates the
         loss with a backward) is called first, as torch's optimizers do. Memory: unlike
         ``fused_backward``, every gradient exists at once (see ``lomo_native._torch_step``)."""
-        self._check_usable_for_step()
+        self._check_not_removed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -312,7 +318,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._stray = None
         self._grad_scale = 1.0
 
-    def _check_usable_for_step(self):
+    def _check_not_removed(self):
         if not self._handles:
             raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
 
@@ -342,7 +348,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         scaler; a safetensors blob as a uint8 tensor) and the Python side (lr, groups,
         settings). ``torch.save`` it; ``load_state_dict`` on an optimizer built the same way
         resumes identically."""
-        self._check_usable()
+        self._check_not_removed()  # gradients left in .grad do not matter here
         if self._phase is not None or self._norm_pending:
             raise RuntimeError("state_dict() must be called between steps")
         if not self._native.supports_state():
@@ -364,7 +370,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a ``state_dict()`` of an optimizer over the same parameters."""
-        self._check_usable()
+        self._check_not_removed()
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"not a {_STATE_FORMAT} state dict (lomo-optim's hold no state)")
         if state_dict["algorithm"] != self._ALGORITHM:

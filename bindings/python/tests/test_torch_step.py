@@ -163,6 +163,27 @@ def test_step_after_fused_backward_does_nothing_and_stray_rule_holds():
     assert opt.step_info().step == 3
 
 
+def test_model_zero_grad_clears_the_stray_rule_and_state_dict_ignores_grads():
+    """The HF Trainer clears gradients with model.zero_grad(), which the optimizer does not
+    see: what counts is whether .grad is still set. state_dict() does not care about .grad
+    (the stock Trainer's checkpoints)."""
+    model = make_model("mlp")
+    opt = Lomo(model, lr=0.1)
+    b = make_batches("mlp", torch.float32, 1)[0]
+    loss_fn("mlp", model, b).backward()
+    opt.step()
+    state = opt.state_dict()  # .grad is still set: fine for a checkpoint
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.fused_backward(loss_fn("mlp", model, b))
+    with pytest.raises(RuntimeError, match="zero_grad"):  # still there: still refused
+        opt.fused_backward(loss_fn("mlp", model, b))
+    model.zero_grad()
+    opt.fused_backward(loss_fn("mlp", model, b))
+    assert opt.step_info().step == 2
+    opt.load_state_dict(state)
+    assert opt.step_info().step == 1
+
+
 def test_no_scheduler_warning_and_scheduler_lr_is_used():
     """fused_backward and step() both mark the optimizer as stepped for torch's schedulers."""
     model = make_model("mlp")

@@ -239,18 +239,28 @@ def test_lomo_trainer_fp16_dynamic_scaling_skips_and_holds_the_schedule(tmp_path
     assert logged(trainer, "skipped_steps")[-1] == info.skipped_total
 
 
-@pytest.mark.parametrize("algo,dtype", [("adalomo", torch.float32), ("lomo", torch.float16)])
-def test_lomo_trainer_checkpoint_resume_is_bit_identical(algo, dtype, tmp_path):
+@pytest.mark.parametrize("algo,dtype,kind", [("adalomo", torch.float32, "LomoTrainer"),
+                                              ("lomo", torch.float16, "LomoTrainer"),
+                                              ("adalomo", torch.float32, "Trainer")])
+def test_checkpoint_resume_is_bit_identical(algo, dtype, kind, tmp_path):
     """Straight through 6 steps, or 3 steps + checkpoint + a new Trainer resuming from it:
-    the same parameters and optimizer state, bit for bit."""
+    the same parameters and optimizer state, bit for bit. LomoTrainer (fused), and the stock
+    Trainer with our optimizer passed (non-fused step(), the Trainer clips .grad)."""
     def run(out, resume=None, steps=6):
         model = tiny_llama(dtype)
-        args = training_args(out, optim=algo, learning_rate=BASE_LR[algo], max_grad_norm=1.0,
+        args = training_args(out, optim=algo if kind == "LomoTrainer" else "adamw_torch",
+                             learning_rate=BASE_LR[algo], max_grad_norm=1.0,
                              max_steps=steps, save_strategy="steps", save_steps=3,
                              per_device_train_batch_size=2, weight_decay=0.01)
-        trainer = LomoTrainer(model=model, args=args, train_dataset=Tokens())
+        if kind == "LomoTrainer":
+            trainer = LomoTrainer(model=model, args=args, train_dataset=Tokens())
+            trainer.train(resume_from_checkpoint=resume)
+            return model, trainer.lomo_optimizer
+        opt = OURS[algo](model, lr=BASE_LR[algo], weight_decay=0.01, no_decay=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                       optimizers=(opt, None))
         trainer.train(resume_from_checkpoint=resume)
-        return model, trainer.lomo_optimizer
+        return model, opt
 
     straight, opt_a = run(tmp_path / "a")
     resumed, opt_b = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
