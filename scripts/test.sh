@@ -75,6 +75,13 @@ fi
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall ./bindings/python
 .venv/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests
 .venv/bin/python examples/python/finetune.py --steps 2 --no-progress   # smoke run of the example
+# smoke runs of the Hugging Face example: plain loop and LomoTrainer/Trainer, plot included
+hf_plot="$(mktemp -d)"
+.venv/bin/python examples/python/finetune_hf.py --steps 2 --no-progress --plot "$hf_plot/loop.png"
+.venv/bin/python examples/python/finetune_hf.py --steps 2 --no-progress --trainer hf \
+    --plot "$hf_plot/hf.png"
+test -s "$hf_plot/loop.png" && test -s "$hf_plot/hf.png"
+rm -rf "$hf_plot"
 # The GPU check's own script, on the emulated device: keeps it working between GPU sessions.
 .venv/bin/python scripts/gpu_check.py parity --emulate
 .venv/bin/python scripts/gpu_check.py bench --emulate > /dev/null
