@@ -281,15 +281,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 "Call zero_grad(set_to_none=True) first (or use fused_backward for every backward)")
 
     def step(self, closure=None):
-        """The non-fused path, for trainers that call ``loss.backward()`` then ``step()``:
-        applies the gradients in ``.grad`` with the fused path's numerics (a NORM phase first
-        when ``clip_grad_norm`` or ``two_pass`` is set, clipping, loss scaling, overflow skip),
-        at the lr of ``param_groups[0]["lr"]`` (group ``lr_scale`` multipliers apply). The
-        gradients stay in ``.grad`` until ``zero_grad()``, as with torch's optimizers, so several
-        backwards before one ``step()`` accumulate. Gradients are those of the plain loss, or of
-        ``scale_loss(loss)``. No gradient at all: nothing happens. ``closure`` (re-evaluates the
-        loss with a backward) is called first, as torch's optimizers do. Memory: unlike
-        ``fused_backward``, every gradient exists at once (see ``lomo_native._torch_step``)."""
+        """The non-fused path (trainers that call ``loss.backward()`` then ``step()``): applies
+        ``.grad`` with the fused path's numerics at ``param_groups[0]["lr"]``, leaving it there
+        until ``zero_grad()`` (backwards accumulate); no gradient: no-op. The gradients are the
+        plain loss's or ``scale_loss(loss)``'s. Memory and details: ``lomo_native._torch_step``."""
         self._check_not_removed()
         loss = None
         if closure is not None:
