@@ -111,10 +111,36 @@ LOMO_LIBRARY="$PWD/target/release/liblomo.so" PYTHONPATH="$PWD/bindings/python" 
 "$VENV"/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$stage/wheel" ./bindings/python
 "$VENV"/bin/python -m pip install -q --no-deps --target "$stage/site" "$stage"/wheel/lomo_native-*.whl
 PYTHONPATH="$stage/site" "$VENV"/bin/python examples/python/finetune.py --steps 2 --no-progress
+# smoke runs of the Hugging Face example: plain loop and LomoTrainer/Trainer, plot included
+hf_plot="$(mktemp -d)"
+PYTHONPATH="$stage/site" "$VENV"/bin/python examples/python/finetune_hf.py --steps 2 --no-progress \
+    --plot "$hf_plot/loop.png"
+PYTHONPATH="$stage/site" "$VENV"/bin/python examples/python/finetune_hf.py --steps 2 --no-progress \
+    --trainer hf --plot "$hf_plot/hf.png"
+test -s "$hf_plot/loop.png" && test -s "$hf_plot/hf.png"
+rm -rf "$hf_plot"
 # The GPU check's own script, on the emulated device: keeps it working between GPU sessions.
 LOMO_LIBRARY="$stage/emu/liblomo.so" "$VENV"/bin/python scripts/gpu_check.py parity --emulate
 LOMO_LIBRARY="$stage/emu/liblomo.so" "$VENV"/bin/python scripts/gpu_check.py bench --emulate > /dev/null
 # ---- end of the Python binding block ---------------------------------------------------------
+
+# ---- libtorch C++ trainer (examples/cpp/libtorch) -- begin -------------------------------------
+# Built against the libtorch inside the test environment's torch wheel and the lomo installed into a temporary
+# prefix; the program checks one step against autograd and that the loss falls.
+echo "== libtorch C++ trainer"
+TORCH_CMAKE=$("$VENV"/bin/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)' 2>/dev/null || true)
+if [ -n "$TORCH_CMAKE" ] && [ -f "$TORCH_CMAKE/Torch/TorchConfig.cmake" ]; then
+    lt_stage="$(mktemp -d)"
+    scripts/install.sh "$lt_stage/prefix" > /dev/null
+    cmake -S examples/cpp/libtorch -B "$lt_stage/build" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$lt_stage/prefix;$TORCH_CMAKE"
+    cmake --build "$lt_stage/build"
+    "$lt_stage/build/libtorch_trainer"
+    rm -rf "$lt_stage"
+else
+    echo "SKIP: libtorch C++ trainer: torch's CMake files not found (torch.utils.cmake_prefix_path)"
+fi
+# ---- libtorch C++ trainer -- end ----------------------------------------------------------------
 
 # ---- JAX (bindings/python/lomo_native/jax.py, src/xla) -- begin ---------------------------------
 # A private venv (venv-jax, see env_path) with jax (CPU), numpy and pytest, preferring Python >= 3.12 (jax

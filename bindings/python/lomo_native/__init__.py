@@ -2,6 +2,7 @@
 
 * ``lomo_native.Optimizer`` — the C library's optimizer at the NumPy / raw-pointer level.
 * ``lomo_native.torch.Lomo`` / ``lomo_native.torch.AdaLomo`` — drop-ins for ``lomo_optim``.
+* ``lomo_native.transformers.LomoTrainer`` — a ``transformers.Trainer`` with the fused step.
 * ``lomo_native._native`` — ``load()`` (the ctypes library with every signature declared),
   ``LomoError``.
 """

@@ -23,6 +23,9 @@ lomo-optim 0.1.1 (bug numbers of ``reference/semantics.md`` §7) are listed in t
   an overflowing step is skipped with every parameter untouched: models with fp16 parameters run a
   norm pass before the update even without clipping (``two_pass``), as lomo-optim needed anyway (B3).
 * ``state_dict()`` holds the complete optimizer state (B15); hooks are removable (B16).
+* ``step()`` applies what a plain ``loss.backward()`` left in ``.grad`` (any trainer, accelerate,
+  gradient accumulation), with the fused path's numerics but the gradients' memory; see
+  ``lomo_native._torch_step``.
 
 What trains, or raises before anything changes (issue 13): ``fused_backward(loss)`` uses each
 group's own ``lr`` (schedulers per group); ``add_param_group`` registers its parameters;
@@ -42,6 +45,7 @@ import torch
 from . import _native as N
 from . import _torch_params as TP
 from ._torch_sync import ModelSync
+from . import _torch_step
 from .core import Optimizer as _NativeOptimizer
 from .core import StepInfo
 
@@ -126,6 +130,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         self._stray: Optional[str] = None
         self._entries: dict = {}  # name -> TP.Entry, in registration order
         self._removed = False
+        self._grad_scale = 1.0  # the factor .grad carries (scale_loss), for step()
         self._cuda_devices = set()
         self._has_fp16 = False
         # Reentrant checkpointing: the outer backward's graph task, the parameters whose
@@ -217,6 +222,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         self._backward(loss, N.PHASE_UPDATE, retain_graph=False)
         self._native.end(stream)
         self.lr = self.param_groups[0]["lr"] if lr is None else lr
+        self._opt_called = True  # torch's LR schedulers check that the optimizer stepped
 
     def grad_norm(self, loss: torch.Tensor) -> None:
         """First backward of a step: computes the global gradient norm (for ``clip_grad_norm``)
@@ -280,21 +286,55 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         if not self._handles:
             raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
         if self._stray is not None:
-            name, self._stray = self._stray, None
+            # a plain backward ran; what matters is whether its gradients are still there
+            # (model.zero_grad(), as the HF Trainer calls, clears them without telling us)
+            left = [e.name for e in self._entries.values()
+                    if e.param() is not None and e.param().grad is not None]
+            if not left:
+                self._stray = None
+                return
+            name = left[0]
             raise RuntimeError(
                 f"'{name}' received a gradient from a backward() outside fused_backward/grad_norm; "
                 "it is left in .grad and would be applied on top of the next step's gradient. "
                 "Call zero_grad(set_to_none=True) first (or use fused_backward for every backward)")
 
-    def step(self, closure=None):  # noqa: D401 - torch.optim.Optimizer API
-        """Not used: the update happens inside ``fused_backward`` (as in lomo-optim)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} updates inside fused_backward(loss, lr); call that instead of "
-            "loss.backward() + step()")
+    def step(self, closure=None):
+        """The non-fused path (trainers that call ``loss.backward()`` then ``step()``): applies
+        ``.grad`` with the fused path's numerics at each group's own ``lr``, leaving it there
+        until ``zero_grad()`` (backwards accumulate); no gradient: no-op. The gradients are the
+        plain loss's or ``scale_loss(loss)``'s. Memory and details: ``lomo_native._torch_step``."""
+        self._check_not_removed()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_model()  # replaced parameters re-registered before anything changes
+        if _torch_step.apply_grads(self, self._sync_groups(None)):
+            self.lr = self.param_groups[0]["lr"]
+            self._opt_called = True
+        self._grad_scale = 1.0
+        return loss
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` multiplied by the current loss scale, for a plain ``backward()`` followed by
+        ``step()`` (as ``GradScaler.scale``): fp16 gradients then keep the range the scaler
+        protects, and ``step()`` submits them unchanged. The scale is constant within a step, so
+        every micro-batch of an accumulated step is scaled alike."""
+        self._grad_scale = self._native.loss_scale
+        if self._grad_scale == 1.0:
+            return loss
+        return (loss.float() if loss.dtype == torch.float16 else loss) * self._grad_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's: sets (or zeroes) every ``.grad`` of the optimizer's parameters."""
         super().zero_grad(set_to_none=set_to_none)
         self._stray = None
+        self._grad_scale = 1.0
+
+    def _check_not_removed(self):
+        if not self._handles:
+            raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
 
     # ---------------------------------------------------------------------------- diagnostics
     def step_info(self) -> StepInfo:
@@ -322,7 +362,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         scaler; a safetensors blob as a uint8 tensor) and the Python side (lr, groups,
         settings). ``torch.save`` it; ``load_state_dict`` on an optimizer built the same way
         resumes identically."""
-        self._check_usable()
+        self._check_not_removed()  # gradients left in .grad do not matter here
         if self._phase is not None or self._norm_pending:
             raise RuntimeError("state_dict() must be called between steps")
         if not self._native.supports_state():
@@ -344,7 +384,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a ``state_dict()`` of an optimizer over the same parameters."""
-        self._check_usable()
+        self._check_not_removed()
         if state_dict.get("format") != _STATE_FORMAT:
             raise ValueError(f"not a {_STATE_FORMAT} state dict (lomo-optim's hold no state)")
         if state_dict["algorithm"] != self._ALGORITHM:
