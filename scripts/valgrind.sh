@@ -13,9 +13,15 @@ if ! command -v valgrind >/dev/null; then
         || { $sudo apt-get update && $sudo apt-get install -y --no-install-recommends valgrind; }
 fi
 cargo build --release --lib
-lib="$PWD/target/release"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
+# The programs ask the loader for the library's SONAME (liblomo.so.0.<minor>), which cargo does
+# not create: a private copy with that link, as an installation has.
+lib="$out/lib"
+mkdir -p "$lib"
+cp target/release/liblomo.so "$lib/liblomo.so"
+soname=$(readelf -d "$lib/liblomo.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+[ -n "$soname" ] && ln -sf liblomo.so "$lib/$soname"
 cc -std=c99 -g -O1 -Wall -Wextra -Werror -Wpedantic -Iinclude tests/c/smoke.c -o "$out/smoke_c" \
     -L"$lib" -llomo -lm -Wl,-rpath,"$lib"
 c++ -std=c++17 -g -O1 -Wall -Wextra -Werror -Iinclude tests/c/smoke.cc -o "$out/smoke_cc" \
