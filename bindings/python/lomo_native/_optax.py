@@ -15,9 +15,10 @@ f32 whatever the parameters' dtype). ``optax.apply_updates(params, updates)`` th
 * f16 / bf16 parameters: exactly ``opt.step``'s parameters (the f32 difference of two bf16/f16
   values, and its sum with the old value, are exact unless a value shrinks by a factor of
   more than about 2^15 in one step);
-* f32 parameters: ``opt.step``'s parameters within one ulp (the fused step rounds once;
-  ``p + (new - p)`` rounds the difference and the sum, and is exact whenever
-  ``new`` and ``p`` are within a factor of 2 of each other, as for nearly every element).
+* f32 parameters: ``opt.step``'s parameters within one ulp of ``max(|p|, |new|)`` (the fused
+  step rounds once; ``p + (new - p)`` rounds the difference and the sum). It is exact whenever
+  ``new`` and ``p`` are within a factor of 2 of each other, as for nearly every element; an
+  element that crosses or nears zero can differ by more than one ulp of its new value.
 
 Trade-off: this form materializes a second copy of the parameters and a full-size ``updates``
 tree per step, as every optax optimizer does. The fused, in-place path — ``opt.step`` inside a

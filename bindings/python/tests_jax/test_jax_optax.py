@@ -207,3 +207,27 @@ def test_optax_training_loop_loss_falls(algorithm, lr):
         losses.append(float(loss))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_example_script_optax_form_runs():
+    import subprocess
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "python", "jax_train.py"), "--optax",
+         "--steps", "30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=os.pathsep.join(
+                [os.path.join(root, "bindings", "python"), os.environ.get("PYTHONPATH", "")]
+            ),
+        ),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "adalomo (optax), float32 params: 30 steps" in out.stdout, out.stdout
+    losses = [float(l.split()[3]) for l in out.stdout.splitlines() if l.startswith("step")]
+    assert losses[-1] < losses[0], losses
