@@ -143,7 +143,7 @@ fi
 # ---- libtorch C++ trainer -- end ----------------------------------------------------------------
 
 # ---- JAX (bindings/python/lomo_native/jax.py, src/xla) -- begin ---------------------------------
-# A private venv (venv-jax, see env_path) with jax (CPU), numpy and pytest, preferring Python >= 3.12 (jax
+# A private venv (venv-jax, see env_path) with jax (CPU), numpy, pytest and optax (lomo_native.jax.optax), preferring Python >= 3.12 (jax
 # 0.12; Python 3.10/3.11 get an older jax, which the handlers also support). Reused as is when it
 # already imports them. Prints SKIP only if no Python can get a working jax.
 jax_python_candidates() {
@@ -156,17 +156,22 @@ jax_python_candidates() {
 }
 JAX_VENV=$(env_path venv-jax)
 jax_venv_ok() {
-    [ -x "$JAX_VENV/bin/python" ] && "$JAX_VENV/bin/python" -c 'import jax, numpy, pytest' >/dev/null 2>&1
+    [ -x "$JAX_VENV/bin/python" ] && "$JAX_VENV/bin/python" -c 'import jax, numpy, pytest, optax' >/dev/null 2>&1
 }
 jax_setup() {
     jax_venv_ok && return 0
+    # an existing environment from before optax was needed: add optax to it
+    if [ -x "$JAX_VENV/bin/python" ] && "$JAX_VENV/bin/python" -c 'import jax, numpy, pytest' >/dev/null 2>&1 \
+        && "$JAX_VENV/bin/python" -m pip install -q optax && jax_venv_ok; then
+        return 0
+    fi
     local py
     for py in $(jax_python_candidates); do
         "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || continue
         rm -rf "$JAX_VENV"
         make_venv "$JAX_VENV" "$py" || continue
         "$JAX_VENV"/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-        if "$JAX_VENV"/bin/python -m pip install -q jax numpy pytest && jax_venv_ok; then
+        if "$JAX_VENV"/bin/python -m pip install -q jax numpy pytest optax && jax_venv_ok; then
             return 0
         fi
     done

@@ -1,12 +1,17 @@
 """Train a small MLP with AdaLomo (or LOMO) from liblomo.so inside jax.jit.
 
     pip install "./bindings/python[jax]"
-    python examples/python/jax_train.py [--algorithm lomo] [--bf16]
+    python examples/python/jax_train.py [--algorithm lomo] [--bf16] [--optax]
 
 (or, in a checkout without installing: `cargo build --release` and
 `PYTHONPATH=bindings/python python examples/python/jax_train.py`.) The whole step —
 forward, backward, global-norm clipping and the in-place optimizer update — is one jitted
 function; parameters and optimizer state are donated, so the update writes into their buffers.
+
+With --optax the same optimizer runs as an optax GradientTransformation
+(lomo_native.jax.optax; needs `pip install optax`): optax.chain(optax.clip_by_global_norm,
+AdaLomo with an optax cosine schedule) and optax.apply_updates, at the cost of a copy of the
+parameters and a full-size updates tree per step (the default path needs neither).
 """
 
 import argparse
@@ -51,7 +56,10 @@ def main():
     ap.add_argument("--algorithm", choices=["adalomo", "lomo"], default="adalomo")
     ap.add_argument("--bf16", action="store_true", help="bf16 parameters (stochastic rounding)")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--optax", action="store_true", help="the optax GradientTransformation form")
     args = ap.parse_args()
+    if args.optax:
+        return main_optax(args)
 
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     params = init_params(dtype=dtype)
@@ -69,10 +77,11 @@ def main():
     base_lr = 1e-2 if args.algorithm == "adalomo" else 0.3
 
     def train_step(params, state, x, y, lr):
-        scale = opt.loss_scale(state)  # AdaLomo's default static scale is 1024
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(p, x, y) * scale)(params)
+        # jax.value_and_grad that also applies the loss scale when one is configured (fp16:
+        # loss_scale_mode="dynamic"); off by default, then these are the plain gradients
+        loss, grads = opt.value_and_grad(loss_fn)(state, params, x, y)
         params, state = opt.step(params, grads, state, lr)
-        return params, state, loss / scale
+        return params, state, loss
 
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     t0 = time.perf_counter()
@@ -88,6 +97,46 @@ def main():
         "%s, %s params: %d steps in %.2f s, %d skipped"
         % (args.algorithm, jnp.dtype(dtype).name, int(state.step), time.perf_counter() - t0,
            args.steps - int(state.step))
+    )
+
+
+def main_optax(args):
+    import optax
+
+    from lomo_native.jax import optax as lomo_optax
+
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    params = init_params(dtype=dtype)
+    x, y = make_data()
+    decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    base_lr = 1e-2 if args.algorithm == "adalomo" else 0.3
+    make = lomo_optax.adalomo if args.algorithm == "adalomo" else lomo_optax.lomo
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        make(
+            optax.cosine_decay_schedule(base_lr, args.steps),
+            weight_decay=1e-4,
+            weight_decay_mask=decay_mask,
+            rounding="stochastic" if args.bf16 else "nearest",
+        ),
+    )
+    state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        params, state, loss = train_step(params, state, x, y)
+        if i % 20 == 0 or i == args.steps - 1:
+            print("step %4d  loss %.5f" % (i, float(loss)))
+    print(
+        "%s (optax), %s params: %d steps in %.2f s"
+        % (args.algorithm, jnp.dtype(dtype).name, int(state[1].count),
+           time.perf_counter() - t0)
     )
 
 

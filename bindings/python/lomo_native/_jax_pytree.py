@@ -43,7 +43,9 @@ _MODES = {"none": 0, "static": 1, "dynamic": 2}
 class Optimizer:
     """LOMO or AdaLomo over a parameter pytree; create with :func:`lomo` or :func:`adalomo`.
 
-    Options and defaults are those of ``lomo_config`` (C API). ``weight_decay_mask`` is a pytree
+    Options and defaults are those of ``lomo_config`` (C API), except that loss scaling is off
+    by default for both algorithms (``loss_scale_mode="none"``; see :meth:`value_and_grad`
+    for fp16). ``weight_decay_mask`` is a pytree
     of bools with the parameters' structure, or a function ``params -> that pytree``; leaves
     marked False get no weight decay (use it for biases and norm weights).
     """
@@ -73,7 +75,12 @@ class Optimizer:
             raise ValueError("algorithm must be 'lomo' or 'adalomo', got %r" % (algorithm,))
         ada = algorithm == "adalomo"
         if loss_scale_mode is None:
-            loss_scale_mode = "static" if ada else "none"
+            # Off for every algorithm: in JAX the user differentiates the loss, so a default
+            # scale would silently shrink the gradients of a loss that was not multiplied by
+            # it (lomo-optim's static 1024 for AdaLomo scales inside its own backward). Loss
+            # scaling only exists for fp16 overflow: loss_scale_mode="dynamic" with
+            # value_and_grad.
+            loss_scale_mode = "none"
         if loss_scale_mode not in _MODES:
             raise ValueError(
                 "loss_scale_mode must be 'none', 'static' or 'dynamic', got %r" % (loss_scale_mode,)
@@ -164,8 +171,36 @@ class Optimizer:
 
     @staticmethod
     def loss_scale(state: OptState) -> jax.Array:
-        """The factor to multiply the loss by before computing the gradients."""
+        """The factor to multiply the loss by before computing the gradients (f32; 1 when loss
+        scaling is off, the default)."""
         return state.loss_scale
+
+    def value_and_grad(self, fun, argnums=0, has_aux: bool = False):
+        """``jax.value_and_grad`` with this optimizer's loss scale applied and removed.
+
+        Returns ``f(state, *args, **kwargs) -> (value, grads)`` (``((value, aux), grads)``
+        with ``has_aux``): ``value`` is ``fun(*args, **kwargs)`` as the user wrote it
+        (unscaled), ``grads`` are the gradients of ``value · opt.loss_scale(state)`` with respect
+        to ``args[argnums]`` — what :meth:`step` takes (it divides by the same scale). With loss
+        scaling off (the default) the scale is 1 and ``grads`` are the plain gradients. ``fun``
+        must return a real scalar.
+        """
+
+        def scaled(*args, **kwargs):
+            scale = kwargs.pop("_lomo_loss_scale")
+            out = fun(*args, **kwargs)
+            value = out[0] if has_aux else out
+            # Scaled in f32 (an fp16 loss times 65536 would overflow before the backward).
+            loss = jnp.asarray(value, jnp.float32) * scale
+            return (loss, out) if has_aux else (loss, value)
+
+        vg = jax.value_and_grad(scaled, argnums=argnums, has_aux=True)
+
+        def wrapped(state: OptState, *args, **kwargs):
+            (_, value), grads = vg(*args, _lomo_loss_scale=state.loss_scale, **kwargs)
+            return value, grads
+
+        return wrapped
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -182,7 +217,8 @@ class Optimizer:
         """Applies one step; returns ``(new_params, new_state)``.
 
         ``grads`` are the gradients of the loss multiplied by ``state.loss_scale`` (same
-        structure as ``params``); ``lr`` may be traced. With ``clip_grad_norm`` the global norm
+        structure as ``params``): with loss scaling off (the default) the plain gradients;
+        :meth:`value_and_grad` computes them in every mode; ``lr`` may be traced. With ``clip_grad_norm`` the global norm
         is taken first (the C API's NORM phase) and a non-finite gradient skips the whole step;
         otherwise a tensor whose gradient is not finite is left unchanged. Then the loss scaler
         and the step counter advance as in ``lomo_step_end``.
@@ -271,5 +307,6 @@ def lomo(**options) -> Optimizer:
 
 def adalomo(**options) -> Optimizer:
     """An AdaLomo optimizer (factored second moment, relative step); options as
-    :class:`Optimizer`. Default loss scaling: static, 1024."""
+    :class:`Optimizer`. Loss scaling is off by default (unlike lomo-optim's static 1024, which
+    lomo-optim applies inside its own backward): pass ``loss_scale_mode`` for fp16."""
     return Optimizer("adalomo", **options)

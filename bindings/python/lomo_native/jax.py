@@ -11,7 +11,11 @@ Two layers:
   ``state = opt.init(params)`` and ``params, state = opt.step(params, grads, state, lr)``:
   global-norm clipping, value clipping, weight decay (with an optional mask), static or dynamic
   loss scaling and stochastic rounding, with the same semantics as the C API's
-  ``lomo_step_begin`` / ``lomo_grad_submit`` / ``lomo_step_end``.
+  ``lomo_step_begin`` / ``lomo_grad_submit`` / ``lomo_step_end``. Loss scaling is off by
+  default (it only exists for fp16); ``opt.value_and_grad(loss_fn)`` scales the loss and
+  unscales the reported value when it is on.
+* ``lomo_native.jax.optax`` (imported on first use; needs optax): the same optimizers as optax
+  ``GradientTransformation`` objects, for ``optax.chain``, schedules and ``optax.MultiSteps``.
 
 Parameters (and AdaLomo state) are updated in place when the caller donates them, e.g.
 ``jax.jit(train_step, donate_argnums=(0, 1))``; otherwise XLA copies them first. Parameters and
@@ -275,3 +279,13 @@ def adalomo_update(
 
 # The pytree helper (Optimizer, OptState, ScalerState, lomo, adalomo) lives in _jax_pytree.py.
 from ._jax_pytree import OptState, Optimizer, ScalerState, adalomo, lomo  # noqa: E402
+
+
+def __getattr__(name):
+    """``lomo_native.jax.optax`` (the optax form, :mod:`lomo_native._optax`) is imported on
+    first use, so that plain JAX users need not install optax."""
+    if name == "optax":
+        from . import _optax
+
+        return _optax
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))

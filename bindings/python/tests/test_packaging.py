@@ -20,7 +20,7 @@ EXAMPLES = REPO / "examples" / "python"
 
 # import name -> distribution name, for what the examples and lomo_native's modules import
 DISTRIBUTIONS = {"torch": "torch", "jax": "jax", "numpy": "numpy", "transformers": "transformers",
-                 "matplotlib": "matplotlib", "tqdm": "tqdm"}
+                 "matplotlib": "matplotlib", "tqdm": "tqdm", "optax": "optax"}
 # Imported by an example only when the user asks for that comparison (finetune_hf.py's lomo-optim
 # run): not an install requirement.
 OPTIONAL = {"lomo_optim"}

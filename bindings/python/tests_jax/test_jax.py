@@ -79,7 +79,11 @@ def run_both(algorithm, dtype_name, case, *, grad_dtype=None, jit=True, steps=5,
     gdtype = grad_dtype or dtype
     params = make_params(dtype, pscale=pscale)
     no_decay = tuple(i for i, m in enumerate(mask) if not m) if mask else ()
-    ref = CApiOptimizer(algorithm, params, no_decay=no_decay, **opts)
+    # The JAX helper's loss scaling is off by default (the C API's AdaLomo default is static
+    # 1024): the same configuration on both sides.
+    ref = CApiOptimizer(
+        algorithm, params, no_decay=no_decay, **{"loss_scale_mode": "none", **opts}
+    )
 
     opt = lj.Optimizer(
         algorithm, weight_decay_mask=(list(mask) if mask else None), **opts
