@@ -1,5 +1,6 @@
-//! Builds the C99 and C++17 programs in tests/c against include/lomo.h and the freshly built
-//! liblomo.so with -Wall -Wextra -Werror, and runs them.
+//! Builds the C99 and C++17 programs in tests/c and the C example examples/c/dist_threads.c
+//! against include/lomo.h and the freshly built liblomo.so with -Wall -Wextra -Werror, and runs
+//! them.
 
 mod native_lib;
 
@@ -51,4 +52,17 @@ fn c99_program() {
 #[test]
 fn cxx17_program() {
     build_and_run("c++", "c++17", "tests/c/smoke.cc", &[]);
+}
+
+/// Threads as ranks through the C API's communicator callbacks: AdaLomo with norm clipping on
+/// row pieces (1-4 ranks, one empty piece) and a replicated bias must equal one rank (the
+/// program checks it and fails otherwise).
+#[test]
+fn c_example_dist_threads() {
+    build_and_run(
+        "cc",
+        "c99",
+        "examples/c/dist_threads.c",
+        &["-Wpedantic", "-pthread"],
+    );
 }
