@@ -9,8 +9,8 @@ equals one process on the whole batch (for a loss that is a mean over the batch 
 No gradient buckets: only the gradient being submitted is alive, as without distribution. The
 all-reduces are issued in hook order, which is the same on every rank for the same model; every
 rank must run the same steps (``grad_norm``, ``fused_backward``, ``step``) in the same order.
-On CUDA the all-reduce is issued on the current stream and waited for there (the library reads
-the gradient in stream order after it)."""
+On CUDA it is a plain synchronous ``dist.all_reduce`` from the hook (no side stream, nothing in
+flight; not yet run on a GPU)."""
 
 from __future__ import annotations
 
