@@ -53,6 +53,17 @@ export LOMO_NVRTC_PATH
 export LOMO_REQUIRE_NVRTC=1
 # ---- end CUDA backend --------------------------------------------------------------------------
 
+# ---- MPI for examples/c/dist_mpi.c (tests/c_smoke.rs runs it under mpiexec when present) ----
+if ! command -v mpicc >/dev/null || ! command -v mpiexec >/dev/null; then
+    if command -v apt-get >/dev/null; then
+        sudo=""
+        if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null; then sudo=sudo; fi
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+            mpich libmpich-dev >/dev/null 2>&1 || echo "SKIP: MPI example (mpich not installable)"
+    fi
+fi
+if command -v mpicc >/dev/null && command -v mpiexec >/dev/null; then export LOMO_REQUIRE_MPI=1; fi
+
 echo "== Rust tests"
 # cuda-emulation: the host emulation of the CUDA kernels, for the tests only (not in the release
 # library that `cargo build --release` makes).

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from . import _native as N
+from . import _torch_dist as TD
 
 _DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
 
@@ -181,6 +182,8 @@ class DeferredGrads:
         """Hands ``p.grad`` to the library (checked and in the parameter's memory order first)
         and drops it."""
         g = prepared_grad(e, p.grad)
+        if self._pg_size is not None:
+            g = TD.average(g, self.process_group, self._pg_size)
         stream = None
         if g.is_cuda:
             s = torch.cuda.current_stream(g.device)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import _native as N
+from . import _torch_dist as TD
 from . import _torch_params as TP
 
 _DTYPES = TP._DTYPES
@@ -54,6 +55,9 @@ def apply_grads(opt, lr: float) -> bool:
     items = pending_grads(opt)
     if not items:
         return False
+    if opt._pg_size is not None:
+        # Data parallel (process_group): .grad is left averaged, as DDP leaves it.
+        items = [(e, TD.average(g, opt.process_group, opt._pg_size)) for e, g in items]
     native = opt._native
     factor = native.loss_scale / opt._grad_scale
     norm_pass = opt.clip_grad_norm is not None or opt.two_pass

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from . import _native as N
+from . import _torch_dist as TD
 from . import _torch_params as TP
 from ._torch_sync import ModelSync
 from . import _torch_step
@@ -89,9 +90,13 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, lr: float, native_config: dict,
                  clip_grad_norm: Optional[float], clip_grad_value: Optional[float],
-                 weight_decay: float, groups: Optional[list], no_decay, two_pass: Optional[bool]):
+                 weight_decay: float, groups: Optional[list], no_decay, two_pass: Optional[bool],
+                 process_group=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("the first argument is the model (a torch.nn.Module), as in lomo_optim")
+        TD.check_model(model, process_group)
+        self.process_group = process_group
+        self._pg_size = TD.group_size(process_group)
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}.")
         self.model = model
@@ -451,14 +456,18 @@ class Lomo(_FusedOptimizer):
     :func:`is_no_decay`) or a callable ``(name, param, module) -> bool`` selecting parameters
     without weight decay; ``two_pass`` — run a norm backward before every update so an
     overflowing step leaves every parameter untouched (default: models with fp16 parameters);
-    ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back.
+    ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back;
+    ``process_group`` — a ``torch.distributed`` group over which the (replicated, not
+    DDP-wrapped) model trains as data parallel: each gradient is averaged across it before it is
+    applied, equal to one process on the whole batch (``lomo_native._torch_dist``).
     """
 
     _ALGORITHM = "lomo"
 
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
                  weight_decay=0.0, loss_scale_args={}, *, groups=None, no_decay=None,
-                 two_pass=None, rounding="nearest", seed=0):  # noqa: B006 - lomo-optim's default
+                 two_pass=None, rounding="nearest", seed=0,
+                 process_group=None):  # noqa: B006 - lomo-optim's default
         args = dict(loss_scale_args or {})
         fp16 = any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
         config = dict(rounding=rounding, seed=seed)
@@ -468,7 +477,7 @@ class Lomo(_FusedOptimizer):
             _dynamic_scale_config(args)  # validate the keys even when unused
         self.loss_scale_args = args
         super().__init__(model, lr, config, clip_grad_norm, clip_grad_value, weight_decay,
-                         groups, no_decay, two_pass)
+                         groups, no_decay, two_pass, process_group)
 
     @property
     def loss_scaler(self):
@@ -512,7 +521,8 @@ class AdaLomo(_FusedOptimizer):
 
     def __init__(self, model, lr=1e-3, loss_scale=2 ** 10, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
-                 *, groups=None, no_decay=None, two_pass=None, rounding="nearest", seed=0):
+                 *, groups=None, no_decay=None, two_pass=None, rounding="nearest", seed=0,
+                 process_group=None):
         eps1, eps2 = eps
         config = dict(eps1=float(eps1), eps2=float(eps2), clip_threshold=float(clip_threshold),
                       decay_rate=float(decay_rate), rounding=rounding, seed=seed)
@@ -523,7 +533,7 @@ class AdaLomo(_FusedOptimizer):
         self.loss_scale_value = loss_scale
         self.eps, self.clip_threshold, self.decay_rate = eps, clip_threshold, decay_rate
         super().__init__(model, lr, config, clip_grad_norm, clip_grad_value, weight_decay,
-                         groups, no_decay, two_pass)
+                         groups, no_decay, two_pass, process_group)
 
     @property
     def step_num(self) -> int:
