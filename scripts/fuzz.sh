@@ -7,7 +7,8 @@
 # fuzz/artifacts/<target>/: minimize it (cargo +nightly fuzz tmin <target> <file>), fix the
 # library, and commit it to fuzz/regressions/<target>/, which tests/fuzz_regressions.rs replays
 # on stable. Environment: FUZZ_SANITIZER=address (default: none, the fastest; ASan/UBSan runs
-# are scripts/sanitize.sh), FUZZ_JOBS (default 1). Prints each target's executions and coverage.
+# are scripts/sanitize.sh), FUZZ_JOBS (default 1), FUZZ_ARGS (more libFuzzer flags, e.g.
+# -len_control=0 for long call sequences at once). Prints each target's executions and coverage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
@@ -29,7 +30,7 @@ for t in "${targets[@]}"; do
     if [ "${FUZZ_JOBS:-1}" -gt 1 ]; then jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS"); fi
     (cd fuzz && cargo +nightly fuzz run -O -s "$san" "$t" "corpus/$t" -- \
         -max_total_time="$secs" "${jobs[@]}" -rss_limit_mb=4096 -malloc_limit_mb=1000000000 -timeout=30 \
-        -print_final_stats=1 -artifact_prefix="artifacts/$t/") 2>&1 | tee "$log" | \
+        -print_final_stats=1 -artifact_prefix="artifacts/$t/" ${FUZZ_ARGS:-}) 2>&1 | tee "$log" | \
         grep -E "^#[0-9]+ +(DONE|pulse|NEW)|stat::|ERROR|panicked|SUMMARY" | tail -n 8
     execs=$(grep -oE "stat::number_of_executed_units: [0-9]+" "$log" | awk '{s+=$2} END {print s+0}')
     cov=$(grep -oE "cov: [0-9]+ ft: [0-9]+" "$log" | tail -n1)

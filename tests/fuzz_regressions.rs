@@ -49,6 +49,15 @@ fn capi_regressions_and_seeds() {
         let data: Vec<u8> = (0..600).map(|_| rng.next() as u8).collect();
         harness::capi::run(&data);
     }
+    // The invariants were exercised, not vacuously true.
+    use std::sync::atomic::Ordering::Relaxed;
+    let updates = harness::capi::CHECKED_UPDATES.load(Relaxed);
+    let failures = harness::capi::CHECKED_FAILURES.load(Relaxed);
+    eprintln!("capi harness: {updates} checked updates, {failures} checked failures");
+    assert!(
+        updates >= 10 && failures >= 1000,
+        "{updates} updates, {failures} failures"
+    );
 }
 
 #[test]

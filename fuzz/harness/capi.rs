@@ -24,6 +24,11 @@ use lomo::Status;
 
 use super::{elem, get, set, Bytes, Mem, Rng};
 
+/// How often each invariant was exercised (the stable test checks the harness is not vacuous):
+/// OK UPDATE submissions checked for finiteness, failed calls checked for no change.
+pub static CHECKED_UPDATES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static CHECKED_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 const NAMES: [&str; 7] = ["a", "b", "w.x", "c", "", "a", "layer.0.weight"];
 const DIMS: [i64; 11] = [0, 1, 2, 3, 4, 5, 7, 8, 16, 33, 64];
 /// Dimensions past any memory: the registration fails (overflow or out of memory), or (LOMO,
@@ -86,6 +91,11 @@ impl Session {
         let mut n = 0usize;
         // SAFETY: live handle, valid out pointer.
         if unsafe { lomo_state_size(self.opt, &mut n) } != Status::Ok {
+            return None;
+        }
+        // An empty AdaLomo tensor on the emulated device may have a huge (zero) column state in
+        // its checkpoint ([0, 2^40]: 4 TiB): the harness does not hold such states.
+        if n > 64 << 20 {
             return None;
         }
         let mut buf = vec![0u8; n];
@@ -319,6 +329,7 @@ fn submit(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
             );
         }
         if st == 0 && s.phase == Some(1) && tame_before && !nonfinite {
+            CHECKED_UPDATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for j in 0..numel {
                 let v = get(after, q.dtype, j);
                 assert!(v.is_finite(), "an update of finite inputs wrote {v} at {j}");
@@ -494,6 +505,7 @@ pub fn run(data: &[u8]) {
         let st = step(&mut s, &mut b, cuda);
         lomo::alloc::fail_after(None);
         if st != 0 {
+            CHECKED_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             assert_eq!(s.buffers(), bufs_before, "a failed call wrote a parameter");
             if let (Some(before), Some(after)) = (&state_before, s.state()) {
                 assert!(
