@@ -42,7 +42,7 @@ asan)
     echo "== ASan: Rust tests (nightly, -Zsanitizer=address)"
     RUSTFLAGS="-Zsanitizer=address -Cdebug-assertions=on" \
     CARGO_TARGET_DIR=target/san-asan \
-        cargo +nightly test --release --target "$host" "${rust_tests[@]}" -- --test-threads=2
+        cargo +nightly test --release --features cuda-emulation --target "$host" "${rust_tests[@]}" -- --test-threads=2
     echo "PASS asan" ;;
 ubsan)
     echo "== UBSan: emulated CUDA kernels (C++, -fsanitize=undefined) and Rust UB checks"
@@ -51,14 +51,19 @@ ubsan)
     CXXFLAGS="-fsanitize=undefined -fno-sanitize-recover=all -g" \
     RUSTFLAGS="-Clink-arg=$ubsan_rt -Zub-checks=yes -Coverflow-checks=on" \
     CARGO_TARGET_DIR=target/san-ubsan \
-        cargo +nightly test --release --target "$host" "${emu_tests[@]}" --test protocol \
+        cargo +nightly test --release --features cuda-emulation --target "$host" "${emu_tests[@]}" --test protocol \
         --test out_of_memory --test fault_injection -- --test-threads=2
     echo "PASS ubsan" ;;
 c)
     echo "== ASan+UBSan: C and C++ programs against liblomo.so"
     cargo build --release --lib
-    lib="$PWD/target/release"
     out="$(mktemp -d)"
+    # a private copy with its SONAME link (liblomo.so.0.<minor>), which cargo does not create
+    lib="$out/lib"
+    mkdir -p "$lib"
+    cp target/release/liblomo.so "$lib/liblomo.so"
+    soname=$(readelf -d "$lib/liblomo.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+    [ -n "$soname" ] && ln -sf liblomo.so "$lib/$soname"
     san=(-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1)
     cc -std=c99 -Wall -Wextra -Werror -Wpedantic "${san[@]}" -Iinclude tests/c/smoke.c \
         -o "$out/smoke_c" -L"$lib" -llomo -lm -Wl,-rpath,"$lib"
@@ -77,7 +82,7 @@ tsan)
         || rustup component add rust-src --toolchain nightly
     TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
     RUSTFLAGS="-Zsanitizer=thread" CARGO_TARGET_DIR=target/san-tsan \
-        cargo +nightly test -Zbuild-std --release --target "$host" --test protocol \
+        cargo +nightly test -Zbuild-std --release --features cuda-emulation --target "$host" --test protocol \
         --test concurrent_submission concurrent -- --test-threads=1
     echo "PASS tsan" ;;
 valgrind)
