@@ -376,7 +376,11 @@ fn each_allocation_fails(
 fn allocation_failure_in_state_calls_changes_nothing() {
     std::env::set_var("LOMO_CUDA_EMULATE", "1");
     // The emulated CUDA device (0) exists with the test-only feature "cuda-emulation".
-    let devices: &[i32] = if cfg!(feature = "cuda-emulation") { &[-1, 0] } else { &[-1] };
+    let devices: &[i32] = if cfg!(feature = "cuda-emulation") {
+        &[-1, 0]
+    } else {
+        &[-1]
+    };
     for &device in devices {
         let t = trained_on(2, device);
         let dir = tmpdir("fault_alloc");

@@ -451,17 +451,21 @@ class Lomo(_FusedOptimizer):
     :func:`is_no_decay`) or a callable ``(name, param, module) -> bool`` selecting parameters
     without weight decay; ``two_pass`` — run a norm backward before every update so an
     overflowing step leaves every parameter untouched (default: models with fp16 parameters);
-    ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back.
+    ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back;
+    ``nonfinite_policy`` — without a norm backward, a gradient with ±inf/NaN leaves its whole
+    tensor untouched (``"per_tensor"``, default, two reads of the gradient) or only those
+    elements (``"per_element"``, one pass; the step still reports the overflow). CPU only.
     """
 
     _ALGORITHM = "lomo"
 
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
                  weight_decay=0.0, loss_scale_args={}, *, groups=None, no_decay=None,
-                 two_pass=None, rounding="nearest", seed=0):  # noqa: B006 - lomo-optim's default
+                 two_pass=None, rounding="nearest", seed=0,
+                 nonfinite_policy="per_tensor"):  # noqa: B006 - lomo-optim's default
         args = dict(loss_scale_args or {})
         fp16 = any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
-        config = dict(rounding=rounding, seed=seed)
+        config = dict(rounding=rounding, seed=seed, nonfinite_policy=nonfinite_policy)
         if fp16:
             config.update(_dynamic_scale_config(args))
         elif args:

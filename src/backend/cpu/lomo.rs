@@ -3,6 +3,11 @@
 //! ```text
 //! x = clamp(g / S, −v, v) · c          p ← round( fma(x, −lr, p · (1 − lr·wd)) )
 //! ```
+//!
+//! Non-finite gradients: with the per-tensor policy the core pre-checks the gradient
+//! (`norm::grad_all_finite`) and calls this only when it is finite; with the per-element policy
+//! (`LomoArgs::per_element`) this is the only pass, and an element whose gradient is not finite
+//! keeps its value.
 
 use super::convert::{Elem, RoundCtx, TILE};
 use super::simd::multiversion;
@@ -17,13 +22,17 @@ pub struct LomoArgs {
     pub decay: f32,
     pub neg_lr: f32,
     pub round: RoundCtx,
+    /// `NonFinitePolicy::PerElement`: a tile with a non-finite gradient element is written
+    /// except at those elements (which keep their value), instead of not at all.
+    pub per_element: bool,
 }
 
 /// Applies the update in place and returns whether it was clean: the gradient finite and every
 /// new value finite. Each tile is checked before it is written, so a non-finite element never
 /// reaches the parameter: a tile with a non-finite gradient element is not written (the caller
 /// runs `norm::grad_all_finite` first when the whole tensor must be left untouched in that
-/// case), and an element whose new value overflows the parameter's dtype keeps its old value
+/// case; with `per_element` the tile is written except at those elements), and an element
+/// whose new value overflows the parameter's dtype keeps its old value
 /// (finite inputs can only give ±inf by overflow, never NaN).
 pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
     let n = param.numel;
@@ -90,9 +99,18 @@ multiversion! {
                 }
             }
             if bad != 0 {
-                return false;
-            }
-            if big == 0 {
+                if !args.per_element {
+                    return false;
+                }
+                // Per element: every element whose gradient and new value are finite is
+                // written (the rare slow path of a tile holding a non-finite gradient).
+                for ((pv, o), gv) in pt.iter_mut().zip(out.iter()).zip(gt) {
+                    if gv.is_finite_bits() && o.is_finite_bits() {
+                        *pv = *o;
+                    }
+                }
+                clean = false;
+            } else if big == 0 {
                 pt.copy_from_slice(out);
             } else {
                 // Near the range's end: an element that rounded to infinity keeps its value.
