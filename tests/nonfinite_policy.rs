@@ -52,6 +52,8 @@ fn run(policy: u32, pdtype: u32, gdtype: u32, clip_value: f64, wd: f64, scale: f
     cfg.loss_scale_mode = if scale > 0.0 { 1 } else { 0 };
     cfg.loss_scale = if scale > 0.0 { scale } else { 1.0 };
     cfg.nonfinite_policy = policy;
+    // Every other case of f16/bf16 parameters rounds stochastically (within one ulp too).
+    cfg.rounding = if pdtype != F32 { (seed % 2) as u32 } else { 0 };
     let opt = Opt::new(&cfg).unwrap();
     let mut rng = Rng::new(seed);
     let mut bufs = Vec::new();
