@@ -195,3 +195,63 @@ fn older_struct_size_gets_the_default_and_bad_policies_are_refused() {
         .expect_err("a CUDA parameter is refused under PER_ELEMENT");
     assert_eq!(e.status, lomo::Status::Unsupported as u32, "{}", e.message);
 }
+
+/// The one-pass per-element path and the default path run the same arithmetic: with finite
+/// gradients (and with none, where only the bad elements differ) their results agree bit for
+/// bit, for every dtype, rounding mode and option (the property docs/BENCHMARKS.md states; the
+/// values themselves are checked against the reference above).
+#[test]
+fn per_element_equals_per_tensor_bit_for_bit_on_finite_gradients() {
+    let shapes = policy_shapes();
+    let mut seed = 500;
+    for pdtype in [F32, F16, BF16] {
+        for gdtype in [pdtype, F32] {
+            for rounding in [0u32, 1] {
+                for (clip_value, wd, scale) in [(0.0, 0.0, 0.0), (0.2, 0.1, 1024.0)] {
+                    let mut results = Vec::new();
+                    for policy in [LOMO_NONFINITE_PER_TENSOR, LOMO_NONFINITE_PER_ELEMENT] {
+                        let mut cfg = config(0);
+                        cfg.clip_grad_value = clip_value;
+                        cfg.weight_decay = wd;
+                        cfg.loss_scale_mode = if scale > 0.0 { 1 } else { 0 };
+                        cfg.loss_scale = if scale > 0.0 { scale } else { 1.0 };
+                        cfg.rounding = rounding;
+                        cfg.nonfinite_policy = policy;
+                        let opt = Opt::new(&cfg).unwrap();
+                        let mut rng = Rng::new(seed);
+                        let mut bufs: Vec<Buf> = Vec::new();
+                        for (k, shape) in shapes.iter().enumerate() {
+                            let n: usize = shape.iter().map(|&d| d as usize).product();
+                            let mut b = Buf::new(pdtype, &rng.vec(n, 0.5));
+                            opt.register(&format!("p{k}"), b.ptr(), pdtype, shape, 0)
+                                .unwrap();
+                            bufs.push(b);
+                        }
+                        for step in 0..2 {
+                            opt.begin(1, 0.05).unwrap();
+                            for (k, b) in bufs.iter().enumerate() {
+                                let g: Vec<f32> =
+                                    (0..b.len()).map(|_| rng.normal() * 0.3).collect();
+                                let mut gb = Buf::new(gdtype, &g);
+                                opt.submit(k as u32, gb.ptr(), gdtype).unwrap();
+                            }
+                            opt.end().unwrap();
+                            assert_eq!(opt.info().overflow, 0, "step {step}");
+                        }
+                        let bits: Vec<Vec<u32>> = bufs
+                            .iter()
+                            .map(|b| b.values().iter().map(|v| v.to_bits()).collect())
+                            .collect();
+                        results.push(bits);
+                    }
+                    assert!(
+                        results[0] == results[1],
+                        "p {pdtype} g {gdtype} rounding {rounding} clip {clip_value}: the \
+                         policies differ on finite gradients"
+                    );
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
