@@ -9,6 +9,13 @@ update path (`grad_func`, which scans the parameters and applies `fuse_update` t
 holds a gradient); liblomo through its C API (lomo_native's NumPy level, one C call each), one
 `lomo_grad_submit` per parameter.
 Each figure is the median of --reps runs; the ratio column is what to quote.
+
+The same run also measures, per row, the memory floor: a streaming copy (the faster of torch
+``copy_`` with the same threads and NumPy ``copyto``) moving the variant's minimum bytes (LOMO: read g and p, write p = 3 × the element size,
+12 B/elem f32, 6 bf16; AdaLomo 5 × = 20 / 10), and reports liblomo as a fraction of it
+(floor time / liblomo time; 1.0 = at the floor). LOMO rows also time liblomo with
+``nonfinite_policy="per_element"`` (one pass) and PyTorch's one-line update
+``p.mul_(1 - lr·wd).add_(g, alpha=-lr)`` without weight decay, i.e. ``p.add_(g, alpha=-lr)``.
 """
 import argparse
 import contextlib
@@ -36,8 +43,8 @@ PHASE_UPDATE = 1
 class Native:
     """liblomo through lomo_native's NumPy-level optimizer (each call is one C function)."""
 
-    def __init__(self, algorithm):
-        self.opt = Optimizer(algorithm)
+    def __init__(self, algorithm, **config):
+        self.opt = Optimizer(algorithm, **config)
         self.keep = []
 
     def register(self, name, t):
@@ -96,7 +103,37 @@ def bench(kind, dtype, algorithm, reps):
     items = [(native.register(n, p.data), g) for (n, p), g in zip(model2.named_parameters(), grads)]
     t_ours = median_ms(lambda: native.step(items, lr), reps)
     n = sum(p.numel() for _, p in params)
-    return n, t_ref, t_ours
+    t_elem = t_add = None
+    if algorithm == "lomo":
+        with torch.no_grad():
+            model3 = model_for(kind, dtype)
+        one = Native(algorithm, nonfinite_policy="per_element")
+        items3 = [(one.register(m, p.data), g) for (m, p), g in zip(model3.named_parameters(), grads)]
+        t_elem = median_ms(lambda: one.step(items3, lr), reps)
+        ps = [p.data for p in model3.parameters()]
+
+        def run_add():
+            for p, g in zip(ps, grads):
+                p.add_(g, alpha=-lr)
+
+        t_add = median_ms(run_add, reps)
+    elem = torch.finfo(dtype).bits // 8
+    floor_bytes = (3 if algorithm == "lomo" else 5) * elem
+    t_floor = floor_ms(n * floor_bytes, reps)
+    return n, t_ref, t_ours, t_elem, t_add, t_floor, floor_bytes
+
+
+def floor_ms(nbytes, reps):
+    """A streaming copy reading nbytes/2 and writing nbytes/2 (buffers touched before timing):
+    the faster of torch ``copy_`` (the benchmark's 2 threads; on a shared VM its 2-thread
+    timings often quantize to 8 ms) and NumPy ``copyto`` (one thread)."""
+    import numpy as np
+
+    src = torch.ones(nbytes // 2, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    t_torch = median_ms(lambda: dst.copy_(src), reps)
+    a, b = src.numpy(), dst.numpy()
+    return min(t_torch, median_ms(lambda: np.copyto(b, a), reps))
 
 
 def main():
@@ -108,16 +145,21 @@ def main():
     with contextlib.suppress(Exception):
         cpu = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")][0]
     print(f"# {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads 2, median of {args.reps}")
-    print("| tensor(s) | dtype | algorithm | elements | lomo-optim 0.1.1 | liblomo | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tensor(s) | dtype | algorithm | elements | lomo-optim 0.1.1 | liblomo | speed-up "
+          "| liblomo per-element | torch add_ | floor (copy) | liblomo / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in ("4096x4096", "small GPT"):
         for dtype in (torch.float32, torch.bfloat16):
             for algorithm, name in (("lomo", "LOMO"), ("adalomo", "AdaLomo")):
-                n, t_ref, t_ours = bench(kind, dtype, algorithm, args.reps)
+                n, t_ref, t_ours, t_elem, t_add, t_floor, fb = bench(kind, dtype, algorithm,
+                                                                   args.reps)
                 dt = str(dtype).replace("torch.", "")
-                print(f"| {kind} | {dt} | {name} | {n/1e6:.1f}M | {t_ref:.1f} ms | {t_ours:.2f} ms | {t_ref/t_ours:.1f}x |")
+                el = f"{t_elem:.2f} ms" if t_elem is not None else "—"
+                ad = f"{t_add:.2f} ms" if t_add is not None else "—"
+                print(f"| {kind} | {dt} | {name} | {n/1e6:.1f}M | {t_ref:.1f} ms | {t_ours:.2f} ms "
+                      f"| {t_ref/t_ours:.1f}x | {el} | {ad} | {t_floor:.2f} ms ({fb} B/elem) "
+                      f"| {t_floor/t_ours:.2f} |")
                 sys.stdout.flush()
-
 
 if __name__ == "__main__":
     main()

@@ -107,6 +107,16 @@
 #define LOMO_PARAM_CARRY_RMS 1
 
 /**
+ * `lomo_config.nonfinite_policy`: a non-finite gradient leaves its whole tensor untouched.
+ */
+#define LOMO_NONFINITE_PER_TENSOR 0
+
+/**
+ * `lomo_config.nonfinite_policy`: only the elements with a non-finite gradient keep their value.
+ */
+#define LOMO_NONFINITE_PER_ELEMENT 1
+
+/**
  * Number of per-device entries in `lomo_memory_stats.devices`.
  */
 #define LOMO_MEMORY_MAX_DEVICES 16
@@ -537,6 +547,18 @@ typedef struct lomo_config {
    * Seed of the stochastic-rounding generator. Default 0.
    */
   uint64_t seed;
+  /**
+   * LOMO, steps without a NORM phase: what a gradient with a non-finite element does.
+   * `LOMO_NONFINITE_PER_TENSOR` (default): its tensor is left untouched (exact; the CPU reads
+   * the gradient twice: a check, then the update). `LOMO_NONFINITE_PER_ELEMENT`: one pass;
+   * every element whose gradient is finite is updated, the others keep their value. Either
+   * way no non-finite value is written and the tensor counts in `grads_nonfinite` (the step
+   * reports `overflow`). CPU parameters only (registering a CUDA parameter is refused with
+   * `LOMO_STATUS_UNSUPPORTED`); a piece of a distributed tensor keeps the per-tensor check;
+   * AdaLomo is not affected. Added after `seed`: a caller built against a header without
+   * this field passes the older `struct_size` and gets the default.
+   */
+  uint32_t nonfinite_policy;
 } lomo_config;
 
 /**

@@ -90,6 +90,42 @@ impl TryFrom<u32> for Rounding {
     }
 }
 
+/// What LOMO does with a gradient holding a non-finite element when no NORM phase of the step
+/// checked it (with a NORM phase, the whole step is skipped whatever the policy).
+///
+/// * `PerTensor` (default, exact): the tensor is left untouched. On the CPU this costs an extra
+///   read of the gradient (the pre-check) before the update pass, because the update cannot be
+///   rolled back once written.
+/// * `PerElement` (one pass, opt-in): the update is applied to every element whose gradient is
+///   finite; an element whose gradient is ±inf or NaN keeps its old value. No non-finite value
+///   is ever written either way, and the tensor still counts as non-finite in the step
+///   (`grads_nonfinite`, `overflow`, the dynamic loss scale backs off), but the tensor's other
+///   elements did change. CPU backend, whole tensors; a piece of a distributed tensor and CUDA
+///   parameters keep the per-tensor check (CUDA refuses the policy at registration). AdaLomo
+///   needs the whole gradient's statistics before any element changes, so the policy does not
+///   apply to it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NonFinitePolicy {
+    /// The tensor is left as it was (two reads of the gradient on the CPU).
+    PerTensor = 0,
+    /// Only the elements with a non-finite gradient keep their value (one pass).
+    PerElement = 1,
+}
+
+impl TryFrom<u32> for NonFinitePolicy {
+    type Error = Error;
+    fn try_from(v: u32) -> Result<NonFinitePolicy> {
+        match v {
+            0 => Ok(NonFinitePolicy::PerTensor),
+            1 => Ok(NonFinitePolicy::PerElement),
+            _ => Err(Error::invalid(format!(
+                "unknown nonfinite_policy {v} (expected 0=PER_TENSOR, 1=PER_ELEMENT)"
+            ))),
+        }
+    }
+}
+
 /// The validated configuration of one optimizer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -122,6 +158,8 @@ pub struct Config {
     pub rounding: Rounding,
     /// Seed of the stochastic-rounding generator.
     pub seed: u64,
+    /// LOMO without a NORM phase: what a non-finite gradient element does to its tensor.
+    pub nonfinite: NonFinitePolicy,
 }
 
 impl Config {
@@ -148,6 +186,7 @@ impl Config {
             decay_rate: -0.8,
             rounding: Rounding::Nearest,
             seed: 0,
+            nonfinite: NonFinitePolicy::PerTensor,
         }
     }
 

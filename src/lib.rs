@@ -27,7 +27,7 @@ pub mod scaler;
 pub mod state;
 pub mod xla;
 
-pub use config::{Algorithm, Config, LossScaleMode, Rounding};
+pub use config::{Algorithm, Config, LossScaleMode, NonFinitePolicy, Rounding};
 pub use dtype::DType;
 pub use error::{Error, Result, Status};
 pub use optimizer::{Optimizer, Phase, StepInfo};

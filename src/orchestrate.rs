@@ -54,7 +54,10 @@ pub fn tensor<B: Backend>(
     };
     match algorithm {
         Algorithm::Lomo => {
-            if !u.prechecked {
+            // The per-element policy skips the pre-check (one pass) for a whole tensor; a
+            // piece still agrees with the other ranks on one non-finite count.
+            let one_pass = u.per_element && piece.is_none();
+            if !(u.prechecked || one_pass) {
                 b.check_finite(t, g)?;
                 reduce_tensor_stats(b, t, piece)?;
             }

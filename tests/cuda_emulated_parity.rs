@@ -151,6 +151,7 @@ fn run(case: &Case) {
                         lr_multiplier: 1.0,
                         weight_decay: cfg.weight_decay,
                         prechecked: norm_phase,
+                        per_element: false,
                         carry: case.carry,
                     })
                 } else {

@@ -84,6 +84,10 @@ pub struct TensorUpdate {
     /// otherwise the core calls [`Backend::check_finite`] first (LOMO) or the statistics pass
     /// finds out (AdaLomo).
     pub prechecked: bool,
+    /// LOMO, `NonFinitePolicy::PerElement`: without a pre-check, the update pass writes every
+    /// element whose gradient is finite and reports the tensor non-finite if one was not (CPU,
+    /// whole tensors only: the core keeps the pre-check for pieces).
+    pub per_element: bool,
     /// AdaLomo: carry Σp² of the written values to the next step (`PARAM_FLAG_CARRY_RMS`).
     pub carry: bool,
 }

@@ -58,7 +58,13 @@ pub unsafe extern "C" fn lomo_optimizer_new(
 ) -> Status {
     guard(|| {
         // SAFETY: non-NULL pointers are valid per the documented contract.
-        let (cfg, out) = unsafe { (deref(cfg, "cfg")?, deref_mut(out, "out")?) };
+        let out = unsafe { deref_mut(out, "out")? };
+        if cfg.is_null() {
+            bail!(NullArgument, "cfg is NULL");
+        }
+        // SAFETY: `cfg` is non-NULL and readable per the contract, for the size its
+        // `struct_size` declares (no reference to a full struct is formed before that is known).
+        let cfg = unsafe { lomo_config::read_versioned(cfg) };
         let opt = Optimizer::new(cfg.to_core()?)?;
         *out = Box::into_raw(Box::new(lomo_optimizer {
             inner: RwLock::new(opt),

@@ -1,7 +1,7 @@
 //! FFI layer: the C-visible structs and constants, and their conversion to core types.
 #![allow(non_camel_case_types)]
 
-use crate::config::{Algorithm, Config, LossScaleMode, Rounding};
+use crate::config::{Algorithm, Config, LossScaleMode, NonFinitePolicy, Rounding};
 use crate::error::{bail, Result};
 use crate::ffi::guard::check_struct_size;
 use crate::memory::MemoryStats;
@@ -66,7 +66,28 @@ pub struct lomo_config {
     pub rounding: u32,
     /// Seed of the stochastic-rounding generator. Default 0.
     pub seed: u64,
+    /// LOMO, steps without a NORM phase: what a gradient with a non-finite element does.
+    /// `LOMO_NONFINITE_PER_TENSOR` (default): its tensor is left untouched (exact; the CPU reads
+    /// the gradient twice: a check, then the update). `LOMO_NONFINITE_PER_ELEMENT`: one pass;
+    /// every element whose gradient is finite is updated, the others keep their value. Either
+    /// way no non-finite value is written and the tensor counts in `grads_nonfinite` (the step
+    /// reports `overflow`). CPU parameters only (registering a CUDA parameter is refused with
+    /// `LOMO_STATUS_UNSUPPORTED`); a piece of a distributed tensor keeps the per-tensor check;
+    /// AdaLomo is not affected. Added after `seed`: a caller built against a header without
+    /// this field passes the older `struct_size` and gets the default.
+    pub nonfinite_policy: u32,
 }
+
+/// `lomo_config.nonfinite_policy`: a non-finite gradient leaves its whole tensor untouched.
+pub const LOMO_NONFINITE_PER_TENSOR: u32 = 0;
+/// `lomo_config.nonfinite_policy`: only the elements with a non-finite gradient keep their value.
+pub const LOMO_NONFINITE_PER_ELEMENT: u32 = 1;
+const _: () = assert!(LOMO_NONFINITE_PER_TENSOR == NonFinitePolicy::PerTensor as u32);
+const _: () = assert!(LOMO_NONFINITE_PER_ELEMENT == NonFinitePolicy::PerElement as u32);
+
+/// `sizeof(lomo_config)` before `nonfinite_policy` was appended (ABI 2 headers up to 0.1.0):
+/// still accepted, with the default policy.
+pub const LOMO_CONFIG_SIZE_V1: usize = std::mem::offset_of!(lomo_config, nonfinite_policy);
 
 impl lomo_config {
     pub fn from_core(c: &Config) -> lomo_config {
@@ -88,6 +109,38 @@ impl lomo_config {
             decay_rate: c.decay_rate,
             rounding: c.rounding as u32,
             seed: c.seed,
+            nonfinite_policy: c.nonfinite as u32,
+        }
+    }
+
+    /// Reads a caller's `lomo_config` of either accepted size: the current one, or
+    /// [`LOMO_CONFIG_SIZE_V1`] (then the fields appended since keep their defaults). Any other
+    /// `struct_size` is returned as it is, for [`lomo_config::to_core`] to refuse.
+    ///
+    /// # Safety
+    /// `cfg` must point to readable memory of at least `min(cfg.struct_size, sizeof)` bytes
+    /// (its first field is read first).
+    pub unsafe fn read_versioned(cfg: *const lomo_config) -> lomo_config {
+        // SAFETY: `struct_size` is the first field, present in every version.
+        let size = unsafe { std::ptr::addr_of!((*cfg).struct_size).read_unaligned() };
+        if size == LOMO_CONFIG_SIZE_V1 {
+            let mut out = lomo_config::from_core(&Config::defaults(Algorithm::Lomo));
+            // SAFETY: the caller's struct holds LOMO_CONFIG_SIZE_V1 readable bytes, which are a
+            // prefix of `out`'s layout (same repr(C) fields in the same order).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    cfg as *const u8,
+                    &mut out as *mut lomo_config as *mut u8,
+                    LOMO_CONFIG_SIZE_V1,
+                )
+            };
+            out.nonfinite_policy = LOMO_NONFINITE_PER_TENSOR;
+            out.struct_size = std::mem::size_of::<lomo_config>();
+            out
+        } else {
+            // SAFETY: a caller passing the current size (or a wrong one, refused later) has a
+            // full struct per the documented contract.
+            unsafe { *cfg }
         }
     }
 
@@ -115,6 +168,7 @@ impl lomo_config {
             decay_rate: self.decay_rate,
             rounding: Rounding::try_from(self.rounding)?,
             seed: self.seed,
+            nonfinite: NonFinitePolicy::try_from(self.nonfinite_policy)?,
         };
         c.validate()?;
         Ok(c)

@@ -249,6 +249,16 @@ impl Optimizer {
                  parameters: one optimizer's parameters must all be on one device",
                 desc.name
             ),
+            Device::Cuda(_)
+                if self.config.nonfinite == crate::config::NonFinitePolicy::PerElement =>
+            {
+                bail!(
+                    Unsupported,
+                    "parameter '{}' is on CUDA, but this optimizer's nonfinite_policy is \
+                     PER_ELEMENT, which only the CPU backend implements so far",
+                    desc.name
+                )
+            }
             Device::Cuda(_) if self.dist.norm_comm.is_some() => bail!(
                 Unsupported,
                 "parameter '{}' is on CUDA, but this optimizer is distributed (lomo_dist_set): \

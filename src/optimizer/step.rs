@@ -6,6 +6,7 @@
 use super::{NormResult, Optimizer, Phase, StepInfo, StepState};
 use crate::backend::cpu::step::{CpuAda, CpuPiece, CpuStep, CpuTensor, HostStep};
 use crate::backend::{PhaseBegin, TensorUpdate};
+use crate::config::NonFinitePolicy;
 use crate::dist::Layout;
 use crate::dtype::DType;
 use crate::error::{bail, Result};
@@ -93,6 +94,7 @@ impl Optimizer {
                     lr_multiplier: group.lr_multiplier,
                     weight_decay: group.weight_decay,
                     prechecked: norm.is_some(),
+                    per_element: self.config.nonfinite == NonFinitePolicy::PerElement,
                     carry: param.flags & PARAM_FLAG_CARRY_RMS != 0,
                 })
             }

@@ -96,6 +96,7 @@ impl Options {
             lr_multiplier: self.lr_multiplier,
             weight_decay: self.config.weight_decay,
             prechecked: false,
+            per_element: false,
             carry: false,
         })
     }

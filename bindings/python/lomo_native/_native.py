@@ -60,6 +60,8 @@ __all__ = [
     "LOSS_SCALE_DYNAMIC",
     "ROUNDING_NEAREST",
     "ROUNDING_STOCHASTIC",
+    "NONFINITE_PER_TENSOR",
+    "NONFINITE_PER_ELEMENT",
     "PARAM_CARRY_RMS",
     "Comm",
     "ShardDesc",
@@ -107,6 +109,7 @@ ALGORITHM_LOMO, ALGORITHM_ADALOMO = 0, 1
 PHASE_NORM, PHASE_UPDATE = 0, 1
 LOSS_SCALE_NONE, LOSS_SCALE_STATIC, LOSS_SCALE_DYNAMIC = 0, 1, 2
 ROUNDING_NEAREST, ROUNDING_STOCHASTIC = 0, 1
+NONFINITE_PER_TENSOR, NONFINITE_PER_ELEMENT = 0, 1
 PARAM_CARRY_RMS = 1
 
 
@@ -132,6 +135,7 @@ class Config(Structure):
         ("decay_rate", c_double),
         ("rounding", c_uint32),
         ("seed", c_uint64),
+        ("nonfinite_policy", c_uint32),
     ]
 
 

@@ -29,6 +29,7 @@ _LOSS_SCALE_MODES = {
     "dynamic": N.LOSS_SCALE_DYNAMIC,
 }
 _ROUNDING = {"nearest": N.ROUNDING_NEAREST, "stochastic": N.ROUNDING_STOCHASTIC}
+_NONFINITE = {"per_tensor": N.NONFINITE_PER_TENSOR, "per_element": N.NONFINITE_PER_ELEMENT}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,11 @@ class Optimizer:
     (``weight_decay``, ``clip_grad_norm``, ``clip_grad_value``, ``loss_scale_mode`` as
     ``"none"|"static"|"dynamic"``, ``loss_scale``, ``scale_factor``, ``scale_window``,
     ``min_loss_scale``, ``hysteresis``, ``eps1``, ``eps2``, ``clip_threshold``, ``decay_rate``,
-    ``rounding`` as ``"nearest"|"stochastic"``, ``seed``); the others keep the library defaults
+    ``rounding`` as ``"nearest"|"stochastic"``, ``seed``, ``nonfinite_policy`` as
+    ``"per_tensor"|"per_element"`` — LOMO steps without a norm pass: a gradient with a
+    non-finite element leaves its whole tensor untouched (default, two reads of the gradient)
+    or, per element, only those elements (one pass); see ``lomo_config.nonfinite_policy``);
+    the others keep the library defaults
     (lomo-optim's). Every failing call raises :class:`lomo_native.LomoError`.
     """
 
@@ -82,6 +87,11 @@ class Optimizer:
                 value = _LOSS_SCALE_MODES[value]
             if key == "rounding" and isinstance(value, str):
                 value = _ROUNDING[value]
+            if key == "nonfinite_policy" and isinstance(value, str):
+                if value not in _NONFINITE:
+                    raise ValueError(f"nonfinite_policy must be one of {sorted(_NONFINITE)}, "
+                                     f"got {value!r}")
+                value = _NONFINITE[value]
             if key in ("struct_size", "algorithm") or key not in dict(N.Config._fields_):
                 raise TypeError(f"unknown config field {key!r}")
             setattr(cfg, key, value)

@@ -460,6 +460,9 @@ class Lomo(_FusedOptimizer):
     ``process_group`` — a ``torch.distributed`` group over which the (replicated, not
     DDP-wrapped) model trains as data parallel: each gradient is averaged across it before it is
     applied, equal to one process on the whole batch (``lomo_native._torch_dist``).
+    ``nonfinite_policy`` — without a norm backward, a gradient with ±inf/NaN leaves its whole
+    tensor untouched (``"per_tensor"``, default, two reads of the gradient) or only those
+    elements (``"per_element"``, one pass; the step still reports the overflow). CPU only.
     """
 
     _ALGORITHM = "lomo"
@@ -467,10 +470,10 @@ class Lomo(_FusedOptimizer):
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
                  weight_decay=0.0, loss_scale_args={}, *, groups=None, no_decay=None,
                  two_pass=None, rounding="nearest", seed=0,
-                 process_group=None):  # noqa: B006 - lomo-optim's default
+                 process_group=None, nonfinite_policy="per_tensor"):  # noqa: B006 - lomo-optim's default
         args = dict(loss_scale_args or {})
         fp16 = any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
-        config = dict(rounding=rounding, seed=seed)
+        config = dict(rounding=rounding, seed=seed, nonfinite_policy=nonfinite_policy)
         if fp16:
             config.update(_dynamic_scale_config(args))
         elif args:

@@ -158,6 +158,35 @@ def test_numpy_loss_scale_is_undone_and_nonfinite_is_never_applied():
     assert opt.loss_scale == 256.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_numpy_nonfinite_policies_against_a_float64_reference(dtype):
+    rng = np.random.default_rng(7)
+    n = 200_000  # several chunks of the CPU pool
+    g = rng.standard_normal(n).astype(np.float32)
+    bad = [3, 70_001, n - 1]
+    g[bad] = [np.nan, np.inf, -np.inf]
+    g = g.astype(dtype)
+    for policy in ("per_tensor", "per_element"):
+        w = rng.standard_normal(n).astype(dtype)
+        w0 = w.copy()
+        opt = Optimizer("lomo", weight_decay=0.1, nonfinite_policy=policy)
+        assert opt.config["nonfinite_policy"] == (policy == "per_element")
+        opt.register_array("w", w)
+        info = opt.step({"w": g}, lr=0.05)
+        assert info.overflow and info.grads_nonfinite == 1
+        assert np.isfinite(w).all()
+        if policy == "per_tensor":
+            np.testing.assert_array_equal(w, w0)
+            continue
+        want = w0.astype(np.float64) * (1 - 0.05 * 0.1) - 0.05 * g.astype(np.float64)
+        want[bad] = w0[bad]
+        np.testing.assert_allclose(w, want.astype(dtype), rtol=1e-3 if dtype == np.float16 else 1e-6,
+                                   atol=1e-3 if dtype == np.float16 else 1e-7)
+        np.testing.assert_array_equal(w[bad], w0[bad])
+    with pytest.raises(ValueError):
+        Optimizer("lomo", nonfinite_policy="sometimes")
+
+
 def test_numpy_float16_and_groups():
     w = np.ones(8, np.float16)
     opt = Optimizer("lomo")

@@ -144,6 +144,39 @@ def test_fp16_one_pass_applies_no_nonfinite_gradient():
     assert opt.loss_scale == 2.0 ** 15
 
 
+@pytest.mark.parametrize("policy", ["per_tensor", "per_element"])
+def test_lomo_nonfinite_policy(policy):
+    """nonfinite_policy: a weight whose gradient has one NaN element (a hook injects it) keeps
+    that element either way; per tensor, every other element too; per element, the others
+    take the plain SGD step w - lr·g computed here in float64 (weight decay 0)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 5)
+    opt = Lomo(lin, lr=0.1, nonfinite_policy=policy)
+    seen = {}
+
+    def poison(g):
+        g = g.clone()
+        g[1, 2] = float("nan")
+        seen["g"] = g.detach().double()
+        return g
+
+    lin.weight.register_hook(poison)
+    w0 = lin.weight.detach().clone()
+    opt.fused_backward(lin(torch.randn(3, 6)).square().sum(), 0.1)
+    info = opt.step_info()
+    assert info.overflow and info.grads_nonfinite == 1
+    w = lin.weight.detach()
+    assert torch.isfinite(w).all() and w[1, 2] == w0[1, 2]
+    if policy == "per_tensor":
+        assert torch.equal(w, w0)
+    else:
+        want = (w0.double() - 0.1 * seen["g"]).float()
+        want[1, 2] = w0[1, 2]
+        torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError):
+        Lomo(torch.nn.Linear(2, 2), nonfinite_policy="never")
+
+
 def test_adalomo_fp16_static_scale_never_applies_overflow():
     """B20: fixed scale 1024, an overflowing step is skipped instead of corrupting parameters."""
     model = fp16_mlp()

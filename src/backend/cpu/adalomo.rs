@@ -458,13 +458,25 @@ multiversion! {
             let base = t * TILE;
             let (vo, vn) = (&v_old[base..base + gt.len()], &mut w.new_state[base..base + gt.len()]);
             let mut lanes = [0f32; 8];
-            for (k, ((gv, &old), nv)) in gt.iter().zip(vo).zip(vn.iter_mut()).enumerate() {
+            // Element k of the tile accumulates into lane k % 8: in groups of 8 (which
+            // vectorizes: sqrt and division 8 or 16 at a time), then the remainder.
+            let step = |gv: &G, old: f32, nv: &mut f32, lane: &mut f32| {
                 let x = xf.apply(gv.to_f32());
                 let u = x * x + eps1;
                 let n = u.mul_add(omb, old * beta);
                 *nv = n;
                 let uu = (1.0 / n.sqrt()) * x;
-                lanes[k % 8] = uu.mul_add(uu, lanes[k % 8]);
+                *lane = uu.mul_add(uu, *lane);
+            };
+            let (mut gi, mut oi, mut ni) = (gt.chunks_exact(8), vo.chunks_exact(8), vn.chunks_exact_mut(8));
+            for ((g8, o8), n8) in (&mut gi).zip(&mut oi).zip(&mut ni) {
+                for k in 0..8 {
+                    step(&g8[k], o8[k], &mut n8[k], &mut lanes[k]);
+                }
+            }
+            let rest = gi.remainder().iter().zip(oi.remainder()).zip(ni.into_remainder());
+            for (k, ((gv, &old), nv)) in rest.enumerate() {
+                step(gv, old, nv, &mut lanes[k]);
             }
             usq += lane_sum(&lanes) as f64;
         }
@@ -514,12 +526,27 @@ multiversion! {
     fn apply_vector<P: Elem, G: Elem>(p: &mut [P], g: &[G], v: &[f32], args: &ApplyArgs, elem0: u64) -> (f64, bool) {
         let (xf, inv_clip, neg_lr, decay) = (args.xf, args.inv_clip, args.neg_lr, args.decay);
         let mut overflow = 0u32;
-        for (k, ((pv, gv), &vv)) in p.iter_mut().zip(g).zip(v).enumerate() {
-            let u = ((1.0 / vv.sqrt()) * xf.apply(gv.to_f32())) * inv_clip;
-            let nv: P = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), elem0 + k as u64);
-            let ok = nv.is_finite_bits();
-            overflow |= (!ok) as u32;
-            *pv = if ok { nv } else { *pv };
+        // The rounding mode is matched once, outside the loop (as in `apply_rows`), so the
+        // nearest-rounding loop vectorizes; the arithmetic is the same in both.
+        match args.round.mode {
+            Rounding::Nearest => {
+                for ((pv, gv), &vv) in p.iter_mut().zip(g).zip(v) {
+                    let u = ((1.0 / vv.sqrt()) * xf.apply(gv.to_f32())) * inv_clip;
+                    let nv = P::from_f32_rne(u.mul_add(neg_lr, pv.to_f32() * decay));
+                    let ok = nv.is_finite_bits();
+                    overflow |= (!ok) as u32;
+                    *pv = if ok { nv } else { *pv };
+                }
+            }
+            Rounding::Stochastic => {
+                for (k, ((pv, gv), &vv)) in p.iter_mut().zip(g).zip(v).enumerate() {
+                    let u = ((1.0 / vv.sqrt()) * xf.apply(gv.to_f32())) * inv_clip;
+                    let nv: P = args.round.store(u.mul_add(neg_lr, pv.to_f32() * decay), elem0 + k as u64);
+                    let ok = nv.is_finite_bits();
+                    overflow |= (!ok) as u32;
+                    *pv = if ok { nv } else { *pv };
+                }
+            }
         }
         let psq = if args.carry { sum_sq(p) } else { 0.0 };
         (psq, overflow == 0)

@@ -3,6 +3,11 @@
 //! ```text
 //! x = clamp(g / S, −v, v) · c          p ← round( fma(x, −lr, p · (1 − lr·wd)) )
 //! ```
+//!
+//! Non-finite gradients: with the per-tensor policy the core pre-checks the gradient
+//! (`norm::grad_all_finite`) and calls this only when it is finite; with the per-element policy
+//! (`LomoArgs::per_element`) this is the only pass, and an element whose gradient is not finite
+//! keeps its value.
 
 use super::convert::{Elem, RoundCtx, TILE};
 use super::simd::multiversion;
@@ -17,13 +22,17 @@ pub struct LomoArgs {
     pub decay: f32,
     pub neg_lr: f32,
     pub round: RoundCtx,
+    /// `NonFinitePolicy::PerElement`: one streaming pass without staging tiles; an element whose
+    /// gradient is not finite keeps its value (instead of its tile not being written).
+    pub per_element: bool,
 }
 
 /// Applies the update in place and returns whether it was clean: the gradient finite and every
 /// new value finite. Each tile is checked before it is written, so a non-finite element never
 /// reaches the parameter: a tile with a non-finite gradient element is not written (the caller
 /// runs `norm::grad_all_finite` first when the whole tensor must be left untouched in that
-/// case), and an element whose new value overflows the parameter's dtype keeps its old value
+/// case; with `per_element` only those elements keep their value), and an element whose new
+/// value overflows the parameter's dtype keeps its old value
 /// (finite inputs can only give ±inf by overflow, never NaN).
 pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
     let n = param.numel;
@@ -46,6 +55,9 @@ pub fn lomo_update(param: &RawBuf, grad: &RawBuf, args: &LomoArgs) -> bool {
 
 multiversion! {
     fn chunk_update<P: Elem, G: Elem>(p: &mut [P], g: &[G], args: &LomoArgs, elem0: u64) -> bool {
+        if args.per_element {
+            return chunk_update_per_element::<P, G>(p, g, args, elem0);
+        }
         let (xf, neg_lr, decay) = (args.xf, args.neg_lr, args.decay);
         let identity = xf.is_identity();
         // Each tile is computed into `tmp` (in L1) while its gradient is checked, and written
@@ -107,4 +119,49 @@ multiversion! {
         }
         clean
     }
+}
+
+/// The per-element policy's pass: one stream over p and g with no staging tile; each element
+/// takes its new value when its gradient and the new value are finite, else keeps its own (the
+/// same arithmetic as `chunk_update`, so written values are bit for bit the same). Returns
+/// whether every element was written.
+#[inline(always)]
+fn chunk_update_per_element<P: Elem, G: Elem>(
+    p: &mut [P],
+    g: &[G],
+    args: &LomoArgs,
+    elem0: u64,
+) -> bool {
+    let (xf, neg_lr, decay) = (args.xf, args.neg_lr, args.decay);
+    let mut kept = 0u32;
+    match args.round.mode {
+        Rounding::Nearest if xf.is_identity() => {
+            for (pv, gv) in p.iter_mut().zip(g) {
+                let r = gv.to_f32().mul_add(neg_lr, pv.to_f32() * decay);
+                let nv = P::from_f32_rne(r);
+                let ok = gv.is_finite_bits() & nv.is_finite_bits();
+                kept |= (!ok) as u32;
+                *pv = if ok { nv } else { *pv };
+            }
+        }
+        Rounding::Nearest => {
+            for (pv, gv) in p.iter_mut().zip(g) {
+                let r = xf.apply(gv.to_f32()).mul_add(neg_lr, pv.to_f32() * decay);
+                let nv = P::from_f32_rne(r);
+                let ok = gv.is_finite_bits() & nv.is_finite_bits();
+                kept |= (!ok) as u32;
+                *pv = if ok { nv } else { *pv };
+            }
+        }
+        Rounding::Stochastic => {
+            for (k, (pv, gv)) in p.iter_mut().zip(g).enumerate() {
+                let r = xf.apply(gv.to_f32()).mul_add(neg_lr, pv.to_f32() * decay);
+                let nv: P = args.round.store(r, elem0 + k as u64);
+                let ok = gv.is_finite_bits() & nv.is_finite_bits();
+                kept |= (!ok) as u32;
+                *pv = if ok { nv } else { *pv };
+            }
+        }
+    }
+    kept == 0
 }

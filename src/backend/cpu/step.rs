@@ -213,6 +213,7 @@ impl Backend for CpuStep<'_> {
             decay,
             neg_lr,
             round: self.round(u, t),
+            per_element: u.per_element && t.piece.is_none(),
         };
         t.finite = lomo::lomo_update(&t.param, g, &args);
         Ok(())
