@@ -18,11 +18,11 @@
 //! bits.
 
 use super::ada_state::StateView;
-use super::adalomo::{fold, lane_add_plus, sum_sq, AdaWorkspace, ChunkWs, StatsArgs};
-use super::adalomo::{FOLD_ROWS, ROW_FOLD};
-use super::convert::{all_finite, Elem, TILE};
+use super::adalomo::FOLD_ROWS;
+use super::adalomo::{fold, row_tiles, AdaWorkspace, ChunkWs, StatsArgs};
+use super::convert::Elem;
 use super::simd::multiversion;
-use super::{for_each_chunk_mut, lane_sum, with_dtype, with_dtypes};
+use super::{for_each_chunk_mut, with_dtype, with_dtypes};
 use crate::backend::RawBuf;
 
 /// Length of a column piece's record: round 1 (R + 2) then round 2 (1).
@@ -163,33 +163,11 @@ multiversion! {
         let mut pending = 0;
         for i in 0..rows {
             let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
-            let mut row_total = 0f64;
-            let mut t = 0;
-            while t < cols {
-                let len = TILE.min(cols - t);
-                let gt = &grow[t..t + len];
-                if !all_finite(gt) {
-                    w.finite = false;
-                    return;
-                }
-                let xsq = &mut w.xsq[t..t + len];
-                for (s, gv) in xsq.iter_mut().zip(gt) {
-                    let x = xf.apply(gv.to_f32());
-                    *s = x * x;
-                }
-                for (c, &s) in w.colblk[t..t + len].iter_mut().zip(xsq.iter()) {
-                    *c += s + eps1;
-                }
-                for part in xsq.chunks(ROW_FOLD) {
-                    let mut lanes = [0f32; 8];
-                    lane_add_plus(&mut lanes, part, eps1);
-                    row_total += lane_sum(&lanes) as f64;
-                }
-                if args.need_psq {
-                    psq += sum_sq(&prow[t..t + len]);
-                }
-                t += len;
-            }
+            let Some(row_total) = row_tiles(w, grow, prow, xf, eps1, args.need_psq, &mut psq)
+            else {
+                w.finite = false;
+                return;
+            };
             w.row64[i] = row_total;
             pending += 1;
             if pending == FOLD_ROWS || i + 1 == rows {

@@ -353,35 +353,11 @@ multiversion! {
         let mut pending = 0;
         for (i, &old) in row_old.iter().enumerate() {
             let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
-            let mut row_total = 0f64;
-            // Simple loops over one tile each, so every one of them vectorizes; the tile stays
-            // in L1 between them.
-            let mut t = 0;
-            while t < cols {
-                let len = TILE.min(cols - t);
-                let gt = &grow[t..t + len];
-                if !all_finite(gt) {
-                    w.finite = false;
-                    return;
-                }
-                let xsq = &mut w.xsq[t..t + len];
-                for (s, gv) in xsq.iter_mut().zip(gt) {
-                    let x = xf.apply(gv.to_f32());
-                    *s = x * x;
-                }
-                for (c, &s) in w.colblk[t..t + len].iter_mut().zip(xsq.iter()) {
-                    *c += s + eps1;
-                }
-                for part in xsq.chunks(ROW_FOLD) {
-                    let mut lanes = [0f32; 8];
-                    lane_add_plus(&mut lanes, part, eps1);
-                    row_total += lane_sum(&lanes) as f64;
-                }
-                if args.need_psq {
-                    psq += sum_sq(&prow[t..t + len]);
-                }
-                t += len;
-            }
+            let Some(row_total) = row_tiles(w, grow, prow, xf, eps1, args.need_psq, &mut psq)
+            else {
+                w.finite = false;
+                return;
+            };
             let mean = (row_total / cols as f64) as f32;
             let rn = mean.mul_add(args.one_minus_beta, old * args.beta);
             w.new_state[i] = rn;
@@ -407,6 +383,54 @@ pub(super) fn fold(acc: &mut [f64], blk: &mut [f32]) {
         *a += *b as f64;
         *b = 0.0;
     }
+}
+
+/// One row of a factored statistics pass, tile by tile: `w.xsq` ← x² of the transformed
+/// gradient, `w.colblk` += x² + eps1, Σp² of the row into `psq` when `need_psq`. Returns the
+/// row's Σ(x² + eps1) (f32 lanes of `ROW_FOLD` terms folded into f64), or None at the first tile
+/// with a non-finite gradient element. Shared by the whole-tensor pass ([`stats`]) and the
+/// column-piece pass (`ada_cols`), so both sum in the same order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn row_tiles<P: Elem, G: Elem>(
+    w: &mut ChunkWs,
+    grow: &[G],
+    prow: &[P],
+    xf: GradXform,
+    eps1: f32,
+    need_psq: bool,
+    psq: &mut f64,
+) -> Option<f64> {
+    let cols = grow.len();
+    let mut row_total = 0f64;
+    // Simple loops over one tile each, so every one of them vectorizes; the tile stays in L1
+    // between them.
+    let mut t = 0;
+    while t < cols {
+        let len = TILE.min(cols - t);
+        let gt = &grow[t..t + len];
+        if !all_finite(gt) {
+            return None;
+        }
+        let xsq = &mut w.xsq[t..t + len];
+        for (s, gv) in xsq.iter_mut().zip(gt) {
+            let x = xf.apply(gv.to_f32());
+            *s = x * x;
+        }
+        for (c, &s) in w.colblk[t..t + len].iter_mut().zip(xsq.iter()) {
+            *c += s + eps1;
+        }
+        for part in xsq.chunks(ROW_FOLD) {
+            let mut lanes = [0f32; 8];
+            lane_add_plus(&mut lanes, part, eps1);
+            row_total += lane_sum(&lanes) as f64;
+        }
+        if need_psq {
+            *psq += sum_sq(&prow[t..t + len]);
+        }
+        t += len;
+    }
+    Some(row_total)
 }
 
 /// Adds `v[k] + c` to lane `k % 8`.
