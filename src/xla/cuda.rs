@@ -114,6 +114,13 @@ impl Call {
 
     /// One phase through the core's orchestration: `xla_prepare`, each tensor's passes, then
     /// `xla_norm_finish` or `xla_update_finish`.
+    /// The UPDATE phase of a call's one tensor (its record is record 0).
+    fn update_one(&self, tensor: Tensor, g: RawBuf, a: XlaArgs, opts: &Options) -> XResult<()> {
+        let rec = self.records(0);
+        let mut tensors = [(CudaTensor { tensor, rec }, g)];
+        self.phase(a, opts, &mut tensors, &opts.update_pass())
+    }
+
     fn phase(
         &self,
         a: XlaArgs,
@@ -337,14 +344,7 @@ pub fn lomo_update(plan: &LomoPlan<'_>, stream: *mut c_void) -> XResult<()> {
         p,
         p_dtype: plan.param_dtype,
     };
-    let mut tensors = [(
-        CudaTensor {
-            tensor: t,
-            rec: call.records(0),
-        },
-        raw(&plan.grad, g),
-    )];
-    call.phase(a, &plan.opts, &mut tensors, &plan.opts.update_pass())
+    call.update_one(t, raw(&plan.grad, g), a, &plan.opts)
 }
 
 /// `adalomo_update` on `stream`: copy p and the state when not aliased, then the AdaLomo passes
@@ -388,12 +388,5 @@ pub fn adalomo_update(plan: &AdaPlan<'_>, stream: *mut c_void) -> XResult<()> {
         p,
         p_dtype: plan.param_dtype,
     };
-    let mut tensors = [(
-        CudaTensor {
-            tensor: t,
-            rec: call.records(0),
-        },
-        raw(&plan.grad, g),
-    )];
-    call.phase(a, &plan.opts, &mut tensors, &plan.opts.update_pass())
+    call.update_one(t, raw(&plan.grad, g), a, &plan.opts)
 }
