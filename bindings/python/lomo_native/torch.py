@@ -288,8 +288,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         return torch.cuda.current_stream(min(self._cuda_devices)).cuda_stream
 
     def _check_usable(self):
-        if not self._handles:
-            raise RuntimeError("this optimizer was removed (remove() or the end of its with block)")
+        self._check_not_removed()
         if self._stray is not None:
             # a plain backward ran; what matters is whether its gradients are still there
             # (model.zero_grad(), as the HF Trainer calls, clears them without telling us)
