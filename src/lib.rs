@@ -25,6 +25,7 @@ pub mod orchestrate;
 pub mod param;
 pub mod scaler;
 pub mod state;
+pub mod strided;
 pub mod xla;
 
 pub use config::{Algorithm, Config, LossScaleMode, NonFinitePolicy, Rounding};

@@ -75,7 +75,9 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
                     .as_ref()
                     .map_or((0, 0), |a| (a.state.bytes() as u64, a.ws.bytes() as u64));
                 // A piece's statistics record (lomo_param_set_shard) is workspace too.
-                (state, ws + 8 * inner.dist_rec.len() as u64)
+                // So is the logical-order scratch of a strided layout (lomo_param_set_strides).
+                let strided = inner.strided.as_ref().map_or(0, |s| s.bytes() as u64);
+                (state, ws + 8 * inner.dist_rec.len() as u64 + strided)
             }
         };
         let m = DeviceMemory {

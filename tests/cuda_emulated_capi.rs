@@ -198,3 +198,53 @@ fn dynamic_scale_growth_stops_below_the_largest_f32_on_the_device() {
         );
     }
 }
+
+/// `lomo_param_set_strides` on CUDA parameters (issue 13 kind 6): LOMO, elementwise, accepts a
+/// channels_last layout; AdaLomo refuses it with UNSUPPORTED before anything changes (the
+/// parameter still steps as registered, like the same CPU parameter).
+#[test]
+fn strided_layouts_on_emulated_cuda() {
+    use lomo::ffi::strides::lomo_param_set_strides;
+    emulate();
+    let (shape, strides) = ([4i64, 3, 3, 5], [45i64, 1, 15, 3]);
+    for algorithm in [0u32, 1] {
+        let v = Rng::new(5).vec(180, 1.0);
+        let (mut cb, mut db) = (Buf::new(F32, &v), Buf::new(F32, &v));
+        let cpu = Opt::new(&config(algorithm)).unwrap();
+        let dev = Opt::new(&config(algorithm)).unwrap();
+        let ci = cpu
+            .register_on("w", cb.ptr(), F32, &shape, -1, 0, 0)
+            .unwrap();
+        let di = dev
+            .register_on("w", db.ptr(), F32, &shape, 0, 0, 0)
+            .unwrap();
+        // SAFETY: live handles; `strides` holds 4 values.
+        let st = unsafe { lomo_param_set_strides(dev.0, di, 4, strides.as_ptr()) };
+        if algorithm == 0 {
+            assert_eq!(st, lomo::Status::Ok);
+            // SAFETY: as above.
+            let st = unsafe { lomo_param_set_strides(cpu.0, ci, 4, strides.as_ptr()) };
+            assert_eq!(st, lomo::Status::Ok);
+        } else {
+            assert_eq!(st, lomo::Status::Unsupported);
+            assert!(
+                last_error().contains("CPU backend only"),
+                "{}",
+                last_error()
+            );
+        }
+        let g = Buf::new(F32, &Rng::new(6).vec(180, 1.0));
+        for (o, i) in [(&cpu, ci), (&dev, di)] {
+            o.begin(1, 0.01).unwrap();
+            o.submit(i, g.f32s.as_ptr().cast(), F32).unwrap();
+            o.end().unwrap();
+        }
+        for (k, (a, b)) in cb.values().iter().zip(db.values()).enumerate() {
+            assert!(
+                ulps(F32, *a, b) <= 2.0,
+                "algorithm {algorithm} element {k}: {a} {b}"
+            );
+        }
+        assert_ne!(cb.values(), v);
+    }
+}

@@ -9,4 +9,5 @@ pub mod dist;
 pub mod guard;
 pub mod optimizer;
 pub mod state;
+pub mod strides;
 pub mod types;

@@ -86,6 +86,12 @@ impl Optimizer {
                 "'{name}': pieces of tensors are supported on the CPU backend only so far"
             );
         }
+        if param.inner.get_mut().strided.is_some() {
+            bail!(
+                Unsupported,
+                "'{name}': AdaLomo pieces must be contiguous (lomo_param_set_strides set a layout)"
+            );
+        }
         let layout = match d.layout {
             0 => Layout::Full,
             1 => Layout::Rows,

@@ -20,6 +20,7 @@ use crate::scaler::LossScaler;
 
 mod dist;
 mod step;
+mod strides;
 
 pub use dist::ShardDesc;
 

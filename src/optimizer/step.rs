@@ -116,11 +116,21 @@ impl Optimizer {
             .and_then(|s| s.piece_comm)
             .map(|c| &self.dist.comms[c as usize]);
         let inner = &mut *inner;
+        // A non-contiguous AdaLomo layout: the step runs on logical-order copies (the parameter
+        // only in UPDATE phases), and the written parameter is copied back below.
+        let update = matches!(pass, TensorPass::Update(_));
+        let (pbuf, grad) = match inner.strided.as_mut() {
+            Some(s) => {
+                let (p, g) = s.gather(update.then_some(&param.buf), &grad);
+                (p.unwrap_or(param.buf), g)
+            }
+            None => (param.buf, grad),
+        };
         let ada = inner.ada.as_mut().map(|a| {
             let carried = if carry { a.carried_psq } else { None };
             CpuAda::new(a.state.as_view_mut(), &mut a.ws, carried)
         });
-        let mut t = CpuTensor::new(param.buf, ada);
+        let mut t = CpuTensor::new(pbuf, ada);
         t.piece = shard.map(|s| CpuPiece {
             global_numel: s.global_numel,
             global_rows: s.global_rows,
@@ -138,6 +148,9 @@ impl Optimizer {
             .as_ref()
             .filter(|a| a.applied)
             .map(|a| a.written_sum_sq);
+        if let (Some(s), Some(_)) = (inner.strided.as_mut(), written) {
+            s.scatter(&param.buf);
+        }
         inner.epoch = self.epoch;
         inner.sum_sq = sum_sq;
         inner.finite = finite;

@@ -312,6 +312,8 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     "lomo_comm_add": (_status, [_opt, POINTER(Comm), POINTER(c_uint32)], False),
     "lomo_param_set_shard": (_status, [_opt, c_uint32, POINTER(ShardDesc)], False),
     "lomo_dist_set": (_status, [_opt, c_uint32, c_uint32], False),
+    # layouts other than contiguous (channels_last, permuted views)
+    "lomo_param_set_strides": (_status, [_opt, c_uint32, c_uint32, POINTER(c_int64)], False),
 }
 
 

@@ -38,17 +38,26 @@ def memory_order(p: torch.Tensor) -> Optional[list]:
     return perm
 
 
+# The ``perm`` of a parameter whose strides are given to the library
+# (``lomo_param_set_strides``): registered with its logical shape, gradients in its layout.
+STRIDES = "strides"
+
+
 def registered_layout(name: str, p: torch.Tensor, algorithm: str):
-    """``(perm, shape)``: the memory-order permutation (None when contiguous) and the shape the
-    library is given for ``p``, whose buffer it updates in place.
+    """``(perm, shape)``: how ``p``, whose buffer the library updates in place, is described to
+    it. ``perm`` is None for a contiguous tensor; a permutation when ``p`` is registered in
+    memory order with the permuted ``shape``; :data:`STRIDES` when it is registered with its
+    own shape and its strides (``lomo_param_set_strides``).
 
     LOMO is elementwise, so any dense non-overlapping parameter is registered in memory order and
     gives the contiguous result. AdaLomo's statistics are defined on the logical view
     ``[prod(shape[:-1]), shape[-1]]``; a memory order that keeps the last dimension innermost
     only permutes its rows, and a transposed matrix swaps rows and columns (the factored
-    estimate is symmetric in them), so both give the contiguous result up to the order of f32
-    sums. Other orders (channels_last convolution weights) are refused: AdaLomo would factor
-    other dimensions."""
+    estimate is symmetric in them), so both are registered in memory order and give the
+    contiguous result up to the order of f32 sums. Other orders (channels_last convolution
+    weights) are given to the library with their strides: it steps on logical-order copies and
+    writes the parameter back in place, bit for bit the contiguous result (CPU only: refused
+    on CUDA here, before anything is registered)."""
     perm = memory_order(p)
     if perm is None:
         return None, tuple(p.shape)
@@ -58,12 +67,14 @@ def registered_layout(name: str, p: torch.Tensor, algorithm: str):
         real = [d for d in perm if p.size(d) != 1]
         transposed = len(real) == 2 and real[0] == n - 1
         if not (perm[-1] == n - 1 or transposed):
-            raise ValueError(
-                f"{name}: AdaLomo factors the last dimension of a parameter, but in this "
-                f"layout (shape {tuple(p.shape)}, strides {p.stride()}) it is not innermost, "
-                "so the library cannot update it in place with AdaLomo's statistics; make it "
-                "contiguous before building the optimizer (e.g. "
-                "module.to(memory_format=torch.contiguous_format)), or use Lomo")
+            if p.device.type != "cpu":
+                raise ValueError(
+                    f"{name}: AdaLomo factors the last dimension of a parameter, but in this "
+                    f"layout (shape {tuple(p.shape)}, strides {p.stride()}) it is not "
+                    "innermost; the library steps such layouts on the CPU only so far; make it "
+                    "contiguous before building the optimizer (e.g. "
+                    "module.to(memory_format=torch.contiguous_format)), or use Lomo")
+            return STRIDES, tuple(p.shape)
     return perm, shape
 
 
@@ -112,9 +123,20 @@ def prepared_grad(e: Entry, g: torch.Tensor) -> torch.Tensor:
                            "(float32, float16, bfloat16)")
     if g.device != e.device:
         raise RuntimeError(f"'{e.name}': gradient on {g.device} for a parameter on {e.device}")
+    if e.perm is STRIDES:
+        return in_layout(e, g)
     if e.perm is not None:
         g = g.permute(e.perm)
     return g.contiguous()
+
+
+def in_layout(e: Entry, g: torch.Tensor) -> torch.Tensor:
+    """``g`` with the strides of a parameter registered with :data:`STRIDES` (a copy when they
+    differ, e.g. a contiguous gradient of a channels_last weight); other gradients as they are."""
+    if e.perm is not STRIDES or g.stride() == e.strides:
+        return g
+    out = torch.empty_strided(e.shape, e.strides, dtype=g.dtype, device=g.device)
+    return out.copy_(g)
 
 
 def make_hook(opt_ref, e: Entry):

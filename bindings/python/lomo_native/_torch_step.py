@@ -77,7 +77,7 @@ def apply_grads(opt, lr: float) -> bool:
 
 def _submit(native, e, g, factor):
     if factor != 1.0:
-        g = g * factor  # a temporary in the gradient's dtype, freed after the submit
+        g = TP.in_layout(e, g * factor)  # a temporary in the gradient's dtype, freed after the submit
     stream = None
     if g.is_cuda:
         stream = torch.cuda.current_stream(g.device).cuda_stream

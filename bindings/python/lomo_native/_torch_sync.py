@@ -72,6 +72,8 @@ class ModelSync:
             self._has_fp16 |= p.dtype == torch.float16
             pid = self._native.register_pointer(name, p.data_ptr(), TP._DTYPES[p.dtype], shape,
                                                 device, gid)
+            if perm is TP.STRIDES:
+                self._native.set_strides(pid, p.stride())
             e = TP.Entry(pid, name, p, perm)
             e.handle = p.register_post_accumulate_grad_hook(TP.make_hook(ref, e))
             self._entries[name] = e
@@ -151,6 +153,8 @@ class ModelSync:
                 gid = self._group_of.get(e.name, 0)
                 pid = native.register_pointer(e.name, p.data_ptr(), TP._DTYPES[p.dtype], shape,
                                               device, gid)
+                if perm is TP.STRIDES:
+                    native.set_strides(pid, p.stride())
                 assert pid == e.pid
             if state is not None:
                 native.load_state_bytes(state)

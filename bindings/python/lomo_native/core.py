@@ -56,6 +56,24 @@ def _numpy_dtype_code(dtype) -> int:
     return codes[name]
 
 
+def _dense_strides(name: str, array) -> tuple:
+    """Element strides of a dense non-overlapping NumPy array (every element at its own offset
+    in ``0..size``); ValueError for any other layout."""
+    item = array.itemsize
+    if any(st % item or st < 0 for st in array.strides):
+        raise ValueError(f"{name}: strides {array.strides} are not a dense non-overlapping layout")
+    strides = tuple(st // item for st in array.strides)
+    expected = 1
+    for d in sorted((d for d in range(array.ndim) if array.shape[d] != 1),
+                    key=lambda d: strides[d]):
+        if strides[d] != expected:
+            raise ValueError(f"{name}: the array (shape {array.shape}, strides "
+                             f"{array.strides}) is neither C-contiguous nor dense and "
+                             "non-overlapping; copy it first (np.ascontiguousarray)")
+        expected *= array.shape[d]
+    return strides
+
+
 def _stream(stream) -> ctypes.c_void_p | None:
     return None if not stream else ctypes.c_void_p(int(stream))
 
@@ -105,6 +123,7 @@ class Optimizer:
         # id -> (name, shape, dtype code, device) of each registration, to check gradients
         self._regs: dict[int, tuple[str, tuple, int, int]] = {}
         self._checked = N.has_symbol("lomo_grad_submit_checked")
+        self._strides: dict[int, tuple] = {}  # id -> element strides (set_strides)
 
     # ------------------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -172,15 +191,37 @@ class Optimizer:
             raise KeyError(f"no parameter with id {param_id} ({len(self._regs)} registered)")
         return self._regs[param_id]
 
+    def set_strides(self, param_id: int, strides: Iterable[int]) -> None:
+        """``lomo_param_set_strides``: the element strides of a registered parameter's buffer
+        (and of its gradients), one per dimension of its shape; a dense non-overlapping layout
+        (channels_last, a transposed matrix). LOMO updates it in memory order; AdaLomo steps on
+        logical-order copies and writes the parameter back in place (CPU), bit for bit the
+        contiguous result. Raises LomoError (INVALID_ARGUMENT for other layouts, UNSUPPORTED
+        for AdaLomo on CUDA) with the parameter unchanged."""
+        strides = [int(s) for s in strides]
+        arr = (ctypes.c_int64 * max(len(strides), 1))(*strides)
+        self._lib.lomo_param_set_strides(self.handle, int(param_id), len(strides),
+                                         ctypes.cast(arr, ctypes.POINTER(ctypes.c_int64)))
+        self._strides[int(param_id)] = tuple(strides)
+
     def register_array(self, name: str, array, group: int = 0, flags: int = 0) -> int:
-        """Registers a NumPy array (C-contiguous, writeable; float32, float16 or ml_dtypes'
-        bfloat16) that the optimizer updates in place. The optimizer keeps a reference to it."""
-        if not array.flags["C_CONTIGUOUS"] or not array.flags["WRITEABLE"]:
-            raise ValueError(f"{name}: the array must be C-contiguous and writeable")
+        """Registers a writeable NumPy array (float32, float16 or ml_dtypes' bfloat16) that the
+        optimizer updates in place: C-contiguous, or dense and non-overlapping in another order
+        (a transposed or ``np.moveaxis``'d array: its strides are given to the library with
+        ``set_strides``; gradients are then copied into its layout when theirs differs). Other
+        layouts (views with gaps, overlapping or negative strides) raise ValueError before
+        anything is registered. The optimizer keeps a reference to the array."""
+        if not array.flags["WRITEABLE"]:
+            raise ValueError(f"{name}: the array must be writeable")
+        strides = None
+        if not array.flags["C_CONTIGUOUS"]:
+            strides = _dense_strides(name, array)
         code = _numpy_dtype_code(array.dtype)
         pid = self.register_pointer(name, array.ctypes.data, code, array.shape,
                                     N.DEVICE_CPU, group, flags)
         self._arrays[pid] = array
+        if strides is not None:
+            self.set_strides(pid, strides)
         return pid
 
     def param_id(self, name: str) -> int:
@@ -245,7 +286,17 @@ class Optimizer:
         if tuple(grad.shape) != shape:
             raise ValueError(f"gradient for {name!r} has shape {tuple(grad.shape)}, the "
                              f"parameter {shape}")
-        return np.ascontiguousarray(grad), code
+        strides = self._strides.get(param_id)
+        if strides is None:
+            return np.ascontiguousarray(grad), code
+        if grad.size == 0 or tuple(st // grad.itemsize for st in grad.strides) == strides:
+            return grad, code
+        # The parameter's layout (lomo_param_set_strides): a copy of the gradient laid out so.
+        out = np.lib.stride_tricks.as_strided(
+            np.empty(grad.size, dtype=grad.dtype), shape=grad.shape,
+            strides=tuple(st * grad.itemsize for st in strides))
+        out[...] = grad
+        return out, code
 
     def end(self, stream=None) -> None:
         self._lib.lomo_step_end(self.handle, _stream(stream))

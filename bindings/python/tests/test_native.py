@@ -197,8 +197,12 @@ def test_numpy_float16_and_groups():
     np.testing.assert_array_equal(w, np.full(8, 0.875, np.float16))
     with pytest.raises(TypeError):
         opt.register_array("i", np.zeros(2, np.int32))
+    with pytest.raises(ValueError):  # a view with gaps (transposed ones are accepted)
+        opt.register_array("t", np.zeros((3, 4), np.float32)[:, ::2])
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
     with pytest.raises(ValueError):
-        opt.register_array("t", np.zeros((3, 2), np.float32).T)
+        opt.register_array("r", ro)
 
 
 @pytest.fixture

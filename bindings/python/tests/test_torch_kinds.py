@@ -7,7 +7,7 @@ gradients with SGD by hand for LOMO, an f64 AdaLomo in torch for AdaLomo):
 * kind 3 — ``load_state_dict(assign=True)``, ``add_param_group`` and per-group lrs from
   schedulers train what they should;
 * kind 6 — channels_last and transposed parameters are updated in place, equal to the
-  contiguous result (AdaLomo refuses a layout whose last dimension is not innermost).
+  contiguous result (AdaLomo on channels_last: test_torch_layouts.py).
 """
 
 import copy
@@ -345,9 +345,3 @@ def test_adalomo_transposed_parameters_equal_the_contiguous_result():
         want = ref.step(model, lambda m: m(x), 0.05)
         opt.fused_backward(model(x), 0.05)
         assert_close(model, want, rtol=1e-4)
-
-
-def test_adalomo_refuses_channels_last_at_construction():
-    model = Layouts(channels_last=True)
-    with pytest.raises(ValueError, match="conv.weight.*not innermost"):
-        AdaLomo(model)
