@@ -83,6 +83,25 @@ class ModelSync:
         """At construction: the model as it is now is the one registered."""
         _Registrations.install()
         self._seen_registrations = _Registrations.count
+        self._frozen = self._frozen_params()
+
+    def _frozen_params(self) -> list:
+        """(name, weak reference) of the model's parameters that do not require a gradient now
+        (frozen): the only ones a plain ``requires_grad_(True)`` can turn into untrained ones."""
+        return [(n, weakref.ref(p)) for n, p in self.model.named_parameters()
+                if not p.requires_grad]
+
+    def _check_frozen(self) -> None:
+        """Raises, before anything changes, when a parameter frozen at construction (or at the
+        last scan) now requires a gradient but was not added with ``add_param_group``: it would
+        silently never train (no hook) while its ``.grad`` grows. O(frozen parameters)."""
+        for name, ref in self._frozen:
+            p = ref()
+            if p is not None and p.requires_grad:
+                raise ValueError(
+                    f"'{name}' requires a gradient but is not trained by this optimizer (it was "
+                    "frozen when the optimizer was built): pass it to "
+                    f"add_param_group({{'params': [...]}}) or set requires_grad_(False)")
 
     def _sync_model(self) -> None:
         """Before a step (nothing has changed yet): registrations whose parameter memory moved
@@ -91,6 +110,7 @@ class ModelSync:
         state; after a replacement, a parameter of the model that requires a gradient but is not
         trained by this optimizer raises. The registrations are checked every step (O(1) per
         parameter); the model is scanned only after a parameter was (re)registered on a module."""
+        self._check_frozen()
         moved = {}
         for e in self._entries.values():
             p = e.param()
@@ -99,6 +119,7 @@ class ModelSync:
         if _Registrations.count != self._seen_registrations or not _Registrations.installed:
             self._scan_model(moved)
             self._seen_registrations = _Registrations.count
+            self._frozen = self._frozen_params()
         if moved:
             self._rehome(list(moved.values()))
 
@@ -243,6 +264,8 @@ class ModelSync:
         wd = float(wd) if wd > 0 else 0.0
         self._native.group_set(gid, float(np.float32(lr)) * lr_scale, wd)
         self._register(items)
+        added = {id(p) for _, p, _ in items}
+        self._frozen = [(n, r) for n, r in self._frozen if id(r()) not in added]
         for name, _, _ in items:
             self._group_of[name] = gid
         super().add_param_group({"params": params, "lomo_group": gid, "lr": lr,
