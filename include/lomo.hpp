@@ -156,6 +156,15 @@ public:
         return register_param(d);
     }
 
+    /// `lomo_param_set_strides`: the element strides of parameter `id`'s buffer and of its
+    /// gradients (dense non-overlapping: channels_last, a transposed matrix), one per dimension
+    /// of its shape; call after registering, between steps. AdaLomo then steps on logical-order
+    /// copies (CPU), bit for bit the contiguous result.
+    void set_strides(uint32_t id, const std::vector<int64_t> &strides) {
+        check(lomo_param_set_strides(get(), id, static_cast<uint32_t>(strides.size()),
+                                     strides.empty() ? nullptr : strides.data()));
+    }
+
     uint32_t param_count() const {
         uint32_t n = 0;
         check(lomo_param_count(get(), &n));

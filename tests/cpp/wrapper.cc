@@ -167,6 +167,44 @@ void adalomo_state_and_memory() {
            "missing file is an I/O error");
 }
 
+// A channels_last (O, I, kH, kW) = (2, 3, 2, 4) weight with AdaLomo, strides given with
+// set_strides: bit for bit the same weight registered contiguous; a layout with a gap is refused.
+void adalomo_channels_last() {
+    const int64_t O = 2, I = 3, H = 2, W = 4;
+    const size_t n = static_cast<size_t>(O * I * H * W);
+    const std::vector<int64_t> strides{H * W * I, 1, W * I, I};
+    auto mem = [&](size_t k) {  // logical index -> memory offset under `strides`
+        const int64_t kk = static_cast<int64_t>(k);
+        const int64_t w = kk % W, h = (kk / W) % H, i = (kk / (W * H)) % I, o = kk / (W * H * I);
+        return static_cast<size_t>(o * strides[0] + i * strides[1] + h * strides[2] +
+                                   w * strides[3]);
+    };
+    std::vector<float> contiguous(n), cl(n);
+    for (size_t k = 0; k < n; ++k) contiguous[k] = cl[mem(k)] = 0.1f * float(k % 7) - 0.3f;
+    lomo::Optimizer a(LOMO_ALGORITHM_ADALOMO), b(LOMO_ALGORITHM_ADALOMO);
+    const uint32_t ia = a.register_param("w", contiguous.data(), {O, I, H, W});
+    const uint32_t ib = b.register_param("w", cl.data(), {O, I, H, W});
+    expect(status_of([&] { b.set_strides(ib, {H * W * I * 2, 1, W * I, I}); }) ==
+               LOMO_STATUS_INVALID_ARGUMENT,
+           "a layout with a gap is refused");
+    b.set_strides(ib, strides);
+    for (int step = 0; step < 3; ++step) {
+        std::vector<float> ga(n), gb(n);
+        for (size_t k = 0; k < n; ++k) {
+            ga[k] = gb[mem(k)] = a.loss_scale() * 0.01f * float((k * 5 + size_t(step)) % 11);
+        }
+        for (auto *o : {&a, &b}) {
+            lomo::PhaseScope update(*o, LOMO_PHASE_UPDATE, 0.01f);
+            o->submit(o == &a ? ia : ib, (o == &a ? ga : gb).data(), n);
+            update.end();
+        }
+    }
+    bool same = true;
+    for (size_t k = 0; k < n; ++k) same = same && std::memcmp(&contiguous[k], &cl[mem(k)], 4) == 0;
+    expect(same, "channels_last AdaLomo equals the contiguous run bit for bit");
+    expect(a.state() == b.state(), "and so does its state");
+}
+
 }  // namespace
 
 int main() {
@@ -176,6 +214,7 @@ int main() {
         (void)lomo::cuda_available();  // a probe: true or false, never throws
         lomo_sgd_step();
         adalomo_state_and_memory();
+        adalomo_channels_last();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         return 2;
