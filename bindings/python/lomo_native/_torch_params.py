@@ -51,31 +51,41 @@ def registered_layout(name: str, p: torch.Tensor, algorithm: str):
 
     LOMO is elementwise, so any dense non-overlapping parameter is registered in memory order and
     gives the contiguous result. AdaLomo's statistics are defined on the logical view
-    ``[prod(shape[:-1]), shape[-1]]``; a memory order that keeps the last dimension innermost
-    only permutes its rows, and a transposed matrix swaps rows and columns (the factored
-    estimate is symmetric in them), so both are registered in memory order and give the
-    contiguous result up to the order of f32 sums. Other orders (channels_last convolution
-    weights) are given to the library with their strides: it steps on logical-order copies and
-    writes the parameter back in place, bit for bit the contiguous result (CPU only: refused
-    on CUDA here, before anything is registered)."""
+    ``[prod(shape[:-1]), shape[-1]]``: on the CPU every non-contiguous parameter is given to the
+    library with its strides, which steps on logical-order copies and writes the parameter back
+    in place — bit for bit the contiguous result, with the state (and checkpoints) of the
+    contiguous parameter. On CUDA (strides not supported there yet) a memory order that keeps
+    the last dimension innermost only permutes the rows, and a transposed matrix swaps rows and
+    columns (the factored estimate is symmetric in them): both are registered in memory order
+    (the contiguous result up to the order of f32 sums; the state is kept in that order, see
+    :func:`state_order`); other orders (channels_last convolution weights) are refused."""
     perm = memory_order(p)
     if perm is None:
         return None, tuple(p.shape)
     shape = tuple(p.shape[d] for d in perm)
     if algorithm == "adalomo":
+        if p.device.type == "cpu":
+            return STRIDES, tuple(p.shape)
         n = p.dim()
         real = [d for d in perm if p.size(d) != 1]
         transposed = len(real) == 2 and real[0] == n - 1
         if not (perm[-1] == n - 1 or transposed):
-            if p.device.type != "cpu":
-                raise ValueError(
-                    f"{name}: AdaLomo factors the last dimension of a parameter, but in this "
-                    f"layout (shape {tuple(p.shape)}, strides {p.stride()}) it is not "
-                    "innermost; the library steps such layouts on the CPU only so far; make it "
-                    "contiguous before building the optimizer (e.g. "
-                    "module.to(memory_format=torch.contiguous_format)), or use Lomo")
-            return STRIDES, tuple(p.shape)
+            raise ValueError(
+                f"{name}: AdaLomo factors the last dimension of a parameter, but in this "
+                f"layout (shape {tuple(p.shape)}, strides {p.stride()}) it is not "
+                "innermost; the library steps such layouts on the CPU only so far; make it "
+                "contiguous before building the optimizer (e.g. "
+                "module.to(memory_format=torch.contiguous_format)), or use Lomo")
     return perm, shape
+
+
+def state_order(perm):
+    """The order the library keeps a parameter's AdaLomo state in: None for the logical order
+    (contiguous and :data:`STRIDES` registrations), else the memory-order permutation (CUDA
+    registrations of permuted parameters), whose state is not interchangeable with the
+    logical one even when the shapes agree (a square transposed matrix swaps rows and
+    columns)."""
+    return None if perm is None or perm is STRIDES else tuple(perm)
 
 
 class Entry:

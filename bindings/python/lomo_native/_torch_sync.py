@@ -161,6 +161,12 @@ class ModelSync:
             if p is None:
                 raise RuntimeError(f"'{e.name}' no longer exists and was not replaced")
             layouts[e.name] = (p, self._check_param(e.name, p))
+            order = TP.state_order(layouts[e.name][1][1])
+            if self._ALGORITHM == "adalomo" and order != TP.state_order(e.perm):
+                raise ValueError(
+                    f"'{e.name}' changed its memory layout (strides {p.stride()}) on a device "
+                    "where the library keeps its AdaLomo state in memory order: the state "
+                    "cannot follow; restore the layout, or build a new optimizer")
         state = self._native.state_bytes() if self._native.supports_state() else None
         cfg = {k: v for k, v in self._native.config.items() if k not in ("struct_size",
                                                                          "algorithm")}

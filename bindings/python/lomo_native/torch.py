@@ -380,6 +380,8 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
             "native": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else
             torch.empty(0, dtype=torch.uint8),
             "param_names": list(self._param_names),
+            # AdaLomo state kept in memory order (CUDA permuted registrations): None = logical
+            "state_orders": {e.name: TP.state_order(e.perm) for e in self._entries.values()},
             "groups": [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
                         "lr": g["lr"]} for g in self.param_groups],
             "lr": self.lr,
@@ -397,6 +399,14 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
             raise ValueError("the state dict was saved for different parameters")
         if len(state_dict["groups"]) != len(self.param_groups):
             raise ValueError("the state dict has a different number of parameter groups")
+        orders = state_dict.get("state_orders")
+        if orders is not None and self._ALGORITHM == "adalomo":
+            for e in self._entries.values():
+                if orders.get(e.name) != TP.state_order(e.perm):
+                    raise ValueError(
+                        f"'{e.name}': the state dict keeps its AdaLomo state in another memory "
+                        "order than this optimizer (a permuted CUDA parameter on one side): "
+                        "give the parameter the same layout on both sides")
         if self._phase is not None or self._norm_pending:
             raise RuntimeError("load_state_dict() must be called between steps")
         if not self._native.supports_state():

@@ -145,3 +145,58 @@ def test_numpy_level_non_contiguous_arrays_equal_the_contiguous_run():
     assert not np.array_equal(wa, w)
     with pytest.raises(ValueError, match="dense"):
         core.Optimizer("adalomo").register_array("g", np.zeros((4, 6), np.float32)[:, ::2])
+
+
+class Square(torch.nn.Module):
+    """A square matrix, stored transposed or not, and a rows-permuted 3-D tensor; gradients
+    formed elementwise (the same bits in any layout)."""
+
+    def __init__(self, permuted):
+        super().__init__()
+        torch.manual_seed(13)
+        m, t = torch.randn(6, 6), torch.randn(4, 5, 3)
+        self.m = torch.nn.Parameter(m.t().contiguous().t() if permuted else m)
+        self.t = torch.nn.Parameter(t.transpose(0, 1).contiguous().transpose(0, 1) if permuted
+                                    else t)
+        c = torch.randn(6, 6)
+        c[:, 1] = 0
+        self.register_buffer("c", c)
+
+    def forward(self, s):
+        return (self.m * self.c * s).sum() + (self.t * self.t).sum() * s
+
+
+def test_adalomo_transposed_and_permuted_cpu_parameters_equal_contiguous_and_share_checkpoints():
+    models = [Square(False), Square(True)]
+    assert not models[1].m.is_contiguous() and not models[1].t.is_contiguous()
+    opts = [AdaLomo(m, lr=0.05) for m in models]
+    assert all(opts[1]._entries[n].perm is TP.STRIDES for n in ("m", "t"))
+    for step in range(4):
+        if step == 2:
+            # the permuted model's state continues the contiguous one's: logical order both
+            opts[1].load_state_dict(opts[0].state_dict())
+            with torch.no_grad():
+                models[1].m.copy_(models[0].m)
+                models[1].t.copy_(models[0].t)
+        for m, o in zip(models, opts):
+            o.fused_backward(m(1.0 + step), 0.05)
+        assert torch.equal(models[0].m, models[1].m) and torch.equal(models[0].t, models[1].t)
+    assert not models[1].m.is_contiguous()
+
+
+def test_a_layout_changed_after_construction_is_followed_with_the_state():
+    models = [Elementwise(False), Elementwise(False)]
+    opts = [AdaLomo(m, lr=0.05) for m in models]
+    for step in range(4):
+        if step == 2:
+            models[1].to(memory_format=torch.channels_last)  # .data replaced: re-registered
+            assert not models[1].w.is_contiguous()
+        for m, o in zip(models, opts):
+            o.fused_backward(m(1.0 + step), 0.05)
+        assert torch.equal(models[0].w, models[1].w), step
+    assert opts[1]._entries["w"].perm is TP.STRIDES
+
+
+def test_state_order():
+    assert TP.state_order(None) is None and TP.state_order(TP.STRIDES) is None
+    assert TP.state_order([1, 0]) == (1, 0)
