@@ -574,7 +574,8 @@ typedef struct lomo_param_desc {
    */
   const char *name;
   /**
-   * The parameter's elements, contiguous, row-major, aligned to the element size; host memory
+   * The parameter's elements, contiguous, row-major (or in the dense layout declared
+   * afterwards with `lomo_param_set_strides`), aligned to the element size; host memory
    * for `LOMO_DEVICE_CPU`, device memory otherwise. Borrowed: it must stay valid, and must not
    * move, until the optimizer is freed. May be NULL only when the shape has no elements.
    */

@@ -183,7 +183,8 @@ pub struct lomo_param_desc {
     pub struct_size: usize,
     /// Unique, non-empty, NUL-terminated name (copied). Checkpoints store state under it.
     pub name: *const std::ffi::c_char,
-    /// The parameter's elements, contiguous, row-major, aligned to the element size; host memory
+    /// The parameter's elements, contiguous, row-major (or in the dense layout declared
+    /// afterwards with `lomo_param_set_strides`), aligned to the element size; host memory
     /// for `LOMO_DEVICE_CPU`, device memory otherwise. Borrowed: it must stay valid, and must not
     /// move, until the optimizer is freed. May be NULL only when the shape has no elements.
     pub data: *mut std::ffi::c_void,
