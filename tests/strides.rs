@@ -257,3 +257,21 @@ fn adalomo_pieces_and_strided_layouts_refuse_each_other() {
     let e = shard(&opt, b, LOMO_LAYOUT_FULL, &shape, 0, LOMO_COMM_NONE, 0).unwrap_err();
     assert_eq!(e.status, Status::Unsupported as u32, "{}", e.message);
 }
+
+#[test]
+fn an_allocation_failure_in_set_strides_leaves_the_parameter_as_it_was() {
+    let opt = Opt::new(&config(1)).unwrap();
+    let mut w = Buf::new(F32, &[0.5; 360]);
+    let id = opt.register("w", w.ptr(), F32, &[6, 5, 3, 4], 0).unwrap();
+    let before = workspace(&opt);
+    for n in 0..2 {
+        lomo::alloc::fail_after(Some(n));
+        let e = set_strides(&opt, id, &[60, 1, 20, 5]).unwrap_err();
+        lomo::alloc::fail_after(None);
+        assert_eq!(e.status, Status::OutOfMemory as u32, "{}", e.message);
+        assert!(e.message.contains("'w'"), "{}", e.message);
+        assert_eq!(workspace(&opt), before);
+    }
+    set_strides(&opt, id, &[60, 1, 20, 5]).unwrap();
+    assert!(workspace(&opt) > before);
+}
