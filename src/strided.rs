@@ -142,7 +142,9 @@ impl Strided {
         let rank = self.shape.len();
         let (n, s) = (self.shape[rank - 1], self.strides[rank - 1]);
         let outer = &self.shape[..rank - 1];
-        let mut idx = vec![0usize; outer.len()];
+        // The outer multi-index on the stack (rank <= 32, `Param::new`): a step allocates nothing.
+        let mut idx_buf = [0usize; 32];
+        let idx = &mut idx_buf[..outer.len()];
         let mut logical = 0usize;
         let (from, to) = (from as *const T, to as *mut T);
         loop {

@@ -105,6 +105,11 @@ fn steps_do_not_allocate() {
             }
             opt.dist_set(Some(c), 1).unwrap();
         }
+        if !pieces {
+            // The matrix stored transposed (lomo_param_set_strides): AdaLomo's logical-order
+            // copies live in scratch allocated here, not in the steps.
+            opt.param_set_strides(ids[0], &[1, 512]).unwrap();
+        }
         let step = |opt: &mut Optimizer| {
             for phase in [Phase::Norm, Phase::Update] {
                 opt.begin(phase, 1e-3).unwrap();
