@@ -200,3 +200,28 @@ def test_a_layout_changed_after_construction_is_followed_with_the_state():
 def test_state_order():
     assert TP.state_order(None) is None and TP.state_order(TP.STRIDES) is None
     assert TP.state_order([1, 0]) == (1, 0)
+
+
+def test_memory_order_state_refuses_a_checkpoint_of_another_order(monkeypatch):
+    # The CUDA registration of a transposed AdaLomo matrix (memory order), simulated on the
+    # CPU: its state is not the contiguous one's, so exchanging checkpoints raises, and so does
+    # a layout change after construction, each before anything changes.
+    def cuda_like(name, p, algorithm):
+        perm = TP.memory_order(p)
+        return (None, tuple(p.shape)) if perm is None else (perm, tuple(p.shape[d] for d in perm))
+
+    monkeypatch.setattr(TP, "registered_layout", cuda_like)
+    models = [Square(False), Square(True)]
+    opts = [AdaLomo(m, lr=0.05) for m in models]
+    assert opts[1]._entries["m"].perm == [1, 0]
+    for m, o in zip(models, opts):
+        o.fused_backward(m(1.0), 0.05)
+    before = [p.detach().clone() for p in models[1].parameters()]
+    with pytest.raises(ValueError, match="'m'.*memory order"):
+        opts[1].load_state_dict(opts[0].state_dict())
+    with pytest.raises(ValueError, match="'m'.*memory order"):
+        opts[0].load_state_dict(opts[1].state_dict())
+    models[1].m.data = models[1].m.detach().contiguous()
+    with pytest.raises(ValueError, match="'m' changed its memory layout"):
+        opts[1].fused_backward(models[1](2.0), 0.05)
+    assert all(torch.equal(p, q) for p, q in zip(models[1].parameters(), before))
