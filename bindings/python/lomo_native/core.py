@@ -289,7 +289,8 @@ class Optimizer:
         strides = self._strides.get(param_id)
         if strides is None:
             return np.ascontiguousarray(grad), code
-        if grad.size == 0 or tuple(st // grad.itemsize for st in grad.strides) == strides:
+        if grad.size == 0 or (all(st % grad.itemsize == 0 for st in grad.strides) and
+                              tuple(st // grad.itemsize for st in grad.strides) == strides):
             return grad, code
         # The parameter's layout (lomo_param_set_strides): a copy of the gradient laid out so.
         out = np.lib.stride_tricks.as_strided(
