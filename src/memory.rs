@@ -74,8 +74,10 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
                     .ada
                     .as_ref()
                     .map_or((0, 0), |a| (a.state.bytes() as u64, a.ws.bytes() as u64));
-                // A piece's statistics record (lomo_param_set_shard) is workspace too.
-                (state, ws + 8 * inner.dist_rec.len() as u64)
+                // A piece's statistics record (lomo_param_set_shard) and the gradient
+                // accumulation buffer (lomo_accum_enable) are workspace too.
+                let accum = inner.accum.as_ref().map_or(0, |a| a.bytes());
+                (state, ws + 8 * inner.dist_rec.len() as u64 + accum)
             }
         };
         let m = DeviceMemory {

@@ -79,6 +79,8 @@ pub struct ParamInner {
     /// A piece's partial statistics, all-reduced over its group (sized by
     /// `lomo_param_set_shard`, so steps allocate nothing; empty for a whole tensor).
     pub dist_rec: Vec<f64>,
+    /// Gradient accumulation buffer (`lomo_accum_enable`), when accumulation is on.
+    pub accum: Option<crate::optimizer::AccumBuf>,
 }
 
 /// One registered parameter.
@@ -212,6 +214,7 @@ impl Param {
                 finite: true,
                 ada,
                 dist_rec: Vec::new(),
+                accum: None,
             }),
         })
     }
