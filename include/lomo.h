@@ -713,7 +713,8 @@ typedef struct lomo_device_memory {
    */
   uint64_t state_bytes;
   /**
-   * Scratch memory owned by the library on this device, allocated at registration.
+   * Scratch memory owned by the library on this device, allocated at registration (and the
+   * gradient accumulation buffers of `lomo_accum_enable`).
    */
   uint64_t workspace_bytes;
   /**
@@ -750,7 +751,7 @@ typedef struct lomo_memory_stats {
    */
   uint64_t state_bytes;
   /**
-   * Scratch memory owned by the library, all devices.
+   * Scratch memory owned by the library, all devices (accumulation buffers included).
    */
   uint64_t workspace_bytes;
   /**
@@ -773,9 +774,12 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Turns gradient accumulation on: every parameter (registered now or later) gets a host buffer
- * of its element count in f32 (`buffer` = `LOMO_ACCUM_F32`, 4 bytes per element) or in its own
- * dtype (`LOMO_ACCUM_PARAM_DTYPE`); `reduction` is `LOMO_ACCUM_SUM` or `LOMO_ACCUM_MEAN`.
+ * Turns gradient accumulation on: every parameter (registered now or later) gets a buffer of
+ * its element count in f32 (`buffer` = `LOMO_ACCUM_F32`, 4 bytes per element) or in its own
+ * dtype (`LOMO_ACCUM_PARAM_DTYPE`), in the parameter's memory (host memory for CPU
+ * parameters, device memory of their device for CUDA parameters, where every accumulation
+ * pass is a kernel enqueued on the submission's stream: no host synchronization);
+ * `reduction` is `LOMO_ACCUM_SUM` or `LOMO_ACCUM_MEAN`.
  * Calling it again changes the options (the buffers are reallocated when their dtype changes).
  *
  * A step over k micro-batches is then k − 1 phases `lomo_step_begin(LOMO_PHASE_ACCUMULATE)` …
@@ -797,8 +801,10 @@ extern "C" {
  *
  * Fails, with nothing changed, with `LOMO_STATUS_PHASE_ERROR` during a step or while
  * accumulated gradients are pending, `LOMO_STATUS_INVALID_ARGUMENT` for unknown values,
- * `LOMO_STATUS_UNSUPPORTED` for CUDA parameters or distributed optimizers (not implemented
- * yet), `LOMO_STATUS_OUT_OF_MEMORY`. Not thread-safe with other calls on `opt`.
+ * `LOMO_STATUS_UNSUPPORTED` for distributed optimizers (`lomo_dist_set`,
+ * `lomo_param_set_shard`: not implemented yet; also refused at `lomo_step_begin` when they are
+ * set up later), `LOMO_STATUS_OUT_OF_MEMORY` (host or device). Not thread-safe with other
+ * calls on `opt`.
  *
  * # Safety
  * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
@@ -821,7 +827,8 @@ lomo_status lomo_accum_disable(struct lomo_optimizer *opt);
 /**
  * Writes the number of ACCUMULATE phases completed in the current step (micro-batches whose
  * gradients wait in the buffers) to `*out_pending`, and the bytes of all accumulation buffers
- * (host memory; 0 when accumulation is off) to `*out_bytes`. Both must not be NULL; written
+ * (host or device memory, where the parameters are; 0 when accumulation is off) to
+ * `*out_bytes`. Never synchronizes. Both must not be NULL; written
  * only on success. Not thread-safe with other calls on `opt` except `lomo_grad_submit`.
  *
  * # Safety

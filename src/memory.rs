@@ -31,7 +31,8 @@ pub struct DeviceMemory {
     pub param_bytes: u64,
     /// Optimizer state owned by the library (AdaLomo's second-moment estimates).
     pub state_bytes: u64,
-    /// Scratch memory owned by the library, sized at registration.
+    /// Scratch memory owned by the library, sized at registration, and the gradient
+    /// accumulation buffers (`lomo_accum_enable`).
     pub workspace_bytes: u64,
     /// What AdamW would need for the same parameters ([`adamw_bytes`]).
     pub adamw_bytes: u64,
@@ -66,6 +67,8 @@ fn device_key(d: Device) -> i64 {
 pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
     let mut stats = MemoryStats::default();
     for (id, p) in opt.params().iter().enumerate() {
+        // The gradient accumulation buffer (lomo_accum_enable) is workspace, on any device.
+        let accum = p.inner.lock().accum.as_ref().map_or(0, |a| a.bytes());
         let (state, ws) = match (p.device, opt.cuda()) {
             (Device::Cuda(_), Some(side)) => side.param_memory(id as u32),
             _ => {
@@ -74,10 +77,8 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
                     .ada
                     .as_ref()
                     .map_or((0, 0), |a| (a.state.bytes() as u64, a.ws.bytes() as u64));
-                // A piece's statistics record (lomo_param_set_shard) and the gradient
-                // accumulation buffer (lomo_accum_enable) are workspace too.
-                let accum = inner.accum.as_ref().map_or(0, |a| a.bytes());
-                (state, ws + 8 * inner.dist_rec.len() as u64 + accum)
+                // A piece's statistics record (lomo_param_set_shard) is workspace too.
+                (state, ws + 8 * inner.dist_rec.len() as u64)
             }
         };
         let m = DeviceMemory {
@@ -85,7 +86,7 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
             elements: p.numel() as u64,
             param_bytes: p.buf.bytes() as u64,
             state_bytes: state,
-            workspace_bytes: ws,
+            workspace_bytes: ws + accum,
             adamw_bytes: adamw_bytes(p.numel(), p.buf.dtype),
         };
         add(&mut stats, p.device, &m);

@@ -20,10 +20,14 @@
 //! non-finite value in any micro-batch propagates into the buffer, so the step overflows as a
 //! whole. A step without ACCUMULATE phases (k = 1) does not touch the buffers.
 //!
-//! Buffers are never saved: checkpoints are refused while accumulated gradients are pending.
-//! CPU parameters only for now; distributed optimizers are refused.
+//! Buffers live where the parameters do (host memory, or device memory of the parameters' CUDA
+//! device, where every pass is enqueued on the caller's stream). They are never saved:
+//! checkpoints are refused while accumulated gradients are pending. Distributed optimizers are
+//! refused for now.
 
 use super::{Optimizer, Phase, StepState};
+use crate::backend::cuda::accum::DevBuf;
+use crate::backend::cuda::side::CudaSide;
 use crate::backend::{AccumOp, RawBuf};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
@@ -70,6 +74,8 @@ impl AccumSettings {
 enum Store {
     F32(Vec<f32>),
     Half(Vec<u16>, DType),
+    /// Device memory of a CUDA parameter's device.
+    Device(DevBuf, DType, usize),
 }
 
 /// One parameter's accumulation buffer.
@@ -97,10 +103,26 @@ impl AccumBuf {
         })
     }
 
+    /// A buffer in device memory of `side`'s device (contents unspecified: the first pass of
+    /// a step never reads them).
+    pub fn on_device(side: &CudaSide, numel: usize, dtype: DType) -> Result<AccumBuf> {
+        let buf = side.alloc_buffer(numel * dtype.size())?;
+        Ok(AccumBuf {
+            store: Store::Device(buf, dtype, numel),
+            pending: false,
+            complete: false,
+        })
+    }
+
     /// The buffer as the passes address it. Writes through it need the parameter's lock (held
     /// by the caller, who has `&mut self`).
     pub fn raw(&mut self) -> RawBuf {
         match &mut self.store {
+            Store::Device(b, d, n) => RawBuf {
+                addr: b.ptr as usize,
+                dtype: *d,
+                numel: *n,
+            },
             Store::F32(v) => RawBuf {
                 addr: v.as_mut_ptr() as usize,
                 dtype: DType::F32,
@@ -118,32 +140,45 @@ impl AccumBuf {
         match &self.store {
             Store::F32(v) => 4 * v.len() as u64,
             Store::Half(v, _) => 2 * v.len() as u64,
+            Store::Device(b, _, _) => b.bytes as u64,
         }
     }
 }
 
+/// The buffer of a parameter registered while accumulation is `settings` (None: off): in host
+/// memory, or on `side`'s device for a CUDA parameter.
+pub(super) fn buffer_for(
+    settings: Option<AccumSettings>,
+    side: Option<&CudaSide>,
+    numel: usize,
+    dtype: DType,
+) -> Result<Option<AccumBuf>> {
+    let Some(s) = settings else {
+        return Ok(None);
+    };
+    let dtype = s.dtype_for(dtype);
+    Ok(Some(match side {
+        Some(side) => AccumBuf::on_device(side, numel, dtype)?,
+        None => AccumBuf::new(numel, dtype)?,
+    }))
+}
+
 impl Optimizer {
     /// Turns gradient accumulation on (or changes its options): allocates a buffer for every
-    /// registered parameter (and, from now on, for each one registered later). Only between
-    /// steps with no accumulated gradients pending; CPU parameters only; not for distributed
-    /// optimizers. On failure (out of memory included) nothing changes.
+    /// registered parameter (and, from now on, for each one registered later), where the
+    /// parameter lives. Only between steps with no accumulated gradients pending; not for
+    /// distributed optimizers. On failure (out of memory included) nothing changes.
     pub fn accum_enable(&mut self, settings: AccumSettings) -> Result<()> {
         self.accum_check_idle("lomo_accum_enable")?;
         self.accum_check_supported()?;
-        if let Some(p) = self.params.iter().find(|p| p.device != Device::Cpu) {
-            bail!(
-                Unsupported,
-                "parameter '{}' is on CUDA: gradient accumulation buffers are implemented for CPU \
-                 parameters only so far",
-                p.name
-            );
-        }
         let same_dtypes = self.accum.is_some_and(|a| a.buffer == settings.buffer);
         if !same_dtypes {
             // Every buffer first, then the swap: a failed allocation changes nothing.
             let mut bufs = crate::alloc::with_capacity(self.params.len(), "accumulation")?;
             for p in &self.params {
-                bufs.push(AccumBuf::new(p.numel(), settings.dtype_for(p.buf.dtype))?);
+                let side = self.cuda.as_ref().filter(|_| p.device != Device::Cpu);
+                let b = buffer_for(Some(settings), side, p.numel(), p.buf.dtype)?;
+                bufs.extend(b);
             }
             for (p, b) in self.params.iter().zip(bufs) {
                 p.inner.lock().accum = Some(b);
@@ -219,29 +254,31 @@ impl Optimizer {
         Ok(())
     }
 
-    /// The buffer of a parameter registered now (accumulation on), or None.
-    pub(super) fn accum_buf_for(
+    /// One accumulation pass on this optimizer's backend (CUDA: on `stream`).
+    fn accum_pass(
         &self,
-        name: &str,
-        device: Device,
-        numel: usize,
-        dtype: DType,
-    ) -> Result<Option<AccumBuf>> {
-        let Some(settings) = self.accum else {
-            return Ok(None);
-        };
-        if device != Device::Cpu {
-            bail!(
-                Unsupported,
-                "parameter '{name}' is on CUDA, but gradient accumulation is on \
-                 (lomo_accum_enable), which is implemented for CPU parameters only so far"
-            );
+        acc: &RawBuf,
+        g: Option<&RawBuf>,
+        op: &AccumOp,
+        stream: usize,
+    ) -> Result<()> {
+        match &self.cuda {
+            Some(side) => orchestrate::accumulate(&side.step(stream), acc, g, op),
+            None => orchestrate::accumulate(&self.cpu_step(self.state), acc, g, op),
         }
-        Ok(Some(AccumBuf::new(numel, settings.dtype_for(dtype))?))
     }
 
-    /// ACCUMULATE phase: adds the gradient `g` to the parameter's buffer.
-    pub(super) fn accum_add(&self, inner: &mut ParamInner, g: &RawBuf) -> Result<()> {
+    /// ACCUMULATE phase: adds the gradient `g` of parameter `id` to its buffer.
+    pub(super) fn accum_add(
+        &self,
+        id: u32,
+        inner: &mut ParamInner,
+        g: &RawBuf,
+        stream: usize,
+    ) -> Result<()> {
+        if let Some(side) = &self.cuda {
+            side.tensor(id, g)?; // the gradient is device memory of the parameter's size
+        }
         let Some(acc) = inner.accum.as_mut() else {
             bail!(PhaseError, "the parameter has no accumulation buffer");
         };
@@ -249,7 +286,7 @@ impl Optimizer {
             keep: acc.pending,
             factor: 1.0,
         };
-        orchestrate::accumulate(&self.cpu_step(self.state), &acc.raw(), Some(g), &op)?;
+        self.accum_pass(&acc.raw(), Some(g), &op, stream)?;
         acc.pending = true;
         Ok(())
     }
@@ -257,7 +294,13 @@ impl Optimizer {
     /// NORM/UPDATE phase: the gradient the passes read — `g` itself in a step without
     /// ACCUMULATE phases, else the completed buffer (completed here on first use). `g` is None
     /// for a parameter run from its buffer alone at the phase's end.
-    pub(super) fn accum_grad(&self, inner: &mut ParamInner, g: Option<RawBuf>) -> Result<RawBuf> {
+    pub(super) fn accum_grad(
+        &self,
+        id: u32,
+        inner: &mut ParamInner,
+        g: Option<RawBuf>,
+        stream: usize,
+    ) -> Result<RawBuf> {
         let acc = match inner.accum.as_mut() {
             Some(acc) if self.accum_micro > 0 => acc,
             _ => match g {
@@ -280,7 +323,10 @@ impl Optimizer {
             keep: acc.pending,
             factor,
         };
-        orchestrate::accumulate(&self.cpu_step(self.state), &acc.raw(), g.as_ref(), &op)?;
+        if let (Some(side), Some(g)) = (&self.cuda, &g) {
+            side.tensor(id, g)?; // checked before anything is enqueued
+        }
+        self.accum_pass(&acc.raw(), g.as_ref(), &op, stream)?;
         acc.pending = true;
         acc.complete = true;
         Ok(acc.raw())

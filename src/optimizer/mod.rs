@@ -297,8 +297,10 @@ impl Optimizer {
             .try_reserve(1)
             .map_err(|_| crate::alloc::out_of_memory(64, "the parameter registry"))?;
         let mut param = Param::new(desc, self.config.algorithm)?;
-        param.inner.get_mut().accum =
-            self.accum_buf_for(desc.name, desc.device, param.numel(), desc.dtype)?;
+        let (accum, numel) = (self.accum, param.numel());
+        if desc.device == Device::Cpu {
+            param.inner.get_mut().accum = accum::buffer_for(accum, None, numel, desc.dtype)?;
+        }
         let id = self.params.len() as u32;
         if let Device::Cuda(n) = desc.device {
             let mut created = None;
@@ -317,6 +319,7 @@ impl Optimizer {
                     param.factored,
                 ),
             };
+            param.inner.get_mut().accum = accum::buffer_for(accum, Some(side), numel, desc.dtype)?;
             side.register(n, &spec)?;
             if created.is_some() {
                 self.cuda = created;

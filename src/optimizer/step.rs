@@ -108,7 +108,7 @@ impl Optimizer {
         }
         let pass = match (self.state, grad) {
             (StepState::Accumulate, Some(g)) => {
-                self.accum_add(&mut inner, &g)?;
+                self.accum_add(id, &mut inner, &g, stream)?;
                 inner.epoch = self.epoch;
                 return Ok(());
             }
@@ -129,7 +129,7 @@ impl Optimizer {
                 "no phase is active: call lomo_step_begin before submitting gradients"
             ),
         };
-        let grad = self.accum_grad(&mut inner, grad)?;
+        let grad = self.accum_grad(id, &mut inner, grad, stream)?;
         let algorithm = self.config.algorithm;
         if let Some(side) = &self.cuda {
             let mut t = side.tensor(id, &grad)?;

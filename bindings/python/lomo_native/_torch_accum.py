@@ -15,8 +15,8 @@ or ``"param"`` (the parameter's dtype: 2 bytes for bf16/fp16; every partial sum 
 it), counted in ``memory_stats()["workspace_bytes"]``. That is what the non-fused path
 (``backward()`` + ``step()``) costs too (a ``.grad`` per parameter, in its dtype) — but here the
 gradients never pile up during the backward, the update keeps the fused path's per-parameter
-timing, and the buffer can be f32 for bf16 models. CPU parameters only so far (CUDA: the
-non-fused path). With a ``process_group`` each micro-batch's gradient is averaged across the
+timing, and the buffer can be f32 for bf16 models. The buffers live on the parameters'
+device (CUDA: device memory, every pass on the current stream). With a ``process_group`` each micro-batch's gradient is averaged across the
 ranks as it is accumulated (one all-reduce per micro-batch, as DDP without ``no_sync``).
 """
 
@@ -50,9 +50,6 @@ class Accumulation:
         if self._micro or self._phase is not None or self._norm_pending:
             raise RuntimeError("set_accumulation() must be called between steps")
         if steps > 1:
-            if self._cuda_devices:
-                raise ValueError("accumulation_steps > 1 is implemented for CPU parameters "
-                                 "only so far (use the non-fused path: backward() + step())")
             self._native.accum_enable(buffer, reduction)
         else:
             self._native.accum_disable()

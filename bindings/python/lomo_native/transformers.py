@@ -32,8 +32,7 @@ What ``LomoTrainer`` honours (tested with transformers 5.x against hand-written 
   optimizer's accumulation buffers inside the backward, the step's last one applies the update
   (with the clipping norm of the accumulated gradients): equal to one step on the concatenated
   micro-batches. The buffers cost 4 bytes per parameter element (``f32``), or 2 for bf16/fp16
-  models with ``lomo_kwargs={"accumulation_buffer": "param"}``. CUDA models use the non-fused path (``backward()`` + ``step()``, the gradients kept
-  in ``.grad`` for the whole step) instead.
+  models with ``lomo_kwargs={"accumulation_buffer": "param"}``.
 
 Not supported (refused at construction): DeepSpeed, FSDP, several GPUs in one process
 (``DataParallel``), optimizers that are not lomo_native's.
@@ -81,8 +80,7 @@ def lomo_optimizer_cls_and_kwargs(args, model, fused: bool = False, **extra):
         kwargs["no_decay"] = lambda name, p, module: name not in decay
     if fused and args.max_grad_norm and args.max_grad_norm > 0:
         kwargs["clip_grad_norm"] = float(args.max_grad_norm)
-    if fused and args.gradient_accumulation_steps > 1 and \
-            not any(p.is_cuda for p in model.parameters()):
+    if fused and args.gradient_accumulation_steps > 1:
         kwargs["accumulation_steps"] = int(args.gradient_accumulation_steps)
     kwargs.update(extra)
     return ALGORITHMS[algorithm], kwargs
@@ -160,25 +158,16 @@ class LomoTrainer(transformers.Trainer):
         if not scaled_for_ga:
             loss = loss / self.current_gradient_accumulation_steps
         ga = self.args.gradient_accumulation_steps
-        if ga > 1 and opt.accumulation_steps == 1 and not opt._cuda_devices:
-            opt.set_accumulation(ga)  # an optimizer passed in: buffers in the library
         if ga > 1 and opt.accumulation_steps == 1:
-            # non-fused: accumulate in .grad, apply on the last micro-batch of the step
-            opt.scale_loss(loss).backward()
-            if self.accelerator.gradient_state.sync_gradients:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                self._after_update(opt)
-        else:
-            # fused; with accumulation the Trainer says which micro-batch ends the step (an
-            # epoch's last step may have fewer)
-            accumulate = not self.accelerator.gradient_state.sync_gradients
-            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-                opt.grad_norm(loss, accumulate=accumulate)
-            # lr: param_groups, where the scheduler writes it
-            opt.fused_backward(loss, accumulate=accumulate)
-            if not accumulate:
-                self._after_update(opt)
+            opt.set_accumulation(ga)  # an optimizer passed in: buffers in the library
+        # with accumulation the Trainer says which micro-batch ends the step (an epoch's last
+        # step may have fewer)
+        accumulate = not self.accelerator.gradient_state.sync_gradients
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            opt.grad_norm(loss, accumulate=accumulate)
+        opt.fused_backward(loss, accumulate=accumulate)  # lr: param_groups (the scheduler's)
+        if not accumulate:
+            self._after_update(opt)
         return loss.detach()
 
     def _after_update(self, opt):
