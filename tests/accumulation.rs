@@ -474,3 +474,37 @@ fn refusals_change_nothing() {
     let s = unsafe { lomo_accum_get(opt.0, std::ptr::null_mut(), std::ptr::null_mut()) };
     assert_eq!(s as u32, 1);
 }
+
+#[test]
+fn out_of_memory_at_enable_changes_nothing() {
+    // Every allocation of lomo_accum_enable (the buffer list, then one buffer per parameter)
+    // fails in turn: OUT_OF_MEMORY, no buffer, and a plain step still works.
+    for k in 0..4 {
+        let opt = lomo_opt(0.0, false, 1);
+        let mut p = [Buf::new(F32, &[0.5; 6]), Buf::new(BF16, &[1.0; 3])];
+        opt.register("a", p[0].ptr(), F32, &[2, 3], 0).unwrap();
+        opt.register("b", p[1].ptr(), BF16, &[3], 0).unwrap();
+        let ws = workspace_bytes(&opt);
+        lomo::alloc::fail_after(Some(k));
+        let r = enable(&opt, LOMO_ACCUM_F32, LOMO_ACCUM_SUM);
+        lomo::alloc::fail_after(None);
+        if k >= 3 {
+            r.unwrap(); // 3 allocations in all
+            assert_eq!(accum_get(&opt), (0, 36));
+            continue;
+        }
+        assert_eq!(r.unwrap_err().status, 12, "allocation {k}");
+        assert_eq!(accum_get(&opt), (0, 0));
+        assert_eq!(workspace_bytes(&opt), ws);
+        phase_error_of(opt.begin(ACCUMULATE, 0.0));
+        let mut g = Buf::new(F32, &[1.0; 6]);
+        opt.begin(UPDATE, 0.1).unwrap();
+        opt.submit(0, g.ptr(), F32).unwrap();
+        opt.end().unwrap();
+        assert_eq!(opt.info().step, 1);
+    }
+}
+
+fn phase_error_of(r: Result<(), Failure>) {
+    assert_eq!(r.unwrap_err().status, 3);
+}
