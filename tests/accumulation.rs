@@ -508,3 +508,33 @@ fn out_of_memory_at_enable_changes_nothing() {
 fn phase_error_of(r: Result<(), Failure>) {
     assert_eq!(r.unwrap_err().status, 3);
 }
+
+#[test]
+fn an_f16_buffer_that_overflows_overflows_the_step() {
+    // Two micro-batches of 40000 sum to 80000: beyond f16 (65504) in a parameter-dtype buffer,
+    // so the step reports an overflow and the tensor is left alone; an f32 buffer holds it.
+    for (buffer, overflow) in [(LOMO_ACCUM_PARAM_DTYPE, 1), (LOMO_ACCUM_F32, 0)] {
+        let opt = lomo_opt(0.0, false, 0);
+        let mut p = Buf::new(F16, &[1.0, 2.0]);
+        let id = opt.register("h", p.ptr(), F16, &[2], 0).unwrap();
+        enable(&opt, buffer, LOMO_ACCUM_SUM).unwrap();
+        let mut g = Buf::new(F16, &[40000.0, 0.5]);
+        opt.begin(ACCUMULATE, 0.0).unwrap();
+        opt.submit(id, g.ptr(), F16).unwrap();
+        opt.end().unwrap();
+        opt.begin(UPDATE, 1e-5).unwrap();
+        opt.submit(id, g.ptr(), F16).unwrap();
+        opt.end().unwrap();
+        assert_eq!(opt.info().overflow, overflow, "buffer {buffer}");
+        let want = if overflow == 1 {
+            vec![1.0, 2.0]
+        } else {
+            // p - lr·(g1 + g2) in f32, rounded to f16 once
+            vec![
+                Buf::round(F16, (1.0f64 - 1e-5 * 80000.0) as f32),
+                Buf::round(F16, (2.0f64 - 1e-5) as f32),
+            ]
+        };
+        assert_eq!(p.values(), want, "buffer {buffer}");
+    }
+}
