@@ -8,7 +8,8 @@
 //! is its own master), and a gradient buffer in the parameter's dtype, because its step runs
 //! after backward and needs every gradient at once. For bf16 parameters that is 14 bytes per
 //! element (ZeRO's 2 + 12), for f32 parameters 12. LOMO and AdaLomo need no gradient buffers of
-//! their own (the trainer's gradient lives only until it is submitted), so they are not counted.
+//! their own (the trainer's gradient lives only until it is submitted), so they are not counted;
+//! the opt-in gradient accumulation buffers (`lomo_accum_enable`) are, as workspace.
 
 use crate::dtype::DType;
 use crate::optimizer::Optimizer;
