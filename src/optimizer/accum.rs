@@ -315,7 +315,7 @@ impl Optimizer {
             Some(AccumReduction::Mean) => (1.0 / (self.accum_micro as f64 + 1.0)) as f32,
             _ => 1.0,
         };
-        if let (false, 1.0, Some(g)) = (acc.pending, factor, g) {
+        if let Some(g) = g.filter(|_| !acc.pending && factor == 1.0) {
             // Nothing accumulated and nothing to scale: the gradient as it is.
             return Ok(g);
         }
