@@ -34,6 +34,7 @@ fn build_emulation() {
         "kernels/adalomo.cu",
         "kernels/step.cu",
         "kernels/xla.cu",
+        "kernels/accum.cu",
         "kernels/emu/cuda_emu.hpp",
         "kernels/emu/registry.hpp",
         "kernels/emu/launcher.cpp",

@@ -20,6 +20,28 @@
 
 
 /**
+ * `lomo_accum_enable` buffer: f32 (4 bytes per element).
+ */
+#define LOMO_ACCUM_F32 0
+
+/**
+ * `lomo_accum_enable` buffer: the parameter's own dtype (2 bytes per f16/bf16 element; each
+ * partial sum rounded to it, an f16 sum beyond 65504 overflows the step).
+ */
+#define LOMO_ACCUM_PARAM_DTYPE 1
+
+/**
+ * `lomo_accum_enable` reduction: the sum of the micro-batches' gradients.
+ */
+#define LOMO_ACCUM_SUM 0
+
+/**
+ * `lomo_accum_enable` reduction: the mean over the step's micro-batches (its ACCUMULATE
+ * phases + 1).
+ */
+#define LOMO_ACCUM_MEAN 1
+
+/**
  * No communicator (`lomo_shard_desc.piece_comm`, `.grad_comm`; `lomo_dist_set`'s `norm_comm`).
  */
 #define LOMO_COMM_NONE 4294967295
@@ -275,6 +297,11 @@ enum lomo_phase
    * Gradients update their parameters.
    */
   LOMO_PHASE_UPDATE = 1,
+  /**
+   * Gradients are added into their parameters' accumulation buffers (`lomo_accum_enable`):
+   * a micro-batch before the step's own NORM/UPDATE phases. Nothing is updated.
+   */
+  LOMO_PHASE_ACCUMULATE = 2,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -687,7 +714,8 @@ typedef struct lomo_device_memory {
    */
   uint64_t state_bytes;
   /**
-   * Scratch memory owned by the library on this device, allocated at registration.
+   * Scratch memory owned by the library on this device, allocated at registration (and the
+   * gradient accumulation buffers of `lomo_accum_enable`).
    */
   uint64_t workspace_bytes;
   /**
@@ -724,7 +752,7 @@ typedef struct lomo_memory_stats {
    */
   uint64_t state_bytes;
   /**
-   * Scratch memory owned by the library, all devices.
+   * Scratch memory owned by the library, all devices (accumulation buffers included).
    */
   uint64_t workspace_bytes;
   /**
@@ -745,6 +773,71 @@ typedef struct lomo_memory_stats {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Turns gradient accumulation on: every parameter (registered now or later) gets a buffer of
+ * its element count in f32 (`buffer` = `LOMO_ACCUM_F32`, 4 bytes per element) or in its own
+ * dtype (`LOMO_ACCUM_PARAM_DTYPE`), in the parameter's memory (host memory for CPU
+ * parameters, device memory of their device for CUDA parameters, where every accumulation
+ * pass is a kernel enqueued on the submission's stream: no host synchronization);
+ * `reduction` is `LOMO_ACCUM_SUM` or `LOMO_ACCUM_MEAN`.
+ * Calling it again changes the options (the buffers are reallocated when their dtype changes).
+ *
+ * A step over k micro-batches is then k − 1 phases `lomo_step_begin(LOMO_PHASE_ACCUMULATE)` …
+ * `lomo_grad_submit` … `lomo_step_end` (each gradient is added to its buffer; nothing is
+ * updated), followed by the step's own phases, whose backward is the last micro-batch (NORM
+ * then UPDATE with `clip_grad_norm`, else UPDATE). There each submitted gradient completes its
+ * buffer — `(Σ g)` or `(Σ g)/k` — and the pass reads the buffer: the norm, clipping, loss scale
+ * and non-finite checks are exactly those of one step on the accumulated gradients (a
+ * non-finite gradient in any micro-batch overflows the whole step). In the UPDATE phase after
+ * a NORM phase the buffer is already complete and the resubmitted gradient of the last
+ * micro-batch is not read. A parameter that received accumulated gradients but none in the
+ * step's phase runs from its buffer at `lomo_step_end`. The UPDATE phase's end empties the
+ * buffers; `lomo_step_cancel` discards them. A step without ACCUMULATE phases does not use
+ * them. Multiply the loss by `lomo_loss_scale` in every micro-batch, as for any backward.
+ *
+ * The buffers count as `workspace_bytes` in `lomo_memory_stats_get` (and `lomo_accum_get`).
+ * They are not part of a checkpoint: `lomo_state_save`/`_load` fail with
+ * `LOMO_STATUS_PHASE_ERROR` while accumulated gradients are pending.
+ *
+ * Fails, with nothing changed, with `LOMO_STATUS_PHASE_ERROR` during a step or while
+ * accumulated gradients are pending, `LOMO_STATUS_INVALID_ARGUMENT` for unknown values,
+ * `LOMO_STATUS_UNSUPPORTED` for distributed optimizers (`lomo_dist_set`,
+ * `lomo_param_set_shard`: not implemented yet; also refused at `lomo_step_begin` when they are
+ * set up later), `LOMO_STATUS_OUT_OF_MEMORY` (host or device). Not thread-safe with other
+ * calls on `opt`.
+ *
+ * # Safety
+ * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
+ * `lomo_optimizer_new` and must not be passed to `lomo_optimizer_free` before this call returns.
+ */
+lomo_status lomo_accum_enable(struct lomo_optimizer *opt,
+                              uint32_t buffer,
+                              uint32_t reduction);
+
+/**
+ * Turns gradient accumulation off and frees the buffers. A no-op when it is off. Fails with
+ * `LOMO_STATUS_PHASE_ERROR` (nothing changed) during a step or while accumulated gradients
+ * are pending. Not thread-safe with other calls on `opt`.
+ *
+ * # Safety
+ * As `lomo_accum_enable`.
+ */
+lomo_status lomo_accum_disable(struct lomo_optimizer *opt);
+
+/**
+ * Writes the number of ACCUMULATE phases completed in the current step (micro-batches whose
+ * gradients wait in the buffers) to `*out_pending`, and the bytes of all accumulation buffers
+ * (host or device memory, where the parameters are; 0 when accumulation is off) to
+ * `*out_bytes`. Never synchronizes. Both must not be NULL; written
+ * only on success. Not thread-safe with other calls on `opt` except `lomo_grad_submit`.
+ *
+ * # Safety
+ * As `lomo_accum_enable`; `out_pending` and `out_bytes` must point to writable host memory.
+ */
+lomo_status lomo_accum_get(const struct lomo_optimizer *opt,
+                           uint32_t *out_pending,
+                           uint64_t *out_bytes);
 
 /**
  * The ABI version of the loaded library. Compare with `LOMO_ABI_VERSION` from the header you

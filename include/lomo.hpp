@@ -243,6 +243,29 @@ public:
         return st;
     }
 
+    /// Gradient accumulation (`lomo_accum_enable`): `buffer` is `LOMO_ACCUM_F32` or
+    /// `LOMO_ACCUM_PARAM_DTYPE`, `reduction` `LOMO_ACCUM_SUM` or `LOMO_ACCUM_MEAN`. A step of k
+    /// micro-batches is then k - 1 `LOMO_PHASE_ACCUMULATE` phases and the step's own phases.
+    void accum_enable(uint32_t buffer = LOMO_ACCUM_F32, uint32_t reduction = LOMO_ACCUM_SUM) {
+        check(lomo_accum_enable(get(), buffer, reduction));
+    }
+    /// `lomo_accum_disable`.
+    void accum_disable() { check(lomo_accum_disable(get())); }
+    /// Micro-batches pending in this step (`lomo_accum_get`).
+    uint32_t accum_pending() const {
+        uint32_t pending = 0;
+        uint64_t bytes = 0;
+        check(lomo_accum_get(get(), &pending, &bytes));
+        return pending;
+    }
+    /// Bytes of the accumulation buffers (`lomo_accum_get`).
+    uint64_t accum_bytes() const {
+        uint32_t pending = 0;
+        uint64_t bytes = 0;
+        check(lomo_accum_get(get(), &pending, &bytes));
+        return bytes;
+    }
+
     /// `lomo_state_save` / `lomo_state_load`.
     void save(const std::string &path) const { check(lomo_state_save(get(), path.c_str())); }
     void load(const std::string &path) { check(lomo_state_load(get(), path.c_str())); }

@@ -8,7 +8,8 @@
 //! is its own master), and a gradient buffer in the parameter's dtype, because its step runs
 //! after backward and needs every gradient at once. For bf16 parameters that is 14 bytes per
 //! element (ZeRO's 2 + 12), for f32 parameters 12. LOMO and AdaLomo need no gradient buffers of
-//! their own (the trainer's gradient lives only until it is submitted), so they are not counted.
+//! their own (the trainer's gradient lives only until it is submitted), so they are not counted;
+//! the opt-in gradient accumulation buffers (`lomo_accum_enable`) are, as workspace.
 
 use crate::dtype::DType;
 use crate::optimizer::Optimizer;
@@ -31,7 +32,8 @@ pub struct DeviceMemory {
     pub param_bytes: u64,
     /// Optimizer state owned by the library (AdaLomo's second-moment estimates).
     pub state_bytes: u64,
-    /// Scratch memory owned by the library, sized at registration.
+    /// Scratch memory owned by the library, sized at registration, and the gradient
+    /// accumulation buffers (`lomo_accum_enable`).
     pub workspace_bytes: u64,
     /// What AdamW would need for the same parameters ([`adamw_bytes`]).
     pub adamw_bytes: u64,
@@ -66,6 +68,8 @@ fn device_key(d: Device) -> i64 {
 pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
     let mut stats = MemoryStats::default();
     for (id, p) in opt.params().iter().enumerate() {
+        // The gradient accumulation buffer (lomo_accum_enable) is workspace, on any device.
+        let accum = p.inner.lock().accum.as_ref().map_or(0, |a| a.bytes());
         let (state, ws) = match (p.device, opt.cuda()) {
             (Device::Cuda(_), Some(side)) => side.param_memory(id as u32),
             _ => {
@@ -85,7 +89,7 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
             elements: p.numel() as u64,
             param_bytes: p.buf.bytes() as u64,
             state_bytes: state,
-            workspace_bytes: ws,
+            workspace_bytes: ws + accum,
             adamw_bytes: adamw_bytes(p.numel(), p.buf.dtype),
         };
         add(&mut stats, p.device, &m);

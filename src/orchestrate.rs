@@ -74,6 +74,20 @@ pub fn tensor<B: Backend>(
     }
 }
 
+/// Gradient accumulation (`lomo_accum_enable`): one pass over a parameter's accumulation buffer
+/// `acc` ([`crate::backend::AccumOp`]). In an ACCUMULATE phase it adds the submitted gradient;
+/// in the step's own phases it completes the buffer, which [`tensor`] then reads as the
+/// gradient. Nothing is exchanged across ranks (accumulation is refused for distributed
+/// optimizers).
+pub fn accumulate<B: Backend>(
+    b: &B,
+    acc: &RawBuf,
+    g: Option<&RawBuf>,
+    op: &crate::backend::AccumOp,
+) -> Result<()> {
+    b.accumulate(acc, g, op)
+}
+
 /// The reduction point of a tensor's statistics, between `ada_stats` and `ada_apply` (and, for
 /// LOMO without a NORM phase, between `check_finite` and `lomo`): where a tensor held in pieces
 /// by several ranks all-reduces its partial record — AdaLomo's column sums, `D_j` sums, Σrow,

@@ -81,6 +81,8 @@ pub struct ParamInner {
     pub dist_rec: Vec<f64>,
     /// AdaLomo on a non-contiguous layout (`lomo_param_set_strides`): its logical-order scratch.
     pub strided: Option<crate::strided::Strided>,
+    /// Gradient accumulation buffer (`lomo_accum_enable`), when accumulation is on.
+    pub accum: Option<crate::optimizer::AccumBuf>,
 }
 
 /// One registered parameter.
@@ -215,6 +217,7 @@ impl Param {
                 ada,
                 dist_rec: Vec::new(),
                 strided: None,
+                accum: None,
             }),
         })
     }

@@ -5,6 +5,7 @@
 #include "../adalomo.cu"
 #include "../step.cu"
 #include "../xla.cu"
+#include "../accum.cu"
 
 extern "C" {
 

@@ -92,6 +92,19 @@ pub struct TensorUpdate {
     pub carry: bool,
 }
 
+/// Gradient accumulation (`lomo_accum_enable`): one pass over a parameter's accumulation buffer,
+/// `acc ← round_acc(((keep ? acc : 0) + g) · factor)` in f32 arithmetic, the gradient `g`
+/// optional (absent: `acc ← round_acc((keep ? acc : 0) · factor)`), stored in the buffer's
+/// dtype by round-to-nearest-even. Non-finite values propagate into the buffer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AccumOp {
+    /// Add to the buffer's contents (false: the buffer holds nothing of this step yet).
+    pub keep: bool,
+    /// 1 while accumulating (and for a summed reduction); `1/k` when a mean over `k`
+    /// micro-batches completes the buffer.
+    pub factor: f32,
+}
+
 /// One backend in one call: the passes of a step over its tensors.
 pub trait Backend {
     /// One tensor as this backend addresses it: parameter, state, workspace and tensor record.
@@ -142,4 +155,15 @@ pub trait Backend {
     /// Ends a phase on the step record from the (reduced) tensor records (CPU: the core decides
     /// on the host, nothing to do here; CUDA: one single-block kernel).
     fn phase_end(&self, update: bool) -> Result<()>;
+
+    /// Gradient accumulation: applies `op` to the accumulation buffer `acc` (memory the core
+    /// allocated on this backend's device) with the submitted gradient `g` ([`AccumOp`]).
+    /// Backends without accumulation buffers refuse (`Unsupported`), before anything changes.
+    fn accumulate(&self, acc: &RawBuf, g: Option<&RawBuf>, op: &AccumOp) -> Result<()> {
+        let _ = (acc, g, op);
+        crate::error::bail!(
+            Unsupported,
+            "gradient accumulation buffers are not implemented on this backend"
+        )
+    }
 }

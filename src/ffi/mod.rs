@@ -4,6 +4,7 @@
 //! [`guard::guard`] (or [`guard::guard_or`]), so no panic crosses the boundary, every failure
 //! returns a status and leaves a per-thread message, and outputs are written only on success.
 
+pub mod accum;
 pub mod api;
 pub mod dist;
 pub mod guard;

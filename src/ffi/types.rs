@@ -286,7 +286,8 @@ pub struct lomo_device_memory {
     /// Optimizer state owned by the library on this device (AdaLomo's f32 second-moment
     /// estimates: rows + cols per factored tensor, numel per vector; 0 for LOMO).
     pub state_bytes: u64,
-    /// Scratch memory owned by the library on this device, allocated at registration.
+    /// Scratch memory owned by the library on this device, allocated at registration (and the
+    /// gradient accumulation buffers of `lomo_accum_enable`).
     pub workspace_bytes: u64,
     /// What AdamW with f32 master weights would need for the same parameters, besides the
     /// parameters themselves: m and v in f32 (8 B per element), an f32 master copy of f16/bf16
@@ -311,7 +312,7 @@ pub struct lomo_memory_stats {
     pub param_bytes: u64,
     /// Optimizer state owned by the library, all devices.
     pub state_bytes: u64,
-    /// Scratch memory owned by the library, all devices.
+    /// Scratch memory owned by the library, all devices (accumulation buffers included).
     pub workspace_bytes: u64,
     /// AdamW's need for the same parameters, all devices (see `lomo_device_memory.adamw_bytes`).
     pub adamw_bytes: u64,

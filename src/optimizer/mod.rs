@@ -18,10 +18,12 @@ use crate::error::{bail, Result};
 use crate::param::{Device, Param, ParamDesc};
 use crate::scaler::LossScaler;
 
+mod accum;
 mod dist;
 mod step;
 mod strides;
 
+pub use accum::{AccumBuf, AccumBuffer, AccumReduction, AccumSettings};
 pub use dist::ShardDesc;
 
 /// The two kinds of backward pass in a step.
@@ -32,6 +34,9 @@ pub enum Phase {
     Norm = 0,
     /// Gradients update their parameters.
     Update = 1,
+    /// Gradients are added into their parameters' accumulation buffers (`lomo_accum_enable`):
+    /// a micro-batch before the step's own NORM/UPDATE phases. Nothing is updated.
+    Accumulate = 2,
 }
 
 impl TryFrom<u32> for Phase {
@@ -40,9 +45,10 @@ impl TryFrom<u32> for Phase {
         match v {
             0 => Ok(Phase::Norm),
             1 => Ok(Phase::Update),
+            2 => Ok(Phase::Accumulate),
             _ => bail!(
                 InvalidArgument,
-                "unknown phase {v} (expected 0=NORM, 1=UPDATE)"
+                "unknown phase {v} (expected 0=NORM, 1=UPDATE, 2=ACCUMULATE)"
             ),
         }
     }
@@ -59,6 +65,8 @@ pub enum StepState {
         lr: f64,
         norm: Option<NormResult>,
     },
+    /// An ACCUMULATE phase (gradient accumulation) is active.
+    Accumulate,
 }
 
 /// What a NORM phase found.
@@ -153,6 +161,10 @@ pub struct Optimizer {
     cuda: Option<CudaSide>,
     /// Communicators, the norm group and the agreement check (`lomo_comm_add`, `lomo_dist_set`).
     pub(crate) dist: crate::dist::Dist,
+    /// Gradient accumulation options (`lomo_accum_enable`), when on.
+    accum: Option<AccumSettings>,
+    /// ACCUMULATE phases completed in the current step.
+    pub(crate) accum_micro: u32,
 }
 
 impl Optimizer {
@@ -181,6 +193,8 @@ impl Optimizer {
             info: StepInfo::fresh(0, 0, scale),
             cuda: None,
             dist: crate::dist::Dist::default(),
+            accum: None,
+            accum_micro: 0,
         })
     }
 
@@ -283,7 +297,11 @@ impl Optimizer {
         self.names
             .try_reserve(1)
             .map_err(|_| crate::alloc::out_of_memory(64, "the parameter registry"))?;
-        let param = Param::new(desc, self.config.algorithm)?;
+        let mut param = Param::new(desc, self.config.algorithm)?;
+        let (accum, numel) = (self.accum, param.numel());
+        if desc.device == Device::Cpu {
+            param.inner.get_mut().accum = accum::buffer_for(accum, None, numel, desc.dtype)?;
+        }
         let id = self.params.len() as u32;
         if let Device::Cuda(n) = desc.device {
             let mut created = None;
@@ -302,6 +320,7 @@ impl Optimizer {
                     param.factored,
                 ),
             };
+            param.inner.get_mut().accum = accum::buffer_for(accum, Some(side), numel, desc.dtype)?;
             side.register(n, &spec)?;
             if created.is_some() {
                 self.cuda = created;

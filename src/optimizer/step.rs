@@ -5,7 +5,7 @@
 
 use super::{NormResult, Optimizer, Phase, StepInfo, StepState};
 use crate::backend::cpu::step::{CpuAda, CpuPiece, CpuStep, CpuTensor, HostStep};
-use crate::backend::{PhaseBegin, TensorUpdate};
+use crate::backend::{PhaseBegin, RawBuf, TensorUpdate};
 use crate::config::NonFinitePolicy;
 use crate::dist::Layout;
 use crate::dtype::DType;
@@ -21,7 +21,9 @@ impl Optimizer {
 
     /// [`Optimizer::begin`] with the caller's CUDA stream (ignored for CPU parameters).
     pub fn begin_on(&mut self, phase: Phase, lr: f64, stream: usize) -> Result<()> {
+        self.accum_check_begin(phase)?;
         let next = match (phase, self.state) {
+            (Phase::Accumulate, StepState::Idle) => StepState::Accumulate,
             (Phase::Norm, StepState::Idle) => StepState::Norm,
             (Phase::Norm, StepState::NormDone(_)) => {
                 bail!(
@@ -36,7 +38,11 @@ impl Optimizer {
             ),
             (Phase::Update, StepState::Idle) => StepState::Update { lr, norm: None },
             (Phase::Update, StepState::NormDone(n)) => StepState::Update { lr, norm: Some(n) },
-            (_, StepState::Norm | StepState::Update { .. }) => {
+            (Phase::Accumulate, StepState::NormDone(_)) => bail!(
+                PhaseError,
+                "a NORM phase already ended in this step: ACCUMULATE phases come before it"
+            ),
+            (_, StepState::Norm | StepState::Update { .. } | StepState::Accumulate) => {
                 bail!(
                     PhaseError,
                     "a phase is already active: call lomo_step_end first"
@@ -45,6 +51,12 @@ impl Optimizer {
         };
         if phase == Phase::Update && !(lr.is_finite() && lr >= 0.0) {
             bail!(InvalidArgument, "lr must be finite and >= 0, got {lr}");
+        }
+        if phase == Phase::Accumulate {
+            // Only the buffers change: nothing of the step record.
+            self.epoch += 1;
+            self.state = next;
+            return Ok(());
         }
         let begin = PhaseBegin {
             update: phase == Phase::Update,
@@ -75,9 +87,18 @@ impl Optimizer {
             );
         };
         let grad = param.grad_buf(grad_addr, dtype)?;
+        self.submit_buf(id, Some(grad), stream)
+    }
+
+    /// [`Optimizer::submit_on`] with a validated gradient of parameter `id`; None (gradient
+    /// accumulation) runs the phase's pass from the parameter's accumulated gradient alone.
+    pub(super) fn submit_buf(&self, id: u32, grad: Option<RawBuf>, stream: usize) -> Result<()> {
+        let param = &self.params[id as usize];
         let mut inner = param.inner.lock();
-        if matches!(self.state, StepState::Norm | StepState::Update { .. })
-            && inner.epoch == self.epoch
+        if matches!(
+            self.state,
+            StepState::Norm | StepState::Update { .. } | StepState::Accumulate
+        ) && inner.epoch == self.epoch
         {
             bail!(
                 DuplicateGradient,
@@ -85,9 +106,14 @@ impl Optimizer {
                 param.name
             );
         }
-        let pass = match self.state {
-            StepState::Norm => TensorPass::Norm,
-            StepState::Update { norm, .. } => {
+        let pass = match (self.state, grad) {
+            (StepState::Accumulate, Some(g)) => {
+                self.accum_add(id, &mut inner, &g, stream)?;
+                inner.epoch = self.epoch;
+                return Ok(());
+            }
+            (StepState::Norm, _) => TensorPass::Norm,
+            (StepState::Update { norm, .. }, _) => {
                 let group = self.groups[&param.group];
                 TensorPass::Update(TensorUpdate {
                     param_id: id,
@@ -103,6 +129,7 @@ impl Optimizer {
                 "no phase is active: call lomo_step_begin before submitting gradients"
             ),
         };
+        let grad = self.accum_grad(id, &mut inner, grad, stream)?;
         let algorithm = self.config.algorithm;
         if let Some(side) = &self.cuda {
             let mut t = side.tensor(id, &grad)?;
@@ -169,7 +196,15 @@ impl Optimizer {
     /// parameters the clip coefficient, overflow, loss scaler and step counter advance on the
     /// device; the host keeps only the protocol state.
     pub fn end_on(&mut self, stream: usize) -> Result<()> {
+        if self.state == StepState::Accumulate {
+            self.accum_micro += 1;
+            self.state = StepState::Idle;
+            return Ok(());
+        }
         let update = matches!(self.state, StepState::Update { .. });
+        if matches!(self.state, StepState::Norm | StepState::Update { .. }) {
+            self.accum_flush(stream)?;
+        }
         let totals = if matches!(self.state, StepState::Norm | StepState::Update { .. }) {
             let totals = self.phase_totals();
             let agree = self.agreement(totals.submitted);
@@ -225,8 +260,9 @@ impl Optimizer {
                     grads_nonfinite: nonfinite,
                 };
                 self.state = StepState::Idle;
+                self.accum_clear();
             }
-            StepState::Idle | StepState::NormDone(_) => {
+            StepState::Idle | StepState::NormDone(_) | StepState::Accumulate => {
                 bail!(
                     PhaseError,
                     "no phase is active: lomo_step_end must follow lomo_step_begin"
@@ -238,9 +274,11 @@ impl Optimizer {
 
     /// Abandons the current step: back to idle without advancing the scaler or the step counter.
     /// Updates already applied in an UPDATE phase stay applied.
+    /// Accumulated gradients (`lomo_accum_enable`) of the step are discarded.
     pub fn cancel(&mut self) {
         self.state = StepState::Idle;
         self.epoch += 1;
+        self.accum_clear();
     }
 
     /// The tensor records of the current phase, summed in id order (deterministic whatever the
@@ -258,7 +296,7 @@ impl Optimizer {
     }
 
     /// The CPU backend with this optimizer's host step record in state `state`.
-    fn cpu_step(&self, state: StepState) -> CpuStep<'_> {
+    pub(super) fn cpu_step(&self, state: StepState) -> CpuStep<'_> {
         let (lr, norm) = match state {
             StepState::Update { lr, norm } => (lr, norm),
             _ => (0.0, None),

@@ -205,6 +205,13 @@ pub(crate) fn check_checkpointable(opt: &Optimizer, verb: &str) -> Result<()> {
             "optimizer state can only be {verb} between steps (after lomo_step_end)"
         );
     }
+    if opt.accum_micro > 0 {
+        crate::error::bail!(
+            PhaseError,
+            "optimizer state can only be {verb} between optimizer steps: {} micro-batches of              accumulated gradients are pending (accumulation buffers are not part of a              checkpoint; finish the step or lomo_step_cancel)",
+            opt.accum_micro
+        );
+    }
     Ok(())
 }
 

@@ -205,6 +205,38 @@ void adalomo_channels_last() {
     expect(a.state() == b.state(), "and so does its state");
 }
 
+void gradient_accumulation() {
+    // Two micro-batches accumulated in the library equal one step on their sum.
+    std::vector<float> a{0.5f, -1.0f, 2.0f}, b = a;
+    lomo::Optimizer acc(LOMO_ALGORITHM_LOMO), plain(LOMO_ALGORITHM_LOMO);
+    uint32_t ia = acc.register_param("w", a.data(), {3});
+    uint32_t ib = plain.register_param("w", b.data(), {3});
+    acc.accum_enable(LOMO_ACCUM_F32, LOMO_ACCUM_SUM);
+    expect(acc.accum_bytes() == 12, "one f32 buffer of 3 elements");
+    const std::vector<float> g1{1.0f, 2.0f, -3.0f}, g2{0.5f, -0.25f, 4.0f};
+    {
+        lomo::PhaseScope micro(acc, LOMO_PHASE_ACCUMULATE, 0.0f);
+        acc.submit(ia, g1);
+        micro.end();
+    }
+    expect(acc.accum_pending() == 1 && a[0] == 0.5f, "accumulated, nothing updated");
+    {
+        lomo::PhaseScope last(acc, LOMO_PHASE_UPDATE, 0.1f);
+        acc.submit(ia, g2);
+        last.end();
+    }
+    std::vector<float> sum(3);
+    for (size_t i = 0; i < 3; ++i) sum[i] = g1[i] + g2[i];
+    {
+        lomo::PhaseScope step(plain, LOMO_PHASE_UPDATE, 0.1f);
+        plain.submit(ib, sum);
+        step.end();
+    }
+    expect(a == b && acc.accum_pending() == 0, "equal to one step on the summed gradient");
+    acc.accum_disable();
+    expect(acc.accum_bytes() == 0, "buffers freed");
+}
+
 }  // namespace
 
 int main() {
@@ -215,6 +247,7 @@ int main() {
         lomo_sgd_step();
         adalomo_state_and_memory();
         adalomo_channels_last();
+        gradient_accumulation();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         return 2;

@@ -55,6 +55,11 @@ __all__ = [
     "ALGORITHM_ADALOMO",
     "PHASE_NORM",
     "PHASE_UPDATE",
+    "PHASE_ACCUMULATE",
+    "ACCUM_F32",
+    "ACCUM_PARAM_DTYPE",
+    "ACCUM_SUM",
+    "ACCUM_MEAN",
     "LOSS_SCALE_NONE",
     "LOSS_SCALE_STATIC",
     "LOSS_SCALE_DYNAMIC",
@@ -106,7 +111,9 @@ STATUS_NAMES = {
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 DEVICE_CPU = -1
 ALGORITHM_LOMO, ALGORITHM_ADALOMO = 0, 1
-PHASE_NORM, PHASE_UPDATE = 0, 1
+PHASE_NORM, PHASE_UPDATE, PHASE_ACCUMULATE = 0, 1, 2
+ACCUM_F32, ACCUM_PARAM_DTYPE = 0, 1
+ACCUM_SUM, ACCUM_MEAN = 0, 1
 LOSS_SCALE_NONE, LOSS_SCALE_STATIC, LOSS_SCALE_DYNAMIC = 0, 1, 2
 ROUNDING_NEAREST, ROUNDING_STOCHASTIC = 0, 1
 NONFINITE_PER_TENSOR, NONFINITE_PER_ELEMENT = 0, 1
@@ -314,6 +321,10 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     "lomo_dist_set": (_status, [_opt, c_uint32, c_uint32], False),
     # layouts other than contiguous (channels_last, permuted views)
     "lomo_param_set_strides": (_status, [_opt, c_uint32, c_uint32, POINTER(c_int64)], False),
+    # gradient accumulation
+    "lomo_accum_enable": (_status, [_opt, c_uint32, c_uint32], False),
+    "lomo_accum_disable": (_status, [_opt], False),
+    "lomo_accum_get": (_status, [_opt, POINTER(c_uint32), POINTER(c_uint64)], False),
 }
 
 

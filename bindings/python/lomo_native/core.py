@@ -235,7 +235,8 @@ class Optimizer:
 
     # ---------------------------------------------------------------------------------- steps
     def begin(self, phase: int, lr: float = 0.0, stream=None) -> None:
-        """``lomo_step_begin``: ``phase`` is ``PHASE_NORM`` (0) or ``PHASE_UPDATE`` (1)."""
+        """``lomo_step_begin``: ``phase`` is ``PHASE_NORM`` (0), ``PHASE_UPDATE`` (1) or
+        ``PHASE_ACCUMULATE`` (2, see :meth:`accum_enable`)."""
         self._lib.lomo_step_begin(self.handle, phase, lr, _stream(stream))
 
     def submit_pointer(self, param_id: int, grad: int, dtype: int, stream=None,
@@ -328,6 +329,61 @@ class Optimizer:
             self._phase(N.PHASE_NORM, 0.0, items)
         self._phase(N.PHASE_UPDATE, lr, items)
         return self.step_info()
+
+    def accumulate(self, grads: Mapping) -> None:
+        """One micro-batch of an accumulated step (an ACCUMULATE phase): NumPy gradients
+        ``{param id or name: gradient}`` (of the loss times ``loss_scale``) are added to the
+        parameters' accumulation buffers; nothing is updated. The step's last micro-batch is
+        ``step(grads, lr)``, which applies the sum (or mean) of all of them. Needs
+        :meth:`accum_enable`. Every gradient is checked before the first is added."""
+        self._phase(N.PHASE_ACCUMULATE, 0.0, self._items(grads))
+
+    def accum_enable(self, buffer: str = "f32", reduction: str = "sum") -> None:
+        """Gradient accumulation (``lomo_accum_enable``): one buffer per parameter, ``buffer``
+        ``"f32"`` (4 bytes per element) or ``"param"`` (the parameter's dtype: 2 bytes for
+        f16/bf16, partial sums rounded to it); ``reduction`` ``"sum"`` or ``"mean"`` (over the
+        step's micro-batches). A step of k micro-batches is k - 1 :meth:`accumulate` calls (or
+        ACCUMULATE phases) and then the step itself on the last one; it equals one step on the
+        summed (averaged) gradient: clipping, loss scale and overflow checks included. CPU
+        parameters; between steps. The buffers count as ``workspace_bytes``."""
+        buffers = {"f32": N.ACCUM_F32, "param": N.ACCUM_PARAM_DTYPE}
+        reductions = {"sum": N.ACCUM_SUM, "mean": N.ACCUM_MEAN}
+        if buffer not in buffers:
+            raise ValueError(f"buffer={buffer!r}: expected 'f32' or 'param'")
+        if reduction not in reductions:
+            raise ValueError(f"reduction={reduction!r}: expected 'sum' or 'mean'")
+        self._lib.lomo_accum_enable(self.handle, buffers[buffer], reductions[reduction])
+
+    def accum_disable(self) -> None:
+        """Turns accumulation off and frees the buffers (``lomo_accum_disable``)."""
+        self._lib.lomo_accum_disable(self.handle)
+
+    @property
+    def accum_pending(self) -> int:
+        """Micro-batches accumulated in the current step (ACCUMULATE phases since the last
+        applied step)."""
+        return self._accum_get()[0]
+
+    @property
+    def accum_bytes(self) -> int:
+        """Bytes of the accumulation buffers (0 when accumulation is off)."""
+        return self._accum_get()[1]
+
+    def _accum_get(self):
+        pending, nbytes = ctypes.c_uint32(), ctypes.c_uint64()
+        self._lib.lomo_accum_get(self.handle, ctypes.byref(pending), ctypes.byref(nbytes))
+        return pending.value, nbytes.value
+
+    def _items(self, grads: Mapping):
+        items = []
+        for k, g in grads.items():
+            if isinstance(k, str) and k not in self._names:
+                raise KeyError(f"no parameter named {k!r}")
+            items.append((self._names[k] if isinstance(k, str) else int(k), g))
+        ids = [pid for pid, _ in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a parameter appears twice in grads")
+        return [(pid, self._checked_array(pid, g)) for pid, g in items]
 
     def _phase(self, phase, lr, items):
         self.begin(phase, lr)

@@ -45,6 +45,7 @@ import torch
 from . import _native as N
 from . import _torch_dist as TD
 from . import _torch_params as TP
+from ._torch_accum import Accumulation
 from ._torch_sync import ModelSync
 from . import _torch_step
 from .core import Optimizer as _NativeOptimizer
@@ -83,7 +84,7 @@ class _LossScalerView:
         return bool(info.grads_nonfinite > 0 or (not opt._norm_pending and info.overflow))
 
 
-class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
+class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
     """Shared machinery of :class:`Lomo` and :class:`AdaLomo` (not used directly)."""
 
     _ALGORITHM = "lomo"
@@ -91,7 +92,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, lr: float, native_config: dict,
                  clip_grad_norm: Optional[float], clip_grad_value: Optional[float],
                  weight_decay: float, groups: Optional[list], no_decay, two_pass: Optional[bool],
-                 process_group=None):
+                 process_group=None, accumulation=(1, "f32", "sum")):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("the first argument is the model (a torch.nn.Module), as in lomo_optim")
         TD.check_model(model, process_group)
@@ -149,6 +150,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         self._register([(n, p, self._group_of[n]) for n, p in named])
         self._start_sync()
         self.two_pass = self._has_fp16 if two_pass is None else bool(two_pass)
+        self.set_accumulation(*accumulation)
         self._built = True
 
     # ---------------------------------------------------------------------------- construction
@@ -201,7 +203,8 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         return [] if self._removed else [e.handle for e in self._entries.values()]
 
     # ------------------------------------------------------------------------------ the steps
-    def fused_backward(self, loss: torch.Tensor, lr: Optional[float] = None) -> None:
+    def fused_backward(self, loss: torch.Tensor, lr: Optional[float] = None, *,
+                       accumulate: Optional[bool] = None) -> None:
         """Backward pass with each parameter updated (and its gradient dropped) as soon as its
         gradient is complete. ``lr`` is this step's learning rate for every group (times the
         group's ``lr_scale``); None uses each group's own ``param_groups[g]["lr"]``, so torch LR
@@ -210,8 +213,17 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
 
         Before the backward, parameters the model replaced (``load_state_dict(assign=True)``,
         ``.data =``, ``.to()``) are re-registered with their state, and a parameter that
-        requires a gradient but is not trained by this optimizer raises."""
+        requires a gradient but is not trained by this optimizer raises.
+
+        With ``accumulation_steps=k`` the first k - 1 calls of a step only accumulate the
+        gradients in the library and the k-th applies them (``lomo_native._torch_accum``);
+        ``accumulate=True``/``False`` overrides the count for this call (False: the step's
+        last micro-batch, e.g. a short last step of an epoch)."""
         self._check_usable()
+        if self._accumulating(accumulate):
+            self._accumulate_backward(loss)
+            return
+        self._micro = 0
         if not self._norm_pending:
             if self.clip_grad_norm is not None:
                 raise ValueError(
@@ -229,11 +241,15 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         self.lr = self.param_groups[0]["lr"] if lr is None else lr
         self._opt_called = True  # torch's LR schedulers check that the optimizer stepped
 
-    def grad_norm(self, loss: torch.Tensor) -> None:
+    def grad_norm(self, loss: torch.Tensor, *, accumulate: Optional[bool] = None) -> None:
         """First backward of a step: computes the global gradient norm (for ``clip_grad_norm``)
         and checks for overflow, without updating anything. The graph is retained for
-        ``fused_backward``. The norm is in ``step_info().grad_norm``."""
+        ``fused_backward``. The norm is in ``step_info().grad_norm``. With accumulation, a
+        no-op on the micro-batches that only accumulate (``accumulate`` as for
+        ``fused_backward``); on the last one the norm is that of the accumulated gradients."""
         self._check_usable()
+        if self._accumulating(accumulate):
+            return
         if self._norm_pending:
             self._finish_pending()
         self._sync_model()
@@ -309,6 +325,9 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         until ``zero_grad()`` (backwards accumulate); no gradient: no-op. The gradients are the
         plain loss's or ``scale_loss(loss)``'s. Memory and details: ``lomo_native._torch_step``."""
         self._check_not_removed()
+        if self._micro:
+            raise RuntimeError("step() in the middle of an accumulated fused step (finish it "
+                               "with fused_backward, or zero_grad())")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -472,6 +491,10 @@ class Lomo(_FusedOptimizer):
     ``nonfinite_policy`` — without a norm backward, a gradient with ±inf/NaN leaves its whole
     tensor untouched (``"per_tensor"``, default, two reads of the gradient) or only those
     elements (``"per_element"``, one pass; the step still reports the overflow). CPU only.
+    ``accumulation_steps`` (k), ``accumulation_buffer`` (``"f32"`` or ``"param"``),
+    ``accumulation_reduction`` (``"sum"`` or ``"mean"``) — gradient accumulation in the library:
+    ``fused_backward`` on k micro-batches makes one update on their summed gradient
+    (``lomo_native._torch_accum``; CPU parameters).
     """
 
     _ALGORITHM = "lomo"
@@ -479,7 +502,8 @@ class Lomo(_FusedOptimizer):
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
                  weight_decay=0.0, loss_scale_args={}, *, groups=None, no_decay=None,
                  two_pass=None, rounding="nearest", seed=0,
-                 process_group=None, nonfinite_policy="per_tensor"):  # noqa: B006 - lomo-optim's default
+                 process_group=None, nonfinite_policy="per_tensor",  # noqa: B006 - lomo-optim's
+                 accumulation_steps=1, accumulation_buffer="f32", accumulation_reduction="sum"):
         args = dict(loss_scale_args or {})
         fp16 = any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
         config = dict(rounding=rounding, seed=seed, nonfinite_policy=nonfinite_policy)
@@ -489,7 +513,8 @@ class Lomo(_FusedOptimizer):
             _dynamic_scale_config(args)  # validate the keys even when unused
         self.loss_scale_args = args
         super().__init__(model, lr, config, clip_grad_norm, clip_grad_value, weight_decay,
-                         groups, no_decay, two_pass, process_group)
+                         groups, no_decay, two_pass, process_group,
+                         (accumulation_steps, accumulation_buffer, accumulation_reduction))
 
     @property
     def loss_scaler(self):
@@ -534,7 +559,8 @@ class AdaLomo(_FusedOptimizer):
     def __init__(self, model, lr=1e-3, loss_scale=2 ** 10, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
                  *, groups=None, no_decay=None, two_pass=None, rounding="nearest", seed=0,
-                 process_group=None):
+                 process_group=None, accumulation_steps=1, accumulation_buffer="f32",
+                 accumulation_reduction="sum"):
         eps1, eps2 = eps
         config = dict(eps1=float(eps1), eps2=float(eps2), clip_threshold=float(clip_threshold),
                       decay_rate=float(decay_rate), rounding=rounding, seed=seed)
@@ -545,7 +571,8 @@ class AdaLomo(_FusedOptimizer):
         self.loss_scale_value = loss_scale
         self.eps, self.clip_threshold, self.decay_rate = eps, clip_threshold, decay_rate
         super().__init__(model, lr, config, clip_grad_norm, clip_grad_value, weight_decay,
-                         groups, no_decay, two_pass, process_group)
+                         groups, no_decay, two_pass, process_group,
+                         (accumulation_steps, accumulation_buffer, accumulation_reduction))
 
     @property
     def step_num(self) -> int:

@@ -27,10 +27,12 @@ What ``LomoTrainer`` honours (tested with transformers 5.x against hand-written 
   no scaling. ``fp16=True`` (autocast with torch's GradScaler) is refused: load the model in fp16;
 * checkpoints: the optimizer's ``state_dict`` (AdaLomo's statistics, step counter, loss scaler) is
   saved and restored with the Trainer's checkpoints; resuming continues bit-identically;
-* ``gradient_accumulation_steps > 1``: on the non-fused path (``step()``), exact (the
-  accumulated micro-batches give the stock Trainer's step), but the gradients then exist for
-  the whole step: the memory of one gradient per parameter, as AdamW's. The library's own
-  accumulation buffers will replace this.
+* ``gradient_accumulation_steps > 1``: in the library, on the fused path
+  (``lomo_native._torch_accum``): the first micro-batches of a step add their gradients to the
+  optimizer's accumulation buffers inside the backward, the step's last one applies the update
+  (with the clipping norm of the accumulated gradients): equal to one step on the concatenated
+  micro-batches. The buffers cost 4 bytes per parameter element (``f32``), or 2 for bf16/fp16
+  models with ``lomo_kwargs={"accumulation_buffer": "param"}``.
 
 Not supported (refused at construction): DeepSpeed, FSDP, several GPUs in one process
 (``DataParallel``), optimizers that are not lomo_native's.
@@ -78,6 +80,8 @@ def lomo_optimizer_cls_and_kwargs(args, model, fused: bool = False, **extra):
         kwargs["no_decay"] = lambda name, p, module: name not in decay
     if fused and args.max_grad_norm and args.max_grad_norm > 0:
         kwargs["clip_grad_norm"] = float(args.max_grad_norm)
+    if fused and args.gradient_accumulation_steps > 1:
+        kwargs["accumulation_steps"] = int(args.gradient_accumulation_steps)
     kwargs.update(extra)
     return ALGORITHMS[algorithm], kwargs
 
@@ -153,17 +157,16 @@ class LomoTrainer(transformers.Trainer):
                 or self.compute_loss_func is not None
         if not scaled_for_ga:
             loss = loss / self.current_gradient_accumulation_steps
-        if self.args.gradient_accumulation_steps > 1:
-            # non-fused: accumulate in .grad, apply on the last micro-batch of the step
-            opt.scale_loss(loss).backward()
-            if self.accelerator.gradient_state.sync_gradients:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                self._after_update(opt)
-        else:
-            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-                opt.grad_norm(loss)
-            opt.fused_backward(loss)  # lr: param_groups, where the scheduler writes it
+        ga = self.args.gradient_accumulation_steps
+        if ga > 1 and opt.accumulation_steps == 1:
+            opt.set_accumulation(ga)  # an optimizer passed in: buffers in the library
+        # with accumulation the Trainer says which micro-batch ends the step (an epoch's last
+        # step may have fewer)
+        accumulate = not self.accelerator.gradient_state.sync_gradients
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            opt.grad_norm(loss, accumulate=accumulate)
+        opt.fused_backward(loss, accumulate=accumulate)  # lr: param_groups (the scheduler's)
+        if not accumulate:
             self._after_update(opt)
         return loss.detach()
 

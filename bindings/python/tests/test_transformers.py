@@ -190,8 +190,8 @@ def test_lomo_trainer_passed_optimizer_and_scheduler(tmp_path):
 
 
 def test_lomo_trainer_gradient_accumulation_equals_the_whole_batch(tmp_path):
-    """gradient_accumulation_steps=2 (non-fused path): equal to one fused step on the two
-    micro-batches concatenated (the loss is a mean over all their tokens)."""
+    """gradient_accumulation_steps=2 (fused, accumulated in the library): equal to one fused
+    step on the two micro-batches concatenated (the loss is a mean over all their tokens)."""
     model = tiny_llama()
     ref_model = copy.deepcopy(model)
     args = training_args(tmp_path, optim="adalomo", learning_rate=0.01, max_grad_norm=1.0,
@@ -207,7 +207,48 @@ def test_lomo_trainer_gradient_accumulation_equals_the_whole_batch(tmp_path):
         ref.grad_norm(ref_model(**whole).loss)
         ref.fused_backward(ref_model(**whole).loss, 0.01)
     assert_same_params(model, ref_model, rtol=1e-5, atol=1e-6)
-    assert trainer.lomo_optimizer.step_info().step == STEPS
+    opt = trainer.lomo_optimizer
+    assert opt.step_info().step == STEPS
+    # the fused path: buffers in the library (f32, 4 B per element), no .grad left
+    assert opt.accumulation_steps == 2
+    assert opt.native.accum_bytes == 4 * sum(p.numel() for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lomo_trainer_accumulates_with_a_passed_optimizer_and_short_steps(tmp_path):
+    """gradient_accumulation_steps=3 over 8 micro-batches per epoch (steps of 3, 3, 2, then
+    3), with a Lomo passed in (the Trainer enables its f32 buffers), norm clipping and a
+    linear schedule: each step equals one fused step on its micro-batches concatenated."""
+    model = tiny_llama()
+    ref_model = copy.deepcopy(model)
+    opt = Lomo(model, lr=0.05, clip_grad_norm=1.0)
+    args = training_args(tmp_path, learning_rate=0.05, max_grad_norm=1.0,
+                         gradient_accumulation_steps=3)
+    cls = recording(LomoTrainer)
+
+    class Syncs(cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.syncs = getattr(self, "syncs", [])
+            self.syncs.append(self.accelerator.gradient_state.sync_gradients)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer = Syncs(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None))
+    trainer.train()
+    assert opt.accumulation_steps == 3
+    groups, cur = [], []
+    for (inputs, _), sync in zip(trainer.seen, trainer.syncs):
+        cur.append(inputs)
+        if sync:
+            groups.append(cur)
+            cur = []
+    assert [len(g) for g in groups] == [3, 3, 2, 3] and not cur
+    ref = Lomo(ref_model, lr=0.05, clip_grad_norm=1.0)
+    for lr, group in zip(linear_lrs(0.05), groups):
+        whole = {k: torch.cat([b[k] for b in group]) for k in group[0]}
+        ref.grad_norm(ref_model(**whole).loss)
+        ref.fused_backward(ref_model(**whole).loss, lr)
+    assert_same_params(model, ref_model, rtol=1e-5, atol=1e-6)
+    assert opt.step_info().step == STEPS
 
 
 def test_lomo_trainer_fp16_dynamic_scaling_skips_and_holds_the_schedule(tmp_path):

@@ -6,6 +6,7 @@
 //! combined in chunk order. Nothing here allocates per step. Every chunk runs with IEEE
 //! subnormals whatever the thread's floating-point modes ([`fpenv`]).
 
+pub mod accum;
 pub mod ada_cols;
 pub mod ada_piece;
 pub mod ada_state;

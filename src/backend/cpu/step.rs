@@ -8,7 +8,7 @@ use super::adalomo::{self, AdaWorkspace, ApplyArgs, StateView, StateViewMut, Sta
 use super::convert::RoundCtx;
 use super::{ada_cols, ada_piece};
 use super::{lomo, norm};
-use crate::backend::interface::{Backend, PhaseBegin, TensorUpdate};
+use crate::backend::interface::{AccumOp, Backend, PhaseBegin, TensorUpdate};
 use crate::backend::{scalars, GradXform, RawBuf};
 use crate::config::Config;
 use crate::error::Result;
@@ -172,6 +172,11 @@ fn ada<'t, 'a>(ada: &'t mut Option<CpuAda<'a>>) -> &'t mut CpuAda<'a> {
 
 impl Backend for CpuStep<'_> {
     type Tensor<'t> = CpuTensor<'t>;
+
+    fn accumulate(&self, acc: &RawBuf, g: Option<&RawBuf>, op: &AccumOp) -> Result<()> {
+        super::accum::accumulate(acc, g, op);
+        Ok(())
+    }
 
     fn phase_begin(&self, _begin: &PhaseBegin) -> Result<()> {
         Ok(())

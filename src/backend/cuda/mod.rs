@@ -21,6 +21,7 @@
 //! [`snapshot`]: crate::backend::cuda::snapshot
 
 pub mod abi;
+pub mod accum;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;

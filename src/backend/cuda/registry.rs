@@ -19,15 +19,18 @@ pub enum Module {
     Step,
     /// The XLA handlers' records from operand scalars, and their results.
     Xla,
+    /// Gradient accumulation buffers (`lomo_accum_enable`).
+    Accum,
 }
 
 impl Module {
-    pub const ALL: [Module; 5] = [
+    pub const ALL: [Module; 6] = [
         Module::Norm,
         Module::Lomo,
         Module::Adalomo,
         Module::Step,
         Module::Xla,
+        Module::Accum,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -37,6 +40,7 @@ impl Module {
             Module::Adalomo => "adalomo.cu",
             Module::Step => "step.cu",
             Module::Xla => "xla.cu",
+            Module::Accum => "accum.cu",
         }
     }
 
@@ -49,6 +53,9 @@ impl Module {
             }
             Module::Step => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/step.cu")),
             Module::Xla => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/xla.cu")),
+            Module::Accum => {
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/accum.cu"))
+            }
         }
     }
 
@@ -91,6 +98,7 @@ impl Module {
                 "xla_norm_finish".into(),
                 "xla_update_finish".into(),
             ],
+            Module::Accum => pairs("accum_add"),
         }
     }
 }

@@ -235,6 +235,11 @@ impl CudaSide {
         self.dev.param_memory(self.index[id as usize])
     }
 
+    /// A gradient accumulation buffer of `bytes` bytes on this device (contents unspecified).
+    pub fn alloc_buffer(&self, bytes: usize) -> Result<super::accum::DevBuf> {
+        super::accum::DevBuf::new(self.dev.launcher.clone(), bytes)
+    }
+
     /// Device bytes shared by all parameters (step and tensor records).
     pub fn records_bytes(&self) -> u64 {
         self.dev.records_bytes()

@@ -10,7 +10,7 @@ use super::abi::{DevPtr, StepArgs, XlaArgs};
 use super::launcher::{Geometry, Launcher};
 use super::passes::{self, Records, Tensor, UpdateOpts, THREADS};
 use super::registry::Module;
-use crate::backend::interface::{Backend, PhaseBegin, TensorUpdate};
+use crate::backend::interface::{AccumOp, Backend, PhaseBegin, TensorUpdate};
 use crate::backend::RawBuf;
 use crate::config::Config;
 use crate::error::Result;
@@ -73,6 +73,10 @@ fn dev(g: &RawBuf) -> DevPtr {
 
 impl Backend for CudaStep<'_> {
     type Tensor<'t> = CudaTensor;
+
+    fn accumulate(&self, acc: &RawBuf, g: Option<&RawBuf>, op: &AccumOp) -> Result<()> {
+        super::accum::accumulate(self.launcher, acc, g, op, self.stream)
+    }
 
     fn phase_begin(&self, b: &PhaseBegin) -> Result<()> {
         match self.record {
