@@ -148,12 +148,15 @@ def make_hook(opt_ref, e: Entry):
     """The post-accumulate-grad hook of one parameter: O(1), holds the optimizer weakly.
 
     The usual case — a fused phase, a contiguous CPU parameter without a process group, a dense
-    contiguous gradient of the parameter's shape, dtype and device, outside reentrant checkpoint
-    segments — takes a short path: the same checks as :func:`prepared_grad` made on values cached
+    contiguous gradient (a plain ``torch.Tensor``, no subclass such as DTensor) of the
+    parameter's shape, dtype and device, outside reentrant checkpoint segments — takes a short
+    path: the same checks as :func:`prepared_grad` made on values cached
     in the entry, then one ctypes call with prebuilt arguments. Anything else (CUDA, layouts,
     sparse or mismatched gradients, process groups, deferred gradients) goes through
-    ``opt._submit`` (``prepared_grad``'s checks and messages)."""
-    strided = torch.strided
+    ``opt._submit`` (``prepared_grad``'s checks and messages). A change to what ``_submit`` does
+    for some parameters must also keep them off the short path (``Entry.fast`` or the condition
+    below)."""
+    strided, plain = torch.strided, torch.Tensor
     task_id = _graph_task_id
     check_status = N.check
 
@@ -180,7 +183,8 @@ def make_hook(opt_ref, e: Entry):
                 if task != -1 and task != outer and opt._defers(e):
                     return
         native = opt._native
-        if (e.fast and opt._pg_size is None and native._checked and g.layout is strided
+        if (e.fast and opt._pg_size is None and native._checked and type(g) is plain
+                and g.layout is strided
                 and g.dtype is e.dtype and g.shape == e.size and g.is_cpu
                 and g.is_contiguous()):
             status = _raw_submit(native._lib)(native._handle, e.c_pid, g.data_ptr(), e.c_code,
