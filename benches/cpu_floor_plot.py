@@ -6,7 +6,8 @@ floor, from one run; writes a PNG (matplotlib) and prints the table it plots.
         [--out docs/cpu_floor.png] [--max-log2 24]
 
 One matrix of 2^k elements (shape 2^⌊k/2⌋ × 2^⌈k/2⌉, k = 6, 8, ..., --max-log2), f32 and bf16,
-LOMO and AdaLomo (defaults, lr 1e-4): liblomo is one step through its C API (lomo_native's
+LOMO and AdaLomo (defaults, lr 1e-4; LOMO also with ``nonfinite_policy="per_element"``, the
+one-pass policy): liblomo is one step through its C API (lomo_native's
 NumPy level: begin, one ``lomo_grad_submit``, end); lomo-optim its own update path
 (``grad_func`` over the one parameter, as ``benches/vs_lomo_optim.py`` times it); the floor a
 streaming copy moving the variant's minimum bytes (LOMO 3 × the element size: read g and p, write
@@ -80,13 +81,19 @@ def point(k, dtype, algorithm, reps):
     native = Native(algorithm)
     items = [(native.register("w", w), g)]
     t_ours = per_call_s(lambda: native.step(items, lr), reps)
+    t_elem = None
+    if algorithm == "lomo":  # the one-pass non-finite policy
+        w2 = torch.nn.Linear(cols, rows, bias=False).to(dtype).weight.data
+        one = Native(algorithm, nonfinite_policy="per_element")
+        items2 = [(one.register("w", w2), g)]
+        t_elem = per_call_s(lambda: one.step(items2, lr), reps)
     nbytes = (3 if algorithm == "lomo" else 5) * g.element_size() * n
     src = torch.ones(nbytes // 2, dtype=torch.uint8)
     dst = torch.zeros_like(src)
     t_floor = per_call_s(lambda: dst.copy_(src), reps)
     a, b = src.numpy(), dst.numpy()
     t_floor = min(t_floor, per_call_s(lambda: np.copyto(b, a), reps))
-    return n, t_ref, t_ours, t_floor
+    return n, t_ref, t_ours, t_floor, t_elem
 
 
 def main():
@@ -105,17 +112,19 @@ def main():
     print(f"# torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads}, "
           f"{args.clock} time, median of {args.reps}, load average {load:.1f} at the start")
     print("| algorithm | dtype | elements | lomo-optim ns/elem | liblomo ns/elem | floor ns/elem "
-          "| speed-up | liblomo / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| speed-up | liblomo / floor | liblomo per-element ns/elem |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = {}
     for algorithm in ("lomo", "adalomo"):
         for dtype in (torch.float32, torch.bfloat16):
             dt = str(dtype).replace("torch.", "")
             for k in ks:
-                n, t_ref, t_ours, t_floor = point(k, dtype, algorithm, args.reps)
-                results.setdefault((algorithm, dt), []).append((n, t_ref, t_ours, t_floor))
+                n, t_ref, t_ours, t_floor, t_elem = point(k, dtype, algorithm, args.reps)
+                results.setdefault((algorithm, dt), []).append((n, t_ref, t_ours, t_floor, t_elem))
+                el = f"{t_elem / n * 1e9:.3f}" if t_elem is not None else "—"
                 print(f"| {algorithm} | {dt} | 2^{k} | {t_ref / n * 1e9:.2f} | {t_ours / n * 1e9:.3f} "
-                      f"| {t_floor / n * 1e9:.3f} | {t_ref / t_ours:.1f}x | {t_floor / t_ours:.2f} |")
+                      f"| {t_floor / n * 1e9:.3f} | {t_ref / t_ours:.1f}x | {t_floor / t_ours:.2f} "
+                      f"| {el} |")
                 sys.stdout.flush()
     plot(results, args.out, load, args)
     print(f"wrote {args.out}")
@@ -128,12 +137,16 @@ def plot(results, out, load, args):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    colors = {"liblomo": "tab:blue", "lomo-optim 0.1.1": "tab:red", "floor (copy)": "0.3"}
+    colors = {"liblomo": "tab:blue", "lomo-optim 0.1.1": "tab:red", "floor (copy)": "0.3",
+              "liblomo per-element": "tab:cyan"}
     for ax, algorithm, title in zip(axes, ("lomo", "adalomo"), ("LOMO", "AdaLomo")):
         for dt, style in (("float32", "-"), ("bfloat16", "--")):
             rows = results[(algorithm, dt)]
             n = [r[0] for r in rows]
-            for idx, label in ((2, "liblomo"), (1, "lomo-optim 0.1.1"), (3, "floor (copy)")):
+            series = [(2, "liblomo"), (1, "lomo-optim 0.1.1"), (3, "floor (copy)")]
+            if algorithm == "lomo":
+                series.append((4, "liblomo per-element"))
+            for idx, label in series:
                 ax.plot(n, [r[idx] / r[0] * 1e9 for r in rows], style, marker="o", ms=3,
                         color=colors[label], label=f"{label}, {dt}")
         ax.set_xscale("log", base=2)
@@ -142,6 +155,7 @@ def plot(results, out, load, args):
         ax.set_xlabel("tensor elements")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("time per element (ns), log")
+    axes[0].legend(fontsize=7, loc="upper right")
     axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"CPU, {args.threads} thread(s), {args.clock} time (shared 2-vCPU VM, load "
                  f"average {load:.1f}); floor = streaming copy of the minimum bytes", fontsize=9)
