@@ -133,6 +133,16 @@ rm -rf "$hf_plot"
 # The GPU check's own script, on the emulated device: keeps it working between GPU sessions.
 LOMO_LIBRARY="$stage/emu/liblomo.so" "$VENV"/bin/python scripts/gpu_check.py parity --emulate
 LOMO_LIBRARY="$stage/emu/liblomo.so" "$VENV"/bin/python scripts/gpu_check.py bench --emulate > /dev/null
+# Smoke runs of the CPU benchmarks (tiny sizes, a few seconds; no time is asserted): the end to
+# end steps fail only when a fused step's peak memory exceeds LOMO's bound or a gradient outlives
+# its hook; the plot script must still produce its PNG.
+LOMO_LIBRARY="$PWD/target/release/liblomo.so" "$VENV"/bin/python benches/end_to_end.py \
+    --size tiny --reps 1 --rounds 1 --one-process --check > /dev/null
+bench_plot="$(mktemp -d)"
+LOMO_LIBRARY="$PWD/target/release/liblomo.so" "$VENV"/bin/python benches/cpu_floor_plot.py \
+    --max-log2 8 --reps 1 --out "$bench_plot/floor.png" > /dev/null
+test -s "$bench_plot/floor.png"
+rm -rf "$bench_plot"
 # ---- end of the Python binding block ---------------------------------------------------------
 
 # ---- libtorch C++ trainer (examples/cpp/libtorch) -- begin -------------------------------------

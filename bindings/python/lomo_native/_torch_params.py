@@ -5,6 +5,7 @@ deferred to the end of backward). Used by :mod:`lomo_native.torch`."""
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from typing import Optional
 
@@ -90,10 +91,15 @@ def state_order(perm):
 
 class Entry:
     """One registered parameter: its library id, name, a weak reference to the tensor (the
-    optimizer must not keep replaced parameters alive), its data address and layout."""
+    optimizer must not keep replaced parameters alive), its data address and layout.
+
+    ``fast`` (a contiguous CPU parameter of a supported dtype) marks the entries whose gradients
+    the hook may hand over on its short path (:func:`make_hook`); ``size`` (a ``torch.Size``),
+    ``c_pid``, ``c_code`` and ``c_numel`` (ctypes values of the id, dtype code and element
+    count) are computed once here so that the hook compares and passes them as they are."""
 
     __slots__ = ("pid", "name", "ref", "ptr", "perm", "shape", "strides", "dtype", "device",
-                 "handle")
+                 "handle", "fast", "size", "c_pid", "c_code", "c_numel")
 
     def __init__(self, pid: int, name: str, p: torch.Tensor, perm, handle=None):
         self.pid = pid
@@ -106,6 +112,12 @@ class Entry:
         self.dtype = p.dtype
         self.device = p.device
         self.handle = handle
+        code = _DTYPES.get(p.dtype)
+        self.fast = perm is None and p.device.type == "cpu" and code is not None
+        self.size = p.shape
+        self.c_pid = ctypes.c_uint32(pid)
+        self.c_code = ctypes.c_uint32(code if code is not None else 0)
+        self.c_numel = ctypes.c_uint64(p.numel())
 
     def param(self) -> Optional[torch.Tensor]:
         return self.ref()
@@ -149,8 +161,36 @@ def in_layout(e: Entry, g: torch.Tensor) -> torch.Tensor:
     return out.copy_(g)
 
 
+# The hook's short path calls lomo_grad_submit_checked through a function object of its own,
+# without the errcheck wrapper (the status is tested inline; a failure raises the same LomoError
+# through the library's errcheck). Built once per loaded library.
+_RAW_SUBMIT: list = [None, None]  # [library, function object]
+
+
+def _raw_submit(lib):
+    if _RAW_SUBMIT[0] is not lib:
+        fn = lib._FuncPtr(("lomo_grad_submit_checked", lib))
+        fn.argtypes = lib.lomo_grad_submit_checked.argtypes
+        fn.restype = ctypes.c_uint32
+        _RAW_SUBMIT[:] = [lib, fn]
+    return _RAW_SUBMIT[1]
+
+
 def make_hook(opt_ref, e: Entry):
-    """The post-accumulate-grad hook of one parameter: O(1), holds the optimizer weakly."""
+    """The post-accumulate-grad hook of one parameter: O(1), holds the optimizer weakly.
+
+    The usual case — a fused phase, a contiguous CPU parameter without a process group, a dense
+    contiguous gradient (a plain ``torch.Tensor``, no subclass such as DTensor) of the
+    parameter's shape, dtype and device, outside reentrant checkpoint segments — takes a short
+    path: the same checks as :func:`prepared_grad` made on values cached
+    in the entry, then one ctypes call with prebuilt arguments. Anything else (CUDA, layouts,
+    sparse or mismatched gradients, process groups, deferred gradients) goes through
+    ``opt._submit`` (``prepared_grad``'s checks and messages). A change to what ``_submit`` does
+    for some parameters must also keep them off the short path (``Entry.fast`` or the condition
+    below)."""
+    strided, plain = torch.strided, torch.Tensor
+    task_id = _graph_task_id
+    check_status = N.check
 
     def hook(p: torch.Tensor) -> None:
         opt = opt_ref()
@@ -159,13 +199,33 @@ def make_hook(opt_ref, e: Entry):
         if opt._phase is None:
             opt._stray = e.name  # a plain backward(): leave .grad as PyTorch would
             return
-        if p.grad is None:
+        g = p.grad
+        if g is None:
             return
         if p.data_ptr() != e.ptr:
             raise RuntimeError(f"'{e.name}' was moved or reallocated during the step (e.g. .to() "
                                "or .data = inside forward/backward)")
-        if opt._defers(e):
-            return  # .grad stays; later partial gradients accumulate into it
+        if opt._pending or opt._deferred_names:
+            if opt._defers(e):
+                return  # .grad stays; later partial gradients accumulate into it
+        else:
+            outer = opt._outer_task
+            if outer != -1 and task_id is not None:
+                task = task_id()
+                if task != -1 and task != outer and opt._defers(e):
+                    return
+        native = opt._native
+        if (e.fast and opt._pg_size is None and native._checked and type(g) is plain
+                and g.layout is strided
+                and g.dtype is e.dtype and g.shape == e.size and g.is_cpu
+                and g.is_contiguous()):
+            status = _raw_submit(native._lib)(native._handle, e.c_pid, g.data_ptr(), e.c_code,
+                                              e.c_numel, None)
+            if status:
+                check_status(status, "lomo_grad_submit_checked")
+            opt._submitted.add(e.name)
+            p.grad = None
+            return
         opt._submit(e, p)
 
     return hook
