@@ -44,6 +44,12 @@ struct AdaArgs {
   u32 rounding;
   u32 flags;
   u32 stats_blocks;  // finalize: the grid of the stats launch
+  // A piece of rows of a tensor held by several ranks (notes/distributed.md §3), else null: its
+  // record, all-reduced between the statistics and finalize — factored [Σ_i U_ij (C) ‖ D_j (C) ‖
+  // Σrow ‖ Σp² ‖ nf], vector [Σu² ‖ Σp² ‖ nf].
+  double* piece;
+  u64 global_rows;  // rows of the global [R, C] view (vector: global numel)
+  u64 elem_offset;  // global index of the piece's element 0 (stochastic rounding)
 };
 
 LOMO_DEV bool ada_need_psq(const AdaArgs& a) {
@@ -260,7 +266,8 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
       // Finite gradients whose f32 statistics overflow (|g/S| >~ 1.8e19 squares to inf) or
       // parameters whose RMS does: refused like a non-finite gradient, before finalize commits
       // any state (as the CPU backend).
-      if (bad_bits((float)(rs / (double)a.rows)) || bad_bits((float)sqrt(a.t->psq)))
+      if ((a.rows > 0 && bad_bits((float)(rs / (double)a.rows))) ||
+          bad_bits((float)sqrt(a.t->psq)))
         atomicOr(&a.t->bad, 1u);
     }
   }
@@ -272,67 +279,119 @@ LOMO_DEV void ada_check_scalars(LomoTensor* t) {
   if (bad_bits(t->decay) || bad_bits(t->neg_lr) || bad_bits(t->inv_clip)) atomicOr(&t->bad, 1u);
 }
 
+// Column j's sums over the stats blocks' partials (lane l of warp w: the blocks b ≡ w mod warps,
+// in block order, in f64, coalesced across the lanes), combined in warp order by warp 0 — a
+// fixed order for a given grid. Every thread of the block must call it (barriers).
+LOMO_DEV void ada_col_sums(const AdaArgs& a, u64 j, double sc[LOMO_WARPS][32],
+                           double sdd[LOMO_WARPS][32], double* ct, double* dt) {
+  const u64 cols = a.cols;
+  const u32 nb = a.stats_blocks;
+  const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  double c = 0.0, d = 0.0;
+  if (j < cols) {
+    // Batches of B blocks: every load of a batch is issued before the first is added.
+    const u32 B = 8;
+    u32 b = warp;
+    for (; b + (B - 1) * warps < nb; b += B * warps) {
+      float cv[B], dv[B];
+#pragma unroll
+      for (u32 q = 0; q < B; ++q) {
+        const u64 o = (u64)(b + q * warps) * 2 * cols + j;
+        cv[q] = a.col_part[o];
+        dv[q] = a.col_part[o + cols];
+      }
+#pragma unroll
+      for (u32 q = 0; q < B; ++q) {
+        c += (double)cv[q];
+        d += (double)dv[q];
+      }
+    }
+    for (; b < nb; b += warps) {
+      c += (double)a.col_part[(u64)b * 2 * cols + j];
+      d += (double)a.col_part[(u64)b * 2 * cols + cols + j];
+    }
+  }
+  sc[warp][lane] = c;
+  sdd[warp][lane] = d;
+  __syncthreads();
+  double c_t = 0.0, d_t = 0.0;
+  if (warp == 0) {
+    for (u32 w = 0; w < warps; ++w) {
+      c_t += sc[w][lane];
+      d_t += sdd[w][lane];
+    }
+  }
+  __syncthreads();
+  *ct = c_t;
+  *dt = d_t;
+}
+
+// A piece of rows, after the stats: its record (column sums as ada_col_sums forms them, Σrow,
+// Σp², the non-finite flag) for the ranks' all-reduce. Grid over tiles of 32 columns.
+LOMO_DEV void ada_piece_gather(const AdaArgs& a) {
+  __shared__ double sc[LOMO_WARPS][32];
+  __shared__ double sdd[LOMO_WARPS][32];
+  if (a.step->skip) return;
+  const u64 cols = a.cols;
+  const u64 tiles = (cols + 31) / 32;
+  for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const u64 j = tile * 32 + (threadIdx.x & 31);
+    double ct, dt;
+    ada_col_sums(a, j, sc, sdd, &ct, &dt);
+    if (threadIdx.x < 32 && j < cols) {
+      a.piece[j] = ct;
+      a.piece[cols + j] = dt;
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const bool bad = (a.t->bad & 1u) != 0;
+    a.piece[2 * cols] = a.rows > 0 ? a.t->row_sum : 0.0;
+    a.piece[2 * cols + 1] = a.t->psq;
+    a.piece[2 * cols + 2] = bad ? 1.0 : 0.0;
+  }
+}
+
 // Column state, r_i, c_j, Σu² and the step scalars (one instantiation: no gradient access).
-// Columns go in tiles of 32 (grid-stride over tiles): lane l of warp w sums column l's partials
-// of the stats blocks b ≡ w (mod warps) in f64, in block order (coalesced across the lanes), and
-// warp 0 combines the warps' sums in warp order — a fixed order for a given grid. Rows go
-// grid-stride over all threads.
+// Columns go in tiles of 32 (grid-stride over tiles), summed by ada_col_sums — or, for a piece,
+// read from the reduced record (global rows, Σrow and Σp² of every rank; its grid depends on
+// the columns alone, so every rank forms the same bits). Rows go grid-stride over all threads.
 LOMO_DEV void ada_finalize(const AdaArgs& a) {
   __shared__ double sc[LOMO_WARPS][32];
   __shared__ double sdd[LOMO_WARPS][32];
   __shared__ double sd[LOMO_WARPS];
   __shared__ u32 last;
   const LomoStep* st = a.step;
-  if (st->skip || a.t->bad) return;
-  const float beta = st->beta, omb = st->omb;
+  if (st->skip) return;
   const u64 rows = a.rows, cols = a.cols;
-  const float row_mean = (float)(a.t->row_sum / (double)rows);
-  const u32 nb = a.stats_blocks;
-  const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const double* pr = a.piece;
+  if (pr) {
+    if (pr[2 * cols + 2] != 0.0) {  // some rank's piece was not finite: skipped everywhere
+      if (blockIdx.x == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+      return;
+    }
+  } else if (a.t->bad) {
+    return;
+  }
+  const float beta = st->beta, omb = st->omb;
+  const u64 g_rows = pr ? a.global_rows : rows;
+  const float row_mean = (float)((pr ? pr[2 * cols] : a.t->row_sum) / (double)g_rows);
   double usq = 0.0;
   const u64 tiles = (cols + 31) / 32;
   for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const u64 j = tile * 32 + lane;
-    double c = 0.0, d = 0.0;
-    if (j < cols) {
-      // Batches of B blocks: every load of a batch is issued before the first is added.
-      const u32 B = 8;
-      u32 b = warp;
-      for (; b + (B - 1) * warps < nb; b += B * warps) {
-        float cv[B], dv[B];
-#pragma unroll
-        for (u32 q = 0; q < B; ++q) {
-          const u64 o = (u64)(b + q * warps) * 2 * cols + j;
-          cv[q] = a.col_part[o];
-          dv[q] = a.col_part[o + cols];
-        }
-#pragma unroll
-        for (u32 q = 0; q < B; ++q) {
-          c += (double)cv[q];
-          d += (double)dv[q];
-        }
-      }
-      for (; b < nb; b += warps) {
-        c += (double)a.col_part[(u64)b * 2 * cols + j];
-        d += (double)a.col_part[(u64)b * 2 * cols + cols + j];
-      }
+    const u64 j = tile * 32 + (threadIdx.x & 31);
+    double ct = 0.0, dt = 0.0;
+    if (!pr) ada_col_sums(a, j, sc, sdd, &ct, &dt);
+    else if (threadIdx.x < 32 && j < cols) {
+      ct = pr[j];
+      dt = pr[cols + j];
     }
-    sc[warp][lane] = c;
-    sdd[warp][lane] = d;
-    __syncthreads();
-    if (warp == 0 && j < cols) {
-      double ct = 0.0, dt = 0.0;
-      for (u32 w = 0; w < warps; ++w) {
-        ct += sc[w][lane];
-        dt += sdd[w][lane];
-      }
-      const float col_mean = (float)(ct / (double)rows);
+    if (threadIdx.x < 32 && j < cols) {
+      const float col_mean = (float)(ct / (double)g_rows);
       const float cn = fmaf(col_mean, omb, a.state_b[j] * beta);
       a.state_b[j] = cn;
       a.ws_c[j] = 1.0f / sqrtf(cn);
       usq += dt / (double)cn;
     }
-    __syncthreads();
   }
   for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows;
        i += (u64)gridDim.x * blockDim.x) {
@@ -351,8 +410,9 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
     const double total = block_sum_array(a.partials, gridDim.x, sd) * (double)row_mean;
     if (threadIdx.x == 0) {
       const double lr = (double)st->lr * a.lr_mult;
-      adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, total,
-                      rows * cols, a.t);
+      const double psq = pr ? pr[2 * cols + 1] : a.t->psq;
+      adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, psq, total, g_rows * cols,
+                      a.t);
       ada_check_scalars(a.t);
     }
   }
@@ -420,14 +480,14 @@ LOMO_DEV void ada_apply_rows(const AdaArgs& a) {
         u32 w[V];
         load_vec<P, V>(p, base + c0, pv);
         load_vec<G, V>(g, base + c0, gv);
-        random_words<V>(rc, base + c0, w);
+        random_words<V>(rc, a.elem_offset + base + c0, w);
         for (int k = 0; k < V; ++k)
           acc += ada_write(&pv[k], gv[k], rs * a.ws_c[c0 + k], xf, a.t, rc.sr, w[k], &ovf);
         store_vec<P, V>(p, base + c0, pv);
       }
     } else {
       for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
-        const u32 w = rc.sr ? random_word(rc, base + c) : 0u;
+        const u32 w = rc.sr ? random_word(rc, a.elem_offset + base + c) : 0u;
         acc += ada_write(&p[base + c], g[base + c], rs * a.ws_c[c], xf, a.t, rc.sr, w, &ovf);
       }
     }
@@ -474,7 +534,12 @@ LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
   if (last_block(&a.t->ticket, &last)) {
     const double us = block_sum_array(a.partials, gridDim.x, sd);
     const double ps = block_sum_array(a.partials + gridDim.x, gridDim.x, sd);
-    if (threadIdx.x == 0 && !load_fresh(&a.t->bad)) {
+    if (threadIdx.x == 0 && a.piece) {  // a piece: the record, reduced before vfinalize
+      a.t->psq = need_psq ? ps : a.t->psq_carried;
+      a.piece[0] = us;
+      a.piece[1] = a.t->psq;
+      a.piece[2] = (load_fresh(&a.t->bad) & 1u) ? 1.0 : 0.0;
+    } else if (threadIdx.x == 0 && !load_fresh(&a.t->bad)) {
       a.t->psq = need_psq ? ps : a.t->psq_carried;
       const double lr = (double)st->lr * a.lr_mult;
       adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, us, a.rows, a.t);
@@ -500,14 +565,29 @@ LOMO_DEV void ada_apply_vector(const AdaArgs& a) {
        i += (u64)gridDim.x * blockDim.x) {
     const float nv = a.ws_a[i];
     a.state_a[i] = nv;
-    const u32 w = rc.sr ? random_word(rc, i) : 0u;
+    const u32 w = rc.sr ? random_word(rc, a.elem_offset + i) : 0u;
     acc += ada_write(&p[i], g[i], 1.0f / sqrtf(nv), xf, a.t, rc.sr, w, &ovf);
   }
   ada_report_overflow(a, ovf, su);
   ada_carry_finish(a, (double)acc, sd, &last);
 }
 
+// A rank ≤ 1 piece after its record was reduced: the step scalars from the global Σu², Σp².
+LOMO_DEV void ada_vfinalize(const AdaArgs& a) {
+  if (a.step->skip || threadIdx.x != 0) return;
+  const double* pr = a.piece;
+  if (pr[2] != 0.0) {
+    atomicOr(&a.t->bad, 1u);
+    return;
+  }
+  const double lr = (double)a.step->lr * a.lr_mult;
+  adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, pr[1], pr[0], a.global_rows, a.t);
+  ada_check_scalars(a.t);
+}
+
 LOMO_KERNEL(adalomo_finalize, AdaArgs, ada_finalize(a))
+LOMO_KERNEL(adalomo_piece_gather, AdaArgs, ada_piece_gather(a))
+LOMO_KERNEL(adalomo_vfinalize, AdaArgs, ada_vfinalize(a))
 // Two resident blocks per multiprocessor: the stats kernel is latency-bound (one row in flight
 // per block), and its register-cached rows would otherwise take more than 128 registers.
 #define ADA_STATS(name, P, G) LOMO_KERNEL_OCC(name, AdaArgs, 2, (ada_stats_rows<P, G>(a)))

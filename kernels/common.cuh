@@ -59,6 +59,9 @@ struct LomoStep {
   u64 info_step;
 };
 
+// LomoTensor::flags: a replica whose Σg² another rank counts (LOMO_SHARD_NORM_DUPLICATE).
+#define LOMO_TENSOR_NORM_DUPLICATE 1u
+
 // One per registered tensor.
 struct LomoTensor {
   double sum_sq;          // NORM: Σ(g·inv_scale)² (0 when non-finite)
@@ -72,7 +75,7 @@ struct LomoTensor {
   float decay;            // AdaLomo: p ← fma(u, neg_lr, p·decay)
   float neg_lr;
   float inv_clip;         // 1 / max(1, RMS(u) / clip_threshold)
-  u32 pad0;
+  u32 flags;              // LOMO_TENSOR_NORM_DUPLICATE: its Σg² is counted on another rank
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -261,11 +264,16 @@ LOMO_DEV u32 random_word(const RoundCtx& rc, u64 e) {
   return philox_block(rc, e >> 2).v[e & 3];
 }
 
-// Words for V consecutive elements starting at e0 (a multiple of 4): one Philox call per 4.
+// Words for V consecutive elements starting at e0: one Philox call per 4 when e0 is a multiple
+// of 4 (a piece of a tensor may start anywhere: then element by element, the same words).
 template <int V>
 LOMO_DEV void random_words(const RoundCtx& rc, u64 e0, u32 out[V]) {
   if (!rc.sr) {
     for (int k = 0; k < V; ++k) out[k] = 0;
+    return;
+  }
+  if (e0 & 3u) {
+    for (int k = 0; k < V; ++k) out[k] = random_word(rc, e0 + k);
     return;
   }
   for (int k = 0; k < V; k += 4) {

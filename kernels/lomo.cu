@@ -23,6 +23,8 @@ struct LomoArgs {
   u64 seed;
   u32 prechecked;  // a clean NORM phase checked every gradient (no pre-check launch)
   u32 rounding;    // 0 nearest, 1 stochastic
+  const double* piece;  // a piece without a NORM phase: the reduced non-finite count
+  u64 elem_offset;      // global index of element 0 (stochastic rounding of a piece)
 };
 
 template <typename P, typename G>
@@ -49,6 +51,10 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
   const LomoStep* st = a.step;
   if (st->skip) return;
   if (!a.prechecked && (a.t->bad & 1u)) return;  // bit 1: the pre-check's non-finite gradient
+  if (!a.prechecked && a.piece && a.piece[0] != 0.0) {  // another rank's piece was not finite
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+    return;
+  }
   const double lr = (double)st->lr * a.lr_mult;
   const float decay = (float)(1.0 - lr * a.weight_decay);
   const float neg_lr = (float)(-lr);
@@ -69,14 +75,14 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
       u32 w[V];
       load_vec<P, V>(p, i * V, pv);
       load_vec<G, V>(g, i * V, gv);
-      random_words<V>(rc, i * V, w);
+      random_words<V>(rc, a.elem_offset + i * V, w);
       for (int k = 0; k < V; ++k) lomo_elem(&pv[k], gv[k], xf, decay, neg_lr, rc.sr, w[k], &bad);
       store_vec<P, V>(p, i * V, pv);
     }
     done = nv * V;
   }
   for (u64 i = done + tid; i < a.n; i += stride) {
-    u32 w = rc.sr ? random_word(rc, i) : 0u;
+    u32 w = rc.sr ? random_word(rc, a.elem_offset + i) : 0u;
     lomo_elem(&p[i], g[i], xf, decay, neg_lr, rc.sr, w, &bad);
   }
   const u32 any = block_or(bad, su);

@@ -6,7 +6,8 @@
 // One launch per tensor: every block accumulates its grid-stride share in f32 per thread, reduces
 // in f64, and publishes one partial; the last block (ticket) sums the partials in block order into
 // LomoTensor::sum_sq (0 when bad). Deterministic for a given grid. With check_only only the flag
-// is formed. inv_scale comes from the device LomoStep, so no host value is needed per step.
+// is formed (and, for a piece of a tensor, written to the piece's record as the f64 count that
+// the ranks all-reduce before the update reads it). inv_scale comes from the device LomoStep, so no host value is needed per step.
 #include "common.cuh"
 
 struct NormArgs {
@@ -17,6 +18,7 @@ struct NormArgs {
   double* partials;  // one slot per block
   u32 check_only;
   u32 pad;
+  double* piece;  // check_only on a piece of a tensor: its record, [non-finite (0 or 1)]
 };
 
 template <typename G>
@@ -76,7 +78,11 @@ LOMO_DEV void norm_body(const NormArgs& a) {
   }
   if (last_block(&a.t->ticket, &last)) {
     double s = block_sum_array(a.partials, gridDim.x, sd);
-    if (threadIdx.x == 0) a.t->sum_sq = (sum && load_fresh(&a.t->bad) == 0) ? s : 0.0;
+    if (threadIdx.x == 0) {
+      const u32 bad = load_fresh(&a.t->bad);
+      a.t->sum_sq = (sum && bad == 0) ? s : 0.0;
+      if (a.piece) a.piece[0] = (bad & 1u) ? 1.0 : 0.0;
+    }
   }
 }
 

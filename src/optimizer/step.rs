@@ -104,17 +104,18 @@ impl Optimizer {
             ),
         };
         let algorithm = self.config.algorithm;
-        if let Some(side) = &self.cuda {
-            let mut t = side.tensor(id, &grad)?;
-            orchestrate::tensor(&side.step(stream), algorithm, &mut t, &grad, &pass, None)?;
-            inner.epoch = self.epoch;
-            return Ok(());
-        }
-        let carry = matches!(pass, TensorPass::Update(u) if u.carry);
         let shard = param.shard.filter(|s| s.layout != Layout::Full);
         let piece_comm = shard
             .and_then(|s| s.piece_comm)
             .map(|c| &self.dist.comms[c as usize]);
+        if let Some(side) = &self.cuda {
+            let mut t = side.tensor(id, &grad)?;
+            let b = side.step(stream);
+            orchestrate::tensor(&b, algorithm, &mut t, &grad, &pass, piece_comm)?;
+            inner.epoch = self.epoch;
+            return Ok(());
+        }
+        let carry = matches!(pass, TensorPass::Update(u) if u.carry);
         let inner = &mut *inner;
         let ada = inner.ada.as_mut().map(|a| {
             let carried = if carry { a.carried_psq } else { None };

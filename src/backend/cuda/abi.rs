@@ -45,8 +45,12 @@ pub struct LomoTensor {
     pub decay: f32,
     pub neg_lr: f32,
     pub inv_clip: f32,
-    pub pad0: u32,
+    /// [`TENSOR_NORM_DUPLICATE`].
+    pub flags: u32,
 }
+
+/// `LomoTensor::flags`: a replica whose Σg² another rank counts (`LOMO_SHARD_NORM_DUPLICATE`).
+pub const TENSOR_NORM_DUPLICATE: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +62,8 @@ pub struct NormArgs {
     pub partials: DevPtr,
     pub check_only: u32,
     pub pad: u32,
+    /// A piece's record (check_only): its non-finite flag as f64; 0 otherwise.
+    pub piece: DevPtr,
 }
 
 #[repr(C)]
@@ -75,6 +81,10 @@ pub struct LomoArgs {
     pub seed: u64,
     pub prechecked: u32,
     pub rounding: u32,
+    /// A piece without a NORM phase: the reduced non-finite count; 0 otherwise.
+    pub piece: DevPtr,
+    /// Global index of element 0 (stochastic rounding of a piece).
+    pub elem_offset: u64,
 }
 
 /// `AdaArgs::flags`: carry Σp² between steps.
@@ -109,6 +119,12 @@ pub struct AdaArgs {
     pub rounding: u32,
     pub flags: u32,
     pub stats_blocks: u32,
+    /// A piece of rows: its statistics record (reduced between stats and finalize); 0 otherwise.
+    pub piece: DevPtr,
+    /// Rows of the global `[R, C]` view (vector: global numel).
+    pub global_rows: u64,
+    /// Global index of the piece's element 0.
+    pub elem_offset: u64,
 }
 
 #[repr(C)]
@@ -126,6 +142,11 @@ pub struct StepArgs {
     pub min_scale: f64,
     pub scale_window: u32,
     pub hysteresis: u32,
+    /// A distributed phase end: the device record `[Σg², non-finite count]`.
+    pub rec: DevPtr,
+    /// The end kernels read the reduced `rec` instead of gathering the tensor records.
+    pub reduced: u32,
+    pub pad: u32,
 }
 
 /// The argument of the `xla_*` kernels (kernels/xla.cu): records, operand scalars and results
@@ -194,7 +215,12 @@ mod tests {
             emu::arg_size("adalomo_finalize"),
             std::mem::size_of::<AdaArgs>()
         );
-        assert_eq!(emu::arg_size("step_begin"), std::mem::size_of::<StepArgs>());
+        for k in ["adalomo_piece_gather", "adalomo_vfinalize"] {
+            assert_eq!(emu::arg_size(k), std::mem::size_of::<AdaArgs>());
+        }
+        for k in ["step_begin", "step_gather"] {
+            assert_eq!(emu::arg_size(k), std::mem::size_of::<StepArgs>());
+        }
         for k in ["xla_prepare", "xla_norm_finish", "xla_update_finish"] {
             assert_eq!(emu::arg_size(k), std::mem::size_of::<XlaArgs>());
         }

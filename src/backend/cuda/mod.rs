@@ -21,6 +21,7 @@
 //! [`snapshot`]: crate::backend::cuda::snapshot
 
 pub mod abi;
+mod ada_passes;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;
@@ -32,6 +33,7 @@ pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub mod nvrtc_lib;
 pub mod passes;
+pub mod piece;
 #[cfg(feature = "cuda")]
 pub mod pointer;
 pub mod registry;

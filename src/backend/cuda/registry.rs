@@ -70,7 +70,11 @@ impl Module {
                 .collect(),
             Module::Lomo => pairs("lomo_update"),
             Module::Adalomo => {
-                let mut v = vec!["adalomo_finalize".to_owned()];
+                let mut v = vec![
+                    "adalomo_finalize".to_owned(),
+                    "adalomo_piece_gather".to_owned(),
+                    "adalomo_vfinalize".to_owned(),
+                ];
                 for k in [
                     "adalomo_stats",
                     "adalomo_apply",
@@ -85,6 +89,7 @@ impl Module {
                 "step_begin".into(),
                 "step_norm_end".into(),
                 "step_update_end".into(),
+                "step_gather".into(),
             ],
             Module::Xla => vec![
                 "xla_prepare".into(),

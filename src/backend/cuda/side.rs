@@ -193,6 +193,17 @@ impl CudaSide {
         self.dev.tensor(self.index[id as usize], g)
     }
 
+    /// Declares parameter `id` a piece of rows or the whole tensor (see [`DeviceOpt::set_shard`]).
+    pub fn set_shard(
+        &mut self,
+        id: u32,
+        piece: Option<super::piece::PieceSpec>,
+        norm_duplicate: bool,
+    ) -> Result<()> {
+        self.dev
+            .set_shard(self.index[id as usize], piece, norm_duplicate)
+    }
+
     /// The device step record (diagnostics, counters, scaler), copied back after the stream of
     /// the latest launch (synchronizes). The core turns it into its `StepInfo`.
     pub fn step_record(&self) -> Result<LomoStep> {
