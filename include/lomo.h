@@ -791,6 +791,45 @@ size_t lomo_last_error_message(char *buf, size_t len);
 bool lomo_cuda_available(void);
 
 /**
+ * Hands over `n` gradients of the active phase in one call: `param_ids[k]`, `grads[k]`,
+ * `grad_dtypes[k]` and `grad_counts[k]` are as `lomo_grad_submit_checked`'s `param_id`, `grad`,
+ * `grad_dtype` and `grad_count`. The result is that of submitting them one by one in this order;
+ * every entry is checked first (ids, element counts, duplicates in the batch or the phase, the
+ * buffers), so a bad entry returns its status with nothing changed. On CUDA the work is ordered
+ * on `stream` (as for `lomo_grad_submit`) and small whole tensors share launches: the NORM
+ * pass and LOMO's non-finite pre-check and update of up to 24 tensors of at most 8192 elements
+ * (and one gradient dtype, LOMO: one dtype pair) run as one multi-tensor kernel each, bit for
+ * bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one).
+ * On the CPU it is the same as the separate submits. `n` may be 0.
+ *
+ * Thread-safe as `lomo_grad_submit`, for batches of different parameters.
+ *
+ * # Safety
+ * If `opt` is NULL (or, with `n > 0`, any array) the call returns `LOMO_STATUS_NULL_ARGUMENT`;
+ * otherwise `opt` must come from `lomo_optimizer_new` and stay alive during the call, and each
+ * array must hold `n` readable entries. Each gradient buffer: as for `lomo_grad_submit_checked`.
+ */
+lomo_status lomo_grad_submit_batch(struct lomo_optimizer *opt,
+                                   size_t n,
+                                   const uint32_t *param_ids,
+                                   const void *const *grads,
+                                   const uint32_t *grad_dtypes,
+                                   const uint64_t *grad_counts,
+                                   void *stream);
+
+/**
+ * The number of kernels `opt` has launched on its CUDA device so far (diagnostics: the
+ * difference over a step is the step's launches; `lomo_grad_submit_batch` lowers it for small
+ * tensors). Host-side, no synchronization. `LOMO_STATUS_UNSUPPORTED` without CUDA parameters.
+ * Thread-safe.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and stay alive during the call, and `out` must be writable.
+ */
+lomo_status lomo_cuda_launch_count(const struct lomo_optimizer *opt, uint64_t *out);
+
+/**
  * Adds a communicator to `opt` between steps and writes its id (0, 1, ... in order) to
  * `*out_comm`. `*comm` is copied; `comm->user` stays the caller's and is passed to
  * `comm->destroy` (if any) when `opt` is freed, never when this call fails. `opt`, `comm`,

@@ -352,14 +352,39 @@ LOMO_DEV u32 block_or(u32 v, u32* scratch) {
   return total;
 }
 
+// The blocks of one tensor's pass: this block's index among them and their number — the launch's
+// own grid, or a tensor's share of a multi-tensor launch (kernels *_multi: each tensor keeps the
+// grid of its own launch, so its results are bit for bit those of that launch).
+struct Grid {
+  u32 bid;
+  u32 n;
+};
+
+LOMO_DEV Grid launch_grid() { return Grid{blockIdx.x, gridDim.x}; }
+
+// Multi-tensor launches (apex's multi_tensor_apply, by value in the argument struct): at most
+// this many tensors, each with its own grid of at most LOMO_MULTI_GRID blocks.
+#define LOMO_MULTI 24
+#define LOMO_MULTI_GRID 4
+
+// The tensor of a multi-tensor launch that block blockIdx.x works on: descriptors are in launch
+// order, tensor i owning blocks [block0_i, block0_i + grid_i).
+template <typename D>
+LOMO_DEV const D& multi_desc(const D* d, u32 n_tensors, Grid* g) {
+  u32 i = 0;
+  while (i + 1 < n_tensors && blockIdx.x >= d[i + 1].block0) ++i;
+  *g = Grid{blockIdx.x - d[i].block0, d[i].grid};
+  return d[i];
+}
+
 // "Last block finishes": after each block published its partial, the block that takes the last
-// ticket sees every partial (threadfence before the ticket) and resets the counter.
-LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
+// of `n_blocks` tickets sees every partial (threadfence before the ticket) and resets the counter.
+LOMO_DEV bool last_block(u32* ticket, u32* flag_smem, u32 n_blocks) {
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     u32 t = atomicAdd(ticket, 1u);
-    *flag_smem = (t == gridDim.x - 1) ? 1u : 0u;
+    *flag_smem = (t == n_blocks - 1) ? 1u : 0u;
   }
   __syncthreads();
   bool last = *flag_smem != 0;
@@ -368,6 +393,10 @@ LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
     if (threadIdx.x == 0) *ticket = 0;
   }
   return last;
+}
+
+LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
+  return last_block(ticket, flag_smem, gridDim.x);
 }
 
 // A flag other blocks of the running kernel set (atomicOr, performed in L2), read by the last

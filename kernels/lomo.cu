@@ -46,13 +46,13 @@ LOMO_DEV float lomo_elem(P* p, G g, const Xform& xf, float decay, float neg_lr, 
 }
 
 template <typename P, typename G>
-LOMO_DEV void lomo_body(const LomoArgs& a) {
+LOMO_DEV void lomo_body(const LomoArgs& a, const Grid grid) {
   __shared__ u32 su[LOMO_WARPS];
   const LomoStep* st = a.step;
   if (st->skip) return;
   if (!a.prechecked && (a.t->bad & 1u)) return;  // bit 1: the pre-check's non-finite gradient
   if (!a.prechecked && a.piece && a.piece[0] != 0.0) {  // another rank's piece was not finite
-    if (blockIdx.x == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+    if (grid.bid == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
     return;
   }
   const double lr = (double)st->lr * a.lr_mult;
@@ -63,8 +63,8 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
   P* p = static_cast<P*>(a.p);
   const G* g = static_cast<const G*>(a.g);
   const int V = VecWidth<P, G>::value;
-  const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-  const u64 stride = (u64)gridDim.x * blockDim.x;
+  const u64 tid = (u64)grid.bid * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)grid.n * blockDim.x;
   u32 bad = 0;
   u64 done = 0;
   if (vec_ok<P, G, V>(p, g)) {
@@ -89,5 +89,42 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
   if (any && threadIdx.x == 0) atomicOr(&a.t->bad, any);
 }
 
-#define LOMO_UPDATE(name, P, G) LOMO_KERNEL(name, LomoArgs, (lomo_body<P, G>(a)))
+// One tensor of a multi-tensor LOMO launch (its own grid; whole tensors only).
+struct LomoDesc {
+  void* p;
+  const void* g;
+  u64 n;
+  LomoTensor* t;
+  double lr_mult;
+  double weight_decay;
+  u32 param_id;
+  u32 grid;
+  u32 block0;
+  u32 pad;
+};
+
+// Up to LOMO_MULTI small tensors of one dtype pair in one launch, each exactly as its own launch.
+struct LomoMultiArgs {
+  LomoStep* step;
+  u64 seed;
+  float clip_value;
+  u32 prechecked;
+  u32 rounding;
+  u32 n_tensors;
+  LomoDesc d[LOMO_MULTI];
+};
+
+template <typename P, typename G>
+LOMO_DEV void lomo_multi_body(const LomoMultiArgs& m) {
+  Grid grid;
+  const LomoDesc& d = multi_desc(m.d, m.n_tensors, &grid);
+  const LomoArgs a = {d.p,      d.g,          d.n,        m.step,     d.t,          d.lr_mult,
+                      d.weight_decay, m.clip_value, d.param_id, m.seed, m.prechecked, m.rounding,
+                      nullptr,  0ull};
+  lomo_body<P, G>(a, grid);
+}
+
+#define LOMO_UPDATE(name, P, G) LOMO_KERNEL(name, LomoArgs, (lomo_body<P, G>(a, launch_grid())))
+#define LOMO_MULTI_UPDATE(name, P, G) LOMO_KERNEL(name, LomoMultiArgs, (lomo_multi_body<P, G>(a)))
 LOMO_FOR_DTYPE_PAIRS(LOMO_UPDATE, lomo_update)
+LOMO_FOR_DTYPE_PAIRS(LOMO_MULTI_UPDATE, lomo_multi)

@@ -74,6 +74,55 @@ pub fn tensor<B: Backend>(
     }
 }
 
+/// Several whole tensors' passes of one phase at once (`lomo_grad_submit_batch`): the results of
+/// [`tensor`] on each, with NORM and LOMO's passes (pre-check included) through the backend's
+/// batched calls ([`Backend::norm_many`], [`Backend::lomo_many`]: one launch for many small
+/// tensors on CUDA); AdaLomo tensor by tensor. `passes` are all NORM or all UPDATE; no tensor is
+/// a piece of a distributed one (those go through [`tensor`]).
+pub fn batch<B: Backend>(
+    b: &B,
+    algorithm: Algorithm,
+    ts: &mut [B::Tensor<'_>],
+    gs: &[RawBuf],
+    passes: &[TensorPass],
+) -> Result<()> {
+    let us: Vec<TensorUpdate> = passes
+        .iter()
+        .filter_map(|p| match p {
+            TensorPass::Update(u) => Some(*u),
+            TensorPass::Norm => None,
+        })
+        .collect();
+    if us.is_empty() {
+        return b.norm_many(ts, gs, false);
+    }
+    match algorithm {
+        Algorithm::Lomo => {
+            // As in `tensor`: the pre-check unless a NORM phase checked (or, per element, a
+            // whole tensor's one pass decides); tensors are independent, so all pre-checks may
+            // come first.
+            let check: Vec<bool> = us
+                .iter()
+                .map(|u| !(u.prechecked || u.per_element))
+                .collect();
+            if check.iter().all(|&c| c) {
+                b.norm_many(ts, gs, true)?;
+            } else {
+                for ((t, g), _) in ts.iter_mut().zip(gs).zip(&check).filter(|(_, &c)| c) {
+                    b.check_finite(t, g)?;
+                }
+            }
+            b.lomo_many(ts, gs, &us)
+        }
+        Algorithm::Adalomo => {
+            for ((t, g), p) in ts.iter_mut().zip(gs).zip(passes) {
+                tensor(b, algorithm, t, g, p, None)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The reduction point of a tensor's statistics, between `ada_stats` and `ada_apply` (and, for
 /// LOMO without a NORM phase, between `check_finite` and `lomo`): where a tensor held in pieces
 /// by several ranks all-reduces its partial record — AdaLomo's column sums, `D_j` sums, Σrow,

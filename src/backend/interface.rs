@@ -115,6 +115,38 @@ pub trait Backend {
     /// when the step is skipped or the record says the gradient is not finite.
     fn lomo(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
 
+    /// [`Backend::norm`] (or, `check_only`, [`Backend::check_finite`]) of several whole
+    /// tensors: the same results, in fewer launches where the backend can (CUDA: multi-tensor
+    /// kernels for small tensors). By default one by one.
+    fn norm_many(
+        &self,
+        ts: &mut [Self::Tensor<'_>],
+        gs: &[RawBuf],
+        check_only: bool,
+    ) -> Result<()> {
+        for (t, g) in ts.iter_mut().zip(gs) {
+            if check_only {
+                self.check_finite(t, g)?;
+            } else {
+                self.norm(t, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Backend::lomo`] of several whole tensors, as [`Backend::norm_many`].
+    fn lomo_many(
+        &self,
+        ts: &mut [Self::Tensor<'_>],
+        gs: &[RawBuf],
+        us: &[TensorUpdate],
+    ) -> Result<()> {
+        for ((t, g), u) in ts.iter_mut().zip(gs).zip(us) {
+            self.lomo(t, g, u)?;
+        }
+        Ok(())
+    }
+
     /// AdaLomo pass A: the new state (not yet committed), Σu² (via `D_j`), Σp² (unless
     /// carried) and the finite flag, into the tensor's workspace and record.
     fn ada_stats(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;

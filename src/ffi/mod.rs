@@ -5,6 +5,7 @@
 //! returns a status and leaves a per-thread message, and outputs are written only on success.
 
 pub mod api;
+pub mod batch;
 pub mod dist;
 pub mod guard;
 pub mod optimizer;

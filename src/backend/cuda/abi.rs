@@ -87,6 +87,60 @@ pub struct LomoArgs {
     pub elem_offset: u64,
 }
 
+/// Tensors of one multi-tensor launch (`LOMO_MULTI` in kernels/common.cuh).
+pub const MULTI: usize = 24;
+/// The largest own grid of a tensor in a multi-tensor launch (`LOMO_MULTI_GRID`).
+pub const MULTI_GRID: u32 = 4;
+
+/// One tensor of a multi-tensor NORM launch (kernels/norm.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NormDesc {
+    pub g: DevPtr,
+    pub n: u64,
+    pub t: DevPtr,
+    pub partials: DevPtr,
+    pub grid: u32,
+    pub block0: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NormMultiArgs {
+    pub step: DevPtr,
+    pub n_tensors: u32,
+    pub check_only: u32,
+    pub d: [NormDesc; MULTI],
+}
+
+/// One tensor of a multi-tensor LOMO launch (kernels/lomo.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LomoDesc {
+    pub p: DevPtr,
+    pub g: DevPtr,
+    pub n: u64,
+    pub t: DevPtr,
+    pub lr_mult: f64,
+    pub weight_decay: f64,
+    pub param_id: u32,
+    pub grid: u32,
+    pub block0: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LomoMultiArgs {
+    pub step: DevPtr,
+    pub seed: u64,
+    pub clip_value: f32,
+    pub prechecked: u32,
+    pub rounding: u32,
+    pub n_tensors: u32,
+    pub d: [LomoDesc; MULTI],
+}
+
 /// `AdaArgs::flags`: carry Σp² between steps.
 pub const ADA_CARRY: u32 = 1;
 /// `AdaArgs::flags`: column accumulators in dynamic shared memory.
@@ -214,6 +268,14 @@ mod tests {
         assert_eq!(
             emu::arg_size("adalomo_finalize"),
             std::mem::size_of::<AdaArgs>()
+        );
+        assert_eq!(
+            emu::arg_size("norm_multi_bf16"),
+            std::mem::size_of::<NormMultiArgs>()
+        );
+        assert_eq!(
+            emu::arg_size("lomo_multi_f32_bf16"),
+            std::mem::size_of::<LomoMultiArgs>()
         );
         for k in ["adalomo_piece_gather", "adalomo_vfinalize"] {
             assert_eq!(emu::arg_size(k), std::mem::size_of::<AdaArgs>());

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::abi::*;
-use super::launcher::Launcher;
+use super::launcher::{Counting, Launcher};
 use super::passes::{self, Bufs, Layout, Records, Shape, Tensor};
 use super::step::{CudaStep, CudaTensor, StepRecord};
 use crate::backend::RawBuf;
@@ -56,6 +56,8 @@ pub struct DeviceOpt {
     pub(super) scratch: DevPtr,
     /// The stream of the latest launch: read-backs and re-allocations wait for it.
     last_stream: AtomicUsize,
+    /// Counts the launches of this optimizer (`launcher` is it).
+    counting: Arc<Counting>,
 }
 
 impl Drop for DeviceOpt {
@@ -71,6 +73,8 @@ impl Drop for DeviceOpt {
 
 impl DeviceOpt {
     pub fn new(launcher: Arc<dyn Launcher>, cfg: &Config) -> Result<DeviceOpt> {
+        let counting = Arc::new(Counting::new(launcher));
+        let launcher: Arc<dyn Launcher> = counting.clone();
         let step = launcher.alloc(std::mem::size_of::<LomoStep>())?;
         let scale = cfg.initial_scale();
         let init = LomoStep {
@@ -126,6 +130,7 @@ impl DeviceOpt {
             max_blocks,
             scratch,
             last_stream: AtomicUsize::new(0),
+            counting,
         })
     }
 
@@ -290,6 +295,11 @@ impl DeviceOpt {
                 t: self.tensor_ptr(idx),
             },
         })
+    }
+
+    /// Kernels this optimizer has launched so far.
+    pub fn launches(&self) -> u64 {
+        self.counting.launches()
     }
 
     /// The stream of the latest launch (0 before any).

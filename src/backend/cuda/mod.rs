@@ -28,6 +28,7 @@ pub mod driver;
 #[cfg(feature = "cuda-emulation")]
 pub mod emu;
 pub mod launcher;
+pub mod multi;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]

@@ -44,9 +44,14 @@ impl Module {
         match self {
             Module::Norm => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/norm.cu")),
             Module::Lomo => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/lomo.cu")),
-            Module::Adalomo => {
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/adalomo.cu"))
-            }
+            // One program from two files: the statistics and apply, then finalize.
+            Module::Adalomo => concat!(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/adalomo.cu")),
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/kernels/adalomo_finalize.cu"
+                ))
+            ),
             Module::Step => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/step.cu")),
             Module::Xla => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/xla.cu")),
         }
@@ -66,9 +71,18 @@ impl Module {
         match self {
             Module::Norm => DType::all()
                 .iter()
-                .map(|g| format!("norm_sumsq_{}", g.as_str()))
+                .flat_map(|g| {
+                    [
+                        format!("norm_sumsq_{}", g.as_str()),
+                        format!("norm_multi_{}", g.as_str()),
+                    ]
+                })
                 .collect(),
-            Module::Lomo => pairs("lomo_update"),
+            Module::Lomo => {
+                let mut v = pairs("lomo_update");
+                v.extend(pairs("lomo_multi"));
+                v
+            }
             Module::Adalomo => {
                 let mut v = vec![
                     "adalomo_finalize".to_owned(),

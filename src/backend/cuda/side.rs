@@ -210,6 +210,11 @@ impl CudaSide {
         self.dev.read_step(self.dev.last_stream())
     }
 
+    /// Kernels this optimizer has launched so far (diagnostics: launches per step).
+    pub fn launches(&self) -> u64 {
+        self.dev.launches()
+    }
+
     /// Device address of the f32 loss scale for the next backward.
     pub fn loss_scale_ptr(&self) -> u64 {
         self.dev.loss_scale_ptr()

@@ -10,6 +10,7 @@
 
 use super::abi::{DevPtr, StepArgs, XlaArgs};
 use super::launcher::{Geometry, Launcher};
+use super::multi::{self, Item};
 use super::passes::{self, Records, Tensor, UpdateOpts, THREADS};
 use super::registry::Module;
 use crate::backend::interface::{Backend, PhaseBegin, Record, TensorUpdate};
@@ -80,6 +81,15 @@ fn dev(g: &RawBuf) -> DevPtr {
     g.addr as DevPtr
 }
 
+fn item(t: &CudaTensor, g: &RawBuf) -> Item {
+    Item {
+        tensor: t.tensor,
+        rec: t.rec,
+        g: dev(g),
+        g_dtype: g.dtype,
+    }
+}
+
 impl Backend for CudaStep<'_> {
     type Tensor<'t> = CudaTensor;
 
@@ -115,6 +125,17 @@ impl Backend for CudaStep<'_> {
         let o = self.opts(u);
         let l = self.launcher;
         t.tensor.lomo(l, t.rec, dev(g), g.dtype, &o, self.stream)
+    }
+
+    fn norm_many(&self, ts: &mut [CudaTensor], gs: &[RawBuf], check_only: bool) -> Result<()> {
+        let items: Vec<Item> = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
+        multi::norm_many(self.launcher, &items, check_only, self.stream)
+    }
+
+    fn lomo_many(&self, ts: &mut [CudaTensor], gs: &[RawBuf], us: &[TensorUpdate]) -> Result<()> {
+        let items: Vec<Item> = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
+        let opts: Vec<_> = us.iter().map(|u| self.opts(u)).collect();
+        multi::lomo_many(self.launcher, &items, &opts, self.stream)
     }
 
     fn ada_stats(&self, t: &mut CudaTensor, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
