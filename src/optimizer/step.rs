@@ -171,6 +171,7 @@ impl Optimizer {
                     self.params.len()
                 );
             };
+            passes.push(self.pass_for(id)?);
             bufs.push(param.grad_buf(addr, dtype)?);
             if grads[..k].iter().any(|g| g.0 == id) {
                 bail!(
@@ -186,7 +187,6 @@ impl Optimizer {
                     param.name
                 );
             }
-            passes.push(self.pass_for(id)?);
         }
         let Some(side) = &self.cuda else {
             for &(id, addr, dtype) in grads {

@@ -337,5 +337,7 @@ def test_submit_pointers_equals_one_by_one_and_checks_first():
     opt.submit_pointers(ids, [g.ctypes.data for g in gs], [0] * 3, [g.size for g in gs])
     opt.end()
     assert not np.array_equal(ps[0], init[0])
+    with pytest.raises(LomoError, match="no phase is active"):
+        opt.submit_pointers(ids, [g.ctypes.data for g in gs], [0] * 3, [g.size for g in gs])
     with pytest.raises(LomoError):  # no CUDA parameters
         opt.cuda_launch_count()
