@@ -32,6 +32,7 @@ fn build_emulation() {
         "kernels/norm.cu",
         "kernels/lomo.cu",
         "kernels/adalomo.cu",
+        "kernels/adalomo_finalize.cu",
         "kernels/step.cu",
         "kernels/xla.cu",
         "kernels/accum.cu",

@@ -378,9 +378,16 @@ typedef struct lomo_optimizer lomo_optimizer;
 /**
  * In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for everything the
  * library reduces so far) at `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the
- * communicator's group; every rank must end with the same bits. `buf` is host memory for CPU
- * parameters, valid only during the call; `stream` is NULL for them. Returns 0 on success; any
- * other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message carries it).
+ * communicator's group; every rank must end with the same bits. CPU parameters: `buf` is host
+ * memory, valid only during the call, and `stream` is NULL; reduce before returning. CUDA
+ * parameters: `buf` is device memory of the optimizer's device, written by kernels already
+ * enqueued on `stream` (the caller's `cudaStream_t` of the library call) and read by kernels
+ * enqueued after the callback returns: enqueue the collective on `stream` (e.g. `ncclAllReduce`
+ * on it, or torch.distributed under `torch.cuda.ExternalStream(stream)`) and return without
+ * waiting; the buffer stays valid for the optimizer's life. The library never synchronizes
+ * around the callback, except for the `LOMO_DIST_CHECK` record, which it copies back. Returns 0
+ * on success; any other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message
+ * carries it).
  */
 typedef int32_t (*lomo_all_reduce_fn)(void *user,
                                       void *buf,
@@ -878,6 +885,45 @@ size_t lomo_last_error_message(char *buf, size_t len);
 bool lomo_cuda_available(void);
 
 /**
+ * Hands over `n` gradients of the active phase in one call: `param_ids[k]`, `grads[k]`,
+ * `grad_dtypes[k]` and `grad_counts[k]` are as `lomo_grad_submit_checked`'s `param_id`, `grad`,
+ * `grad_dtype` and `grad_count`. The result is that of submitting them one by one in this order;
+ * every entry is checked first (ids, element counts, duplicates in the batch or the phase, the
+ * buffers), so a bad entry returns its status with nothing changed. On CUDA the work is ordered
+ * on `stream` (as for `lomo_grad_submit`) and small whole tensors share launches: the NORM
+ * pass and LOMO's non-finite pre-check and update of up to 24 tensors of at most 8192 elements
+ * (and one gradient dtype, LOMO: one dtype pair) run as one multi-tensor kernel each, bit for
+ * bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one).
+ * On the CPU it is the same as the separate submits. `n` may be 0.
+ *
+ * Thread-safe as `lomo_grad_submit`, for batches of different parameters.
+ *
+ * # Safety
+ * If `opt` is NULL (or, with `n > 0`, any array) the call returns `LOMO_STATUS_NULL_ARGUMENT`;
+ * otherwise `opt` must come from `lomo_optimizer_new` and stay alive during the call, and each
+ * array must hold `n` readable entries. Each gradient buffer: as for `lomo_grad_submit_checked`.
+ */
+lomo_status lomo_grad_submit_batch(struct lomo_optimizer *opt,
+                                   size_t n,
+                                   const uint32_t *param_ids,
+                                   const void *const *grads,
+                                   const uint32_t *grad_dtypes,
+                                   const uint64_t *grad_counts,
+                                   void *stream);
+
+/**
+ * The number of kernels `opt` has launched on its CUDA device so far (diagnostics: the
+ * difference over a step is the step's launches; `lomo_grad_submit_batch` lowers it for small
+ * tensors). Host-side, no synchronization. `LOMO_STATUS_UNSUPPORTED` without CUDA parameters.
+ * Thread-safe.
+ *
+ * # Safety
+ * If `opt` or `out` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
+ * come from `lomo_optimizer_new` and stay alive during the call, and `out` must be writable.
+ */
+lomo_status lomo_cuda_launch_count(const struct lomo_optimizer *opt, uint64_t *out);
+
+/**
  * Adds a communicator to `opt` between steps and writes its id (0, 1, ... in order) to
  * `*out_comm`. `*comm` is copied; `comm->user` stays the caller's and is passed to
  * `comm->destroy` (if any) when `opt` is freed, never when this call fails. `opt`, `comm`,
@@ -902,8 +948,10 @@ lomo_status lomo_comm_add(struct lomo_optimizer *opt,
  * flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
  * (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
  * by the global element index. Set the norm group with
- * `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CPU
- * parameters only (`LOMO_STATUS_UNSUPPORTED` for CUDA). `opt` and `desc` must not be NULL.
+ * `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CUDA
+ * parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` (the statistics record is device
+ * memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS` is `LOMO_STATUS_UNSUPPORTED`); the
+ * call allocates the piece's device record and synchronizes. `opt` and `desc` must not be NULL.
  *
  * # Safety
  * If `opt` or `desc` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
@@ -919,8 +967,11 @@ lomo_status lomo_param_set_shard(struct lomo_optimizer *opt,
  * one all-reduce (SUM) of `[Σg², non-finite count]` over `norm_comm`, so the clip coefficient,
  * the skip decision and the loss scaler are the same on every rank (`LOMO_COMM_NONE`: this rank
  * alone, the default); `lomo_step_info` then reports the global norm and the non-finite count
- * of every rank (`grads_submitted` stays this rank's). `flags`: 0 or `LOMO_DIST_CHECK`. CPU
- * parameters only. `opt` must not be NULL.
+ * of every rank (`grads_submitted` stays this rank's). `flags`: 0 or `LOMO_DIST_CHECK`. CUDA
+ * parameters: the record is gathered from the device tensor records and reduced on the
+ * `lomo_step_end` stream, then the decision kernel reads it (no host synchronization; with
+ * `LOMO_DIST_CHECK` the agreement record is staged through device memory and read back, which
+ * synchronizes). `opt` must not be NULL.
  *
  * # Safety
  * If `opt` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise it must come from

@@ -214,6 +214,13 @@ public:
     void submit_raw(uint32_t id, const void *grad, lomo_dtype dtype, void *stream = nullptr) {
         check(lomo_grad_submit(get(), id, grad, static_cast<uint32_t>(dtype), stream));
     }
+    /// Several gradients at once (`lomo_grad_submit_batch`): arrays of `n` ids, buffers, dtypes
+    /// and element counts; the same as `submit_raw` on each in order, every entry checked first.
+    /// On CUDA small tensors share launches.
+    void submit_batch(size_t n, const uint32_t *ids, const void *const *grads,
+                      const uint32_t *dtypes, const uint64_t *counts, void *stream = nullptr) {
+        check(lomo_grad_submit_batch(get(), n, ids, grads, dtypes, counts, stream));
+    }
     void step_end(void *stream = nullptr) { check(lomo_step_end(get(), stream)); }
     void step_cancel() { check(lomo_step_cancel(get())); }
 
@@ -229,6 +236,13 @@ public:
         const float *p = nullptr;
         check(lomo_cuda_loss_scale_ptr(get(), &p));
         return p;
+    }
+    /// Kernels launched on the CUDA device so far (`lomo_cuda_launch_count`; CUDA parameters
+    /// only, else lomo::Error with LOMO_STATUS_UNSUPPORTED).
+    uint64_t cuda_launch_count() const {
+        uint64_t n = 0;
+        check(lomo_cuda_launch_count(get(), &n));
+        return n;
     }
     lomo_step_info step_info() const {
         lomo_step_info info{};

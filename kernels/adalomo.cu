@@ -15,6 +15,8 @@
 // (pass C). Vector, two launches: stats (finishing with the scalars) and apply. Nothing is
 // committed when the gradient has a non-finite element (LomoTensor::bad) or the step is skipped.
 #include "common.cuh"
+// Finalize (adalomo_finalize, and the pieces' kernels) is in adalomo_finalize.cu, compiled
+// appended to this file as one program.
 
 #define ADA_CARRY 1u  // use Σp² carried from the last apply when valid; carry the written Σp²
 #define ADA_SMEM 2u   // stats keeps the column accumulators in dynamic shared memory
@@ -44,6 +46,12 @@ struct AdaArgs {
   u32 rounding;
   u32 flags;
   u32 stats_blocks;  // finalize: the grid of the stats launch
+  // A piece of rows of a tensor held by several ranks (notes/distributed.md §3), else null: its
+  // record, all-reduced between the statistics and finalize — factored [Σ_i U_ij (C) ‖ D_j (C) ‖
+  // Σrow ‖ Σp² ‖ nf], vector [Σu² ‖ Σp² ‖ nf].
+  double* piece;
+  u64 global_rows;  // rows of the global [R, C] view (vector: global numel)
+  u64 elem_offset;  // global index of the piece's element 0 (stochastic rounding)
 };
 
 LOMO_DEV bool ada_need_psq(const AdaArgs& a) {
@@ -260,7 +268,8 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
       // Finite gradients whose f32 statistics overflow (|g/S| >~ 1.8e19 squares to inf) or
       // parameters whose RMS does: refused like a non-finite gradient, before finalize commits
       // any state (as the CPU backend).
-      if (bad_bits((float)(rs / (double)a.rows)) || bad_bits((float)sqrt(a.t->psq)))
+      if ((a.rows > 0 && bad_bits((float)(rs / (double)a.rows))) ||
+          bad_bits((float)sqrt(a.t->psq)))
         atomicOr(&a.t->bad, 1u);
     }
   }
@@ -270,92 +279,6 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
 // gradient: it would write NaN or nothing at all.
 LOMO_DEV void ada_check_scalars(LomoTensor* t) {
   if (bad_bits(t->decay) || bad_bits(t->neg_lr) || bad_bits(t->inv_clip)) atomicOr(&t->bad, 1u);
-}
-
-// Column state, r_i, c_j, Σu² and the step scalars (one instantiation: no gradient access).
-// Columns go in tiles of 32 (grid-stride over tiles): lane l of warp w sums column l's partials
-// of the stats blocks b ≡ w (mod warps) in f64, in block order (coalesced across the lanes), and
-// warp 0 combines the warps' sums in warp order — a fixed order for a given grid. Rows go
-// grid-stride over all threads.
-LOMO_DEV void ada_finalize(const AdaArgs& a) {
-  __shared__ double sc[LOMO_WARPS][32];
-  __shared__ double sdd[LOMO_WARPS][32];
-  __shared__ double sd[LOMO_WARPS];
-  __shared__ u32 last;
-  const LomoStep* st = a.step;
-  if (st->skip || a.t->bad) return;
-  const float beta = st->beta, omb = st->omb;
-  const u64 rows = a.rows, cols = a.cols;
-  const float row_mean = (float)(a.t->row_sum / (double)rows);
-  const u32 nb = a.stats_blocks;
-  const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  double usq = 0.0;
-  const u64 tiles = (cols + 31) / 32;
-  for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const u64 j = tile * 32 + lane;
-    double c = 0.0, d = 0.0;
-    if (j < cols) {
-      // Batches of B blocks: every load of a batch is issued before the first is added.
-      const u32 B = 8;
-      u32 b = warp;
-      for (; b + (B - 1) * warps < nb; b += B * warps) {
-        float cv[B], dv[B];
-#pragma unroll
-        for (u32 q = 0; q < B; ++q) {
-          const u64 o = (u64)(b + q * warps) * 2 * cols + j;
-          cv[q] = a.col_part[o];
-          dv[q] = a.col_part[o + cols];
-        }
-#pragma unroll
-        for (u32 q = 0; q < B; ++q) {
-          c += (double)cv[q];
-          d += (double)dv[q];
-        }
-      }
-      for (; b < nb; b += warps) {
-        c += (double)a.col_part[(u64)b * 2 * cols + j];
-        d += (double)a.col_part[(u64)b * 2 * cols + cols + j];
-      }
-    }
-    sc[warp][lane] = c;
-    sdd[warp][lane] = d;
-    __syncthreads();
-    if (warp == 0 && j < cols) {
-      double ct = 0.0, dt = 0.0;
-      for (u32 w = 0; w < warps; ++w) {
-        ct += sc[w][lane];
-        dt += sdd[w][lane];
-      }
-      const float col_mean = (float)(ct / (double)rows);
-      const float cn = fmaf(col_mean, omb, a.state_b[j] * beta);
-      a.state_b[j] = cn;
-      a.ws_c[j] = 1.0f / sqrtf(cn);
-      usq += dt / (double)cn;
-    }
-    __syncthreads();
-  }
-  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows;
-       i += (u64)gridDim.x * blockDim.x) {
-    const float rn = a.ws_a[i];
-    a.state_a[i] = rn;
-    // rsqrt(row / mean(row)); a row far below the mean (a zero-gradient row next to rows of
-    // |g| >~ 1e7) underflows the quotient, and 1/0 would make its zero update inf * 0 = NaN:
-    // sqrt(mean) * rsqrt(row) represents it (as the CPU backend's row_scale).
-    float rs = 1.0f / sqrtf(rn / row_mean);
-    if (bad_bits(rs)) rs = fminf(sqrtf(row_mean) * (1.0f / sqrtf(rn)), 3.40282347e38f);
-    a.ws_r[i] = rs;
-  }
-  const double usq_b = block_sum(usq, sd);
-  if (threadIdx.x == 0) a.partials[blockIdx.x] = usq_b;
-  if (last_block(&a.t->ticket, &last)) {
-    const double total = block_sum_array(a.partials, gridDim.x, sd) * (double)row_mean;
-    if (threadIdx.x == 0) {
-      const double lr = (double)st->lr * a.lr_mult;
-      adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, total,
-                      rows * cols, a.t);
-      ada_check_scalars(a.t);
-    }
-  }
 }
 
 // Σp² of the written values (carry) in each block's partial; the last block publishes it.
@@ -420,14 +343,14 @@ LOMO_DEV void ada_apply_rows(const AdaArgs& a) {
         u32 w[V];
         load_vec<P, V>(p, base + c0, pv);
         load_vec<G, V>(g, base + c0, gv);
-        random_words<V>(rc, base + c0, w);
+        random_words<V>(rc, a.elem_offset + base + c0, w);
         for (int k = 0; k < V; ++k)
           acc += ada_write(&pv[k], gv[k], rs * a.ws_c[c0 + k], xf, a.t, rc.sr, w[k], &ovf);
         store_vec<P, V>(p, base + c0, pv);
       }
     } else {
       for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
-        const u32 w = rc.sr ? random_word(rc, base + c) : 0u;
+        const u32 w = rc.sr ? random_word(rc, a.elem_offset + base + c) : 0u;
         acc += ada_write(&p[base + c], g[base + c], rs * a.ws_c[c], xf, a.t, rc.sr, w, &ovf);
       }
     }
@@ -474,7 +397,12 @@ LOMO_DEV void ada_stats_vector(const AdaArgs& a) {
   if (last_block(&a.t->ticket, &last)) {
     const double us = block_sum_array(a.partials, gridDim.x, sd);
     const double ps = block_sum_array(a.partials + gridDim.x, gridDim.x, sd);
-    if (threadIdx.x == 0 && !load_fresh(&a.t->bad)) {
+    if (threadIdx.x == 0 && a.piece) {  // a piece: the record, reduced before vfinalize
+      a.t->psq = need_psq ? ps : a.t->psq_carried;
+      a.piece[0] = us;
+      a.piece[1] = a.t->psq;
+      a.piece[2] = (load_fresh(&a.t->bad) & 1u) ? 1.0 : 0.0;
+    } else if (threadIdx.x == 0 && !load_fresh(&a.t->bad)) {
       a.t->psq = need_psq ? ps : a.t->psq_carried;
       const double lr = (double)st->lr * a.lr_mult;
       adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, a.t->psq, us, a.rows, a.t);
@@ -500,14 +428,13 @@ LOMO_DEV void ada_apply_vector(const AdaArgs& a) {
        i += (u64)gridDim.x * blockDim.x) {
     const float nv = a.ws_a[i];
     a.state_a[i] = nv;
-    const u32 w = rc.sr ? random_word(rc, i) : 0u;
+    const u32 w = rc.sr ? random_word(rc, a.elem_offset + i) : 0u;
     acc += ada_write(&p[i], g[i], 1.0f / sqrtf(nv), xf, a.t, rc.sr, w, &ovf);
   }
   ada_report_overflow(a, ovf, su);
   ada_carry_finish(a, (double)acc, sd, &last);
 }
 
-LOMO_KERNEL(adalomo_finalize, AdaArgs, ada_finalize(a))
 // Two resident blocks per multiprocessor: the stats kernel is latency-bound (one row in flight
 // per block), and its register-cached rows would otherwise take more than 128 registers.
 #define ADA_STATS(name, P, G) LOMO_KERNEL_OCC(name, AdaArgs, 2, (ada_stats_rows<P, G>(a)))

@@ -59,6 +59,9 @@ struct LomoStep {
   u64 info_step;
 };
 
+// LomoTensor::flags: a replica whose Σg² another rank counts (LOMO_SHARD_NORM_DUPLICATE).
+#define LOMO_TENSOR_NORM_DUPLICATE 1u
+
 // One per registered tensor.
 struct LomoTensor {
   double sum_sq;          // NORM: Σ(g·inv_scale)² (0 when non-finite)
@@ -72,7 +75,7 @@ struct LomoTensor {
   float decay;            // AdaLomo: p ← fma(u, neg_lr, p·decay)
   float neg_lr;
   float inv_clip;         // 1 / max(1, RMS(u) / clip_threshold)
-  u32 pad0;
+  u32 flags;              // LOMO_TENSOR_NORM_DUPLICATE: its Σg² is counted on another rank
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -261,11 +264,16 @@ LOMO_DEV u32 random_word(const RoundCtx& rc, u64 e) {
   return philox_block(rc, e >> 2).v[e & 3];
 }
 
-// Words for V consecutive elements starting at e0 (a multiple of 4): one Philox call per 4.
+// Words for V consecutive elements starting at e0: one Philox call per 4 when e0 is a multiple
+// of 4 (a piece of a tensor may start anywhere: then element by element, the same words).
 template <int V>
 LOMO_DEV void random_words(const RoundCtx& rc, u64 e0, u32 out[V]) {
   if (!rc.sr) {
     for (int k = 0; k < V; ++k) out[k] = 0;
+    return;
+  }
+  if (e0 & 3u) {
+    for (int k = 0; k < V; ++k) out[k] = random_word(rc, e0 + k);
     return;
   }
   for (int k = 0; k < V; k += 4) {
@@ -344,14 +352,39 @@ LOMO_DEV u32 block_or(u32 v, u32* scratch) {
   return total;
 }
 
+// The blocks of one tensor's pass: this block's index among them and their number — the launch's
+// own grid, or a tensor's share of a multi-tensor launch (kernels *_multi: each tensor keeps the
+// grid of its own launch, so its results are bit for bit those of that launch).
+struct Grid {
+  u32 bid;
+  u32 n;
+};
+
+LOMO_DEV Grid launch_grid() { return Grid{blockIdx.x, gridDim.x}; }
+
+// Multi-tensor launches (apex's multi_tensor_apply, by value in the argument struct): at most
+// this many tensors, each with its own grid of at most LOMO_MULTI_GRID blocks.
+#define LOMO_MULTI 24
+#define LOMO_MULTI_GRID 4
+
+// The tensor of a multi-tensor launch that block blockIdx.x works on: descriptors are in launch
+// order, tensor i owning blocks [block0_i, block0_i + grid_i).
+template <typename D>
+LOMO_DEV const D& multi_desc(const D* d, u32 n_tensors, Grid* g) {
+  u32 i = 0;
+  while (i + 1 < n_tensors && blockIdx.x >= d[i + 1].block0) ++i;
+  *g = Grid{blockIdx.x - d[i].block0, d[i].grid};
+  return d[i];
+}
+
 // "Last block finishes": after each block published its partial, the block that takes the last
-// ticket sees every partial (threadfence before the ticket) and resets the counter.
-LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
+// of `n_blocks` tickets sees every partial (threadfence before the ticket) and resets the counter.
+LOMO_DEV bool last_block(u32* ticket, u32* flag_smem, u32 n_blocks) {
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     u32 t = atomicAdd(ticket, 1u);
-    *flag_smem = (t == gridDim.x - 1) ? 1u : 0u;
+    *flag_smem = (t == n_blocks - 1) ? 1u : 0u;
   }
   __syncthreads();
   bool last = *flag_smem != 0;
@@ -360,6 +393,10 @@ LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
     if (threadIdx.x == 0) *ticket = 0;
   }
   return last;
+}
+
+LOMO_DEV bool last_block(u32* ticket, u32* flag_smem) {
+  return last_block(ticket, flag_smem, gridDim.x);
 }
 
 // A flag other blocks of the running kernel set (atomicOr, performed in L2), read by the last

@@ -23,6 +23,8 @@ struct LomoArgs {
   u64 seed;
   u32 prechecked;  // a clean NORM phase checked every gradient (no pre-check launch)
   u32 rounding;    // 0 nearest, 1 stochastic
+  const double* piece;  // a piece without a NORM phase: the reduced non-finite count
+  u64 elem_offset;      // global index of element 0 (stochastic rounding of a piece)
 };
 
 template <typename P, typename G>
@@ -44,11 +46,15 @@ LOMO_DEV float lomo_elem(P* p, G g, const Xform& xf, float decay, float neg_lr, 
 }
 
 template <typename P, typename G>
-LOMO_DEV void lomo_body(const LomoArgs& a) {
+LOMO_DEV void lomo_body(const LomoArgs& a, const Grid grid) {
   __shared__ u32 su[LOMO_WARPS];
   const LomoStep* st = a.step;
   if (st->skip) return;
   if (!a.prechecked && (a.t->bad & 1u)) return;  // bit 1: the pre-check's non-finite gradient
+  if (!a.prechecked && a.piece && a.piece[0] != 0.0) {  // another rank's piece was not finite
+    if (grid.bid == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+    return;
+  }
   const double lr = (double)st->lr * a.lr_mult;
   const float decay = (float)(1.0 - lr * a.weight_decay);
   const float neg_lr = (float)(-lr);
@@ -57,8 +63,8 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
   P* p = static_cast<P*>(a.p);
   const G* g = static_cast<const G*>(a.g);
   const int V = VecWidth<P, G>::value;
-  const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-  const u64 stride = (u64)gridDim.x * blockDim.x;
+  const u64 tid = (u64)grid.bid * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)grid.n * blockDim.x;
   u32 bad = 0;
   u64 done = 0;
   if (vec_ok<P, G, V>(p, g)) {
@@ -69,19 +75,56 @@ LOMO_DEV void lomo_body(const LomoArgs& a) {
       u32 w[V];
       load_vec<P, V>(p, i * V, pv);
       load_vec<G, V>(g, i * V, gv);
-      random_words<V>(rc, i * V, w);
+      random_words<V>(rc, a.elem_offset + i * V, w);
       for (int k = 0; k < V; ++k) lomo_elem(&pv[k], gv[k], xf, decay, neg_lr, rc.sr, w[k], &bad);
       store_vec<P, V>(p, i * V, pv);
     }
     done = nv * V;
   }
   for (u64 i = done + tid; i < a.n; i += stride) {
-    u32 w = rc.sr ? random_word(rc, i) : 0u;
+    u32 w = rc.sr ? random_word(rc, a.elem_offset + i) : 0u;
     lomo_elem(&p[i], g[i], xf, decay, neg_lr, rc.sr, w, &bad);
   }
   const u32 any = block_or(bad, su);
   if (any && threadIdx.x == 0) atomicOr(&a.t->bad, any);
 }
 
-#define LOMO_UPDATE(name, P, G) LOMO_KERNEL(name, LomoArgs, (lomo_body<P, G>(a)))
+// One tensor of a multi-tensor LOMO launch (its own grid; whole tensors only).
+struct LomoDesc {
+  void* p;
+  const void* g;
+  u64 n;
+  LomoTensor* t;
+  double lr_mult;
+  double weight_decay;
+  u32 param_id;
+  u32 grid;
+  u32 block0;
+  u32 pad;
+};
+
+// Up to LOMO_MULTI small tensors of one dtype pair in one launch, each exactly as its own launch.
+struct LomoMultiArgs {
+  LomoStep* step;
+  u64 seed;
+  float clip_value;
+  u32 prechecked;
+  u32 rounding;
+  u32 n_tensors;
+  LomoDesc d[LOMO_MULTI];
+};
+
+template <typename P, typename G>
+LOMO_DEV void lomo_multi_body(const LomoMultiArgs& m) {
+  Grid grid;
+  const LomoDesc& d = multi_desc(m.d, m.n_tensors, &grid);
+  const LomoArgs a = {d.p,      d.g,          d.n,        m.step,     d.t,          d.lr_mult,
+                      d.weight_decay, m.clip_value, d.param_id, m.seed, m.prechecked, m.rounding,
+                      nullptr,  0ull};
+  lomo_body<P, G>(a, grid);
+}
+
+#define LOMO_UPDATE(name, P, G) LOMO_KERNEL(name, LomoArgs, (lomo_body<P, G>(a, launch_grid())))
+#define LOMO_MULTI_UPDATE(name, P, G) LOMO_KERNEL(name, LomoMultiArgs, (lomo_multi_body<P, G>(a)))
 LOMO_FOR_DTYPE_PAIRS(LOMO_UPDATE, lomo_update)
+LOMO_FOR_DTYPE_PAIRS(LOMO_MULTI_UPDATE, lomo_multi)

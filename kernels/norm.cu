@@ -6,7 +6,8 @@
 // One launch per tensor: every block accumulates its grid-stride share in f32 per thread, reduces
 // in f64, and publishes one partial; the last block (ticket) sums the partials in block order into
 // LomoTensor::sum_sq (0 when bad). Deterministic for a given grid. With check_only only the flag
-// is formed. inv_scale comes from the device LomoStep, so no host value is needed per step.
+// is formed (and, for a piece of a tensor, written to the piece's record as the f64 count that
+// the ranks all-reduce before the update reads it). inv_scale comes from the device LomoStep, so no host value is needed per step.
 #include "common.cuh"
 
 struct NormArgs {
@@ -17,10 +18,11 @@ struct NormArgs {
   double* partials;  // one slot per block
   u32 check_only;
   u32 pad;
+  double* piece;  // check_only on a piece of a tensor: its record, [non-finite (0 or 1)]
 };
 
 template <typename G>
-LOMO_DEV void norm_body(const NormArgs& a) {
+LOMO_DEV void norm_body(const NormArgs& a, const Grid grid) {
   __shared__ double sd[LOMO_WARPS];
   __shared__ u32 su[LOMO_WARPS];
   __shared__ u32 last;
@@ -28,8 +30,8 @@ LOMO_DEV void norm_body(const NormArgs& a) {
   const float inv = a.step->inv_scale;
   const bool sum = a.check_only == 0;
   const int V = 16 / (int)sizeof(G);
-  const u64 tid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-  const u64 stride = (u64)gridDim.x * blockDim.x;
+  const u64 tid = (u64)grid.bid * blockDim.x + threadIdx.x;
+  const u64 stride = (u64)grid.n * blockDim.x;
   float acc = 0.0f;
   u32 bad = 0;
   u64 done = 0;
@@ -71,15 +73,48 @@ LOMO_DEV void norm_body(const NormArgs& a) {
   double total = block_sum((double)acc, sd);
   u32 any_bad = block_or(bad, su);
   if (threadIdx.x == 0) {
-    a.partials[blockIdx.x] = total;
+    a.partials[grid.bid] = total;
     if (any_bad) atomicOr(&a.t->bad, 1u);
   }
-  if (last_block(&a.t->ticket, &last)) {
-    double s = block_sum_array(a.partials, gridDim.x, sd);
-    if (threadIdx.x == 0) a.t->sum_sq = (sum && load_fresh(&a.t->bad) == 0) ? s : 0.0;
+  if (last_block(&a.t->ticket, &last, grid.n)) {
+    double s = block_sum_array(a.partials, grid.n, sd);
+    if (threadIdx.x == 0) {
+      const u32 bad = load_fresh(&a.t->bad);
+      a.t->sum_sq = (sum && bad == 0) ? s : 0.0;
+      if (a.piece) a.piece[0] = (bad & 1u) ? 1.0 : 0.0;
+    }
   }
 }
 
-LOMO_KERNEL(norm_sumsq_f32, NormArgs, norm_body<float>(a))
-LOMO_KERNEL(norm_sumsq_f16, NormArgs, norm_body<lomo_h16>(a))
-LOMO_KERNEL(norm_sumsq_bf16, NormArgs, norm_body<lomo_b16>(a))
+// One tensor of a multi-tensor NORM launch (its own grid and partials).
+struct NormDesc {
+  const void* g;
+  u64 n;
+  LomoTensor* t;
+  double* partials;
+  u32 grid;
+  u32 block0;
+};
+
+// Up to LOMO_MULTI small gradients of one dtype in one launch, each exactly as its own launch.
+struct NormMultiArgs {
+  LomoStep* step;
+  u32 n_tensors;
+  u32 check_only;
+  NormDesc d[LOMO_MULTI];
+};
+
+template <typename G>
+LOMO_DEV void norm_multi_body(const NormMultiArgs& m) {
+  Grid grid;
+  const NormDesc& d = multi_desc(m.d, m.n_tensors, &grid);
+  const NormArgs a = {d.g, d.n, m.step, d.t, d.partials, m.check_only, 0u, nullptr};
+  norm_body<G>(a, grid);
+}
+
+LOMO_KERNEL(norm_sumsq_f32, NormArgs, norm_body<float>(a, launch_grid()))
+LOMO_KERNEL(norm_sumsq_f16, NormArgs, norm_body<lomo_h16>(a, launch_grid()))
+LOMO_KERNEL(norm_sumsq_bf16, NormArgs, norm_body<lomo_b16>(a, launch_grid()))
+LOMO_KERNEL(norm_multi_f32, NormMultiArgs, norm_multi_body<float>(a))
+LOMO_KERNEL(norm_multi_f16, NormMultiArgs, norm_multi_body<lomo_h16>(a))
+LOMO_KERNEL(norm_multi_bf16, NormMultiArgs, norm_multi_body<lomo_b16>(a))

@@ -5,7 +5,10 @@
 //                    coef = 1; UPDATE: lr = arg, β = 1 − (steps+1)^d (f64 → f32), and
 //                    has_norm = 0, skip = 0, coef = 1 when the host says no NORM phase ran in
 //                    this step (phase 2; a cancelled step's NORM results must not leak).
-//   step_norm_end:   S = Σ sum_sq over finite tensors (id order), overflow = any bad,
+//   step_gather:     (distributed) rec = [S, non-finite count] of this rank, all-reduced by the
+//                    caller's collective on the stream before the end kernel reads it (reduced).
+//   step_norm_end:   S = Σ sum_sq over finite tensors (id order; NORM_DUPLICATE ones count 0),
+//                    overflow = any bad,
 //                    coef = min(1, C / (sqrt(S) + 1e-6)) (f32) when C > 0 and no overflow,
 //                    skip = overflow.
 //   step_update_end: overflow = skip ∨ any bad; DeepSpeed's dynamic scaler rule in f64;
@@ -26,7 +29,43 @@ struct StepArgs {
   double min_scale;
   u32 scale_window;
   u32 hysteresis;
+  double* rec;  // distributed phase end: [Σg², non-finite count], gathered, then all-reduced
+  u32 reduced;  // the end kernels read the (all-reduced) rec instead of the tensor records
+  u32 pad;
 };
+
+// The phase totals of this rank's tensor records, in id order: Σ sum_sq over the finite
+// tensors not marked NORM_DUPLICATE, and the number of non-finite ones.
+LOMO_DEV void gather_totals(const StepArgs& a, double* total, u32* nonfinite) {
+  double t = 0.0;
+  u32 nf = 0;
+  for (u32 i = 0; i < a.n_tensors; ++i) {
+    if (a.tensors[i].bad) nf += 1;
+    else if (!(a.tensors[i].flags & LOMO_TENSOR_NORM_DUPLICATE)) t += a.tensors[i].sum_sq;
+  }
+  *total = t;
+  *nonfinite = nf;
+}
+
+// The phase totals as the end kernels use them: gathered here, or the reduced record.
+LOMO_DEV void phase_totals(const StepArgs& a, double* total, u32* nonfinite) {
+  if (a.reduced) {
+    *total = a.rec[0];
+    *nonfinite = (u32)a.rec[1];
+  } else {
+    gather_totals(a, total, nonfinite);
+  }
+}
+
+// A distributed phase end, before the all-reduce: this rank's totals into rec.
+LOMO_DEV void step_gather_body(const StepArgs& a) {
+  if (threadIdx.x != 0) return;
+  double total;
+  u32 nonfinite;
+  gather_totals(a, &total, &nonfinite);
+  a.rec[0] = total;
+  a.rec[1] = (double)nonfinite;
+}
 
 LOMO_DEV void step_begin_body(const StepArgs& a) {
   for (u32 i = threadIdx.x; i < a.n_tensors; i += blockDim.x) {
@@ -55,12 +94,9 @@ LOMO_DEV void step_begin_body(const StepArgs& a) {
 LOMO_DEV void step_norm_end_body(const StepArgs& a) {
   if (threadIdx.x != 0) return;
   LomoStep* s = a.step;
-  double total = 0.0;
-  u32 nonfinite = 0;
-  for (u32 i = 0; i < a.n_tensors; ++i) {
-    if (a.tensors[i].bad) nonfinite += 1;
-    else total += a.tensors[i].sum_sq;
-  }
+  double total;
+  u32 nonfinite;
+  phase_totals(a, &total, &nonfinite);
   const bool overflow = nonfinite > 0;
   float coef = 1.0f;
   if (a.clip_grad_norm > 0.0 && !overflow) {
@@ -96,8 +132,10 @@ LOMO_DEV void scaler_update(const StepArgs& a, LomoStep* s, bool overflow) {
 LOMO_DEV void step_update_end_body(const StepArgs& a) {
   if (threadIdx.x != 0) return;
   LomoStep* s = a.step;
-  u32 nonfinite = 0;
-  for (u32 i = 0; i < a.n_tensors; ++i) nonfinite += a.tensors[i].bad ? 1u : 0u;
+  double total;
+  u32 nonfinite;
+  phase_totals(a, &total, &nonfinite);
+  (void)total;
   const bool skipped = s->has_norm && s->skip;
   const bool overflow = skipped || nonfinite > 0;
   const float used = (float)s->scale;
@@ -122,3 +160,4 @@ LOMO_DEV void step_update_end_body(const StepArgs& a) {
 LOMO_KERNEL(step_begin, StepArgs, step_begin_body(a))
 LOMO_KERNEL(step_norm_end, StepArgs, step_norm_end_body(a))
 LOMO_KERNEL(step_update_end, StepArgs, step_update_end_body(a))
+LOMO_KERNEL(step_gather, StepArgs, step_gather_body(a))

@@ -6,6 +6,9 @@
 #      a CUDA graph and replayed, the PyTorch drop-ins, and lomo_native.jax when jax has CUDA,
 #   2. the benchmark: LOMO and AdaLomo on bf16 4096², 4096×11008, 32000×4096 against a measured
 #      device-to-device copy and lomo-optim 0.1.1, with kernel launches per step (gpu_check.py bench),
+#      then the launches per step of a Llama-2-7B-shaped registration (291 bf16 tensors, 13.5 GB),
+#      counted by the library (lomo_cuda_launch_count): gradients one by one, per layer and in one
+#      batch (lomo_grad_submit_batch, where small tensors share multi-tensor launches),
 #   3. compute-sanitizer memcheck and racecheck on a quick parity run, when compute-sanitizer exists.
 # Each part runs under its own time limit (T_PARITY, T_BENCH, T_SANITIZER seconds) and can be
 # skipped (SKIP_PARITY=1, SKIP_BENCH=1, SKIP_SANITIZER=1) for a rerun of one part.

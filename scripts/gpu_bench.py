@@ -1,6 +1,8 @@
 """lomo GPU benchmark (gpu_check.py bench): LOMO and AdaLomo on bf16 tensors, each phase timed by
 CUDA events against a measured device-to-device copy, the kernels of each phase with their times
-(CUPTI), and lomo-optim 0.1.1 on the same tensors when it is installed. LOMO_BENCH_SHAPES
+(CUPTI), and lomo-optim 0.1.1 on the same tensors when it is installed; then the kernel launches
+per step of a Llama-2-7B-shaped registration, counted by the library, with gradients submitted
+one by one and in batches (lomo_grad_submit_batch). LOMO_BENCH_SHAPES
 (e.g. "4096x4096,32000x4096") replaces the three default shapes; LOMO_BENCH_JSON names a file for
 the results."""
 import json
@@ -143,7 +145,74 @@ def bench():
                     row["lomo_optim_error"] = repr(e)
             out["rows"].append(row)
             print(json.dumps(row))
+    try:
+        out["launches_per_step"] = launches_per_step()
+    except Exception as e:  # noqa: BLE001 - report, keep the benchmark's results
+        print(f"launches per step failed: {e!r}")
+        out["launches_per_step_error"] = repr(e)
     return out
+
+
+def llama_shapes(d, f, v, layers):
+    """A Llama-shaped registration: embedding [v, d]; per layer q, k, v, o [d, d], gate and up
+    [f, d], down [d, f], two norm weights [d]; final norm [d]; head [v, d]."""
+    layer = [(d, d)] * 4 + [(f, d), (f, d), (d, f), (d,), (d,)]
+    return [(v, d)] + layer * layers + [(d,), (v, d)]
+
+
+def launches_per_step():
+    """Kernel launches per step of a Llama-2-7B-shaped registration (bf16; scaled down to d 128,
+    f 344, V 256, 4 layers under --emulate), counted by the library (lomo_cuda_launch_count):
+    gradients submitted one by one, per layer (9 per batch, as a trainer handing over a layer's
+    gradients at once) and as one batch (lomo_grad_submit_batch: small tensors share launches)."""
+    d, f, v, layers = (128, 344, 256, 4) if EMULATE else (4096, 11008, 32000, 32)
+    shapes = llama_shapes(d, f, v, layers)
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    big = torch.full((max(numels),), 1e-3, dtype=torch.bfloat16, device=DEV)
+    grads = [big[:n].view(s) for n, s in zip(numels, shapes)]
+    params = [torch.zeros(s, dtype=torch.bfloat16, device=DEV) for s in shapes]
+    s = stream_ptr()
+    rows = []
+    for name, algo, fields in [("LOMO, NORM + UPDATE", 0, {"clip_grad_norm": 1.0}),
+                               ("LOMO, UPDATE only", 0, {}),
+                               ("AdaLomo, UPDATE only", 1, {"loss_scale_mode": 0})]:
+        opt = Opt(algo, **fields)
+        for i, p in enumerate(params):
+            opt.register(f"p{i}", p, 0)
+        o = opt.o
+        phases = [0, 1] if "clip_grad_norm" in fields else [1]
+
+        def submit(mode):
+            if mode == "separate":
+                for i, g in enumerate(grads):
+                    o.submit_pointer(i, g.data_ptr(), 2, s, g.numel())
+                return
+            n = len(grads)
+            if mode == "per layer":  # the embedding, each layer's 9, the final norm and head
+                parts = [[0]] + [list(range(1 + 9 * k, 10 + 9 * k)) for k in range(layers)]
+                parts.append([n - 2, n - 1])
+            else:
+                parts = [list(range(n))]
+            for part in parts:
+                o.submit_pointers(part, [grads[i].data_ptr() for i in part], [2] * len(part),
+                                  [grads[i].numel() for i in part], s)
+
+        row = {"registration": f"Llama d={d} f={f} V={v} layers={layers} ({len(shapes)} tensors)",
+               "algo": name}
+        for mode in ["separate", "per layer", "one batch"]:
+            for phase in phases:  # a warm-up step: kernels compiled, counts unaffected
+                o.begin(phase, 1e-6, s)
+                submit(mode)
+                o.end(s)
+            before = o.cuda_launch_count()
+            for phase in phases:
+                o.begin(phase, 1e-6, s)
+                submit(mode)
+                o.end(s)
+            row[f"launches_{mode.replace(' ', '_')}"] = o.cuda_launch_count() - before
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
 
 
 def ref_time(algo, p, g, iters):

@@ -6,12 +6,13 @@
 //! a NORM phase) and per phase end (Σg², the non-finite count and, with `LOMO_DIST_CHECK`, the
 //! agreement record).
 //!
-//! Supported today: the CPU backend; pieces laid out as the whole tensor ([`Layout::Full`],
-//! optionally `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]),
-//! shape[-1]]` view ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) or a range
-//! of its columns ([`Layout::Cols`]: row-parallel weights), with already reduced gradients
-//! ([`GradMode::Reduced`]). Flat pieces and gradient reduction by the library are refused with
-//! `LOMO_STATUS_UNSUPPORTED`.
+//! Supported today: pieces laid out as the whole tensor ([`Layout::Full`], optionally
+//! `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]), shape[-1]]` view
+//! ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) — on the CPU and CUDA
+//! backends — or a range of its columns ([`Layout::Cols`]: row-parallel weights; CPU only), with
+//! already reduced gradients ([`GradMode::Reduced`]). On CUDA the records handed to the callback
+//! are device memory, reduced on the caller's stream. Flat pieces and gradient reduction by the
+//! library are refused with `LOMO_STATUS_UNSUPPORTED`.
 
 use std::ffi::c_void;
 
@@ -95,24 +96,44 @@ impl Comm {
     /// All-reduces `buf` in place over the group (`op` `LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), on
     /// the host (stream NULL). `what` names the record in the error message.
     pub fn all_reduce_f64(&self, buf: &mut [f64], op: u32, what: &str) -> Result<()> {
-        // SAFETY: `all_reduce` is the caller's callback with the documented contract; `buf` is
-        // `len` writable f64 values that live through the call.
+        // SAFETY: `buf` is `len` writable f64 values of host memory that live through the call.
+        unsafe { self.all_reduce_raw(buf.as_mut_ptr() as usize, buf.len(), op, 0, what) }
+    }
+
+    /// All-reduces `count` f64 values at `addr` in place over the group, enqueued on `stream`
+    /// (CUDA: `addr` is device memory and the callback orders the collective after the work
+    /// already on the stream; nothing waits for the device). `what` names the record in the
+    /// error message.
+    ///
+    /// # Safety
+    /// `addr` must hold `count` f64 values that the callback may read and write: host memory for
+    /// stream 0 on the CPU backend, device memory of the stream's device on CUDA, live until the
+    /// collective has run.
+    pub unsafe fn all_reduce_raw(
+        &self,
+        addr: usize,
+        count: usize,
+        op: u32,
+        stream: usize,
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: `all_reduce` is the caller's callback with the documented contract; the buffer
+        // is valid as the caller of this function guarantees.
         let rc = unsafe {
             (self.all_reduce)(
                 self.user as *mut c_void,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
+                addr as *mut c_void,
+                count,
                 COMM_DTYPE_F64,
                 op,
-                std::ptr::null_mut(),
+                stream as *mut c_void,
             )
         };
         if rc != 0 {
             bail!(
                 CommError,
-                "the all_reduce callback failed with code {rc} on {what} ({} f64 values; rank {} \
-                 of {}); nothing was changed by this call",
-                buf.len(),
+                "the all_reduce callback failed with code {rc} on {what} ({count} f64 values; \
+                 rank {} of {}); nothing was changed by this call",
                 self.rank,
                 self.size
             );
@@ -210,15 +231,20 @@ pub const CHECK_FIELDS: [&str; 5] = [
     "registered parameters",
 ];
 
-/// Reduces `values` (one per [`CHECK_FIELDS`]) with MAX over `(v, −v)` and fails with
-/// `DIST_MISMATCH` on every rank when any field differs between ranks.
-pub fn check_agreement(comm: &Comm, values: [f64; 5]) -> Result<()> {
+/// Reduces `values` (one per [`CHECK_FIELDS`]) with MAX over `(v, −v)` through `reduce` (an
+/// in-place MAX all-reduce of the record over the norm group: on the host, or staged through
+/// device memory by a CUDA backend) and fails with `DIST_MISMATCH` on every rank when any field
+/// differs between ranks.
+pub fn check_agreement(
+    values: [f64; 5],
+    reduce: impl FnOnce(&mut [f64], u32, &str) -> Result<()>,
+) -> Result<()> {
     let mut rec = [0f64; 10];
     for (k, v) in values.iter().enumerate() {
         rec[2 * k] = *v;
         rec[2 * k + 1] = -*v;
     }
-    comm.all_reduce_f64(
+    reduce(
         &mut rec,
         REDUCE_MAX,
         "the agreement record (LOMO_DIST_CHECK)",

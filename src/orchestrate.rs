@@ -17,7 +17,7 @@
 //! statistics (`notes/distributed.md` §3, §4.2), through the caller's communicator; for a whole
 //! tensor, and without a norm group, they exchange nothing.
 
-use crate::backend::{scalars, Backend, PhaseBegin, RawBuf, TensorUpdate};
+use crate::backend::{scalars, Backend, PhaseBegin, RawBuf, Record, TensorUpdate};
 use crate::config::Algorithm;
 use crate::dist::{self, Comm, REDUCE_SUM};
 use crate::error::Result;
@@ -88,6 +88,55 @@ pub fn accumulate<B: Backend>(
     b.accumulate(acc, g, op)
 }
 
+/// Several whole tensors' passes of one phase at once (`lomo_grad_submit_batch`): the results of
+/// [`tensor`] on each, with NORM and LOMO's passes (pre-check included) through the backend's
+/// batched calls ([`Backend::norm_many`], [`Backend::lomo_many`]: one launch for many small
+/// tensors on CUDA); AdaLomo tensor by tensor. `passes` are all NORM or all UPDATE; no tensor is
+/// a piece of a distributed one (those go through [`tensor`]).
+pub fn batch<B: Backend>(
+    b: &B,
+    algorithm: Algorithm,
+    ts: &mut [B::Tensor<'_>],
+    gs: &[RawBuf],
+    passes: &[TensorPass],
+) -> Result<()> {
+    let us: Vec<TensorUpdate> = passes
+        .iter()
+        .filter_map(|p| match p {
+            TensorPass::Update(u) => Some(*u),
+            TensorPass::Norm => None,
+        })
+        .collect();
+    if us.is_empty() {
+        return b.norm_many(ts, gs, false);
+    }
+    match algorithm {
+        Algorithm::Lomo => {
+            // As in `tensor`: the pre-check unless a NORM phase checked (or, per element, a
+            // whole tensor's one pass decides); tensors are independent, so all pre-checks may
+            // come first.
+            let check: Vec<bool> = us
+                .iter()
+                .map(|u| !(u.prechecked || u.per_element))
+                .collect();
+            if check.iter().all(|&c| c) {
+                b.norm_many(ts, gs, true)?;
+            } else {
+                for ((t, g), _) in ts.iter_mut().zip(gs).zip(&check).filter(|(_, &c)| c) {
+                    b.check_finite(t, g)?;
+                }
+            }
+            b.lomo_many(ts, gs, &us)
+        }
+        Algorithm::Adalomo => {
+            for ((t, g), p) in ts.iter_mut().zip(gs).zip(passes) {
+                tensor(b, algorithm, t, g, p, None)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The reduction point of a tensor's statistics, between `ada_stats` and `ada_apply` (and, for
 /// LOMO without a NORM phase, between `check_finite` and `lomo`): where a tensor held in pieces
 /// by several ranks all-reduces its partial record — AdaLomo's column sums, `D_j` sums, Σrow,
@@ -99,8 +148,25 @@ fn reduce_tensor_stats<B: Backend>(
     piece: Option<&Comm>,
 ) -> Result<()> {
     match (piece, b.partials(t)) {
-        (Some(comm), Some(rec)) => comm.all_reduce_f64(rec, REDUCE_SUM, "a tensor's statistics"),
+        (Some(comm), Some(rec)) => all_reduce(comm, rec, REDUCE_SUM, "a tensor's statistics"),
         _ => Ok(()),
+    }
+}
+
+/// All-reduces a backend's record in place over `comm`: a host record with stream NULL, a
+/// device record on its stream (the callback orders the collective after the kernels that
+/// wrote it; nothing waits for the device).
+fn all_reduce(comm: &Comm, rec: Record<'_>, op: u32, what: &str) -> Result<()> {
+    match rec {
+        Record::Host(rec) => comm.all_reduce_f64(rec, op, what),
+        // SAFETY: a device record of `count` f64 values that the backend allocated for this
+        // purpose and keeps for the optimizer's life; its writes and later reads are ordered on
+        // `stream`, which the callback receives.
+        Record::Device {
+            addr,
+            count,
+            stream,
+        } => unsafe { comm.all_reduce_raw(addr as usize, count, op, stream, what) },
     }
 }
 
@@ -136,36 +202,48 @@ impl PhaseTotals {
 }
 
 /// The reduction point of a phase: the agreement check (`LOMO_DIST_CHECK`), then one SUM record
-/// `[Σg², non-finite count]` over the norm group (`notes/distributed.md` §4.2). On CUDA the
-/// totals are gathered from the device tensor records by the phase-end kernel itself
-/// (`kernels/step.cu`), which would split here into gather, all-reduce on the stream, and
-/// decide (distributed CUDA steps are not supported yet).
-fn reduce_phase_totals(totals: &mut PhaseTotals, agree: Option<Agreement<'_>>) -> Result<()> {
+/// `[Σg², non-finite count]` over the norm group (`notes/distributed.md` §4.2) — the host's
+/// totals (CPU), or the record the backend gathers from its device tensor records on the
+/// stream (CUDA: `kernels/step.cu` step_gather), which the decision kernel then reads. Returns
+/// whether a backend record was reduced.
+fn reduce_phase_totals<B: Backend>(
+    b: &B,
+    update: bool,
+    totals: &mut PhaseTotals,
+    agree: Option<Agreement<'_>>,
+) -> Result<bool> {
     let Some(a) = agree else {
-        return Ok(());
+        return Ok(false);
     };
     if let Some(values) = a.check {
-        dist::check_agreement(a.comm, values)?;
+        dist::check_agreement(values, |rec, op, what| {
+            b.reduce_host(rec, &mut |r| all_reduce(a.comm, r, op, what))
+        })?;
+    }
+    if let Some(rec) = b.phase_record(update)? {
+        all_reduce(a.comm, rec, REDUCE_SUM, "the phase record")?;
+        return Ok(true);
     }
     let mut rec = [totals.sum_sq, totals.nonfinite as f64];
     a.comm
         .all_reduce_f64(&mut rec, REDUCE_SUM, "the phase record")?;
     totals.sum_sq = rec[0];
     totals.nonfinite = rec[1] as u32;
-    Ok(())
+    Ok(false)
 }
 
-/// Ends a phase: reduces the totals the host holds over `agree`'s group, then lets `b` decide
-/// on its step record. Returns the (reduced) totals for the host's own decisions
-/// ([`norm_decision`]); `submitted` stays this rank's count.
+/// Ends a phase: reduces the totals over `agree`'s group, then lets `b` decide on its step
+/// record. Returns the (reduced) host totals for the host's own decisions ([`norm_decision`]);
+/// `submitted` stays this rank's count. A CUDA backend's totals live on the device: they are
+/// reduced there and the host's are left as they were.
 pub fn end<B: Backend>(
     b: &B,
     update: bool,
     mut totals: PhaseTotals,
     agree: Option<Agreement<'_>>,
 ) -> Result<PhaseTotals> {
-    reduce_phase_totals(&mut totals, agree)?;
-    b.phase_end(update)?;
+    let reduced = reduce_phase_totals(b, update, &mut totals, agree)?;
+    b.phase_end(update, reduced)?;
     Ok(totals)
 }
 

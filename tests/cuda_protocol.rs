@@ -82,35 +82,3 @@ fn cancelling_keeps_the_device_counters() {
         );
     }
 }
-
-/// Distributed steps run on the CPU backend only so far: CUDA parameters and pieces, a norm
-/// group or a CUDA registration after one refuse each other with LOMO_STATUS_UNSUPPORTED.
-#[test]
-fn distributed_setups_refuse_cuda_parameters() {
-    use common::dist::{add_comm, dist_set, shard, Group};
-    use lomo::ffi::dist::{LOMO_COMM_NONE, LOMO_LAYOUT_ROWS};
-    std::env::set_var("LOMO_CUDA_EMULATE", "1");
-    let unsupported = lomo::Status::Unsupported as u32;
-    let group = Group::new(1);
-    // CUDA parameters first: no pieces, no norm group.
-    let opt = Opt::new(&config(1)).unwrap();
-    let mut p = Buf::new(F32, &[0.5; 64]);
-    let id = opt
-        .register_on("w", p.ptr(), F32, &[8, 8], 0, 0, 0)
-        .unwrap();
-    let comm = add_comm(&opt, &group, 0);
-    let e = shard(&opt, id, LOMO_LAYOUT_ROWS, &[8, 8], 0, comm, 0).unwrap_err();
-    assert_eq!(e.status, unsupported, "{e:?}");
-    let e = dist_set(&opt, comm, 0).unwrap_err();
-    assert_eq!(e.status, unsupported, "{e:?}");
-    dist_set(&opt, LOMO_COMM_NONE, 0).unwrap();
-    // A norm group first: no CUDA parameters.
-    let opt = Opt::new(&config(1)).unwrap();
-    let comm = add_comm(&opt, &group, 0);
-    dist_set(&opt, comm, 0).unwrap();
-    let mut q = Buf::new(F32, &[0.5; 64]);
-    let e = opt
-        .register_on("w", q.ptr(), F32, &[8, 8], 0, 0, 0)
-        .unwrap_err();
-    assert_eq!(e.status, unsupported, "{e:?}");
-}

@@ -7,6 +7,7 @@ mod common;
 use common::dist::*;
 use common::*;
 use lomo::ffi::dist::*;
+use lomo::ffi::types::LOMO_DEVICE_CPU;
 
 /// Two replicas of every tensor (tensor-parallel style), rank 1's marked NORM_DUPLICATE: the
 /// global norm, the clip coefficient and the parameters equal one rank's, bit for bit.
@@ -105,6 +106,18 @@ fn failing_callback_changes_nothing() {
 /// the same step_end on every rank (no hang), and can cancel the step.
 #[test]
 fn disagreeing_ranks_get_dist_mismatch() {
+    disagreeing_ranks(LOMO_DEVICE_CPU);
+}
+
+/// The same on the emulated CUDA backend (the agreement record staged through device memory).
+#[cfg(feature = "cuda-emulation")]
+#[test]
+fn disagreeing_cuda_ranks_get_dist_mismatch() {
+    std::env::set_var("LOMO_CUDA_EMULATE", "1");
+    disagreeing_ranks(0);
+}
+
+fn disagreeing_ranks(device: i32) {
     for mismatch in ["submissions", "lr"] {
         let group = Group::new(2);
         std::thread::scope(|s| {
@@ -118,7 +131,7 @@ fn disagreeing_ranks_get_dist_mismatch() {
                         .collect();
                     for (k, p) in ps.iter_mut().enumerate() {
                         let id = opt
-                            .register(&format!("p{k}"), p.ptr(), F32, &[6], 0)
+                            .register_on(&format!("p{k}"), p.ptr(), F32, &[6], device, 0, 0)
                             .unwrap();
                         shard(
                             &opt,

@@ -11,6 +11,7 @@ use common::dist::*;
 use common::*;
 use lomo::ffi::dist::*;
 use lomo::ffi::state::{lomo_state_deserialize, lomo_state_serialize, lomo_state_size};
+use lomo::ffi::types::LOMO_DEVICE_CPU;
 
 const RANKS: usize = 2;
 const SHAPE: [i64; 2] = [6, 4];
@@ -54,10 +55,18 @@ fn rank_opt(
         ),
     ];
     let m = opt
-        .register("m", bufs[0].ptr(), c.dtype, &m_local, 0)
+        .register_on("m", bufs[0].ptr(), c.dtype, &m_local, c.device, 0, 0)
         .unwrap();
     let v = opt
-        .register("v", bufs[1].ptr(), c.dtype, &[(vb - va) as i64], 0)
+        .register_on(
+            "v",
+            bufs[1].ptr(),
+            c.dtype,
+            &[(vb - va) as i64],
+            c.device,
+            0,
+            0,
+        )
         .unwrap();
     let layout = if c.cols {
         LOMO_LAYOUT_COLS
@@ -119,13 +128,26 @@ fn on_ranks<T: Send>(f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 
 #[test]
 fn a_resumed_distributed_run_equals_the_straight_run() {
+    resumed_equals_straight(LOMO_DEVICE_CPU, &[false, true]);
+}
+
+/// The same on the emulated CUDA backend (row pieces: columns are CPU only).
+#[cfg(feature = "cuda-emulation")]
+#[test]
+fn a_resumed_distributed_cuda_run_equals_the_straight_run() {
+    std::env::set_var("LOMO_CUDA_EMULATE", "1");
+    resumed_equals_straight(0, &[false]);
+}
+
+fn resumed_equals_straight(device: i32, layouts: &[bool]) {
     for algorithm in [0, 1] {
-        for cols in [false, true] {
+        for &cols in layouts {
             let c = Case {
                 cols,
                 dynamic: true,
                 dtype: BF16,
                 stochastic: true,
+                device,
                 ..case(algorithm)
             };
             let mut rng = Rng::new(17);

@@ -3,6 +3,7 @@
 #include "../norm.cu"
 #include "../lomo.cu"
 #include "../adalomo.cu"
+#include "../adalomo_finalize.cu"
 #include "../step.cu"
 #include "../xla.cu"
 #include "../accum.cu"

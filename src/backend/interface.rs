@@ -41,10 +41,12 @@
 //! A distributed step inserts its all-reduces in exactly two places, both in
 //! `crate::orchestrate`: between `ada_stats` (and each `ada_next_round`) and `ada_apply`, or
 //! `check_finite` and `lomo` (AdaLomo's per-tensor partial
-//! statistics: row/column sums, Σu² through `D_j`, Σp², the finite flag — on the CPU in the
-//! tensor's workspace and record, on CUDA in its device workspace and `LomoTensor`), and between
-//! the tensors of a phase and `phase_end` (the phase totals: Σg² of the finite tensors and the
-//! non-finite count). For whole tensors on one rank nothing is exchanged.
+//! statistics: row/column sums, Σu² through `D_j`, Σp², the finite flag — a [`Record`] from
+//! [`Backend::partials`]: on the CPU in host memory, on CUDA the piece's device record filled on
+//! the stream), and between the tensors of a phase and `phase_end` (the phase totals: Σg² of the
+//! finite tensors and the non-finite count — the host's on the CPU, a device record gathered by
+//! [`Backend::phase_record`] on CUDA, which `phase_end(.., reduced = true)` then reads). For
+//! whole tensors on one rank nothing is exchanged.
 //!
 //! # Ownership
 //!
@@ -126,6 +128,38 @@ pub trait Backend {
     /// when the step is skipped or the record says the gradient is not finite.
     fn lomo(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
 
+    /// [`Backend::norm`] (or, `check_only`, [`Backend::check_finite`]) of several whole
+    /// tensors: the same results, in fewer launches where the backend can (CUDA: multi-tensor
+    /// kernels for small tensors). By default one by one.
+    fn norm_many(
+        &self,
+        ts: &mut [Self::Tensor<'_>],
+        gs: &[RawBuf],
+        check_only: bool,
+    ) -> Result<()> {
+        for (t, g) in ts.iter_mut().zip(gs) {
+            if check_only {
+                self.check_finite(t, g)?;
+            } else {
+                self.norm(t, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Backend::lomo`] of several whole tensors, as [`Backend::norm_many`].
+    fn lomo_many(
+        &self,
+        ts: &mut [Self::Tensor<'_>],
+        gs: &[RawBuf],
+        us: &[TensorUpdate],
+    ) -> Result<()> {
+        for ((t, g), u) in ts.iter_mut().zip(gs).zip(us) {
+            self.lomo(t, g, u)?;
+        }
+        Ok(())
+    }
+
     /// AdaLomo pass A: the new state (not yet committed), Σu² (via `D_j`), Σp² (unless
     /// carried) and the finite flag, into the tensor's workspace and record.
     fn ada_stats(&self, t: &mut Self::Tensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()>;
@@ -149,12 +183,30 @@ pub trait Backend {
     /// The tensor's partial statistics as one f64 record to all-reduce (SUM) over the group of
     /// ranks holding its pieces, after `ada_stats` or `check_finite`; None when the tensor is
     /// whole on this rank (nothing to reduce). The layout is the backend's (CPU:
-    /// `cpu::ada_piece`); the core only reduces it.
-    fn partials<'s>(&self, t: &'s mut Self::Tensor<'_>) -> Option<&'s mut [f64]>;
+    /// `cpu::ada_piece`, in host memory; CUDA: the same layout in the piece's device record,
+    /// filled on the stream); the core only reduces it.
+    fn partials<'s>(&self, t: &'s mut Self::Tensor<'_>) -> Option<Record<'s>>;
 
-    /// Ends a phase on the step record from the (reduced) tensor records (CPU: the core decides
-    /// on the host, nothing to do here; CUDA: one single-block kernel).
-    fn phase_end(&self, update: bool) -> Result<()>;
+    /// A distributed phase end, before [`Backend::phase_end`]: the phase totals `[Σg² of the
+    /// finite tensors not marked NORM_DUPLICATE, non-finite count]` (f64) gathered where this
+    /// backend keeps its tensor records, for the core to all-reduce over the norm group. None:
+    /// the host holds the totals (CPU; the core reduces its own `PhaseTotals`). CUDA: one
+    /// single-block kernel gathers them into a device record on the stream.
+    fn phase_record(&self, update: bool) -> Result<Option<Record<'_>>>;
+
+    /// Hands a host record (the `LOMO_DIST_CHECK` agreement record) to `reduce`, the core's
+    /// in-place all-reduce: on the CPU as it is; on CUDA staged through device memory (copied
+    /// in, reduced on the stream, copied back: a synchronization, in the checking mode only).
+    fn reduce_host(
+        &self,
+        rec: &mut [f64],
+        reduce: &mut dyn FnMut(Record<'_>) -> Result<()>,
+    ) -> Result<()>;
+
+    /// Ends a phase on the step record from the tensor records (CPU: the core decides on the
+    /// host, nothing to do here; CUDA: one single-block kernel). `reduced`: the decision reads
+    /// the reduced record of [`Backend::phase_record`] instead of gathering the tensor records.
+    fn phase_end(&self, update: bool, reduced: bool) -> Result<()>;
 
     /// Gradient accumulation: applies `op` to the accumulation buffer `acc` (memory the core
     /// allocated on this backend's device) with the submitted gradient `g` ([`AccumOp`]).
@@ -166,4 +218,19 @@ pub trait Backend {
             "gradient accumulation buffers are not implemented on this backend"
         )
     }
+}
+
+/// A record of f64 values that the core all-reduces in place (statistics of a piece, phase
+/// totals).
+#[derive(Debug)]
+pub enum Record<'s> {
+    /// Host memory (the CPU backend); the callback gets stream NULL.
+    Host(&'s mut [f64]),
+    /// Device memory (the CUDA backend), written by kernels on `stream`: the callback is
+    /// handed `stream` and must order its collective after them (no host synchronization).
+    Device {
+        addr: u64,
+        count: usize,
+        stream: usize,
+    },
 }

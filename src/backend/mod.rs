@@ -15,7 +15,7 @@ pub mod cuda;
 pub mod interface;
 pub mod scalars;
 
-pub use interface::{AccumOp, Backend, PhaseBegin, TensorUpdate};
+pub use interface::{AccumOp, Backend, PhaseBegin, Record, TensorUpdate};
 
 use crate::dtype::DType;
 

@@ -49,9 +49,16 @@ pub const LOMO_DIST_CHECK: u32 = 1;
 
 /// In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for everything the
 /// library reduces so far) at `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the
-/// communicator's group; every rank must end with the same bits. `buf` is host memory for CPU
-/// parameters, valid only during the call; `stream` is NULL for them. Returns 0 on success; any
-/// other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message carries it).
+/// communicator's group; every rank must end with the same bits. CPU parameters: `buf` is host
+/// memory, valid only during the call, and `stream` is NULL; reduce before returning. CUDA
+/// parameters: `buf` is device memory of the optimizer's device, written by kernels already
+/// enqueued on `stream` (the caller's `cudaStream_t` of the library call) and read by kernels
+/// enqueued after the callback returns: enqueue the collective on `stream` (e.g. `ncclAllReduce`
+/// on it, or torch.distributed under `torch.cuda.ExternalStream(stream)`) and return without
+/// waiting; the buffer stays valid for the optimizer's life. The library never synchronizes
+/// around the callback, except for the `LOMO_DIST_CHECK` record, which it copies back. Returns 0
+/// on success; any other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message
+/// carries it).
 pub type lomo_all_reduce_fn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -212,8 +219,10 @@ pub unsafe extern "C" fn lomo_comm_add(
 /// flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
 /// (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
 /// by the global element index. Set the norm group with
-/// `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CPU
-/// parameters only (`LOMO_STATUS_UNSUPPORTED` for CUDA). `opt` and `desc` must not be NULL.
+/// `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CUDA
+/// parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` (the statistics record is device
+/// memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS` is `LOMO_STATUS_UNSUPPORTED`); the
+/// call allocates the piece's device record and synchronizes. `opt` and `desc` must not be NULL.
 ///
 /// # Safety
 /// If `opt` or `desc` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
@@ -249,8 +258,11 @@ pub unsafe extern "C" fn lomo_param_set_shard(
 /// one all-reduce (SUM) of `[Σg², non-finite count]` over `norm_comm`, so the clip coefficient,
 /// the skip decision and the loss scaler are the same on every rank (`LOMO_COMM_NONE`: this rank
 /// alone, the default); `lomo_step_info` then reports the global norm and the non-finite count
-/// of every rank (`grads_submitted` stays this rank's). `flags`: 0 or `LOMO_DIST_CHECK`. CPU
-/// parameters only. `opt` must not be NULL.
+/// of every rank (`grads_submitted` stays this rank's). `flags`: 0 or `LOMO_DIST_CHECK`. CUDA
+/// parameters: the record is gathered from the device tensor records and reduced on the
+/// `lomo_step_end` stream, then the decision kernel reads it (no host synchronization; with
+/// `LOMO_DIST_CHECK` the agreement record is staged through device memory and read back, which
+/// synchronizes). `opt` must not be NULL.
 ///
 /// # Safety
 /// If `opt` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise it must come from

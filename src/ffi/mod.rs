@@ -6,6 +6,7 @@
 
 pub mod accum;
 pub mod api;
+pub mod batch;
 pub mod dist;
 pub mod guard;
 pub mod optimizer;

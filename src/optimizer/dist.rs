@@ -6,6 +6,7 @@
 use super::{Optimizer, StepState};
 use crate::backend::cpu::adalomo::{AdaState, AdaWorkspace};
 use crate::backend::cpu::{ada_cols, ada_piece};
+use crate::backend::cuda::piece::PieceSpec;
 use crate::config::Algorithm;
 use crate::dist::{Comm, Layout, Shard, DIST_CHECK, SHARD_NORM_DUPLICATE};
 use crate::error::{bail, Result};
@@ -57,13 +58,6 @@ impl Optimizer {
         }
         if let Some(c) = norm_comm {
             self.dist.comm(c, "lomo_dist_set")?;
-            if self.cuda.is_some() {
-                bail!(
-                    Unsupported,
-                    "lomo_dist_set: this optimizer has CUDA parameters; distributed steps run \
-                     on the CPU backend only so far"
-                );
-            }
         }
         self.dist.norm_comm = norm_comm;
         self.dist.check = flags & DIST_CHECK != 0;
@@ -80,21 +74,21 @@ impl Optimizer {
             bail!(UnknownParam, "no parameter with id {id}");
         };
         let name = param.name.clone();
-        if param.device != Device::Cpu {
-            bail!(
-                Unsupported,
-                "'{name}': pieces of tensors are supported on the CPU backend only so far"
-            );
-        }
         if param.inner.get_mut().strided.is_some() {
             bail!(
                 Unsupported,
                 "'{name}': AdaLomo pieces must be contiguous (lomo_param_set_strides set a layout)"
             );
         }
+        let cuda = param.device != Device::Cpu;
         let layout = match d.layout {
             0 => Layout::Full,
             1 => Layout::Rows,
+            2 if cuda => bail!(
+                Unsupported,
+                "'{name}': LOMO_LAYOUT_COLS is supported on the CPU backend only so far (CUDA \
+                 parameters: LOMO_LAYOUT_FULL or LOMO_LAYOUT_ROWS)"
+            ),
             2 => Layout::Cols,
             3 => bail!(
                 Unsupported,
@@ -219,6 +213,28 @@ impl Optimizer {
             (_, Algorithm::Adalomo) => ada_piece::record_len(param.cols, factored),
             (_, Algorithm::Lomo) => 1,
         };
+        let norm_duplicate = d.flags & SHARD_NORM_DUPLICATE != 0;
+        let shard = Shard {
+            layout,
+            global_numel: g_numel,
+            global_rows: g_rows,
+            global_cols: g_cols,
+            elem_offset,
+            piece_comm: d.piece_comm,
+            norm_duplicate,
+        };
+        if cuda {
+            let Some(side) = self.cuda.as_mut() else {
+                bail!(Unsupported, "'{name}': CUDA parameter without a CUDA side");
+            };
+            let piece = (layout == Layout::Rows).then_some(PieceSpec {
+                global_rows: g_rows as u64,
+                elem_offset,
+            });
+            side.set_shard(id, piece, norm_duplicate)?;
+            param.shard = Some(shard);
+            return Ok(());
+        }
         // Everything the piece needs is allocated before anything changes: an allocation
         // failure (OUT_OF_MEMORY) leaves the parameter as it was.
         let mut inner = param.inner.lock();
@@ -249,15 +265,7 @@ impl Optimizer {
         }
         inner.dist_rec = dist_rec;
         drop(inner);
-        param.shard = Some(Shard {
-            layout,
-            global_numel: g_numel,
-            global_rows: g_rows,
-            global_cols: g_cols,
-            elem_offset,
-            piece_comm: d.piece_comm,
-            norm_duplicate: d.flags & SHARD_NORM_DUPLICATE != 0,
-        });
+        param.shard = Some(shard);
         Ok(())
     }
 

@@ -274,12 +274,6 @@ impl Optimizer {
                     desc.name
                 )
             }
-            Device::Cuda(_) if self.dist.norm_comm.is_some() => bail!(
-                Unsupported,
-                "parameter '{}' is on CUDA, but this optimizer is distributed (lomo_dist_set): \
-                 distributed steps run on the CPU backend only so far",
-                desc.name
-            ),
             Device::Cpu if self.cuda.is_some() => bail!(
                 DeviceMismatch,
                 "parameter '{}' is on the CPU, but this optimizer already has CUDA parameters: \

@@ -112,36 +112,22 @@ impl Optimizer {
                 inner.epoch = self.epoch;
                 return Ok(());
             }
-            (StepState::Norm, _) => TensorPass::Norm,
-            (StepState::Update { norm, .. }, _) => {
-                let group = self.groups[&param.group];
-                TensorPass::Update(TensorUpdate {
-                    param_id: id,
-                    lr_multiplier: group.lr_multiplier,
-                    weight_decay: group.weight_decay,
-                    prechecked: norm.is_some(),
-                    per_element: self.config.nonfinite == NonFinitePolicy::PerElement,
-                    carry: param.flags & PARAM_FLAG_CARRY_RMS != 0,
-                })
-            }
-            _ => bail!(
-                PhaseError,
-                "no phase is active: call lomo_step_begin before submitting gradients"
-            ),
+            _ => self.pass_for(id)?,
         };
         let grad = self.accum_grad(id, &mut inner, grad, stream)?;
         let algorithm = self.config.algorithm;
-        if let Some(side) = &self.cuda {
-            let mut t = side.tensor(id, &grad)?;
-            orchestrate::tensor(&side.step(stream), algorithm, &mut t, &grad, &pass, None)?;
-            inner.epoch = self.epoch;
-            return Ok(());
-        }
-        let carry = matches!(pass, TensorPass::Update(u) if u.carry);
         let shard = param.shard.filter(|s| s.layout != Layout::Full);
         let piece_comm = shard
             .and_then(|s| s.piece_comm)
             .map(|c| &self.dist.comms[c as usize]);
+        if let Some(side) = &self.cuda {
+            let mut t = side.tensor(id, &grad)?;
+            let b = side.step(stream);
+            orchestrate::tensor(&b, algorithm, &mut t, &grad, &pass, piece_comm)?;
+            inner.epoch = self.epoch;
+            return Ok(());
+        }
+        let carry = matches!(pass, TensorPass::Update(u) if u.carry);
         let inner = &mut *inner;
         // A non-contiguous AdaLomo layout: the step runs on logical-order copies (the parameter
         // only in UPDATE phases), and the written parameter is copied back below.
@@ -183,6 +169,106 @@ impl Optimizer {
         inner.finite = finite;
         if let (Some(w), Some(a)) = (written, inner.ada.as_mut()) {
             a.carried_psq = w;
+        }
+        Ok(())
+    }
+
+    /// What parameter `id`'s gradient does in the active phase.
+    fn pass_for(&self, id: u32) -> Result<TensorPass> {
+        let param = &self.params[id as usize];
+        Ok(match self.state {
+            StepState::Norm => TensorPass::Norm,
+            StepState::Update { norm, .. } => {
+                let group = self.groups[&param.group];
+                TensorPass::Update(TensorUpdate {
+                    param_id: id,
+                    lr_multiplier: group.lr_multiplier,
+                    weight_decay: group.weight_decay,
+                    prechecked: norm.is_some(),
+                    per_element: self.config.nonfinite == NonFinitePolicy::PerElement,
+                    carry: param.flags & PARAM_FLAG_CARRY_RMS != 0,
+                })
+            }
+            _ => bail!(
+                PhaseError,
+                "no phase is active: call lomo_step_begin before submitting gradients"
+            ),
+        })
+    }
+
+    /// Hands over several gradients at once (`lomo_grad_submit_batch`): `(id, address, dtype)`
+    /// each. The result is that of submitting them one by one in this order; every check (ids,
+    /// duplicates in the phase or the batch, buffers, the phase) is made before anything runs,
+    /// so a bad entry changes nothing. CUDA parameters: small whole tensors share multi-tensor
+    /// launches (NORM, LOMO's pre-check and update); pieces of distributed tensors and AdaLomo
+    /// tensors run as single submits. CPU parameters, and every phase while gradient
+    /// accumulation is on (`lomo_accum_enable`): one by one.
+    pub fn submit_batch_on(&self, grads: &[(u32, usize, DType)], stream: usize) -> Result<()> {
+        let mut passes = Vec::with_capacity(grads.len());
+        let mut bufs = Vec::with_capacity(grads.len());
+        for (k, &(id, addr, dtype)) in grads.iter().enumerate() {
+            let Some(param) = self.params.get(id as usize) else {
+                bail!(
+                    UnknownParam,
+                    "batch entry {k}: no parameter with id {id} ({} registered)",
+                    self.params.len()
+                );
+            };
+            if self.state != StepState::Accumulate {
+                passes.push(self.pass_for(id)?);
+            }
+            bufs.push(param.grad_buf(addr, dtype)?);
+            if grads[..k].iter().any(|g| g.0 == id) {
+                bail!(
+                    DuplicateGradient,
+                    "batch entry {k}: the gradient of '{}' appears twice in the batch",
+                    param.name
+                );
+            }
+            if param.inner.lock().epoch == self.epoch {
+                bail!(
+                    DuplicateGradient,
+                    "batch entry {k}: the gradient of '{}' was already submitted in this phase",
+                    param.name
+                );
+            }
+        }
+        // CPU parameters, and every step with gradient accumulation on (an ACCUMULATE phase
+        // adds into the buffers; the last micro-batch completes them): one by one, each through
+        // `submit_on`, after the checks above.
+        let side = match &self.cuda {
+            Some(side) if self.accum.is_none() => side,
+            _ => {
+                for &(id, addr, dtype) in grads {
+                    self.submit_on(id, addr, dtype, stream)?;
+                }
+                return Ok(());
+            }
+        };
+        // Every tensor (and its gradient's buffer check) before anything is enqueued.
+        let mut whole = (Vec::new(), Vec::new(), Vec::new());
+        let mut pieces = Vec::new();
+        for (k, &(id, ..)) in grads.iter().enumerate() {
+            let t = side.tensor(id, &bufs[k])?;
+            let param = &self.params[id as usize];
+            match param.shard.filter(|s| s.layout != Layout::Full) {
+                Some(s) => pieces.push((t, k, s.piece_comm)),
+                None => {
+                    whole.0.push(t);
+                    whole.1.push(bufs[k]);
+                    whole.2.push(passes[k]);
+                }
+            }
+        }
+        let b = side.step(stream);
+        let algorithm = self.config.algorithm;
+        orchestrate::batch(&b, algorithm, &mut whole.0, &whole.1, &whole.2)?;
+        for (mut t, k, comm) in pieces {
+            let comm = comm.map(|c| &self.dist.comms[c as usize]);
+            orchestrate::tensor(&b, algorithm, &mut t, &bufs[k], &passes[k], comm)?;
+        }
+        for &(id, ..) in grads {
+            self.params[id as usize].inner.lock().epoch = self.epoch;
         }
         Ok(())
     }

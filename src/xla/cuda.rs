@@ -307,6 +307,7 @@ pub fn grad_sum_sq(plan: &NormPlan<'_>, stream: *mut c_void) -> XResult<()> {
                 bufs: call.ws.ws.bufs,
                 p: 0,
                 p_dtype: DType::F32,
+                piece: None,
             };
             let rec = call.records(i);
             (CudaTensor { tensor, rec }, raw(g, addr(&g.buf)))
@@ -343,6 +344,7 @@ pub fn lomo_update(plan: &LomoPlan<'_>, stream: *mut c_void) -> XResult<()> {
         bufs: call.ws.ws.bufs,
         p,
         p_dtype: plan.param_dtype,
+        piece: None,
     };
     call.update_one(t, raw(&plan.grad, g), a, &plan.opts)
 }
@@ -387,6 +389,7 @@ pub fn adalomo_update(plan: &AdaPlan<'_>, stream: *mut c_void) -> XResult<()> {
         bufs,
         p,
         p_dtype: plan.param_dtype,
+        piece: None,
     };
     call.update_one(t, raw(&plan.grad, g), a, &plan.opts)
 }

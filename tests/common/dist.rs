@@ -205,6 +205,12 @@ pub struct Case {
     /// Split matrices into pieces of columns (LOMO_LAYOUT_COLS) instead of rows; vectors are
     /// split into ranges either way.
     pub cols: bool,
+    /// Every rank holds every tensor whole (LOMO_LAYOUT_FULL, data-parallel replicas submitting
+    /// the averaged gradient; LOMO_SHARD_NORM_DUPLICATE on every rank but 0); the replicas must
+    /// stay bitwise identical.
+    pub full: bool,
+    /// Where the parameters live: `LOMO_DEVICE_CPU` or a CUDA ordinal (emulated in the tests).
+    pub device: i32,
 }
 
 pub const SHAPES: [&[i64]; 5] = [&[7, 5], &[40, 3], &[3, 5, 7], &[31], &[2, 6]];
@@ -270,7 +276,7 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         let (rows, cols) = rows_cols(shape);
                         let by_cols = c.cols && shape.len() >= 2;
                         let units = if by_cols { cols } else { rows };
-                        let (a, b) = if n > 0 {
+                        let (a, b) = if n > 0 && !c.full {
                             split(units, n, r)
                         } else {
                             (0, units)
@@ -291,11 +297,12 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         let vals: Vec<f32> = idx.iter().map(|&k| params0[i][k]).collect();
                         let mut buf = Buf::new(c.dtype, &vals);
                         let id = opt
-                            .register_flags(
+                            .register_on(
                                 &format!("p{i}"),
                                 buf.ptr(),
                                 c.dtype,
                                 &local,
+                                c.device,
                                 0,
                                 c.carry as u32,
                             )
@@ -307,12 +314,14 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                             } else {
                                 shape.to_vec()
                             };
-                            let layout = if by_cols {
-                                LOMO_LAYOUT_COLS
-                            } else {
-                                LOMO_LAYOUT_ROWS
+                            let (layout, flags) = match (c.full, by_cols) {
+                                (true, _) if r > 0 => (LOMO_LAYOUT_FULL, LOMO_SHARD_NORM_DUPLICATE),
+                                (true, _) => (LOMO_LAYOUT_FULL, 0),
+                                (false, true) => (LOMO_LAYOUT_COLS, 0),
+                                (false, false) => (LOMO_LAYOUT_ROWS, 0),
                             };
-                            shard(&opt, id, layout, &global, a as i64, comm, 0).unwrap();
+                            let global: Vec<i64> = if c.full { local.clone() } else { global };
+                            shard(&opt, id, layout, &global, a as i64, comm, flags).unwrap();
                         }
                         bufs.push(buf);
                         pieces.push(idx);
@@ -355,6 +364,23 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    if c.full {
+        for (r, (h, _, _)) in results.iter().enumerate().skip(1) {
+            let bits = |h: &History| -> Vec<Vec<Vec<u32>>> {
+                h.iter()
+                    .map(|s| {
+                        s.iter()
+                            .map(|t| t.iter().map(|v| v.to_bits()).collect())
+                            .collect()
+                    })
+                    .collect()
+            };
+            assert!(
+                bits(h) == bits(&results[0].0),
+                "replica {r} differs from replica 0"
+            );
+        }
+    }
     // Assemble the pieces.
     let sizes: Vec<usize> = SHAPES
         .iter()
@@ -385,5 +411,7 @@ pub fn case(algorithm: u32) -> Case {
         carry: false,
         inf: None,
         cols: false,
+        full: false,
+        device: LOMO_DEVICE_CPU,
     }
 }

@@ -87,6 +87,27 @@ void lomo_sgd_step() {
     expect(from_bf16(b[0]) == 1.0f - 0.0625f && from_bf16(b[1]) == -2.0f + 0.0625f,
            "LOMO bf16 update");
     expect(opt.step_info().step == 1, "one step counted");
+    {
+        // A batch: both gradients in one call, the same update again (exact: lr a power of 2).
+        const std::vector<float> w1 = w;
+        lomo::PhaseScope update(opt, LOMO_PHASE_UPDATE, lr);
+        const uint32_t ids[2] = {iw, ib};
+        const void *grads[2] = {gw.data(), gb.data()};
+        const uint32_t dtypes[2] = {LOMO_DTYPE_F32, LOMO_DTYPE_BF16};
+        const uint64_t bad_counts[2] = {6, 3};
+        expect(status_of([&] { opt.submit_batch(2, ids, grads, dtypes, bad_counts); }) ==
+                   LOMO_STATUS_INVALID_ARGUMENT,
+               "a batch with a bad count");
+        expect(w == w1, "a refused batch changes nothing");
+        const uint64_t counts[2] = {6, 2};
+        opt.submit_batch(2, ids, grads, dtypes, counts);
+        update.end();
+        for (size_t i = 0; i < w.size(); ++i) {
+            expect(w[i] == w1[i] - lr * gw[i], "a batch updates as single submits");
+        }
+    }
+    expect(status_of([&] { opt.cuda_launch_count(); }) == LOMO_STATUS_UNSUPPORTED,
+           "no launch count without CUDA parameters");
 
     // Errors carry the status and the library's message.
     try {
@@ -105,7 +126,7 @@ void lomo_sgd_step() {
     expect(status_of([&] { opt.register_param("w", w.data(), {6}); }) ==
                LOMO_STATUS_INVALID_ARGUMENT,
            "duplicate name");
-    expect(opt.step_info().step == 2, "steps counted");
+    expect(opt.step_info().step == 3, "steps counted");
 
     lomo::Optimizer moved = std::move(opt);
     expect(opt.get() == nullptr && moved.get() != nullptr, "move transfers ownership");

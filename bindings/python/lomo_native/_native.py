@@ -298,12 +298,18 @@ SIGNATURES: dict[str, tuple[object, list, bool]] = {
     "lomo_grad_submit": (_status, [_opt, c_uint32, c_void_p, c_uint32, c_void_p], True),
     "lomo_grad_submit_checked": (
         _status, [_opt, c_uint32, c_void_p, c_uint32, c_uint64, c_void_p], False),
+    # several gradients in one call (CUDA: multi-tensor launches for small tensors)
+    "lomo_grad_submit_batch": (
+        _status, [_opt, c_size_t, POINTER(c_uint32), POINTER(c_void_p), POINTER(c_uint32),
+                  POINTER(c_uint64), c_void_p], False),
     "lomo_step_end": (_status, [_opt, c_void_p], True),
     "lomo_step_cancel": (_status, [_opt], True),
     "lomo_step_info_get": (_status, [_opt, POINTER(StepInfo)], True),
     "lomo_loss_scale": (_status, [_opt, POINTER(c_float)], True),
     # device address of the f32 loss scale (CUDA optimizers; for graph capture)
     "lomo_cuda_loss_scale_ptr": (_status, [_opt, POINTER(c_void_p)], False),
+    # kernels launched so far (CUDA optimizers; launches per step)
+    "lomo_cuda_launch_count": (_status, [_opt, POINTER(c_uint64)], False),
     # optimizer state (checkpoints: the bytes are a safetensors file) and memory accounting
     "lomo_state_save": (_status, [_opt, c_char_p], False),
     "lomo_state_load": (_status, [_opt, c_char_p], False),

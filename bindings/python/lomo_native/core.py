@@ -265,6 +265,29 @@ class Optimizer:
                              f"{expected}")
         self._lib.lomo_grad_submit(self.handle, param_id, ptr, dtype, _stream(stream))
 
+    def submit_pointers(self, param_ids, grads, dtypes, numels, stream=None) -> None:
+        """``lomo_grad_submit_batch``: several raw gradients at once (sequences of ids,
+        addresses, dtype codes and element counts of equal length), the same as
+        ``submit_pointer`` on each in order, every entry checked before anything changes. On
+        CUDA, small whole tensors share launches (bit for bit as separate submits)."""
+        n = len(param_ids)
+        if not (len(grads) == len(dtypes) == len(numels) == n):
+            raise ValueError("submit_pointers: param_ids, grads, dtypes and numels differ in length")
+        ids = (ctypes.c_uint32 * n)(*[int(i) for i in param_ids])
+        ptrs = (ctypes.c_void_p * n)(*[int(g) or None for g in grads])
+        codes = (ctypes.c_uint32 * n)(*[int(d) for d in dtypes])
+        counts = (ctypes.c_uint64 * n)(*[int(c) for c in numels])
+        self._lib.lomo_grad_submit_batch(self.handle, n, ids, ptrs, codes, counts,
+                                         _stream(stream))
+
+    def cuda_launch_count(self) -> int:
+        """``lomo_cuda_launch_count``: kernels this optimizer has launched on its CUDA device
+        so far (the difference over a step is the step's launches). LomoError (UNSUPPORTED)
+        without CUDA parameters."""
+        out = ctypes.c_uint64()
+        self._lib.lomo_cuda_launch_count(self.handle, ctypes.byref(out))
+        return out.value
+
     def submit_array(self, param_id: int, grad) -> None:
         """Submits a NumPy gradient: any of the three dtypes, exactly the registered shape
         (checked before the buffer crosses: a gradient of another shape, or of an unsupported

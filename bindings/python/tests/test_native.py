@@ -300,3 +300,48 @@ def test_distributed_structs_and_one_rank_piece_equal_plain_steps():
         piece.submit_array(pid, grads[0])
     assert e.value.status == 15 and "5" in e.value.message
     piece.cancel()
+
+
+def test_submit_pointers_equals_one_by_one_and_checks_first():
+    """``submit_pointers`` (lomo_grad_submit_batch) against separate submits, bit for bit, and a
+    bad entry anywhere in the batch changes nothing."""
+    rng = np.random.default_rng(3)
+    shapes = [(5, 7), (7,), (3, 2, 4)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    results = []
+    for batch in (False, True):
+        ps = [p.copy() for p in init]
+        opt = Optimizer("lomo", clip_grad_norm=1.0)
+        ids = [opt.register_array(f"p{i}", p) for i, p in enumerate(ps)]
+        for gs in grads:
+            for phase in (0, 1):
+                opt.begin(phase, 0.1)
+                if batch:
+                    opt.submit_pointers(ids, [g.ctypes.data for g in gs], [0] * len(gs),
+                                        [g.size for g in gs])
+                else:
+                    for i, g in zip(ids, gs):
+                        opt.submit_pointer(i, g.ctypes.data, 0, numel=g.size)
+                opt.end()
+        results.append(ps)
+    for a, b in zip(*results):
+        assert a.tobytes() == b.tobytes()
+    opt = Optimizer("lomo")
+    ps = [p.copy() for p in init]
+    ids = [opt.register_array(f"p{i}", p) for i, p in enumerate(ps)]
+    gs = grads[0]
+    opt.begin(1, 0.1)
+    with pytest.raises(LomoError):  # the last entry's count is wrong
+        opt.submit_pointers(ids, [g.ctypes.data for g in gs], [0] * 3, [35, 7, 23])
+    with pytest.raises(LomoError):  # an id twice
+        opt.submit_pointers([0, 0], [gs[0].ctypes.data] * 2, [0, 0], [35, 35])
+    for a, b in zip(ps, init):
+        assert a.tobytes() == b.tobytes()
+    opt.submit_pointers(ids, [g.ctypes.data for g in gs], [0] * 3, [g.size for g in gs])
+    opt.end()
+    assert not np.array_equal(ps[0], init[0])
+    with pytest.raises(LomoError, match="no phase is active"):
+        opt.submit_pointers(ids, [g.ctypes.data for g in gs], [0] * 3, [g.size for g in gs])
+    with pytest.raises(LomoError):  # no CUDA parameters
+        opt.cuda_launch_count()

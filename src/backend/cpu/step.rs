@@ -8,7 +8,7 @@ use super::adalomo::{self, AdaWorkspace, ApplyArgs, StateView, StateViewMut, Sta
 use super::convert::RoundCtx;
 use super::{ada_cols, ada_piece};
 use super::{lomo, norm};
-use crate::backend::interface::{AccumOp, Backend, PhaseBegin, TensorUpdate};
+use crate::backend::interface::{AccumOp, Backend, PhaseBegin, Record, TensorUpdate};
 use crate::backend::{scalars, GradXform, RawBuf};
 use crate::config::Config;
 use crate::error::Result;
@@ -347,15 +347,30 @@ impl Backend for CpuStep<'_> {
         Ok(())
     }
 
-    fn partials<'s>(&self, t: &'s mut CpuTensor<'_>) -> Option<&'s mut [f64]> {
+    fn partials<'s>(&self, t: &'s mut CpuTensor<'_>) -> Option<Record<'s>> {
         let ada = t.ada.is_some();
-        t.piece.as_mut().map(|p| match p.cols_of {
-            Some(_) if ada => ada_cols::round_mut(p.record, p.round),
-            _ => &mut *p.record,
+        t.piece.as_mut().map(|p| {
+            Record::Host(match p.cols_of {
+                Some(_) if ada => ada_cols::round_mut(p.record, p.round),
+                _ => &mut *p.record,
+            })
         })
     }
 
-    fn phase_end(&self, _update: bool) -> Result<()> {
+    /// The host holds the CPU backend's phase totals (the core reduces them itself).
+    fn phase_record(&self, _update: bool) -> Result<Option<Record<'_>>> {
+        Ok(None)
+    }
+
+    fn reduce_host(
+        &self,
+        rec: &mut [f64],
+        reduce: &mut dyn FnMut(Record<'_>) -> Result<()>,
+    ) -> Result<()> {
+        reduce(Record::Host(rec))
+    }
+
+    fn phase_end(&self, _update: bool, _reduced: bool) -> Result<()> {
         Ok(())
     }
 }

@@ -45,8 +45,12 @@ pub struct LomoTensor {
     pub decay: f32,
     pub neg_lr: f32,
     pub inv_clip: f32,
-    pub pad0: u32,
+    /// [`TENSOR_NORM_DUPLICATE`].
+    pub flags: u32,
 }
+
+/// `LomoTensor::flags`: a replica whose Σg² another rank counts (`LOMO_SHARD_NORM_DUPLICATE`).
+pub const TENSOR_NORM_DUPLICATE: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +62,8 @@ pub struct NormArgs {
     pub partials: DevPtr,
     pub check_only: u32,
     pub pad: u32,
+    /// A piece's record (check_only): its non-finite flag as f64; 0 otherwise.
+    pub piece: DevPtr,
 }
 
 #[repr(C)]
@@ -75,6 +81,64 @@ pub struct LomoArgs {
     pub seed: u64,
     pub prechecked: u32,
     pub rounding: u32,
+    /// A piece without a NORM phase: the reduced non-finite count; 0 otherwise.
+    pub piece: DevPtr,
+    /// Global index of element 0 (stochastic rounding of a piece).
+    pub elem_offset: u64,
+}
+
+/// Tensors of one multi-tensor launch (`LOMO_MULTI` in kernels/common.cuh).
+pub const MULTI: usize = 24;
+/// The largest own grid of a tensor in a multi-tensor launch (`LOMO_MULTI_GRID`).
+pub const MULTI_GRID: u32 = 4;
+
+/// One tensor of a multi-tensor NORM launch (kernels/norm.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NormDesc {
+    pub g: DevPtr,
+    pub n: u64,
+    pub t: DevPtr,
+    pub partials: DevPtr,
+    pub grid: u32,
+    pub block0: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NormMultiArgs {
+    pub step: DevPtr,
+    pub n_tensors: u32,
+    pub check_only: u32,
+    pub d: [NormDesc; MULTI],
+}
+
+/// One tensor of a multi-tensor LOMO launch (kernels/lomo.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LomoDesc {
+    pub p: DevPtr,
+    pub g: DevPtr,
+    pub n: u64,
+    pub t: DevPtr,
+    pub lr_mult: f64,
+    pub weight_decay: f64,
+    pub param_id: u32,
+    pub grid: u32,
+    pub block0: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LomoMultiArgs {
+    pub step: DevPtr,
+    pub seed: u64,
+    pub clip_value: f32,
+    pub prechecked: u32,
+    pub rounding: u32,
+    pub n_tensors: u32,
+    pub d: [LomoDesc; MULTI],
 }
 
 /// `AdaArgs::flags`: carry Σp² between steps.
@@ -109,6 +173,12 @@ pub struct AdaArgs {
     pub rounding: u32,
     pub flags: u32,
     pub stats_blocks: u32,
+    /// A piece of rows: its statistics record (reduced between stats and finalize); 0 otherwise.
+    pub piece: DevPtr,
+    /// Rows of the global `[R, C]` view (vector: global numel).
+    pub global_rows: u64,
+    /// Global index of the piece's element 0.
+    pub elem_offset: u64,
 }
 
 #[repr(C)]
@@ -126,6 +196,11 @@ pub struct StepArgs {
     pub min_scale: f64,
     pub scale_window: u32,
     pub hysteresis: u32,
+    /// A distributed phase end: the device record `[Σg², non-finite count]`.
+    pub rec: DevPtr,
+    /// The end kernels read the reduced `rec` instead of gathering the tensor records.
+    pub reduced: u32,
+    pub pad: u32,
 }
 
 /// The argument of the `xla_*` kernels (kernels/xla.cu): records, operand scalars and results
@@ -194,7 +269,20 @@ mod tests {
             emu::arg_size("adalomo_finalize"),
             std::mem::size_of::<AdaArgs>()
         );
-        assert_eq!(emu::arg_size("step_begin"), std::mem::size_of::<StepArgs>());
+        assert_eq!(
+            emu::arg_size("norm_multi_bf16"),
+            std::mem::size_of::<NormMultiArgs>()
+        );
+        assert_eq!(
+            emu::arg_size("lomo_multi_f32_bf16"),
+            std::mem::size_of::<LomoMultiArgs>()
+        );
+        for k in ["adalomo_piece_gather", "adalomo_vfinalize"] {
+            assert_eq!(emu::arg_size(k), std::mem::size_of::<AdaArgs>());
+        }
+        for k in ["step_begin", "step_gather"] {
+            assert_eq!(emu::arg_size(k), std::mem::size_of::<StepArgs>());
+        }
         for k in ["xla_prepare", "xla_norm_finish", "xla_update_finish"] {
             assert_eq!(emu::arg_size(k), std::mem::size_of::<XlaArgs>());
         }

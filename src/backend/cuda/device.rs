@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::abi::*;
-use super::launcher::Launcher;
+use super::launcher::{Counting, Launcher};
 use super::passes::{self, Bufs, Layout, Records, Shape, Tensor};
 use super::step::{CudaStep, CudaTensor, StepRecord};
 use crate::backend::RawBuf;
@@ -45,15 +45,19 @@ pub(super) struct DevParam {
 #[derive(Debug)]
 pub struct DeviceOpt {
     pub(super) launcher: Arc<dyn Launcher>,
-    cfg: Config,
+    pub(super) cfg: Config,
     pub(super) step: DevPtr,
     pub(super) tensors: DevPtr,
     pub(super) cap: usize,
     pub(super) params: Vec<DevParam>,
-    allocs: Vec<DevPtr>,
-    max_blocks: u32,
+    pub(super) allocs: Vec<DevPtr>,
+    pub(super) max_blocks: u32,
+    /// Distributed steps: the phase record and a staging area (`step::SCRATCH_F64` f64).
+    pub(super) scratch: DevPtr,
     /// The stream of the latest launch: read-backs and re-allocations wait for it.
     last_stream: AtomicUsize,
+    /// Counts the launches of this optimizer (`launcher` is it).
+    counting: Arc<Counting>,
 }
 
 impl Drop for DeviceOpt {
@@ -63,11 +67,14 @@ impl Drop for DeviceOpt {
         }
         self.launcher.free(self.step);
         self.launcher.free(self.tensors);
+        self.launcher.free(self.scratch);
     }
 }
 
 impl DeviceOpt {
     pub fn new(launcher: Arc<dyn Launcher>, cfg: &Config) -> Result<DeviceOpt> {
+        let counting = Arc::new(Counting::new(launcher));
+        let launcher: Arc<dyn Launcher> = counting.clone();
         let step = launcher.alloc(std::mem::size_of::<LomoStep>())?;
         let scale = cfg.initial_scale();
         let init = LomoStep {
@@ -103,6 +110,14 @@ impl DeviceOpt {
                 return Err(e);
             }
         };
+        let scratch = match launcher.alloc(8 * super::step::SCRATCH_F64) {
+            Ok(p) => p,
+            Err(e) => {
+                launcher.free(step);
+                launcher.free(tensors);
+                return Err(e);
+            }
+        };
         let max_blocks = passes::max_blocks(&*launcher);
         Ok(DeviceOpt {
             launcher,
@@ -113,7 +128,9 @@ impl DeviceOpt {
             params: Vec::new(),
             allocs: Vec::new(),
             max_blocks,
+            scratch,
             last_stream: AtomicUsize::new(0),
+            counting,
         })
     }
 
@@ -124,7 +141,7 @@ impl DeviceOpt {
 
     /// A workspace: contents unspecified (every kernel writes before it reads). Recorded in
     /// `got` (freed by the caller if the registration fails).
-    fn alloc(&self, bytes: usize, got: &mut Vec<DevPtr>) -> Result<DevPtr> {
+    pub(super) fn alloc(&self, bytes: usize, got: &mut Vec<DevPtr>) -> Result<DevPtr> {
         if bytes == 0 {
             return Ok(0);
         }
@@ -134,7 +151,7 @@ impl DeviceOpt {
     }
 
     /// Optimizer state: starts at zero (copied from a bounded host buffer of zeros).
-    fn alloc_zeroed(&self, bytes: usize, got: &mut Vec<DevPtr>) -> Result<DevPtr> {
+    pub(super) fn alloc_zeroed(&self, bytes: usize, got: &mut Vec<DevPtr>) -> Result<DevPtr> {
         let p = self.alloc(bytes, got)?;
         if p != 0 {
             let zeros = crate::alloc::zeros::<u8>(bytes.min(1 << 20), "zeroing device state")?;
@@ -148,7 +165,7 @@ impl DeviceOpt {
         Ok(p)
     }
 
-    fn tensor_ptr(&self, i: usize) -> DevPtr {
+    pub(super) fn tensor_ptr(&self, i: usize) -> DevPtr {
         self.tensors + (i * std::mem::size_of::<LomoTensor>()) as u64
     }
 
@@ -199,6 +216,7 @@ impl DeviceOpt {
                 bufs,
                 p,
                 p_dtype: spec.dtype,
+                piece: None,
             },
         });
         Ok(self.params.len() - 1)
@@ -244,6 +262,9 @@ impl DeviceOpt {
             min_scale: c.min_loss_scale,
             scale_window: c.scale_window,
             hysteresis: c.hysteresis.max(1),
+            rec: self.scratch,
+            reduced: 0,
+            pad: 0,
         }
     }
 
@@ -274,6 +295,11 @@ impl DeviceOpt {
                 t: self.tensor_ptr(idx),
             },
         })
+    }
+
+    /// Kernels this optimizer has launched so far.
+    pub fn launches(&self) -> u64 {
+        self.counting.launches()
     }
 
     /// The stream of the latest launch (0 before any).

@@ -50,3 +50,64 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// The most dynamic shared memory one block may use (bytes).
     fn max_smem(&self) -> u32;
 }
+
+/// A launcher that counts the kernels launched through it (an optimizer's launches per step,
+/// `lomo_cuda_launch_count`), forwarding everything to `inner`.
+#[derive(Debug)]
+pub struct Counting {
+    inner: std::sync::Arc<dyn Launcher>,
+    launches: std::sync::atomic::AtomicU64,
+}
+
+impl Counting {
+    pub fn new(inner: std::sync::Arc<dyn Launcher>) -> Counting {
+        Counting {
+            inner,
+            launches: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Kernels launched so far.
+    pub fn launches(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Launcher for Counting {
+    fn alloc(&self, bytes: usize) -> Result<DevPtr> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, ptr: DevPtr) {
+        self.inner.free(ptr)
+    }
+    fn copy_to_host(&self, dst: &mut [u8], src: DevPtr, stream: usize) -> Result<()> {
+        self.inner.copy_to_host(dst, src, stream)
+    }
+    fn copy_from_host(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.inner.copy_from_host(dst, src)
+    }
+    fn check_buffer(&self, ptr: DevPtr, bytes: u64, what: &str) -> Result<()> {
+        self.inner.check_buffer(ptr, bytes, what)
+    }
+    fn copy_device(&self, dst: DevPtr, src: DevPtr, bytes: usize, stream: usize) -> Result<()> {
+        self.inner.copy_device(dst, src, bytes, stream)
+    }
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        geo: Geometry,
+        args: &mut [*mut c_void],
+        stream: usize,
+    ) -> Result<()> {
+        self.inner.launch(kernel, geo, args, stream)?;
+        self.launches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    fn sm_count(&self) -> u32 {
+        self.inner.sm_count()
+    }
+    fn max_smem(&self) -> u32 {
+        self.inner.max_smem()
+    }
+}

@@ -22,17 +22,20 @@
 
 pub mod abi;
 pub mod accum;
+mod ada_passes;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;
 #[cfg(feature = "cuda-emulation")]
 pub mod emu;
 pub mod launcher;
+pub mod multi;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub mod nvrtc_lib;
 pub mod passes;
+pub mod piece;
 #[cfg(feature = "cuda")]
 pub mod pointer;
 pub mod registry;

@@ -108,13 +108,24 @@ pub struct Layout {
 impl Layout {
     /// `max_blocks` and `max_smem` from the device ([`max_blocks`], `Launcher::max_smem`).
     pub fn new(shape: Shape, ada: bool, max_blocks: u32, max_smem: u32) -> Layout {
+        Layout::build(shape, ada && shape.numel > 0, false, max_blocks, max_smem)
+    }
+
+    /// The layout of a piece of rows of a tensor held by several ranks: an AdaLomo piece keeps
+    /// the (replicated) column state even when it holds no rows, and its finalize grid depends
+    /// on the columns alone, so every rank sums Σu² in the same order (bit-identical scalars).
+    pub fn piece(shape: Shape, ada: bool, max_blocks: u32, max_smem: u32) -> Layout {
+        let keep = shape.numel > 0 || (shape.factored && shape.cols > 0);
+        Layout::build(shape, ada && keep, true, max_blocks, max_smem)
+    }
+
+    fn build(shape: Shape, ada: bool, piece: bool, max_blocks: u32, max_smem: u32) -> Layout {
         let mb = max_blocks;
         let elementwise = Geometry {
             grid: blocks_for(shape.numel, THREADS as u64 * ELEMS_PER_THREAD, mb),
             block: THREADS,
             smem: 0,
         };
-        let ada = ada && shape.numel > 0;
         let (mut stats, mut finalize) = (elementwise, elementwise);
         if ada && shape.factored {
             let smem_bytes = 8 * shape.cols;
@@ -131,12 +142,13 @@ impl Layout {
                 },
             };
             // Tiles of 32 columns (one per block) and rows over all threads.
+            let rows_blocks = if piece {
+                0
+            } else {
+                shape.rows.div_ceil(THREADS as u64)
+            };
             finalize = Geometry {
-                grid: shape
-                    .cols
-                    .div_ceil(32)
-                    .max(shape.rows.div_ceil(THREADS as u64))
-                    .clamp(1, mb as u64) as u32,
+                grid: shape.cols.div_ceil(32).max(rows_blocks).clamp(1, mb as u64) as u32,
                 block: THREADS,
                 smem: 0,
             };
@@ -182,7 +194,7 @@ impl Layout {
 
     /// Apply: blocks own whole rows, up to all of the device's blocks (a streaming pass; its
     /// grid need not be the stats grid), without dynamic shared memory.
-    fn stats_apply(&self) -> Geometry {
+    pub(super) fn stats_apply(&self) -> Geometry {
         Geometry {
             grid: self.shape.rows.clamp(1, self.max_blocks as u64) as u32,
             block: THREADS,
@@ -281,6 +293,34 @@ pub struct Tensor {
     /// The parameter (0 for a gradient-only NORM pass).
     pub p: DevPtr,
     pub p_dtype: DType,
+    /// A piece of rows of a tensor held by several ranks (None: the whole tensor).
+    pub piece: Option<Piece>,
+}
+
+/// Where a piece of rows lies in its global tensor, and its statistics record (device memory,
+/// `len` f64: LOMO 1 — the non-finite count; AdaLomo `2C + 3` factored, 3 for rank ≤ 1 — the
+/// layout of `cpu::ada_piece`), all-reduced by the core between the statistics and the update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub rec: DevPtr,
+    pub len: usize,
+    /// Rows of the global `[R, C]` view (rank ≤ 1: the global element count).
+    pub global_rows: u64,
+    /// Global index of the piece's first element.
+    pub elem_offset: u64,
+}
+
+impl Tensor {
+    /// Global index of element 0 (stochastic rounding).
+    pub(super) fn elem_offset(&self) -> u64 {
+        self.piece.map_or(0, |p| p.elem_offset)
+    }
+
+    /// Nothing to do: an empty whole tensor (an empty piece still takes part in the reductions
+    /// and, AdaLomo, in the column state).
+    pub(super) fn idle(&self) -> bool {
+        self.layout.shape.numel == 0 && self.piece.is_none()
+    }
 }
 
 impl Tensor {
@@ -295,7 +335,7 @@ impl Tensor {
         check_only: bool,
         stream: usize,
     ) -> Result<()> {
-        if self.layout.shape.numel == 0 {
+        if self.idle() {
             return Ok(());
         }
         let a = NormArgs {
@@ -306,6 +346,10 @@ impl Tensor {
             partials: self.bufs.partials,
             check_only: check_only as u32,
             pad: 0,
+            piece: match self.piece {
+                Some(p) if check_only => p.rec,
+                _ => 0,
+            },
         };
         let name = format!("norm_sumsq_{}", g_dtype.as_str());
         launch(l, Module::Norm, &name, self.layout.elementwise, &a, stream)
@@ -322,7 +366,7 @@ impl Tensor {
         o: &UpdateOpts,
         stream: usize,
     ) -> Result<()> {
-        if self.layout.shape.numel == 0 {
+        if self.idle() {
             return Ok(());
         }
         let a = LomoArgs {
@@ -338,116 +382,11 @@ impl Tensor {
             seed: o.seed,
             prechecked: o.prechecked as u32,
             rounding: o.stochastic as u32,
+            piece: self.piece.map_or(0, |p| p.rec),
+            elem_offset: self.elem_offset(),
         };
         let name = pair_name("lomo_update", self.p_dtype, g_dtype);
         launch(l, Module::Lomo, &name, self.layout.elementwise, &a, stream)
-    }
-
-    /// The kernels' arguments of AdaLomo's passes; the state is in `bufs.state_a`/`state_b`.
-    fn ada_args(&self, rec: Records, g: DevPtr, o: &UpdateOpts) -> AdaArgs {
-        let (ly, b) = (&self.layout, &self.bufs);
-        let mut flags = if o.carry { ADA_CARRY } else { 0 };
-        if ly.shape.factored && ly.stats.smem > 0 {
-            flags |= ADA_SMEM;
-        }
-        AdaArgs {
-            p: self.p,
-            g,
-            rows: ly.shape.rows,
-            cols: ly.shape.cols,
-            state_a: b.state_a,
-            state_b: b.state_b,
-            ws_a: b.ws_a,
-            ws_r: b.ws_r,
-            ws_c: b.ws_c,
-            col_part: b.col_part,
-            partials: b.partials,
-            step: rec.step,
-            t: rec.t,
-            lr_mult: o.lr_mult,
-            weight_decay: o.weight_decay,
-            eps2: o.eps2,
-            clip_threshold: o.clip_threshold,
-            eps1: o.eps1,
-            clip_value: o.clip_value,
-            seed: o.seed,
-            param_id: o.param_id,
-            rounding: o.stochastic as u32,
-            flags,
-            stats_blocks: ly.stats.grid,
-        }
-    }
-
-    /// AdaLomo's statistics pass (one launch): the new state into the workspace, the column
-    /// partials of each block, Σp² and the non-finite flag into the tensor record.
-    pub fn ada_stats(
-        &self,
-        l: &dyn Launcher,
-        rec: Records,
-        g: DevPtr,
-        g_dtype: DType,
-        o: &UpdateOpts,
-        stream: usize,
-    ) -> Result<()> {
-        let ly = &self.layout;
-        if ly.shape.numel == 0 {
-            return Ok(());
-        }
-        let a = self.ada_args(rec, g, o);
-        let (name, geo) = if ly.shape.factored {
-            ("adalomo_stats", ly.stats)
-        } else {
-            ("adalomo_vstats", ly.elementwise)
-        };
-        let name = pair_name(name, self.p_dtype, g_dtype);
-        launch(l, Module::Adalomo, &name, geo, &a, stream)
-    }
-
-    /// AdaLomo after the statistics: factored, the finalize kernel (column state, Σu², RMS(p),
-    /// the update clip, lr and decay; commits the state unless the gradient was not finite) and
-    /// the apply kernel; rank ≤ 1, the vector apply kernel (which does both).
-    pub fn ada_apply(
-        &self,
-        l: &dyn Launcher,
-        rec: Records,
-        g: DevPtr,
-        g_dtype: DType,
-        o: &UpdateOpts,
-        stream: usize,
-    ) -> Result<()> {
-        let ly = &self.layout;
-        if ly.shape.numel == 0 {
-            return Ok(());
-        }
-        let a = self.ada_args(rec, g, o);
-        let pair = |k: &str| pair_name(k, self.p_dtype, g_dtype);
-        if ly.shape.factored {
-            launch(
-                l,
-                Module::Adalomo,
-                "adalomo_finalize",
-                ly.finalize,
-                &a,
-                stream,
-            )?;
-            launch(
-                l,
-                Module::Adalomo,
-                &pair("adalomo_apply"),
-                ly.stats_apply(),
-                &a,
-                stream,
-            )
-        } else {
-            launch(
-                l,
-                Module::Adalomo,
-                &pair("adalomo_vapply"),
-                ly.elementwise,
-                &a,
-                stream,
-            )
-        }
     }
 }
 

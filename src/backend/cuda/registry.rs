@@ -48,9 +48,14 @@ impl Module {
         match self {
             Module::Norm => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/norm.cu")),
             Module::Lomo => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/lomo.cu")),
-            Module::Adalomo => {
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/adalomo.cu"))
-            }
+            // One program from two files: the statistics and apply, then finalize.
+            Module::Adalomo => concat!(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/adalomo.cu")),
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/kernels/adalomo_finalize.cu"
+                ))
+            ),
             Module::Step => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/step.cu")),
             Module::Xla => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/xla.cu")),
             Module::Accum => {
@@ -73,11 +78,24 @@ impl Module {
         match self {
             Module::Norm => DType::all()
                 .iter()
-                .map(|g| format!("norm_sumsq_{}", g.as_str()))
+                .flat_map(|g| {
+                    [
+                        format!("norm_sumsq_{}", g.as_str()),
+                        format!("norm_multi_{}", g.as_str()),
+                    ]
+                })
                 .collect(),
-            Module::Lomo => pairs("lomo_update"),
+            Module::Lomo => {
+                let mut v = pairs("lomo_update");
+                v.extend(pairs("lomo_multi"));
+                v
+            }
             Module::Adalomo => {
-                let mut v = vec!["adalomo_finalize".to_owned()];
+                let mut v = vec![
+                    "adalomo_finalize".to_owned(),
+                    "adalomo_piece_gather".to_owned(),
+                    "adalomo_vfinalize".to_owned(),
+                ];
                 for k in [
                     "adalomo_stats",
                     "adalomo_apply",
@@ -92,6 +110,7 @@ impl Module {
                 "step_begin".into(),
                 "step_norm_end".into(),
                 "step_update_end".into(),
+                "step_gather".into(),
             ],
             Module::Xla => vec![
                 "xla_prepare".into(),

@@ -193,10 +193,26 @@ impl CudaSide {
         self.dev.tensor(self.index[id as usize], g)
     }
 
+    /// Declares parameter `id` a piece of rows or the whole tensor (see [`DeviceOpt::set_shard`]).
+    pub fn set_shard(
+        &mut self,
+        id: u32,
+        piece: Option<super::piece::PieceSpec>,
+        norm_duplicate: bool,
+    ) -> Result<()> {
+        self.dev
+            .set_shard(self.index[id as usize], piece, norm_duplicate)
+    }
+
     /// The device step record (diagnostics, counters, scaler), copied back after the stream of
     /// the latest launch (synchronizes). The core turns it into its `StepInfo`.
     pub fn step_record(&self) -> Result<LomoStep> {
         self.dev.read_step(self.dev.last_stream())
+    }
+
+    /// Kernels this optimizer has launched so far (diagnostics: launches per step).
+    pub fn launches(&self) -> u64 {
+        self.dev.launches()
     }
 
     /// Device address of the f32 loss scale for the next backward.

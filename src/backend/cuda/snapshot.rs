@@ -18,9 +18,11 @@ pub struct DeviceCounters {
     pub last_overflow_iter: i64,
 }
 
-/// Bytes of one `LomoStep` plus the tensor records' capacity.
+/// Bytes of one `LomoStep`, the distributed scratch and the tensor records' capacity.
 fn records_bytes(cap: usize) -> u64 {
-    (std::mem::size_of::<LomoStep>() + cap * std::mem::size_of::<LomoTensor>()) as u64
+    (std::mem::size_of::<LomoStep>()
+        + 8 * super::step::SCRATCH_F64
+        + cap * std::mem::size_of::<LomoTensor>()) as u64
 }
 
 /// The bytes of `v` (f32 has no padding, and u8 no alignment).
@@ -129,8 +131,10 @@ impl DeviceOpt {
 
     /// Device bytes of parameter `idx`: (optimizer state, workspaces).
     pub fn param_memory(&self, idx: usize) -> (u64, u64) {
-        let s = self.params[idx].tensor.layout.sizes();
-        (s.state() as u64, s.workspace() as u64)
+        let t = &self.params[idx].tensor;
+        let s = t.layout.sizes();
+        let piece = t.piece.map_or(0, |p| 8 * p.len);
+        (s.state() as u64, (s.workspace() + piece) as u64)
     }
 
     /// Device bytes of the per-optimizer records (the step record and the tensor records).

@@ -4,16 +4,26 @@
 //! phase kernels fill — `kernels/step.cu` for an optimizer ([`StepRecord::Optimizer`]),
 //! `kernels/xla.cu` for an XLA call whose scalars are device operands ([`StepRecord::Xla`]) —
 //! and the passes ([`super::passes::Tensor`]) read; each tensor record is a device `LomoTensor`.
-//! Launches per tensor: NORM 1, LOMO 1 (+1 pre-check), AdaLomo 3 (2 for rank ≤ 1).
+//! Launches per tensor: NORM 1, LOMO 1 (+1 pre-check), AdaLomo 3 (2 for rank ≤ 1; a piece of
+//! rows one more). A distributed phase end adds one launch (`step_gather`) before the
+//! all-reduce of the phase record, which the end kernel then reads.
 
 use super::abi::{DevPtr, StepArgs, XlaArgs};
 use super::launcher::{Geometry, Launcher};
+use super::multi::{self, Item};
 use super::passes::{self, Records, Tensor, UpdateOpts, THREADS};
 use super::registry::Module;
-use crate::backend::interface::{AccumOp, Backend, PhaseBegin, TensorUpdate};
+use crate::backend::interface::{AccumOp, Backend, PhaseBegin, Record, TensorUpdate};
 use crate::backend::RawBuf;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{bail, Result};
+
+/// f64 values of an optimizer's distributed scratch (`StepArgs::rec`, device memory): the phase
+/// record `[Σg², non-finite count]` first, then room for a staged host record (the agreement
+/// record of `LOMO_DIST_CHECK`, 10 values).
+pub const SCRATCH_F64: usize = 16;
+/// f64 values of the phase record.
+pub const PHASE_RECORD: usize = 2;
 
 /// Where a CUDA step's scalars come from, and the arguments of its phase kernels.
 #[derive(Clone, Copy, Debug)]
@@ -71,6 +81,15 @@ fn dev(g: &RawBuf) -> DevPtr {
     g.addr as DevPtr
 }
 
+fn item(t: &CudaTensor, g: &RawBuf) -> Item {
+    Item {
+        tensor: t.tensor,
+        rec: t.rec,
+        g: dev(g),
+        g_dtype: g.dtype,
+    }
+}
+
 impl Backend for CudaStep<'_> {
     type Tensor<'t> = CudaTensor;
 
@@ -112,6 +131,17 @@ impl Backend for CudaStep<'_> {
         t.tensor.lomo(l, t.rec, dev(g), g.dtype, &o, self.stream)
     }
 
+    fn norm_many(&self, ts: &mut [CudaTensor], gs: &[RawBuf], check_only: bool) -> Result<()> {
+        let items: Vec<Item> = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
+        multi::norm_many(self.launcher, &items, check_only, self.stream)
+    }
+
+    fn lomo_many(&self, ts: &mut [CudaTensor], gs: &[RawBuf], us: &[TensorUpdate]) -> Result<()> {
+        let items: Vec<Item> = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
+        let opts: Vec<_> = us.iter().map(|u| self.opts(u)).collect();
+        multi::lomo_many(self.launcher, &items, &opts, self.stream)
+    }
+
     fn ada_stats(&self, t: &mut CudaTensor, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
         let o = self.opts(u);
         let l = self.launcher;
@@ -126,22 +156,78 @@ impl Backend for CudaStep<'_> {
             .ada_apply(l, t.rec, dev(g), g.dtype, &o, self.stream)
     }
 
-    /// Whole tensors only on CUDA: the statistics are complete after `ada_stats`.
+    /// Pieces of rows only on CUDA (columns are refused at `lomo_param_set_shard`): the
+    /// statistics are complete after one reduction.
     fn ada_next_round(&self, _t: &mut CudaTensor, _g: &RawBuf, _u: &TensorUpdate) -> Result<bool> {
         Ok(false)
     }
 
-    /// Pieces of tensors are not supported on CUDA yet (refused at `lomo_param_set_shard`).
-    fn partials<'s>(&self, _t: &'s mut CudaTensor) -> Option<&'s mut [f64]> {
-        None
+    fn partials<'s>(&self, t: &'s mut CudaTensor) -> Option<Record<'s>> {
+        t.tensor.piece.map(|p| Record::Device {
+            addr: p.rec,
+            count: p.len,
+            stream: self.stream,
+        })
     }
 
-    fn phase_end(&self, update: bool) -> Result<()> {
+    fn phase_record(&self, update: bool) -> Result<Option<Record<'_>>> {
+        let StepRecord::Optimizer(args) = self.record else {
+            bail!(
+                Unsupported,
+                "an XLA call's step is never distributed (its scalars are its operands)"
+            );
+        };
+        let a = StepArgs {
+            phase: update as u32,
+            ..args
+        };
+        self.record_kernel(Module::Step, "step_gather", 32, &a)?;
+        Ok(Some(Record::Device {
+            addr: args.rec,
+            count: PHASE_RECORD,
+            stream: self.stream,
+        }))
+    }
+
+    fn reduce_host(
+        &self,
+        rec: &mut [f64],
+        reduce: &mut dyn FnMut(Record<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let StepRecord::Optimizer(args) = self.record else {
+            bail!(Unsupported, "an XLA call's step is never distributed");
+        };
+        if rec.len() > SCRATCH_F64 - PHASE_RECORD {
+            bail!(
+                InvalidArgument,
+                "a host record of {} values is too long to stage",
+                rec.len()
+            );
+        }
+        // After the phase record, so that a staged record never overwrites it.
+        let addr = args.rec + 8 * PHASE_RECORD as u64;
+        let bytes: Vec<u8> = rec.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        self.launcher.copy_from_host(addr, &bytes)?;
+        reduce(Record::Device {
+            addr,
+            count: rec.len(),
+            stream: self.stream,
+        })?;
+        let mut back = vec![0u8; bytes.len()];
+        self.launcher.copy_to_host(&mut back, addr, self.stream)?;
+        for (v, b) in rec.iter_mut().zip(back.chunks_exact(8)) {
+            *v = f64::from_ne_bytes(b.try_into().expect("8 bytes"));
+        }
+        Ok(())
+    }
+
+    fn phase_end(&self, update: bool, reduced: bool) -> Result<()> {
         match self.record {
             StepRecord::Optimizer(args) => {
                 let a = StepArgs {
                     phase: update as u32,
                     lr: 0.0,
+                    reduced: reduced as u32,
                     ..args
                 };
                 let name = if update {

@@ -1,0 +1,127 @@
+//! CUDA backend: a parameter declared a piece of a tensor held by several ranks
+//! (`lomo_param_set_shard` on a CUDA parameter; `notes/distributed.md` §3): its device
+//! statistics record, the piece layout of its passes, and the NORM_DUPLICATE flag of its tensor
+//! record. Between steps only (allocates; a write to the tensor record waits for nothing on a
+//! step path).
+
+use super::abi::{DevPtr, LomoTensor, TENSOR_NORM_DUPLICATE};
+use super::device::DeviceOpt;
+use super::passes::{Bufs, Layout, Piece};
+use crate::config::Algorithm;
+use crate::error::{bail, Result};
+
+/// What a piece of rows is in its global tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PieceSpec {
+    /// Rows of the global `[R, C]` view (rank ≤ 1: the global element count).
+    pub global_rows: u64,
+    /// Global index of the piece's first element.
+    pub elem_offset: u64,
+}
+
+impl DeviceOpt {
+    /// Length (f64) of a piece's statistics record: LOMO 1 (the non-finite count); AdaLomo
+    /// `2C + 3` (factored, C columns) or 3 (rank ≤ 1) — `cpu::ada_piece::record_len`.
+    pub fn piece_record_len(&self, idx: usize) -> usize {
+        let shape = self.params[idx].tensor.layout.shape;
+        match self.cfg.algorithm {
+            Algorithm::Lomo => 1,
+            Algorithm::Adalomo if shape.factored => 2 * shape.cols as usize + 3,
+            Algorithm::Adalomo => 3,
+        }
+    }
+
+    /// Declares parameter `idx` a piece of rows (`piece`), or the whole tensor (None), and
+    /// whether its Σg² is counted on another rank (`norm_duplicate`). Everything is allocated
+    /// before anything changes: on failure the parameter is as it was. A piece whose layout
+    /// needs buffers it did not have (an AdaLomo piece without rows still keeps the column
+    /// state) gets fresh, zeroed state.
+    pub fn set_shard(
+        &mut self,
+        idx: usize,
+        piece: Option<PieceSpec>,
+        norm_duplicate: bool,
+    ) -> Result<()> {
+        let Some(old) = self.params.get(idx).map(|p| p.tensor) else {
+            bail!(UnknownParam, "no CUDA parameter with index {idx}");
+        };
+        let ada = self.cfg.algorithm == Algorithm::Adalomo;
+        let (mb, smem) = (self.max_blocks, self.launcher.max_smem());
+        let shape = old.layout.shape;
+        let layout = match piece {
+            Some(_) => Layout::piece(shape, ada, mb, smem),
+            None => Layout::new(shape, ada, mb, smem),
+        };
+        let rec_len = self.piece_record_len(idx);
+        let s = layout.sizes();
+        let fresh = s != old.layout.sizes();
+        let mut got = Vec::with_capacity(8);
+        let result = (|| {
+            crate::alloc::reserve(&mut self.allocs, 8, "the CUDA allocation list")?;
+            let bufs = if fresh {
+                Bufs {
+                    partials: self.alloc(s.partials, &mut got)?,
+                    state_a: self.alloc_zeroed(s.state_a, &mut got)?,
+                    state_b: self.alloc_zeroed(s.state_b, &mut got)?,
+                    ws_a: self.alloc(s.ws_a, &mut got)?,
+                    ws_r: self.alloc(s.ws_r, &mut got)?,
+                    ws_c: self.alloc(s.ws_c, &mut got)?,
+                    col_part: self.alloc(s.col_part, &mut got)?,
+                }
+            } else {
+                old.bufs
+            };
+            let rec = match piece {
+                Some(_) => self.alloc(8 * rec_len, &mut got)?,
+                None => 0,
+            };
+            let flags: u32 = if norm_duplicate {
+                TENSOR_NORM_DUPLICATE
+            } else {
+                0
+            };
+            let at = self.tensor_ptr(idx) + std::mem::offset_of!(LomoTensor, flags) as u64;
+            self.launcher.copy_from_host(at, &flags.to_ne_bytes())?;
+            Ok((bufs, rec))
+        })();
+        let (bufs, rec) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                for p in got {
+                    self.launcher.free(p);
+                }
+                return Err(e);
+            }
+        };
+        self.allocs.extend(got);
+        if fresh {
+            let b = old.bufs;
+            for p in [
+                b.partials, b.state_a, b.state_b, b.ws_a, b.ws_r, b.ws_c, b.col_part,
+            ] {
+                self.release(p);
+            }
+        }
+        if let Some(p) = old.piece {
+            self.release(p.rec);
+        }
+        let t = &mut self.params[idx].tensor;
+        t.layout = layout;
+        t.bufs = bufs;
+        t.piece = piece.map(|p| Piece {
+            rec,
+            len: rec_len,
+            global_rows: p.global_rows,
+            elem_offset: p.elem_offset,
+        });
+        Ok(())
+    }
+
+    /// Frees device memory this optimizer allocated (0: nothing).
+    fn release(&mut self, p: DevPtr) {
+        if p != 0 {
+            self.allocs.retain(|&a| a != p);
+            self.launcher.free(p);
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Distributed steps on the emulated CUDA backend through the real C ABI, threads as ranks
+//! (`notes/distributed.md` §7, T1 with `LOMO_CUDA_EMULATE=1`: host memory stands in for device
+//! memory, so the in-process communicator of `common::dist` reduces the device records the
+//! kernels wrote). Every rank holds a piece of rows of every tensor (LOMO_LAYOUT_ROWS) or every
+//! tensor whole as a data-parallel replica (LOMO_LAYOUT_FULL, NORM_DUPLICATE on all ranks but
+//! one); after every step the assembled parameters must equal ONE CPU rank holding the whole
+//! tensors and submitting the averaged gradient, within the CPU/CUDA parity tolerance
+//! (`common::parity::close`, LOMO bit for bit on these dyadic inputs), replicas bitwise
+//! identical, and every rank must report the one rank's step diagnostics. Plus: a failing
+//! callback on CUDA (COMM_ERROR, nothing changed, the step cancellable) and the refusal of
+//! column pieces on CUDA.
+
+mod common;
+
+use common::dist::*;
+use common::parity::close;
+use common::*;
+use lomo::ffi::dist::{LOMO_DIST_CHECK, LOMO_LAYOUT_COLS, LOMO_LAYOUT_ROWS};
+
+fn emulate() {
+    std::env::set_var("LOMO_CUDA_EMULATE", "1");
+}
+
+fn compare(c: &Case, n: usize) {
+    emulate();
+    let (whole, whole_info) = run(c, 0);
+    let dev = Case {
+        device: 0,
+        ..c.clone()
+    };
+    let (pieces, infos) = run(&dev, n);
+    let what = format!(
+        "n={n} full={} {:?}",
+        c.full,
+        (
+            c.algorithm,
+            c.dtype,
+            c.clip_norm,
+            c.clip_value,
+            c.wd,
+            c.stochastic,
+            c.dynamic,
+            c.carry,
+            c.inf
+        )
+    );
+    for step in 0..STEPS {
+        for (i, (w, p)) in whole[step].iter().zip(&pieces[step]).enumerate() {
+            assert_eq!(w.len(), p.len());
+            for (k, (a, b)) in w.iter().zip(p).enumerate() {
+                let ok = if c.algorithm == 0 {
+                    a.to_bits() == b.to_bits()
+                } else {
+                    close(c.dtype, *a, *b)
+                };
+                assert!(
+                    ok,
+                    "{what}: step {step} tensor {i} element {k}: one CPU rank {a}, CUDA ranks {b}"
+                );
+            }
+        }
+        let w = whole_info[0][step];
+        for (r, info) in infos.iter().enumerate() {
+            let i = info[step];
+            assert_eq!(
+                (
+                    i.step,
+                    i.skipped,
+                    i.overflow,
+                    i.loss_scale.to_bits(),
+                    i.next_loss_scale.to_bits(),
+                    i.grad_norm.to_bits(),
+                    i.clip_coef.to_bits()
+                ),
+                (
+                    w.step,
+                    w.skipped,
+                    w.overflow,
+                    w.loss_scale.to_bits(),
+                    w.next_loss_scale.to_bits(),
+                    w.grad_norm.to_bits(),
+                    w.clip_coef.to_bits()
+                ),
+                "{what}: step {step} rank {r}: diagnostics differ from one CPU rank's"
+            );
+        }
+    }
+}
+
+/// The option variants of the distributed CPU tests (`tests/dist_threads.rs`).
+fn variants(c: &Case) -> Vec<Case> {
+    vec![
+        c.clone(),
+        Case {
+            clip_norm: 0.5,
+            wd: 0.1,
+            clip_value: 0.3,
+            carry: true,
+            ..c.clone()
+        },
+        Case {
+            dtype: BF16,
+            stochastic: true,
+            ..c.clone()
+        },
+        Case {
+            dynamic: true,
+            clip_norm: 1.0,
+            inf: Some((1, 2)),
+            ..c.clone()
+        },
+        Case {
+            dynamic: true,
+            inf: Some((2, 0)),
+            ..c.clone()
+        },
+    ]
+}
+
+#[test]
+fn cuda_row_pieces_equal_one_cpu_rank_lomo() {
+    for n in 1..=4 {
+        for c in variants(&case(0)) {
+            compare(&c, n);
+        }
+    }
+}
+
+#[test]
+fn cuda_row_pieces_equal_one_cpu_rank_adalomo() {
+    for n in 1..=4 {
+        for c in variants(&case(1)) {
+            compare(&c, n);
+        }
+    }
+}
+
+#[test]
+fn cuda_replicas_equal_one_cpu_rank_and_each_other() {
+    for n in [2, 3] {
+        for algorithm in [0, 1] {
+            let c = Case {
+                full: true,
+                ..case(algorithm)
+            };
+            for v in variants(&c) {
+                compare(&v, n);
+            }
+        }
+    }
+}
+
+/// A failing callback on CUDA: LOMO_STATUS_COMM_ERROR with its code and nothing changed —
+/// neither the parameter (per-tensor statistics of a piece) nor the step record (phase end);
+/// the step can be cancelled and the next one succeeds.
+#[test]
+fn cuda_failing_callback_changes_nothing() {
+    emulate();
+    for algorithm in [0, 1] {
+        for shape in [&[7i64, 5][..], &[31]] {
+            let numel: i64 = shape.iter().product();
+            let group = Group::new(1);
+            let opt = Opt::new(&cfg_of(&case(algorithm))).unwrap();
+            let comm = add_comm(&opt, &group, 0);
+            let mut p = Buf::new(F32, &dyadic(&mut Rng::new(1), numel as usize));
+            let id = opt.register_on("w", p.ptr(), F32, shape, 0, 0, 0).unwrap();
+            shard(&opt, id, LOMO_LAYOUT_ROWS, shape, 0, comm, 0).unwrap();
+            dist_set(&opt, comm, 0).unwrap();
+            let mut g = Buf::new(F32, &dyadic(&mut Rng::new(2), numel as usize));
+            let before = p.values();
+            *group.fail.lock() = -7;
+            opt.begin(UPDATE, 0.1).unwrap();
+            let e = opt.submit(id, g.ptr(), F32).unwrap_err();
+            assert_eq!(e.status, lomo::Status::CommError as u32, "{e:?}");
+            assert!(e.message.contains("-7"), "{}", e.message);
+            assert_eq!(p.values(), before, "a failed submit changed the parameter");
+            // SAFETY: live handle.
+            check(unsafe { lomo::ffi::optimizer::lomo_step_cancel(opt.0) }).unwrap();
+            *group.fail.lock() = 0;
+            opt.begin(UPDATE, 0.1).unwrap();
+            opt.submit(id, g.ptr(), F32).unwrap();
+            *group.fail.lock() = 3;
+            let e = opt.end().unwrap_err();
+            assert_eq!(e.status, lomo::Status::CommError as u32);
+            assert_eq!(opt.info().step, 0, "a failed step_end advanced the step");
+            *group.fail.lock() = 0;
+            opt.end().unwrap();
+            assert_eq!(opt.info().step, 1);
+            assert_ne!(p.values(), before);
+        }
+    }
+}
+
+/// Column pieces are not implemented on CUDA: refused at lomo_param_set_shard. A norm group set
+/// before the CUDA registrations works like one set after.
+#[test]
+fn cuda_column_pieces_are_refused() {
+    emulate();
+    let group = Group::new(1);
+    let opt = Opt::new(&cfg_of(&case(0))).unwrap();
+    let comm = add_comm(&opt, &group, 0);
+    dist_set(&opt, comm, LOMO_DIST_CHECK).unwrap();
+    let mut q = Buf::new(F32, &[0.5; 64]);
+    let id = opt
+        .register_on("w", q.ptr(), F32, &[8, 8], 0, 0, 0)
+        .unwrap();
+    shard(&opt, id, LOMO_LAYOUT_ROWS, &[8, 8], 0, comm, 0).unwrap();
+    let mut g = Buf::new(F32, &[0.25; 64]);
+    opt.begin(UPDATE, 0.5).unwrap();
+    opt.submit(id, g.ptr(), F32).unwrap();
+    opt.end().unwrap();
+    assert_eq!(q.values(), vec![0.375; 64]);
+    let group = Group::new(1);
+    let opt = Opt::new(&cfg_of(&case(1))).unwrap();
+    let comm = add_comm(&opt, &group, 0);
+    let mut p = Buf::new(F32, &[0.5; 35]);
+    let id = opt
+        .register_on("w", p.ptr(), F32, &[7, 5], 0, 0, 0)
+        .unwrap();
+    let e = shard(&opt, id, LOMO_LAYOUT_COLS, &[7, 5], 0, comm, 0).unwrap_err();
+    assert_eq!(e.status, lomo::Status::Unsupported as u32, "{e:?}");
+    assert!(e.message.contains("LOMO_LAYOUT_COLS"), "{}", e.message);
+}
