@@ -44,6 +44,7 @@ import torch
 
 from . import _native as N
 from . import _torch_dist as TD
+from . import _torch_fsdp as TF
 from . import _torch_params as TP
 from ._torch_sync import ModelSync
 from . import _torch_step
@@ -146,6 +147,7 @@ class _FusedOptimizer(ModelSync, TP.DeferredGrads, torch.optim.Optimizer):
         self._submitted: set = set()
         self._deferred_names: set = set()
         self._group_sent: dict = {}
+        self._dist = TF.Distribution(process_group)
         self._register([(n, p, self._group_of[n]) for n, p in named])
         self._start_sync()
         self.two_pass = self._has_fp16 if two_pass is None else bool(two_pass)
@@ -458,7 +460,10 @@ class Lomo(_FusedOptimizer):
     ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back;
     ``process_group`` — a ``torch.distributed`` group over which the (replicated, not
     DDP-wrapped) model trains as data parallel: each gradient is averaged across it before it is
-    applied, equal to one process on the whole batch (``lomo_native._torch_dist``).
+    applied, equal to one process on the whole batch (``lomo_native._torch_dist``). FSDP2 models
+    (``fully_shard``) need no argument: each rank's DTensor shards are registered as row pieces
+    of the global tensors, AdaLomo's statistics and the step's scalars agreed over the mesh
+    (``lomo_native._torch_fsdp``).
     ``nonfinite_policy`` — without a norm backward, a gradient with ±inf/NaN leaves its whole
     tensor untouched (``"per_tensor"``, default, two reads of the gradient) or only those
     elements (``"per_element"``, one pass; the step still reports the overflow). CPU only.
