@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -59,49 +60,60 @@ def local(t: torch.Tensor) -> torch.Tensor:
 class TorchComm:
     """A ``lomo_comm`` backed by ``torch.distributed`` on one process group: the library's
     in-place all-reduces (f64 records, SUM or MAX) become ``dist.all_reduce`` on CPU tensors
-    viewing its buffers. Keep the object alive as long as the optimizer (it owns the callback)."""
-
-    _OPS = {N.REDUCE_SUM: "SUM", N.REDUCE_MAX: "MAX"}
-    _DTYPES = {N.DTYPE_F64: torch.float64, N.DTYPE_F32: torch.float32,
-               N.DTYPE_F16: torch.float16, N.DTYPE_BF16: torch.bfloat16}
+    viewing its buffers. Keep the object alive as long as the optimizer (it owns the callback).
+    The group is held weakly (torch.distributed owns it until ``destroy_process_group``), so an
+    optimizer that outlives the group cannot keep a gloo group alive into interpreter shutdown,
+    where destroying it aborts the process."""
 
     def __init__(self, group):
         import torch.distributed as dist
 
-        self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self.error: Optional[BaseException] = None
-        self.fn = N.ALL_REDUCE_FN(self._all_reduce)
+        self.id = None
+        self.fn = N.ALL_REDUCE_FN(_all_reduce(weakref.ref(group)))
 
-    def _all_reduce(self, user, buf, count, dtype, op, stream):
-        import torch.distributed as dist
 
+_DTYPES = {N.DTYPE_F64: torch.float64, N.DTYPE_F32: torch.float32,
+           N.DTYPE_F16: torch.float16, N.DTYPE_BF16: torch.bfloat16}
+
+
+def _all_reduce(group_ref):
+    """The ``lomo_all_reduce_fn`` of a group: 0 on success, 1 on any error (never unwinds
+    through C; the library then fails the call with LOMO_STATUS_COMM_ERROR)."""
+    import torch.distributed as dist
+
+    ops = {N.REDUCE_SUM: dist.ReduceOp.SUM, N.REDUCE_MAX: dist.ReduceOp.MAX}
+
+    def all_reduce(user, buf, count, dtype, op, stream):
         try:
+            group = group_ref()
+            if group is None or dtype not in _DTYPES or op not in ops:
+                return 1
             if count == 0:
                 return 0
-            tdtype = self._DTYPES[dtype]
+            tdtype = _DTYPES[dtype]
             nbytes = count * torch.empty(0, dtype=tdtype).element_size()
             t = torch.frombuffer((ctypes.c_char * nbytes).from_address(buf), dtype=tdtype)
-            dist.all_reduce(t, op=getattr(dist.ReduceOp, self._OPS[op]), group=self.group)
+            dist.all_reduce(t, op=ops[op], group=group)
             return 0
-        except BaseException as e:  # never unwind through C
-            self.error = e
+        except BaseException:
             return 1
+
+    return all_reduce
 
 
 class Piece:
     """Where one rank's shard lies: the global shape, the first row of the
     ``[prod(shape[:-1]), shape[-1]]`` view (rank 1: first element), the piece group."""
 
-    __slots__ = ("global_shape", "offset", "group", "mesh", "placements")
+    __slots__ = ("global_shape", "offset", "key", "group")
 
-    def __init__(self, global_shape, offset, group, mesh, placements):
+    def __init__(self, global_shape, offset, group):
         self.global_shape = global_shape
         self.offset = offset
-        self.group = group
-        self.mesh = mesh
-        self.placements = placements
+        self.key = _ranks(group)  # the ranks of the piece group
+        self.group = weakref.ref(group)
 
 
 def piece_of(name: str, p: torch.Tensor) -> Piece:
@@ -129,7 +141,7 @@ def piece_of(name: str, p: torch.Tensor) -> Piece:
             f"'{name}': local shard of shape {tuple(lt.shape)} on rank {rank} of {world}, where "
             f"torch.chunk's rule gives {(rows,) + shape[1:]} for the global shape {shape}")
     inner = math.prod(shape[1:-1]) if len(shape) >= 2 else 1
-    return Piece(shape, begin * inner, mesh.get_group(dim), mesh, placements)
+    return Piece(shape, begin * inner, mesh.get_group(dim))
 
 
 class Distribution:
@@ -167,7 +179,7 @@ class Distribution:
             raise ValueError(
                 "process_group is for replicated models; this model is sharded with FSDP2 "
                 "(fully_shard), which reduces the gradients itself: drop process_group")
-        keys = {_ranks(pc.group) for pc in new.values()}
+        keys = {pc.key for pc in new.values()}
         if self.norm_key is not None:
             keys.add(self.norm_key)
         if len(keys) > 1:
@@ -187,9 +199,9 @@ class Distribution:
             pc = new.get(name)
             if pc is None:
                 continue
-            key = _ranks(pc.group)
+            key = pc.key
             if key not in self.comms:
-                self.comms[key] = TorchComm(pc.group)
+                self.comms[key] = TorchComm(pc.group())
                 self.comms[key].id = native.comm_add(self.comms[key].rank, self.comms[key].size,
                                                      self.comms[key].fn)
             if self.norm_key is None:
@@ -209,7 +221,7 @@ class Distribution:
         for name, e in entries:
             pc = self.pieces.get(name)
             if pc is not None:
-                key = _ranks(pc.group)
+                key = pc.key
                 native.set_shard(e.pid, N.LAYOUT_ROWS, pc.global_shape, pc.offset,
                                  self.comms[key].id)
         native.dist_set(self.comms[self.norm_key].id, N.DIST_CHECK)

@@ -204,6 +204,7 @@ def _fsdp_worker(rank, init_file, out_dir):
                 _steps(model2, opt2, SPLIT, STEPS, rows)
                 out[via] = _full(model2)
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+        torch_dist.barrier()  # gloo: a rank that tears down while a peer still sends aborts
     finally:
         torch_dist.destroy_process_group()
 

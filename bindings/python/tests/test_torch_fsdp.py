@@ -108,6 +108,7 @@ def _worker(rank, world, init_file, out_dir):
             refused["mixed"] = str(e)
         torch.save({"results": results, "refused": refused},
                    os.path.join(out_dir, f"{rank}.pt"))
+        torch_dist.barrier()  # gloo: a rank that tears down while a peer still sends aborts
     finally:
         torch_dist.destroy_process_group()
 
