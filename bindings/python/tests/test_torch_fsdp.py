@@ -17,6 +17,7 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
 
+from lomo_native import LomoError  # noqa: E402
 from lomo_native.torch import AdaLomo, Lomo  # noqa: E402
 
 STEPS = 3
@@ -106,6 +107,14 @@ def _worker(rank, world, init_file, out_dir):
             AdaLomo(model)  # the other layers stayed plain tensors
         except ValueError as e:
             refused["mixed"] = str(e)
+        model = _shard(_model())
+        opt = AdaLomo(model, lr=0.05 if rank == 0 else 0.06)  # rank 1 disagrees
+        x, y = _data()
+        try:
+            opt.fused_backward(torch.nn.functional.mse_loss(model(x), y))
+            refused["lr"] = ""
+        except LomoError as e:
+            refused["lr"] = e.status_name
         torch.save({"results": results, "refused": refused},
                    os.path.join(out_dir, f"{rank}.pt"))
         torch_dist.barrier()  # gloo: a rank that tears down while a peer still sends aborts
@@ -152,3 +161,5 @@ def test_refusals(ranks):
     assert "fully_shard" in ranks[0]["refused"]["process_group"]
     assert "drop process_group" in ranks[0]["refused"]["process_group"]
     assert "fully_shard" in ranks[0]["refused"]["mixed"]
+    # ranks that step with different learning rates fail on every rank instead of diverging
+    assert [r["refused"]["lr"] for r in ranks] == ["DIST_MISMATCH"] * len(ranks)
