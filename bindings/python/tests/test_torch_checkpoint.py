@@ -188,6 +188,9 @@ def _fsdp_worker(rank, init_file, out_dir):
             out["row_is_dtensor"] = type(osd["state"]["0.weight"]["exp_avg_sq_row"]).__name__
             ckpt = os.path.join(out_dir, "ckpt")
             dcp.save({"model": get_model_state_dict(model), "optim": osd}, checkpoint_id=ckpt)
+            out["saved_state"] = {n: {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                                      for k, v in st.items()} for n, st in osd["state"].items()}
+            out["saved_params"] = _full(model)
             for via in ("dcp", "get_set"):
                 model2 = _fsdp_model()
                 opt2 = MAKERS[case](model2)
@@ -222,3 +225,19 @@ def test_fsdp2_resume_equals_the_uninterrupted_run(tmp_path):
             assert out[via + "_same_state"], via
             for n, w in out["straight"].items():
                 assert torch.equal(out[via][n], w), (r, via, n)
+    # resharding: the 2-rank checkpoint loads into one process holding the whole model, with
+    # the statistics each rank saved in their places
+    out = torch.load(tmp_path / "0.pt", weights_only=False)
+    model = _model()
+    opt = MAKERS["adalomo"](model)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=str(tmp_path / "ckpt"))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    assert opt.step_info().step == SPLIT
+    state = get_optimizer_state_dict(model, opt)["state"]
+    assert sorted(state) == sorted(out["saved_state"])
+    for n, st in out["saved_state"].items():
+        for k, v in st.items():
+            assert torch.equal(state[n][k], v), (n, k)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, out["saved_params"][n]), n
