@@ -22,7 +22,7 @@ piece's non-finite flag. Empty shards are registered and submitted like the othe
 must take part in every collective).
 
 HSDP meshes ``(Replicate(), Shard(0))`` use the shard dimension's group (FSDP2 has averaged the
-replicas already). Other placements (tensor parallel, ``Shard(1)``, strided shards) and a mix of
+replicas already; not tested yet). Other placements (tensor parallel, ``Shard(1)``, strided shards) and a mix of
 DTensor and plain parameters raise with the reason."""
 
 from __future__ import annotations
@@ -155,10 +155,6 @@ class Distribution:
         self.plain: Optional[str] = None  # a registered non-DTensor parameter
         self.comms: dict = {}  # ranks of the group -> TorchComm
         self.norm_key = None
-
-    @property
-    def sharded(self) -> bool:
-        return bool(self.pieces)
 
     def plan(self, items) -> dict:
         """Pieces of the ``(name, parameter)`` items that are DTensors, checked together with
