@@ -104,7 +104,8 @@
 
 /**
  * `lomo_dist_set` flags: at every phase end, check that the ranks agree on the gradients
- * submitted, lr, step counter, configuration and parameter count (one extra MAX all-reduce);
+ * submitted, lr, step counter, configuration (with each group's lr multiplier and weight decay) and
+ * parameter count (one extra MAX all-reduce);
  * disagreement is `LOMO_STATUS_DIST_MISMATCH` on every rank instead of a hang or divergence.
  */
 #define LOMO_DIST_CHECK 1

@@ -227,7 +227,7 @@ pub const CHECK_FIELDS: [&str; 5] = [
     "gradients submitted in the phase",
     "learning rate",
     "step counter",
-    "configuration",
+    "configuration (or a group's lr multiplier or weight decay)",
     "registered parameters",
 ];
 

@@ -102,8 +102,9 @@ fn failing_callback_changes_nothing() {
     }
 }
 
-/// Ranks that disagree — one gradient fewer, another lr — get LOMO_STATUS_DIST_MISMATCH from
-/// the same step_end on every rank (no hang), and can cancel the step.
+/// Ranks that disagree — one gradient fewer, another lr, another group lr multiplier (how the
+/// PyTorch binding carries each param group's lr) — get LOMO_STATUS_DIST_MISMATCH from the same
+/// step_end on every rank (no hang), and can cancel the step.
 #[test]
 fn disagreeing_ranks_get_dist_mismatch() {
     disagreeing_ranks(LOMO_DEVICE_CPU);
@@ -118,7 +119,7 @@ fn disagreeing_cuda_ranks_get_dist_mismatch() {
 }
 
 fn disagreeing_ranks(device: i32) {
-    for mismatch in ["submissions", "lr"] {
+    for mismatch in ["submissions", "lr", "group_lr"] {
         let group = Group::new(2);
         std::thread::scope(|s| {
             for r in 0..2 {
@@ -145,6 +146,10 @@ fn disagreeing_ranks(device: i32) {
                         .unwrap();
                     }
                     dist_set(&opt, comm, LOMO_DIST_CHECK).unwrap();
+                    if mismatch == "group_lr" {
+                        opt.group_set(0, if r == 1 { 0.2 } else { 0.1 }, 0.0)
+                            .unwrap();
+                    }
                     let lr = if mismatch == "lr" && r == 1 { 0.2 } else { 0.1 };
                     opt.begin(UPDATE, lr).unwrap();
                     let mut g = Buf::new(F32, &dyadic(&mut Rng::new(9), 6));
@@ -162,10 +167,10 @@ fn disagreeing_ranks(device: i32) {
                         lomo::Status::DistMismatch as u32,
                         "rank {r}: {e:?}"
                     );
-                    let field = if mismatch == "lr" {
-                        "learning rate"
-                    } else {
-                        "gradients submitted"
+                    let field = match mismatch {
+                        "lr" => "learning rate",
+                        "group_lr" => "lr multiplier",
+                        _ => "gradients submitted",
                     };
                     assert!(e.message.contains(field), "rank {r}: {}", e.message);
                     // SAFETY: live handle.

@@ -43,7 +43,8 @@ pub const LOMO_GRAD_REDUCE_SCATTER: u32 = 2;
 /// replicated across tensor-parallel ranks: set it on all of them but one).
 pub const LOMO_SHARD_NORM_DUPLICATE: u32 = 1;
 /// `lomo_dist_set` flags: at every phase end, check that the ranks agree on the gradients
-/// submitted, lr, step counter, configuration and parameter count (one extra MAX all-reduce);
+/// submitted, lr, step counter, configuration (with each group's lr multiplier and weight decay) and
+/// parameter count (one extra MAX all-reduce);
 /// disagreement is `LOMO_STATUS_DIST_MISMATCH` on every rank instead of a hang or divergence.
 pub const LOMO_DIST_CHECK: u32 = 1;
 

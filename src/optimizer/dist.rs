@@ -276,11 +276,23 @@ impl Optimizer {
             StepState::Update { lr, .. } => lr,
             _ => 0.0,
         };
+        // The groups' lr multipliers and weight decay are part of the configuration: bindings
+        // that carry each group's lr in its multiplier (PyTorch's param_groups) begin with 1.
+        let mut config = self.dist.fingerprint;
+        for (id, g) in &self.groups {
+            for v in [
+                *id as u64,
+                g.lr_multiplier.to_bits(),
+                g.weight_decay.to_bits(),
+            ] {
+                config = fnv_extend(config, &v.to_le_bytes());
+            }
+        }
         let check = self.dist.check.then_some([
             submitted as f64,
             lr,
             self.steps as f64,
-            (self.dist.fingerprint >> 11) as f64,
+            (config >> 11) as f64,
             self.params.len() as f64,
         ]);
         Some(crate::orchestrate::Agreement { comm, check })
@@ -289,7 +301,12 @@ impl Optimizer {
 
 /// FNV-1a of the configuration's description: equal configurations, equal fingerprints.
 fn fingerprint(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    fnv_extend(0xcbf2_9ce4_8422_2325u64, s.as_bytes())
+}
+
+/// FNV-1a continued over `bytes` from the hash `h`.
+fn fnv_extend(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }

@@ -13,6 +13,7 @@ import torch
 
 from . import _native as N
 from . import _torch_dist as TD
+from . import _torch_fsdp as TF
 
 _DTYPES = {torch.float32: N.DTYPE_F32, torch.float16: N.DTYPE_F16, torch.bfloat16: N.DTYPE_BF16}
 
@@ -91,7 +92,8 @@ def state_order(perm):
 
 class Entry:
     """One registered parameter: its library id, name, a weak reference to the tensor (the
-    optimizer must not keep replaced parameters alive), its data address and layout.
+    optimizer must not keep replaced parameters alive), its data address and layout (of the
+    local shard for an FSDP2 DTensor).
 
     ``fast`` (a contiguous CPU parameter of a supported dtype) marks the entries whose gradients
     the hook may hand over on its short path (:func:`make_hook`); ``size`` (a ``torch.Size``),
@@ -105,10 +107,11 @@ class Entry:
         self.pid = pid
         self.name = name
         self.ref = weakref.ref(p)
-        self.ptr = p.data_ptr()
+        lp = TF.local(p)
+        self.ptr = lp.data_ptr()
         self.perm = perm
-        self.shape = tuple(p.shape)
-        self.strides = p.stride()
+        self.shape = tuple(lp.shape)
+        self.strides = lp.stride()
         self.dtype = p.dtype
         self.device = p.device
         self.handle = handle
@@ -125,14 +128,16 @@ class Entry:
     def holds(self, p: torch.Tensor) -> bool:
         """Whether the registration still describes ``p`` (same object, same memory, same
         shape and strides)."""
-        return (self.ref() is p and p.data_ptr() == self.ptr and p.stride() == self.strides
-                and tuple(p.shape) == self.shape)
+        lp = TF.local(p)
+        return (self.ref() is p and lp.data_ptr() == self.ptr and lp.stride() == self.strides
+                and tuple(lp.shape) == self.shape)
 
 
 def prepared_grad(e: Entry, g: torch.Tensor) -> torch.Tensor:
     """The gradient as the library reads it: dense, of the parameter's shape, a supported dtype,
     on the parameter's device, in the parameter's memory order. Raises RuntimeError (before the
-    pointer crosses) when it cannot be."""
+    pointer crosses) when it cannot be. An FSDP2 gradient (a DTensor) gives its local shard."""
+    g = TF.local(g)
     if g.layout != torch.strided:
         # Sparse gradients (nn.Embedding(sparse=True)) are densified: duplicate indices summed,
         # the update is that of the same dense gradient.
@@ -202,7 +207,7 @@ def make_hook(opt_ref, e: Entry):
         g = p.grad
         if g is None:
             return
-        if p.data_ptr() != e.ptr:
+        if TF.local(p).data_ptr() != e.ptr:
             raise RuntimeError(f"'{e.name}' was moved or reallocated during the step (e.g. .to() "
                                "or .data = inside forward/backward)")
         if opt._pending or opt._deferred_names:

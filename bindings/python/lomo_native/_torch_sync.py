@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import _native as N
+from . import _torch_fsdp as TF
 from . import _torch_params as TP
 from .core import Optimizer as _NativeOptimizer
 
@@ -51,7 +52,7 @@ class ModelSync:
         if p.layout != torch.strided:
             raise ValueError(f"{name}: the parameter must be a dense (strided) tensor")
         try:
-            perm, shape = TP.registered_layout(name, p, self._ALGORITHM)
+            perm, shape = TP.registered_layout(name, TF.local(p), self._ALGORITHM)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if p.device.type == "cpu":
@@ -63,20 +64,25 @@ class ModelSync:
         return device, perm, shape
 
     def _register(self, items):
-        """Registers ``(name, parameter, native group)`` items, all checked first."""
+        """Registers ``(name, parameter, native group)`` items, all checked first; FSDP2
+        (DTensor) parameters as row pieces of their global tensors (``_torch_fsdp``)."""
         checked = [(name, p, gid, self._check_param(name, p)) for name, p, gid in items]
+        pieces = self._dist.plan([(name, p) for name, p, _ in items])
         ref = weakref.ref(self)
+        added = []
         for name, p, gid, (device, perm, shape) in checked:
             if device != N.DEVICE_CPU:
                 self._cuda_devices.add(device)
             self._has_fp16 |= p.dtype == torch.float16
-            pid = self._native.register_pointer(name, p.data_ptr(), TP._DTYPES[p.dtype], shape,
-                                                device, gid)
+            pid = self._native.register_pointer(name, TF.local(p).data_ptr(),
+                                                TP._DTYPES[p.dtype], shape, device, gid)
             if perm is TP.STRIDES:
                 self._native.set_strides(pid, p.stride())
             e = TP.Entry(pid, name, p, perm)
             e.handle = p.register_post_accumulate_grad_hook(TP.make_hook(ref, e))
             self._entries[name] = e
+            added.append((name, e))
+        self._dist.add(self._native, added, pieces)
 
     # ------------------------------------------------------------------ the model's parameters
     def _start_sync(self) -> None:
@@ -178,11 +184,12 @@ class ModelSync:
             for e in self._entries.values():
                 p, (device, perm, shape) = layouts[e.name]
                 gid = self._group_of.get(e.name, 0)
-                pid = native.register_pointer(e.name, p.data_ptr(), TP._DTYPES[p.dtype], shape,
-                                              device, gid)
+                pid = native.register_pointer(e.name, TF.local(p).data_ptr(),
+                                              TP._DTYPES[p.dtype], shape, device, gid)
                 if perm is TP.STRIDES:
                     native.set_strides(pid, p.stride())
                 assert pid == e.pid
+            self._dist.apply(native, list(self._entries.items()))
             if state is not None:
                 native.load_state_bytes(state)
         except BaseException:

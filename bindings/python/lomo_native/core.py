@@ -233,6 +233,37 @@ class Optimizer:
         self._lib.lomo_param_count(self.handle, ctypes.byref(out))
         return out.value
 
+    # ------------------------------------------------------------------- distributed (ABI 2)
+    def comm_add(self, rank: int, size: int, all_reduce) -> int:
+        """``lomo_comm_add``: a communicator whose in-place all-reduce is ``all_reduce``, a
+        ``_native.ALL_REDUCE_FN`` (the caller keeps it alive as long as this optimizer).
+        Returns the communicator id."""
+        comm = N.Comm(struct_size=ctypes.sizeof(N.Comm), rank=int(rank), size=int(size),
+                      all_reduce=all_reduce)
+        out = ctypes.c_uint32()
+        self._lib.lomo_comm_add(self.handle, ctypes.byref(comm), ctypes.byref(out))
+        return out.value
+
+    def set_shard(self, param_id: int, layout: int, global_shape: Iterable[int], offset: int,
+                  piece_comm: int, flags: int = 0) -> None:
+        """``lomo_param_set_shard`` with ``LOMO_GRAD_REDUCED``: parameter ``param_id`` is the
+        piece at ``offset`` (ROWS: first row of the ``[prod(shape[:-1]), shape[-1]]`` view,
+        rank ≤ 1: first element; COLS: first column) of a tensor of ``global_shape`` whose other
+        pieces are held by the ranks of communicator ``piece_comm``."""
+        shape = [int(s) for s in global_shape]
+        dims = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+        desc = N.ShardDesc(struct_size=ctypes.sizeof(N.ShardDesc), layout=int(layout),
+                           global_ndim=len(shape),
+                           global_shape=ctypes.cast(dims, ctypes.POINTER(ctypes.c_int64)),
+                           offset=int(offset), piece_comm=int(piece_comm),
+                           grad_mode=N.GRAD_REDUCED, grad_comm=N.COMM_NONE, flags=int(flags))
+        self._lib.lomo_param_set_shard(self.handle, int(param_id), ctypes.byref(desc))
+
+    def dist_set(self, norm_comm: int, flags: int = 0) -> None:
+        """``lomo_dist_set``: the communicator over which the step's scalars are agreed
+        (``COMM_NONE``: this rank alone); ``flags`` 0 or ``DIST_CHECK``."""
+        self._lib.lomo_dist_set(self.handle, int(norm_comm), int(flags))
+
     # ---------------------------------------------------------------------------------- steps
     def begin(self, phase: int, lr: float = 0.0, stream=None) -> None:
         """``lomo_step_begin``: ``phase`` is ``PHASE_NORM`` (0), ``PHASE_UPDATE`` (1) or

@@ -44,6 +44,8 @@ import torch
 
 from . import _native as N
 from . import _torch_dist as TD
+from . import _torch_fsdp as TF
+from . import _torch_state as TS
 from . import _torch_params as TP
 from ._torch_accum import Accumulation
 from ._torch_sync import ModelSync
@@ -147,10 +149,12 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         self._submitted: set = set()
         self._deferred_names: set = set()
         self._group_sent: dict = {}
+        self._dist = TF.Distribution(process_group)
         self._register([(n, p, self._group_of[n]) for n, p in named])
         self._start_sync()
         self.two_pass = self._has_fp16 if two_pass is None else bool(two_pass)
         self.set_accumulation(*accumulation)
+        self.state = TS.StateView(self)  # torch's per-parameter view, read from the library
         self._built = True
 
     # ---------------------------------------------------------------------------- construction
@@ -381,37 +385,24 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """The complete optimizer state: the library's (AdaLomo statistics, step counter, loss
-        scaler; a safetensors blob as a uint8 tensor) and the Python side (lr, groups,
-        settings). ``torch.save`` it; ``load_state_dict`` on an optimizer built the same way
-        resumes identically."""
-        self._check_not_removed()  # gradients left in .grad do not matter here
-        if self._phase is not None or self._norm_pending:
-            raise RuntimeError("state_dict() must be called between steps")
-        if not self._native.supports_state():
-            raise RuntimeError(
-                f"the loaded liblomo ({N.library_path()}) has no lomo_state_serialize/"
-                "lomo_state_deserialize; state_dict needs a newer library")
-        blob = self._native.state_bytes()
-        return {
-            "format": _STATE_FORMAT,
-            "algorithm": self._ALGORITHM,
-            "native": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else
-            torch.empty(0, dtype=torch.uint8),
-            "param_names": list(self._param_names),
-            # AdaLomo state kept in memory order (CUDA permuted registrations): None = logical
-            "state_orders": {e.name: TP.state_order(e.perm) for e in self._entries.values()},
-            "groups": [{"lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"],
-                        "lr": g["lr"]} for g in self.param_groups],
-            "lr": self.lr,
-            "settings": self._settings(),
-        }
+        """The complete optimizer state in torch's layout: ``"state"`` per parameter index
+        (``step``; AdaLomo's ``exp_avg_sq_row``/``exp_avg_sq_col``, or ``exp_avg_sq`` for rank
+        ≤ 1; DTensors for FSDP2 shards) and ``"param_groups"`` (lr, lr_scale, weight_decay and
+        the step's counters), plus ``format``, ``algorithm``, ``param_names``, ``lr`` and
+        ``settings``; see ``lomo_native._torch_state``. ``torch.save`` it, or save it with
+        ``torch.distributed.checkpoint`` (``get_optimizer_state_dict`` calls this);
+        ``load_state_dict`` on an optimizer built the same way resumes bit for bit."""
+        self._check_between_steps("state_dict")
+        return TS.state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restores a ``state_dict()`` of an optimizer over the same parameters."""
-        self._check_not_removed()
+        """Restores a ``state_dict()`` of an optimizer over the same parameters (also as
+        ``set_optimizer_state_dict`` hands it over, keyed by name; and the
+        ``lomo_native.torch/1`` format with the library's blob). Checked whole first: a
+        mismatch raises with the optimizer unchanged."""
+        self._check_between_steps("load_state_dict")
         if state_dict.get("format") != _STATE_FORMAT:
-            raise ValueError(f"not a {_STATE_FORMAT} state dict (lomo-optim's hold no state)")
+            return TS.load_state_dict(self, state_dict)
         if state_dict["algorithm"] != self._ALGORITHM:
             raise ValueError(f"state of {state_dict['algorithm']} loaded into {self._ALGORITHM}")
         if list(state_dict["param_names"]) != self._param_names:
@@ -426,12 +417,6 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
                         f"'{e.name}': the state dict keeps its AdaLomo state in another memory "
                         "order than this optimizer (a permuted CUDA parameter on one side): "
                         "give the parameter the same layout on both sides")
-        if self._phase is not None or self._norm_pending:
-            raise RuntimeError("load_state_dict() must be called between steps")
-        if not self._native.supports_state():
-            raise RuntimeError(
-                f"the loaded liblomo ({N.library_path()}) has no lomo_state_deserialize; "
-                "load_state_dict needs a newer library")
         blob = state_dict["native"]
         if isinstance(blob, torch.Tensor):
             blob = blob.cpu().contiguous().numpy().tobytes()
@@ -440,6 +425,15 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
             g.update(lr_scale=saved["lr_scale"], weight_decay=saved["weight_decay"], lr=saved["lr"])
         self._group_sent = {}  # the next step sends every group's lr and decay
         self.lr = state_dict["lr"]
+
+    def _check_between_steps(self, what: str) -> None:
+        self._check_not_removed()  # gradients left in .grad do not matter here
+        if self._phase is not None or self._norm_pending:
+            raise RuntimeError(f"{what}() must be called between steps")
+        if not self._native.supports_state():
+            raise RuntimeError(
+                f"the loaded liblomo ({N.library_path()}) has no lomo_state_serialize/"
+                f"lomo_state_deserialize; {what} needs a newer library")
 
     def _settings(self) -> dict:
         return {"clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
@@ -487,7 +481,10 @@ class Lomo(_FusedOptimizer):
     ``rounding`` (``"nearest"`` or ``"stochastic"``) and ``seed`` for f16/bf16 write-back;
     ``process_group`` — a ``torch.distributed`` group over which the (replicated, not
     DDP-wrapped) model trains as data parallel: each gradient is averaged across it before it is
-    applied, equal to one process on the whole batch (``lomo_native._torch_dist``).
+    applied, equal to one process on the whole batch (``lomo_native._torch_dist``). FSDP2 models
+    (``fully_shard``) need no argument: each rank's DTensor shards are registered as row pieces
+    of the global tensors, AdaLomo's statistics and the step's scalars agreed over the mesh
+    (``lomo_native._torch_fsdp``).
     ``nonfinite_policy`` — without a norm backward, a gradient with ±inf/NaN leaves its whole
     tensor untouched (``"per_tensor"``, default, two reads of the gradient) or only those
     elements (``"per_element"``, one pass; the step still reports the overflow). CPU only.

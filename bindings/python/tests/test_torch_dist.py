@@ -71,6 +71,7 @@ def _worker(rank, init_file, out_dir):
         except ValueError as e:
             refused = str(e)
         torch.save({"results": results, "refused": refused}, os.path.join(out_dir, f"{rank}.pt"))
+        torch_dist.barrier()  # gloo: a rank that tears down while a peer still sends aborts
     finally:
         torch_dist.destroy_process_group()
 
