@@ -22,6 +22,7 @@ mod cuda_tests;
 pub mod cuda_ws;
 pub mod frame;
 pub mod ops;
+pub mod split;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]

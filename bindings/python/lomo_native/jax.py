@@ -54,9 +54,27 @@ __all__ = [
     "lomo",
     "adalomo",
     "register",
+    "norm_partials",
+    "norm_finish",
+    "lomo_piece_stats",
+    "lomo_piece_apply",
+    "adalomo_piece_stats",
+    "adalomo_piece_apply",
+    "piece_rounds",
 ]
 
-_OPS = ("grad_sum_sq", "lomo_update", "adalomo_update")
+_OPS = (
+    "grad_sum_sq",
+    "lomo_update",
+    "adalomo_update",
+    # split phase (shard_map), _jax_shard.py; CPU only (the CUDA targets refuse)
+    "norm_partials",
+    "norm_finish",
+    "lomo_piece_stats",
+    "lomo_piece_apply",
+    "adalomo_piece_stats",
+    "adalomo_piece_apply",
+)
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _ROUNDING = ("nearest", "stochastic")
 
@@ -279,6 +297,17 @@ def adalomo_update(
 
 # The pytree helper (Optimizer, OptState, ScalerState, lomo, adalomo) lives in _jax_pytree.py.
 from ._jax_pytree import OptState, Optimizer, ScalerState, adalomo, lomo  # noqa: E402
+
+# The split-phase operations for shard_map live in _jax_shard.py.
+from ._jax_shard import (  # noqa: E402
+    adalomo_piece_apply,
+    adalomo_piece_stats,
+    lomo_piece_apply,
+    lomo_piece_stats,
+    norm_finish,
+    norm_partials,
+    piece_rounds,
+)
 
 
 def __getattr__(name):
