@@ -226,7 +226,8 @@ def _check_state(param, state, layout, global_shape):
     if got != want or any(jnp.dtype(s.dtype) != jnp.dtype(jnp.float32) for s in state):
         raise ValueError(
             "AdaLomo state of a %s piece %s of %s is float32 arrays of shapes %s, got %s"
-            % (layout, tuple(param.shape), tuple(global_shape), want, got)
+            % (layout, tuple(param.shape), tuple(global_shape), want,
+               [(g, str(s.dtype)) for g, s in zip(got, state)])
         )
     return state
 

@@ -61,6 +61,7 @@ __all__ = [
     "adalomo_piece_stats",
     "adalomo_piece_apply",
     "piece_rounds",
+    "ShardedOperandError",
 ]
 
 _OPS = (
@@ -135,6 +136,32 @@ def _check_grad(param, grad) -> None:
         )
 
 
+class ShardedOperandError(ValueError):
+    """A whole-tensor operation was given an operand sharded over several devices."""
+
+
+def _refuse_sharded(x, what: str) -> None:
+    """Under ``jax.jit`` with arrays sharded over several devices, XLA would all-gather the
+    operands of the custom call and return replicated results (memory × devices, donation lost);
+    refused when XLA partitions the program (``jax.debug.inspect_array_sharding``). Inside
+    ``shard_map`` every operand is a device's own piece (seen as replicated): allowed."""
+
+    def check(sharding):
+        if not sharding.is_fully_replicated:
+            raise ShardedOperandError(
+                "lomo_native.jax: %s is sharded over %d devices (%s) under jax.jit; the "
+                "whole-tensor operations would all-gather it and return it replicated. Run the "
+                "step inside jax.shard_map with Optimizer.sharded_step (or the split-phase "
+                "operations lomo_piece_* / adalomo_piece_*), see the README section 'Sharded "
+                "training (shard_map)'" % (what, len(sharding.device_set), sharding)
+            )
+
+    if isinstance(x, jax.core.Tracer):
+        jax.debug.inspect_array_sharding(x, callback=check)
+    elif isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+        check(x.sharding)
+
+
 def _rounding(r: str) -> str:
     if r not in _ROUNDING:
         raise ValueError("rounding must be 'nearest' or 'stochastic', got %r" % (r,))
@@ -168,6 +195,7 @@ def grad_sum_sq(grads, *, loss_scale=1.0, clip_grad_norm: float = 0.0):
     leaves = jax.tree_util.tree_leaves(grads)
     for i, g in enumerate(leaves):
         _check_float(g, "grad %d" % i)
+        _refuse_sharded(g, "grad %d" % i)
     call = jax.ffi.ffi_call("lomo_grad_sum_sq", (_F32, _F32, _BOOL), vmap_method="sequential")
     return call(_f32(loss_scale), *leaves, clip_grad_norm=np.float64(clip_grad_norm))
 
@@ -198,6 +226,8 @@ def lomo_update(
     """
     register()
     _check_grad(param, grad)
+    _refuse_sharded(param, "param")
+    _refuse_sharded(grad, "grad")
     call = jax.ffi.ffi_call(
         "lomo_lomo_update",
         (jax.ShapeDtypeStruct(param.shape, param.dtype), _BOOL),
@@ -259,6 +289,8 @@ def adalomo_update(
     """
     register()
     _check_grad(param, grad)
+    _refuse_sharded(param, "param")
+    _refuse_sharded(grad, "grad")
     state = tuple(state)
     n = len(state)
     if n != (2 if param.ndim >= 2 else 1):
