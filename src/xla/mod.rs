@@ -23,6 +23,7 @@ pub mod cuda_ws;
 pub mod frame;
 pub mod ops;
 pub mod split;
+pub mod split_norm;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]

@@ -28,7 +28,7 @@
 //! 1 (two rounds). The stochastic-rounding stream of an element is keyed by its global index.
 
 use super::abi::dtype;
-use super::cpu::{self, hyper, materialize, state_slice, write_f32, write_pred, PooledWs};
+use super::cpu::{self, hyper, materialize, state_slice, write_pred, PooledWs};
 use super::frame::{invalid, Buffer, Frame, XResult};
 use super::ops::{self, AdaStatePlan, Attrs, Grad, InOut, Options, Scalars};
 use crate::backend::cpu::adalomo::StateViewMut;
@@ -36,7 +36,7 @@ use crate::backend::cpu::step::{CpuAda, CpuPiece, CpuTensor};
 use crate::backend::cpu::{ada_cols, ada_piece};
 use crate::backend::RawBuf;
 use crate::config::Algorithm;
-use crate::orchestrate::{self, PhaseTotals, Split, TensorPass};
+use crate::orchestrate::{self, Split};
 
 /// How the piece lies in the whole tensor's `[R, C]` view.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -72,7 +72,7 @@ fn record_dtype(b: &Buffer<'_>, what: &str) -> XResult<()> {
     Ok(())
 }
 
-fn read_record(b: &Buffer<'_>, what: &str) -> XResult<Vec<f64>> {
+pub(super) fn read_record(b: &Buffer<'_>, what: &str) -> XResult<Vec<f64>> {
     record_dtype(b, what)?;
     let n = b.numel(what)?;
     ops::check_aligned(b, if b.dtype == dtype::F64 { 8 } else { 4 }, n, what)?;
@@ -89,7 +89,7 @@ fn read_record(b: &Buffer<'_>, what: &str) -> XResult<Vec<f64>> {
     })
 }
 
-fn write_record(b: &Buffer<'_>, rec: &[f64], what: &str) -> XResult<()> {
+pub(super) fn write_record(b: &Buffer<'_>, rec: &[f64], what: &str) -> XResult<()> {
     record_dtype(b, what)?;
     let n = b.numel(what)?;
     if n != rec.len() {
@@ -111,74 +111,6 @@ fn write_record(b: &Buffer<'_>, rec: &[f64], what: &str) -> XResult<()> {
             }
         }
     }
-    Ok(())
-}
-
-/// `norm_partials`: per gradient `[Σ(g/S)² (0 if not finite), 1 if not finite]`, as the C API's
-/// NORM phase computes each tensor record.
-pub fn norm_partials(f: &Frame<'_>) -> XResult<()> {
-    const OP: &str = "lomo norm_partials";
-    if f.num_args() < 1 || f.num_rets() != 1 {
-        invalid!("{OP}: expected operands (loss_scale, grads...) and 1 result (the record)");
-    }
-    Attrs::new(f, OP)?.finish()?;
-    let inv = cpu::inv_scale(cpu::read_f32(&ops::scalar(
-        f,
-        0,
-        "loss_scale",
-        &[dtype::F32],
-    )?))?;
-    let n = f.num_args() - 1;
-    let out = f.ret(0, "record")?;
-    if out.dims != [n as i64, 2] {
-        invalid!("{OP}: the record must be [{n}, 2], got {}", out.describe());
-    }
-    let cfg = crate::config::Config::defaults(Algorithm::Lomo);
-    let b = cpu::norm_step(&cfg, inv);
-    let mut rec = Vec::with_capacity(2 * n);
-    for i in 0..n {
-        let g: Grad<'_> = ops::grad(f, i + 1, &format!("grad {i}"))?;
-        let buf = cpu::grad_buf(&g, &[], &mut Vec::new())?;
-        let mut t = CpuTensor::new(buf, None);
-        orchestrate::tensor(&b, Algorithm::Lomo, &mut t, &buf, &TensorPass::Norm, None)?;
-        rec.push(if t.finite { t.sum_sq } else { 0.0 });
-        rec.push((!t.finite) as u8 as f64);
-    }
-    write_record(&out, &rec, "record")
-}
-
-/// `norm_finish`: the NORM phase's end from the reduced per-tensor records, summed in operand
-/// order as the C API sums its tensor records.
-pub fn norm_finish(f: &Frame<'_>) -> XResult<()> {
-    const OP: &str = "lomo norm_finish";
-    ops::count(f, OP, 1, 3, "record -> sum_sq, clip_coef, finite")?;
-    let mut a = Attrs::new(f, OP)?;
-    let clip = a.float("clip_grad_norm", 0.0)?;
-    a.finish()?;
-    if !(clip.is_finite() && clip >= 0.0) {
-        invalid!("clip_grad_norm must be finite and >= 0, got {clip}");
-    }
-    let rec_buf = f.arg(0, "record")?;
-    let rec = read_record(&rec_buf, "record")?;
-    if rec_buf.dims.len() != 2 || rec_buf.dims[1] != 2 {
-        invalid!(
-            "{OP}: the record must be [n, 2], got {}",
-            rec_buf.describe()
-        );
-    }
-    let mut totals = PhaseTotals::default();
-    for r in rec.chunks_exact(2) {
-        totals.add(r[1] == 0.0, r[0]);
-    }
-    let d = orchestrate::norm_decision(&totals, clip);
-    let (sum_sq, coef) = if d.overflow {
-        (f32::NAN, f32::NAN)
-    } else {
-        (totals.sum_sq as f32, d.coef)
-    };
-    write_f32(&ops::scalar_ret(f, 0, "sum_sq", dtype::F32)?, sum_sq);
-    write_f32(&ops::scalar_ret(f, 1, "clip_coef", dtype::F32)?, coef);
-    write_pred(&ops::scalar_ret(f, 2, "finite", dtype::PRED)?, !d.overflow);
     Ok(())
 }
 
@@ -358,7 +290,7 @@ fn piece_plan<'a>(f: &Frame<'a>, algorithm: Algorithm, apply: bool) -> XResult<P
 }
 
 /// Runs a piece call: `stats` writes the next round's partial record, `apply` the update.
-fn run_piece(f: &Frame<'_>, algorithm: Algorithm, apply: bool) -> XResult<()> {
+pub(super) fn run_piece(f: &Frame<'_>, algorithm: Algorithm, apply: bool) -> XResult<()> {
     let plan = piece_plan(f, algorithm, apply)?;
     let round = plan.reduced.len() + 1;
     let rec_len = |r| record_len(algorithm, plan.layout, plan.factored, plan.global, r);
@@ -533,77 +465,3 @@ fn run_piece(f: &Frame<'_>, algorithm: Algorithm, apply: bool) -> XResult<()> {
         ),
     }
 }
-
-macro_rules! host_handler {
-    ($name:ident, $label:literal, $body:expr) => {
-        /// XLA FFI handler (Host platform), split phase; see `src/xla/split.rs`.
-        ///
-        /// # Safety
-        /// Called by XLA with its call frame.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            frame: *mut super::abi::XLA_FFI_CallFrame,
-        ) -> *mut super::abi::XLA_FFI_Error {
-            // SAFETY: `frame` is XLA's call frame for this invocation.
-            unsafe { super::frame::boundary(frame, $label, $body) }
-        }
-    };
-}
-
-host_handler!(lomo_xla_norm_partials, "lomo_xla_norm_partials", |f| {
-    norm_partials(f)
-});
-host_handler!(lomo_xla_norm_finish, "lomo_xla_norm_finish", |f| {
-    norm_finish(f)
-});
-host_handler!(
-    lomo_xla_lomo_piece_stats,
-    "lomo_xla_lomo_piece_stats",
-    |f| { run_piece(f, Algorithm::Lomo, false) }
-);
-host_handler!(
-    lomo_xla_lomo_piece_apply,
-    "lomo_xla_lomo_piece_apply",
-    |f| { run_piece(f, Algorithm::Lomo, true) }
-);
-host_handler!(
-    lomo_xla_adalomo_piece_stats,
-    "lomo_xla_adalomo_piece_stats",
-    |f| { run_piece(f, Algorithm::Adalomo, false) }
-);
-host_handler!(
-    lomo_xla_adalomo_piece_apply,
-    "lomo_xla_adalomo_piece_apply",
-    |f| { run_piece(f, Algorithm::Adalomo, true) }
-);
-
-macro_rules! cuda_refusal {
-    ($name:ident, $label:literal) => {
-        /// XLA FFI handler (CUDA platform): the split-phase operations are not implemented on
-        /// CUDA yet; refuses with `UNIMPLEMENTED` and says so.
-        ///
-        /// # Safety
-        /// Called by XLA with its call frame.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            frame: *mut super::abi::XLA_FFI_CallFrame,
-        ) -> *mut super::abi::XLA_FFI_Error {
-            // SAFETY: `frame` is XLA's call frame for this invocation.
-            unsafe {
-                super::frame::boundary(frame, $label, |_| {
-                    Err(super::frame::XlaError::unimplemented(
-                        "lomo's split-phase (shard_map) operations run on the CPU only so far; \
-                         on CUDA use the whole-tensor operations on replicated parameters",
-                    ))
-                })
-            }
-        }
-    };
-}
-
-cuda_refusal!(lomo_xla_norm_partials_cuda, "lomo_xla_norm_partials_cuda");
-cuda_refusal!(lomo_xla_norm_finish_cuda, "lomo_xla_norm_finish_cuda");
-cuda_refusal!(lomo_xla_lomo_piece_stats_cuda, "lomo_xla_lomo_piece_stats_cuda");
-cuda_refusal!(lomo_xla_lomo_piece_apply_cuda, "lomo_xla_lomo_piece_apply_cuda");
-cuda_refusal!(lomo_xla_adalomo_piece_stats_cuda, "lomo_xla_adalomo_piece_stats_cuda");
-cuda_refusal!(lomo_xla_adalomo_piece_apply_cuda, "lomo_xla_adalomo_piece_apply_cuda");
