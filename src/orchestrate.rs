@@ -261,3 +261,7 @@ pub fn norm_decision(totals: &PhaseTotals, clip_grad_norm: f64) -> NormDecision 
     };
     NormDecision { overflow, coef }
 }
+
+#[cfg(test)]
+#[path = "orchestrate_split_tests.rs"]
+mod split_tests;
