@@ -27,9 +27,9 @@ import time
 
 # The host device count must be set before jax is imported.
 if "--devices" in sys.argv[:-1]:
+    _n = int(sys.argv[sys.argv.index("--devices") + 1])
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_force_host_platform_device_count=%d" % int(sys.argv[sys.argv.index("--devices") + 1])
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=%d" % _n
     )
 
 import numpy as np

@@ -17,6 +17,13 @@ Two layers:
 * ``lomo_native.jax.optax`` (imported on first use; needs optax): the same optimizers as optax
   ``GradientTransformation`` objects, for ``optax.chain``, schedules and ``optax.MultiSteps``.
 
+Sharded arrays: inside ``jax.shard_map`` use ``Optimizer.sharded_step`` (or the split-phase
+operations ``norm_partials``/``norm_finish``, ``lomo_piece_*``, ``adalomo_piece_*``: local
+statistics, the caller's ``jax.lax.psum``, apply; ``_jax_shard.py``). Under plain ``jax.jit``
+the operations are ``custom_partitioning`` rules (``_jax_partition.py``) that keep the
+parameters' sharding and lower to the same split-phase path: results equal the unsharded step
+on every layout but a 2-D block (refused with :class:`ShardedOperandError`). CPU only so far.
+
 Parameters (and AdaLomo state) are updated in place when the caller donates them, e.g.
 ``jax.jit(train_step, donate_argnums=(0, 1))``; otherwise XLA copies them first. Parameters and
 gradients may be f32, f16 or bf16; state is f32.
@@ -41,6 +48,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from . import _jax_partition
+from ._jax_partition import ShardedOperandError
 from ._native import load
 
 __all__ = [
@@ -136,32 +145,6 @@ def _check_grad(param, grad) -> None:
         )
 
 
-class ShardedOperandError(ValueError):
-    """A whole-tensor operation was given an operand sharded over several devices."""
-
-
-def _refuse_sharded(x, what: str) -> None:
-    """Under ``jax.jit`` with arrays sharded over several devices, XLA would all-gather the
-    operands of the custom call and return replicated results (memory × devices, donation lost);
-    refused when XLA partitions the program (``jax.debug.inspect_array_sharding``). Inside
-    ``shard_map`` every operand is a device's own piece (seen as replicated): allowed."""
-
-    def check(sharding):
-        if not sharding.is_fully_replicated:
-            raise ShardedOperandError(
-                "lomo_native.jax: %s is sharded over %d devices (%s) under jax.jit; the "
-                "whole-tensor operations would all-gather it and return it replicated. Run the "
-                "step inside jax.shard_map with Optimizer.sharded_step (or the split-phase "
-                "operations lomo_piece_* / adalomo_piece_*), see the README section 'Sharded "
-                "training (shard_map)'" % (what, len(sharding.device_set), sharding)
-            )
-
-    if isinstance(x, jax.core.Tracer):
-        jax.debug.inspect_array_sharding(x, callback=check)
-    elif isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-        check(x.sharding)
-
-
 def _rounding(r: str) -> str:
     if r not in _ROUNDING:
         raise ValueError("rounding must be 'nearest' or 'stochastic', got %r" % (r,))
@@ -195,9 +178,9 @@ def grad_sum_sq(grads, *, loss_scale=1.0, clip_grad_norm: float = 0.0):
     leaves = jax.tree_util.tree_leaves(grads)
     for i, g in enumerate(leaves):
         _check_float(g, "grad %d" % i)
-        _refuse_sharded(g, "grad %d" % i)
     call = jax.ffi.ffi_call("lomo_grad_sum_sq", (_F32, _F32, _BOOL), vmap_method="sequential")
-    return call(_f32(loss_scale), *leaves, clip_grad_norm=np.float64(clip_grad_norm))
+    attrs = dict(clip_grad_norm=np.float64(clip_grad_norm))
+    return _jax_partition.grad_sum_sq(call, _f32(loss_scale), leaves, attrs)
 
 
 def lomo_update(
@@ -226,22 +209,23 @@ def lomo_update(
     """
     register()
     _check_grad(param, grad)
-    _refuse_sharded(param, "param")
-    _refuse_sharded(grad, "grad")
     call = jax.ffi.ffi_call(
         "lomo_lomo_update",
         (jax.ShapeDtypeStruct(param.shape, param.dtype), _BOOL),
         input_output_aliases={0: 0},
         vmap_method="sequential",
     )
-    return call(
-        param,
-        grad,
-        _f32(lr),
-        _f32(loss_scale),
-        _f32(clip_coef),
-        _i32(step),
-        **_update_attrs(weight_decay, clip_grad_value, lr_multiplier, rounding, seed, param_id),
+    options = dict(
+        weight_decay=weight_decay,
+        clip_grad_value=clip_grad_value,
+        lr_multiplier=lr_multiplier,
+        rounding=rounding,
+        seed=seed,
+        param_id=param_id,
+    )
+    scalars = (_f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step))
+    return _jax_partition.update(
+        "lomo", call, param, grad, (), scalars, _update_attrs(**options), options
     )
 
 
@@ -289,8 +273,6 @@ def adalomo_update(
     """
     register()
     _check_grad(param, grad)
-    _refuse_sharded(param, "param")
-    _refuse_sharded(grad, "grad")
     state = tuple(state)
     n = len(state)
     if n != (2 if param.ndim >= 2 else 1):
@@ -321,9 +303,20 @@ def adalomo_update(
         clip_threshold=np.float64(clip_threshold),
         decay_rate=np.float64(decay_rate),
     )
-    out = call(
-        param, grad, *state, _f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step), **attrs
+    options = dict(
+        weight_decay=weight_decay,
+        clip_grad_value=clip_grad_value,
+        lr_multiplier=lr_multiplier,
+        rounding=rounding,
+        seed=seed,
+        param_id=param_id,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        decay_rate=decay_rate,
     )
+    scalars = (_f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step))
+    out = _jax_partition.update("adalomo", call, param, grad, state, scalars, attrs, options)
     return out[0], tuple(out[1 : 1 + n]), out[-1]
 
 

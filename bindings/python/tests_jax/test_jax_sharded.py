@@ -1,8 +1,8 @@
 """lomo_native.jax on 2 and 4 host devices: shard_map parity (against the unsharded step and
 the C API), row/column/two-axis/uneven pieces, dynamic loss scaling, stochastic rounding,
-donation, a sharded training loop, and the refusal of plain jit on sharded arrays. The device
-count must be set before jax is imported, so the cases (sharded_cases.py) run in one subprocess
-per configuration."""
+donation, a sharded training loop, and plain jit on sharded arrays (the sharding kept, parity,
+in-place donation; a 2-D block refused). The device count must be set before jax is imported,
+so the cases (sharded_cases.py) run in one subprocess per configuration."""
 
 import json
 import os
