@@ -7,6 +7,7 @@
 //! sharded AdaLomo): `stats` stops at the first round whose reduced record it was not given and
 //! returns this device's partial record; `apply` is given every reduced record and writes.
 //! (`apply` re-reads p and g for pass A: the partial statistics do not survive between calls.)
+//! The NORM phase's two calls and the exported handlers are in `split_norm.rs`.
 //!
 //! Signatures (operands → results; R is the record dtype, f32 or f64, chosen by the caller):
 //!
