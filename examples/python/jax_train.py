@@ -216,7 +216,10 @@ def main_sharded(args):
     for i in range(args.steps):
         lr = base_lr * 0.5 * (1 + np.cos(np.pi * i / args.steps))
         params, state, loss = train_step(params, state, x, y, jnp.float32(lr))
-        first = float(loss) if first is None else first
+        # Wait for each step: host-device meshes with fewer free cores than devices can
+        # deadlock in XLA's CPU collectives when many steps are queued (plain JAX too).
+        loss = float(loss)
+        first = loss if first is None else first
         if i % 20 == 0 or i == args.steps - 1:
             print(
                 "step %4d  loss %.5f  grad-norm %.4f  lr %.5f"
