@@ -206,6 +206,12 @@ if jax_setup; then
     LOMO_LIBRARY="$PWD/target/release/liblomo.so" \
         PYTHONPATH="$PWD/bindings/python" JAX_PLATFORMS=cpu \
         "$JAX_VENV"/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests_jax
+    # The JAX example, unsharded and tensor-parallel over 2 host devices (shard_map; it exits
+    # non-zero if the loss does not fall).
+    for jax_args in "" "--devices 2"; do
+        LOMO_LIBRARY="$PWD/target/release/liblomo.so" PYTHONPATH="$PWD/bindings/python" \
+            JAX_PLATFORMS=cpu "$JAX_VENV"/bin/python examples/python/jax_train.py --steps 40 $jax_args
+    done
 else
     echo "SKIP: JAX tests: no Python >= 3.10 with a pip-installable jax found (tried: $(jax_python_candidates | tr '\n' ' '))"
 fi

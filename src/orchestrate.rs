@@ -48,30 +48,109 @@ pub fn tensor<B: Backend>(
     pass: &TensorPass,
     piece: Option<&Comm>,
 ) -> Result<()> {
+    tensor_with(b, algorithm, t, g, pass, &mut Reducer::Comm(piece)).map(|_| ())
+}
+
+/// [`tensor`] in split phase (JAX under `shard_map`, `notes/distributed.md` §4.1 (c)): no
+/// communicator; the caller reduces each round's partial record between calls. Round `k`'s
+/// reduction substitutes `split.reduced[k]`; at the first round without one the pass stops
+/// *before anything is written*, leaves this rank's partial record in `split.partial` and
+/// returns `Ok(false)`. Returns `Ok(true)` when the pass ran to the end (every round it
+/// needed was given).
+pub fn tensor_split<B: Backend>(
+    b: &B,
+    algorithm: Algorithm,
+    t: &mut B::Tensor<'_>,
+    g: &RawBuf,
+    pass: &TensorPass,
+    split: &mut Split<'_>,
+) -> Result<bool> {
+    tensor_with(b, algorithm, t, g, pass, &mut Reducer::Split(split))
+}
+
+/// The reduced records of a split-phase pass ([`tensor_split`]).
+#[derive(Debug, Default)]
+pub struct Split<'a> {
+    /// The records the caller reduced, in round order (round 1 first).
+    pub reduced: Vec<&'a [f64]>,
+    /// Rounds substituted so far.
+    pub used: usize,
+    /// This rank's partial record of the first round without a reduced record.
+    pub partial: Vec<f64>,
+}
+
+impl Split<'_> {
+    /// The reduction point in split phase: substitutes the next reduced record (`Ok(true)`),
+    /// or keeps this rank's partial one and stops the pass (`Ok(false)`).
+    fn exchange(&mut self, rec: &mut [f64]) -> Result<bool> {
+        let Some(reduced) = self.reduced.get(self.used) else {
+            self.partial = rec.to_vec();
+            return Ok(false);
+        };
+        if reduced.len() != rec.len() {
+            crate::error::bail!(
+                InvalidArgument,
+                "the reduced statistics of round {} have {} values, expected {} (reduce the \
+                 record the statistics call of that round returned)",
+                self.used + 1,
+                reduced.len(),
+                rec.len()
+            );
+        }
+        rec.copy_from_slice(reduced);
+        self.used += 1;
+        Ok(true)
+    }
+}
+
+/// How a piece's statistics are reduced: in place through a communicator (None: the tensor is
+/// whole here), or between calls by the caller ([`Split`]).
+enum Reducer<'r, 's> {
+    Comm(Option<&'r Comm>),
+    Split(&'r mut Split<'s>),
+}
+
+/// The one sequence of a tensor's passes; `Ok(false)`: stopped at an unreduced split round.
+fn tensor_with<B: Backend>(
+    b: &B,
+    algorithm: Algorithm,
+    t: &mut B::Tensor<'_>,
+    g: &RawBuf,
+    pass: &TensorPass,
+    red: &mut Reducer<'_, '_>,
+) -> Result<bool> {
     let u = match pass {
-        TensorPass::Norm => return b.norm(t, g),
+        TensorPass::Norm => return b.norm(t, g).map(|_| true),
         TensorPass::Update(u) => u,
     };
+    let whole = matches!(red, Reducer::Comm(None));
     match algorithm {
         Algorithm::Lomo => {
             // The per-element policy skips the pre-check (one pass) for a whole tensor; a
             // piece still agrees with the other ranks on one non-finite count.
-            let one_pass = u.per_element && piece.is_none();
+            let one_pass = u.per_element && whole;
             if !(u.prechecked || one_pass) {
                 b.check_finite(t, g)?;
-                reduce_tensor_stats(b, t, piece)?;
+                if !reduce_tensor_stats(b, t, red)? {
+                    return Ok(false);
+                }
             }
-            b.lomo(t, g, u)
+            b.lomo(t, g, u)?;
         }
         Algorithm::Adalomo => {
             b.ada_stats(t, g, u)?;
-            reduce_tensor_stats(b, t, piece)?;
-            while b.ada_next_round(t, g, u)? {
-                reduce_tensor_stats(b, t, piece)?;
+            if !reduce_tensor_stats(b, t, red)? {
+                return Ok(false);
             }
-            b.ada_apply(t, g, u)
+            while b.ada_next_round(t, g, u)? {
+                if !reduce_tensor_stats(b, t, red)? {
+                    return Ok(false);
+                }
+            }
+            b.ada_apply(t, g, u)?;
         }
     }
+    Ok(true)
 }
 
 /// Gradient accumulation (`lomo_accum_enable`): one pass over a parameter's accumulation buffer
@@ -141,15 +220,28 @@ pub fn batch<B: Backend>(
 /// LOMO without a NORM phase, between `check_finite` and `lomo`): where a tensor held in pieces
 /// by several ranks all-reduces its partial record — AdaLomo's column sums, `D_j` sums, Σrow,
 /// Σp² and non-finite count (one SUM of 2C+3 values; 3 for rank ≤ 1), LOMO's non-finite count —
-/// over the piece group (`notes/distributed.md` §3). A whole tensor needs nothing.
+/// over the piece group (`notes/distributed.md` §3), or, in split phase, takes the record the
+/// caller reduced. A whole tensor needs nothing. `Ok(false)`: split phase, stop here.
 fn reduce_tensor_stats<B: Backend>(
     b: &B,
     t: &mut B::Tensor<'_>,
-    piece: Option<&Comm>,
-) -> Result<()> {
-    match (piece, b.partials(t)) {
-        (Some(comm), Some(rec)) => all_reduce(comm, rec, REDUCE_SUM, "a tensor's statistics"),
-        _ => Ok(()),
+    red: &mut Reducer<'_, '_>,
+) -> Result<bool> {
+    let Some(rec) = b.partials(t) else {
+        return Ok(true);
+    };
+    match red {
+        Reducer::Comm(None) => Ok(true),
+        Reducer::Comm(Some(comm)) => {
+            all_reduce(comm, rec, REDUCE_SUM, "a tensor's statistics").map(|_| true)
+        }
+        Reducer::Split(s) => match rec {
+            Record::Host(rec) => s.exchange(rec),
+            Record::Device { .. } => crate::error::bail!(
+                Unsupported,
+                "split-phase statistics (shard_map) of device tensors are not implemented"
+            ),
+        },
     }
 }
 
@@ -267,3 +359,7 @@ pub fn norm_decision(totals: &PhaseTotals, clip_grad_norm: f64) -> NormDecision 
     };
     NormDecision { overflow, coef }
 }
+
+#[cfg(test)]
+#[path = "orchestrate_split_tests.rs"]
+mod split_tests;

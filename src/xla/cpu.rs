@@ -22,25 +22,42 @@ use crate::backend::{GradXform, RawBuf};
 use crate::config::Algorithm;
 use crate::orchestrate::{self, PhaseTotals, TensorPass};
 
-type WsKey = (usize, usize, bool);
+/// `(rows, cols, factored, column piece)`.
+type WsKey = (usize, usize, bool, bool);
 
 static WORKSPACES: Lazy<Mutex<HashMap<WsKey, Vec<AdaWorkspace>>>> =
     Lazy::new(|| Mutex::new(HashMap::new()));
 
 /// A workspace borrowed from the pool; returned on drop.
-struct PooledWs {
+pub(super) struct PooledWs {
     key: WsKey,
-    ws: Option<AdaWorkspace>,
+    pub(super) ws: Option<AdaWorkspace>,
 }
 
 impl PooledWs {
     /// A cached workspace, or a new one (`OutOfMemory` if it cannot be allocated).
-    fn take(rows: usize, cols: usize, factored: bool) -> crate::error::Result<PooledWs> {
-        let key = (rows, cols, factored);
+    pub(super) fn take(rows: usize, cols: usize, factored: bool) -> crate::error::Result<PooledWs> {
+        Self::take_for(rows, cols, factored, false)
+    }
+
+    /// [`PooledWs::take`], prepared for a piece of columns (`ada_cols`) when `cols_piece`.
+    pub(super) fn take_for(
+        rows: usize,
+        cols: usize,
+        factored: bool,
+        cols_piece: bool,
+    ) -> crate::error::Result<PooledWs> {
+        let key = (rows, cols, factored, cols_piece);
         let cached = WORKSPACES.lock().get_mut(&key).and_then(|v| v.pop());
         let ws = match cached {
             Some(ws) => ws,
-            None => AdaWorkspace::new(rows, cols, factored)?,
+            None => {
+                let mut ws = AdaWorkspace::new(rows, cols, factored)?;
+                if cols_piece {
+                    ws.prepare_cols()?;
+                }
+                ws
+            }
         };
         Ok(PooledWs { key, ws: Some(ws) })
     }
@@ -55,20 +72,20 @@ impl Drop for PooledWs {
 }
 
 /// The per-step scalars, read from host memory and checked as `lomo_step_begin` checks them.
-struct Hyper {
+pub(super) struct Hyper {
     lr: f32,
     inv_scale: f32,
     /// None: the clip coefficient is not finite (the norm pass found an overflow): skip.
-    coef: Option<f32>,
+    pub(super) coef: Option<f32>,
     step: u64,
 }
 
-fn read_f32(b: &Buffer<'_>) -> f32 {
+pub(super) fn read_f32(b: &Buffer<'_>) -> f32 {
     // SAFETY: the plan checked a one-element f32 buffer; on the Host platform it is host memory.
     unsafe { b.data.cast::<f32>().read_unaligned() }
 }
 
-fn hyper(s: &Scalars<'_>) -> XResult<Hyper> {
+pub(super) fn hyper(s: &Scalars<'_>) -> XResult<Hyper> {
     let (lr, scale, coef) = (
         read_f32(&s.lr),
         read_f32(&s.loss_scale),
@@ -102,25 +119,25 @@ fn hyper(s: &Scalars<'_>) -> XResult<Hyper> {
 }
 
 /// 1 / loss scale, formed as the core forms it (in f64, rounded to f32).
-fn inv_scale(scale: f32) -> XResult<f32> {
+pub(super) fn inv_scale(scale: f32) -> XResult<f32> {
     if !(scale.is_finite() && scale > 0.0) {
         invalid!("loss_scale must be finite and > 0, got {scale}");
     }
     Ok((1.0 / scale as f64) as f32)
 }
 
-fn write_pred(b: &Buffer<'_>, v: bool) {
+pub(super) fn write_pred(b: &Buffer<'_>, v: bool) {
     // SAFETY: the plan checked a one-element PRED result (one byte of host memory).
     unsafe { b.data.cast::<u8>().write(v as u8) }
 }
 
-fn write_f32(b: &Buffer<'_>, v: f32) {
+pub(super) fn write_f32(b: &Buffer<'_>, v: f32) {
     // SAFETY: the plan checked a one-element f32 result in host memory.
     unsafe { b.data.cast::<f32>().write_unaligned(v) }
 }
 
 /// Makes the result hold the operand's values (a copy unless XLA aliased them) and returns it.
-fn materialize(io: &InOut<'_>, what: &str) -> XResult<RawBuf> {
+pub(super) fn materialize(io: &InOut<'_>, what: &str) -> XResult<RawBuf> {
     check_aligned(&io.input, io.elem_size, io.numel, what)?;
     check_aligned(&io.output, io.elem_size, io.numel, what)?;
     if io.numel > 0 && !io.aliased() {
@@ -148,7 +165,11 @@ fn materialize(io: &InOut<'_>, what: &str) -> XResult<RawBuf> {
 
 /// The gradient as a RawBuf; copied to `scratch` first if it shares memory with a result
 /// (XLA may hand the same buffer to an operand and another operand's aliased result).
-fn grad_buf(g: &Grad<'_>, outputs: &[&InOut<'_>], scratch: &mut Vec<u64>) -> XResult<RawBuf> {
+pub(super) fn grad_buf(
+    g: &Grad<'_>,
+    outputs: &[&InOut<'_>],
+    scratch: &mut Vec<u64>,
+) -> XResult<RawBuf> {
     check_aligned(&g.buf, g.dtype.size(), g.numel, "grad")?;
     let bytes = g.numel.saturating_mul(g.dtype.size());
     let addr = g.buf.data as usize;
@@ -177,7 +198,7 @@ fn grad_buf(g: &Grad<'_>, outputs: &[&InOut<'_>], scratch: &mut Vec<u64>) -> XRe
 }
 
 /// The CPU backend with the call's scalars as its step record.
-fn cpu_step<'c>(h: &Hyper, coef: f32, opts: &'c super::ops::Options) -> CpuStep<'c> {
+pub(super) fn cpu_step<'c>(h: &Hyper, coef: f32, opts: &'c super::ops::Options) -> CpuStep<'c> {
     let cfg = &opts.config;
     let v = cfg.clip_grad_value;
     CpuStep {
@@ -195,16 +216,13 @@ fn cpu_step<'c>(h: &Hyper, coef: f32, opts: &'c super::ops::Options) -> CpuStep<
     }
 }
 
-/// Σ(g/S)² over all gradients (in operand order, as the C API sums in id order), the clip
-/// coefficient, and whether every gradient was finite.
-pub fn grad_sum_sq(plan: &NormPlan<'_>) -> XResult<()> {
-    let inv = inv_scale(read_f32(&plan.loss_scale))?;
-    let cfg = crate::config::Config::defaults(Algorithm::Lomo);
-    let b = CpuStep {
-        cfg: &cfg,
+/// The CPU backend for a NORM pass: only `inv_scale` matters.
+pub(super) fn norm_step(cfg: &crate::config::Config, inv_scale: f32) -> CpuStep<'_> {
+    CpuStep {
+        cfg,
         host: HostStep {
             xf: GradXform {
-                inv_scale: inv,
+                inv_scale,
                 clip_value: f32::INFINITY,
                 coef: 1.0,
             },
@@ -212,7 +230,15 @@ pub fn grad_sum_sq(plan: &NormPlan<'_>) -> XResult<()> {
             step: 1,
             skip: false,
         },
-    };
+    }
+}
+
+/// Σ(g/S)² over all gradients (in operand order, as the C API sums in id order), the clip
+/// coefficient, and whether every gradient was finite.
+pub fn grad_sum_sq(plan: &NormPlan<'_>) -> XResult<()> {
+    let inv = inv_scale(read_f32(&plan.loss_scale))?;
+    let cfg = crate::config::Config::defaults(Algorithm::Lomo);
+    let b = norm_step(&cfg, inv);
     let mut totals = PhaseTotals::default();
     for g in &plan.grads {
         let mut none = Vec::new();
@@ -258,7 +284,7 @@ pub fn lomo_update(plan: &LomoPlan<'_>) -> XResult<()> {
 ///
 /// # Safety
 /// `buf` is an f32 result buffer of `numel` elements that nothing else accesses during the call.
-unsafe fn state_slice<'a>(buf: &RawBuf) -> &'a mut [f32] {
+pub(super) unsafe fn state_slice<'a>(buf: &RawBuf) -> &'a mut [f32] {
     // SAFETY: per the contract above (non-NULL and aligned, checked by `materialize`).
     unsafe { std::slice::from_raw_parts_mut(buf.addr as *mut f32, buf.numel) }
 }

@@ -9,7 +9,9 @@
 //! runs it through the core's one orchestration of a step (`crate::orchestrate`, as the
 //! optimizer does) on the platform's backend ([`cpu`]: the CPU backend with the operands as its
 //! step record; [`cuda`]: the CUDA backend on XLA's stream, with workspaces and the device
-//! choice in [`cuda_ws`]). The operand layout of every op is in [`ops`];
+//! choice in [`cuda_ws`]). Tensors split over devices inside JAX's `shard_map` take the split
+//! phase ([`split`], [`split_norm`]: statistics, the caller's `psum`, apply). The operand layout
+//! of every whole-tensor op is in [`ops`];
 //! `bindings/python/lomo_native/jax.py` is the caller.
 
 pub mod abi;
@@ -22,6 +24,8 @@ mod cuda_tests;
 pub mod cuda_ws;
 pub mod frame;
 pub mod ops;
+pub mod split;
+pub mod split_norm;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]

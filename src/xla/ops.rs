@@ -138,7 +138,7 @@ pub struct AdaPlan<'a> {
     pub finite: Buffer<'a>,
 }
 
-fn float_dtype(b: &Buffer<'_>, what: &str) -> XResult<DType> {
+pub(super) fn float_dtype(b: &Buffer<'_>, what: &str) -> XResult<DType> {
     match b.dtype {
         dtype::F32 => Ok(DType::F32),
         dtype::F16 => Ok(DType::F16),
@@ -147,7 +147,7 @@ fn float_dtype(b: &Buffer<'_>, what: &str) -> XResult<DType> {
     }
 }
 
-fn grad<'a>(f: &Frame<'a>, i: usize, what: &str) -> XResult<Grad<'a>> {
+pub(super) fn grad<'a>(f: &Frame<'a>, i: usize, what: &str) -> XResult<Grad<'a>> {
     let buf = f.arg(i, what)?;
     let dtype = float_dtype(&buf, what)?;
     let numel = buf.numel(what)?;
@@ -155,7 +155,12 @@ fn grad<'a>(f: &Frame<'a>, i: usize, what: &str) -> XResult<Grad<'a>> {
 }
 
 /// A 0-d (or one-element) operand of the given dtypes.
-fn scalar<'a>(f: &Frame<'a>, i: usize, what: &str, dtypes: &[i32]) -> XResult<Buffer<'a>> {
+pub(super) fn scalar<'a>(
+    f: &Frame<'a>,
+    i: usize,
+    what: &str,
+    dtypes: &[i32],
+) -> XResult<Buffer<'a>> {
     let b = f.arg(i, what)?;
     if !dtypes.contains(&b.dtype) || b.numel(what)? != 1 {
         let names: Vec<String> = dtypes.iter().map(|&d| dtype::name(d)).collect();
@@ -168,7 +173,7 @@ fn scalar<'a>(f: &Frame<'a>, i: usize, what: &str, dtypes: &[i32]) -> XResult<Bu
     Ok(b)
 }
 
-fn scalar_ret<'a>(f: &Frame<'a>, i: usize, what: &str, d: i32) -> XResult<Buffer<'a>> {
+pub(super) fn scalar_ret<'a>(f: &Frame<'a>, i: usize, what: &str, d: i32) -> XResult<Buffer<'a>> {
     let b = f.ret(i, what)?;
     if b.dtype != d || b.numel(what)? != 1 {
         invalid!(
@@ -180,7 +185,7 @@ fn scalar_ret<'a>(f: &Frame<'a>, i: usize, what: &str, d: i32) -> XResult<Buffer
     Ok(b)
 }
 
-fn scalars<'a>(f: &Frame<'a>, first: usize) -> XResult<Scalars<'a>> {
+pub(super) fn scalars<'a>(f: &Frame<'a>, first: usize) -> XResult<Scalars<'a>> {
     let f32_only = [dtype::F32];
     let ints = [dtype::S32, dtype::S64, dtype::U32, dtype::U64];
     Ok(Scalars {
@@ -192,7 +197,7 @@ fn scalars<'a>(f: &Frame<'a>, first: usize) -> XResult<Scalars<'a>> {
 }
 
 /// Operand `i` and result `j`, which must have the same dtype and shape.
-fn in_out<'a>(f: &Frame<'a>, i: usize, j: usize, what: &str) -> XResult<InOut<'a>> {
+pub(super) fn in_out<'a>(f: &Frame<'a>, i: usize, j: usize, what: &str) -> XResult<InOut<'a>> {
     let input = f.arg(i, what)?;
     let output = f.ret(j, what)?;
     if input.dtype != output.dtype || input.dims != output.dims {
@@ -216,7 +221,13 @@ fn in_out<'a>(f: &Frame<'a>, i: usize, j: usize, what: &str) -> XResult<InOut<'a
     })
 }
 
-fn count(f: &Frame<'_>, op: &str, args: usize, rets: usize, layout: &str) -> XResult<()> {
+pub(super) fn count(
+    f: &Frame<'_>,
+    op: &str,
+    args: usize,
+    rets: usize,
+    layout: &str,
+) -> XResult<()> {
     if f.num_args() != args || f.num_rets() != rets {
         invalid!(
             "{op}: expected {args} operands and {rets} results ({layout}), got {} and {}",
@@ -228,24 +239,24 @@ fn count(f: &Frame<'_>, op: &str, args: usize, rets: usize, layout: &str) -> XRe
 }
 
 /// Attributes by name; every one must be consumed by [`Attrs::finish`].
-struct Attrs {
+pub(super) struct Attrs {
     op: &'static str,
     items: Vec<(String, AttrValue, bool)>,
 }
 
 impl Attrs {
-    fn new(f: &Frame<'_>, op: &'static str) -> XResult<Attrs> {
+    pub(super) fn new(f: &Frame<'_>, op: &'static str) -> XResult<Attrs> {
         let items = f.attrs()?.into_iter().map(|(n, v)| (n, v, false)).collect();
         Ok(Attrs { op, items })
     }
 
-    fn take(&mut self, name: &str) -> Option<AttrValue> {
+    pub(super) fn take(&mut self, name: &str) -> Option<AttrValue> {
         let item = self.items.iter_mut().find(|(n, _, _)| n == name)?;
         item.2 = true;
         Some(item.1.clone())
     }
 
-    fn float(&mut self, name: &str, default: f64) -> XResult<f64> {
+    pub(super) fn float(&mut self, name: &str, default: f64) -> XResult<f64> {
         match self.take(name) {
             None => Ok(default),
             Some(AttrValue::Float(v)) => Ok(v),
@@ -257,7 +268,7 @@ impl Attrs {
         }
     }
 
-    fn int(&mut self, name: &str, default: i128, max: i128) -> XResult<i128> {
+    pub(super) fn int(&mut self, name: &str, default: i128, max: i128) -> XResult<i128> {
         match self.take(name) {
             None => Ok(default),
             Some(AttrValue::Int(v)) if (0..=max).contains(&v) => Ok(v),
@@ -283,7 +294,7 @@ impl Attrs {
         }
     }
 
-    fn finish(self) -> XResult<()> {
+    pub(super) fn finish(self) -> XResult<()> {
         let unknown: Vec<&str> = self
             .items
             .iter()
@@ -297,7 +308,7 @@ impl Attrs {
     }
 }
 
-fn options(mut a: Attrs, algorithm: Algorithm) -> XResult<Options> {
+pub(super) fn options(mut a: Attrs, algorithm: Algorithm) -> XResult<Options> {
     let mut config = Config::defaults(algorithm);
     config.weight_decay = a.float("weight_decay", config.weight_decay)?;
     config.clip_grad_value = a.float("clip_grad_value", config.clip_grad_value)?;
@@ -323,7 +334,7 @@ fn options(mut a: Attrs, algorithm: Algorithm) -> XResult<Options> {
     })
 }
 
-fn same_numel(param: &InOut<'_>, grad: &Grad<'_>) -> XResult<()> {
+pub(super) fn same_numel(param: &InOut<'_>, grad: &Grad<'_>) -> XResult<()> {
     if param.input.dims != grad.buf.dims {
         invalid!(
             "grad shape must equal the parameter's: param {}, grad {}",

@@ -58,6 +58,13 @@ fn answers_the_metadata_query_with_api_0_5() {
         lomo_xla_lomo_update,
         lomo_xla_adalomo_update,
         lomo_xla_lomo_update_cuda,
+        split_norm::lomo_xla_norm_partials,
+        split_norm::lomo_xla_norm_finish,
+        split_norm::lomo_xla_lomo_piece_stats,
+        split_norm::lomo_xla_lomo_piece_apply,
+        split_norm::lomo_xla_adalomo_piece_stats,
+        split_norm::lomo_xla_adalomo_piece_apply,
+        split_norm::lomo_xla_adalomo_piece_apply_cuda,
     ] {
         md.api_version.major_version = -1;
         // SAFETY: a complete fake frame.
@@ -336,4 +343,90 @@ fn cuda_handlers_read_the_stream_then_report_no_driver() {
     // SAFETY: as above.
     assert!(take_error(unsafe { lomo_xla_grad_sum_sq(&mut *c.frame) }).is_none());
     assert_eq!((sum, coef, ok), (3.0, 1.0, [1]));
+}
+
+#[test]
+fn split_phase_cuda_targets_refuse_with_unimplemented() {
+    for handler in [
+        split_norm::lomo_xla_norm_partials_cuda,
+        split_norm::lomo_xla_norm_finish_cuda,
+        split_norm::lomo_xla_lomo_piece_stats_cuda,
+        split_norm::lomo_xla_lomo_piece_apply_cuda,
+        split_norm::lomo_xla_adalomo_piece_stats_cuda,
+        split_norm::lomo_xla_adalomo_piece_apply_cuda,
+    ] {
+        let mut c = call(&[], &[], &[]);
+        // SAFETY: a complete fake frame.
+        let e = take_error(unsafe { handler(&mut *c.frame) }).expect("an error");
+        assert_eq!(e.code, XLA_FFI_ERROR_UNIMPLEMENTED);
+        assert!(e.message.contains("CPU only"), "{}", e.message);
+    }
+}
+
+#[test]
+fn norm_split_phase_equals_grad_sum_sq() {
+    // Two gradients; the record of each, summed as a psum over two halves would, then the
+    // decision: equal to grad_sum_sq over the whole gradients.
+    let g0: Vec<f32> = (0..12).map(|i| (i as f32 - 5.0) / 8.0).collect();
+    let g1: Vec<f32> = (0..6).map(|i| (i as f32) / 4.0).collect();
+    let mut scale = 2.0f32;
+    let sp = |v: &mut f32| (dtype::F32, (v as *mut f32).cast(), vec![]);
+    let (mut s_ref, mut c_ref, mut f_ref) = (0f32, 0f32, 0u8);
+    {
+        let (mut a, mut b) = (g0.clone(), g1.clone());
+        let mut c = call(
+            &[
+                sp(&mut scale),
+                arr(dtype::F32, &mut a, &[12]),
+                arr(dtype::F32, &mut b, &[6]),
+            ],
+            &[
+                sp(&mut s_ref),
+                sp(&mut c_ref),
+                (dtype::PRED, (&mut f_ref as *mut u8).cast(), vec![]),
+            ],
+            &[("clip_grad_norm", 0.5)],
+        );
+        // SAFETY: a complete fake frame.
+        assert!(take_error(unsafe { lomo_xla_grad_sum_sq(&mut *c.frame) }).is_none());
+    }
+    let mut total = [0f64; 4];
+    for half in 0..2 {
+        let (mut a, mut b) = (
+            g0[half * 6..half * 6 + 6].to_vec(),
+            g1[half * 3..half * 3 + 3].to_vec(),
+        );
+        let mut rec = [0f64; 4];
+        let mut c = call(
+            &[
+                sp(&mut scale),
+                arr(dtype::F32, &mut a, &[6]),
+                arr(dtype::F32, &mut b, &[3]),
+            ],
+            &[(dtype::F64, rec.as_mut_ptr().cast(), vec![2, 2])],
+            &[],
+        );
+        // SAFETY: a complete fake frame.
+        let e = take_error(unsafe { split_norm::lomo_xla_norm_partials(&mut *c.frame) });
+        assert!(e.is_none(), "{}", e.unwrap().message);
+        for (t, r) in total.iter_mut().zip(rec) {
+            *t += r;
+        }
+    }
+    let (mut s, mut coef, mut fin) = (0f32, 0f32, 0u8);
+    let mut c = call(
+        &[(dtype::F64, total.as_mut_ptr().cast(), vec![2, 2])],
+        &[
+            sp(&mut s),
+            sp(&mut coef),
+            (dtype::PRED, (&mut fin as *mut u8).cast(), vec![]),
+        ],
+        &[("clip_grad_norm", 0.5)],
+    );
+    // SAFETY: a complete fake frame.
+    let e = take_error(unsafe { split_norm::lomo_xla_norm_finish(&mut *c.frame) });
+    assert!(e.is_none(), "{}", e.unwrap().message);
+    assert_eq!((s, coef, fin), (s_ref, c_ref, f_ref));
+    assert_eq!(fin, 1);
+    assert!(coef < 1.0);
 }

@@ -263,6 +263,12 @@ class Optimizer:
             new_ada.append(s2)
             oks.append(ok)
         all_ok = jnp.all(jnp.stack(oks)) if oks else jnp.ones((), jnp.bool_)
+        return self._finish_step(
+            state, scale, skipped, grad_norm, all_ok, treedef, new_leaves, new_ada
+        )
+
+    def _finish_step(self, state, scale, skipped, grad_norm, all_ok, treedef, new_leaves, new_ada):
+        """``lomo_step_end``: the scaler and the step counter from the step's decisions."""
         overflow = jnp.logical_or(skipped, jnp.logical_not(all_ok))
         scale2, scaler2 = self._scaler_update(scale, state.scaler, overflow)
         new_state = OptState(
@@ -275,6 +281,42 @@ class Optimizer:
             skipped=skipped,
         )
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
+
+    # -- sharded (shard_map) ---------------------------------------------------------------------
+
+    def sharded_step(self, params, grads, state: OptState, lr, specs):
+        """:meth:`step` inside ``jax.shard_map`` on parameters split over named mesh axes.
+
+        ``params``, ``grads`` and ``state`` are the device's pieces (``shard_map``'s view);
+        ``specs`` the parameters' ``PartitionSpec``s (a pytree like ``params``, or one spec for
+        all). A leaf may be replicated (``P()``), split over its first dimension (rows of the
+        ``[prod(shape[:-1]), shape[-1]]`` view; rank 1: elements) or over its last (columns),
+        each over one or several mesh axes (``P(('x', 'y'), None)``); not over two dimensions.
+        ``grads`` must be the complete gradients of the pieces (already reduced over
+        data-parallel axes, e.g. by ``jax.lax.psum``). The global norm, AdaLomo's row/column
+        means, RMS(update), RMS(param) and every skip decision are reduced with
+        ``jax.lax.psum`` over the axes each tensor is split over, so every device decides the
+        same and the result equals :meth:`step` on the whole parameters (bit for bit on dyadic
+        inputs with ``jax_enable_x64``; to f32 rounding of the statistics without it).
+        Stochastic rounding is keyed by the global element index. The state's specs are
+        :meth:`state_specs`. CPU only so far.
+        """
+        from ._jax_shard_tree import sharded_step
+
+        return sharded_step(self, params, grads, state, lr, specs)
+
+    def state_specs(self, params, specs):
+        """The ``PartitionSpec``s of ``init(params)`` for parameters sharded by ``specs`` (an
+        :class:`OptState` of specs, for ``shard_map`` and ``jax.device_put``)."""
+        from ._jax_shard_tree import state_specs
+
+        return state_specs(self, params, specs)
+
+    def state_shardings(self, mesh, params, specs):
+        """:meth:`state_specs` as ``NamedSharding``s on ``mesh``."""
+        from ._jax_shard_tree import state_shardings
+
+        return state_shardings(self, mesh, params, specs)
 
     def _scaler_update(self, scale, sc: ScalerState, overflow):
         """``LossScaler::update`` (src/scaler.rs) in jnp; scales stay exact for power-of-two

@@ -17,6 +17,13 @@ Two layers:
 * ``lomo_native.jax.optax`` (imported on first use; needs optax): the same optimizers as optax
   ``GradientTransformation`` objects, for ``optax.chain``, schedules and ``optax.MultiSteps``.
 
+Sharded arrays: inside ``jax.shard_map`` use ``Optimizer.sharded_step`` (or the split-phase
+operations ``norm_partials``/``norm_finish``, ``lomo_piece_*``, ``adalomo_piece_*``: local
+statistics, the caller's ``jax.lax.psum``, apply; ``_jax_shard.py``). Under plain ``jax.jit``
+the operations are ``custom_partitioning`` rules (``_jax_partition.py``) that keep the
+parameters' sharding and lower to the same split-phase path: results equal the unsharded step
+on every layout but a 2-D block (refused with :class:`ShardedOperandError`). CPU only so far.
+
 Parameters (and AdaLomo state) are updated in place when the caller donates them, e.g.
 ``jax.jit(train_step, donate_argnums=(0, 1))``; otherwise XLA copies them first. Parameters and
 gradients may be f32, f16 or bf16; state is f32.
@@ -41,6 +48,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from . import _jax_partition
+from ._jax_partition import ShardedOperandError
 from ._native import load
 
 __all__ = [
@@ -54,9 +63,28 @@ __all__ = [
     "lomo",
     "adalomo",
     "register",
+    "norm_partials",
+    "norm_finish",
+    "lomo_piece_stats",
+    "lomo_piece_apply",
+    "adalomo_piece_stats",
+    "adalomo_piece_apply",
+    "piece_rounds",
+    "ShardedOperandError",
 ]
 
-_OPS = ("grad_sum_sq", "lomo_update", "adalomo_update")
+_OPS = (
+    "grad_sum_sq",
+    "lomo_update",
+    "adalomo_update",
+    # split phase (shard_map), _jax_shard.py; CPU only (the CUDA targets refuse)
+    "norm_partials",
+    "norm_finish",
+    "lomo_piece_stats",
+    "lomo_piece_apply",
+    "adalomo_piece_stats",
+    "adalomo_piece_apply",
+)
 _FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _ROUNDING = ("nearest", "stochastic")
 
@@ -151,7 +179,8 @@ def grad_sum_sq(grads, *, loss_scale=1.0, clip_grad_norm: float = 0.0):
     for i, g in enumerate(leaves):
         _check_float(g, "grad %d" % i)
     call = jax.ffi.ffi_call("lomo_grad_sum_sq", (_F32, _F32, _BOOL), vmap_method="sequential")
-    return call(_f32(loss_scale), *leaves, clip_grad_norm=np.float64(clip_grad_norm))
+    attrs = dict(clip_grad_norm=np.float64(clip_grad_norm))
+    return _jax_partition.grad_sum_sq(call, _f32(loss_scale), leaves, attrs)
 
 
 def lomo_update(
@@ -186,14 +215,17 @@ def lomo_update(
         input_output_aliases={0: 0},
         vmap_method="sequential",
     )
-    return call(
-        param,
-        grad,
-        _f32(lr),
-        _f32(loss_scale),
-        _f32(clip_coef),
-        _i32(step),
-        **_update_attrs(weight_decay, clip_grad_value, lr_multiplier, rounding, seed, param_id),
+    options = dict(
+        weight_decay=weight_decay,
+        clip_grad_value=clip_grad_value,
+        lr_multiplier=lr_multiplier,
+        rounding=rounding,
+        seed=seed,
+        param_id=param_id,
+    )
+    scalars = (_f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step))
+    return _jax_partition.update(
+        "lomo", call, param, grad, (), scalars, _update_attrs(**options), options
     )
 
 
@@ -271,14 +303,36 @@ def adalomo_update(
         clip_threshold=np.float64(clip_threshold),
         decay_rate=np.float64(decay_rate),
     )
-    out = call(
-        param, grad, *state, _f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step), **attrs
+    options = dict(
+        weight_decay=weight_decay,
+        clip_grad_value=clip_grad_value,
+        lr_multiplier=lr_multiplier,
+        rounding=rounding,
+        seed=seed,
+        param_id=param_id,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        decay_rate=decay_rate,
     )
+    scalars = (_f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step))
+    out = _jax_partition.update("adalomo", call, param, grad, state, scalars, attrs, options)
     return out[0], tuple(out[1 : 1 + n]), out[-1]
 
 
 # The pytree helper (Optimizer, OptState, ScalerState, lomo, adalomo) lives in _jax_pytree.py.
 from ._jax_pytree import OptState, Optimizer, ScalerState, adalomo, lomo  # noqa: E402
+
+# The split-phase operations for shard_map live in _jax_shard.py.
+from ._jax_shard import (  # noqa: E402
+    adalomo_piece_apply,
+    adalomo_piece_stats,
+    lomo_piece_apply,
+    lomo_piece_stats,
+    norm_finish,
+    norm_partials,
+    piece_rounds,
+)
 
 
 def __getattr__(name):

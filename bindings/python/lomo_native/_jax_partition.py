@@ -1,0 +1,193 @@
+"""``jax.jit`` on sharded arrays for :mod:`lomo_native.jax`'s whole-tensor operations.
+
+An XLA custom call is opaque to the SPMD partitioner: left alone, XLA all-gathers its operands
+and runs it replicated (memory × devices, donation lost). Each operation is therefore wrapped in
+``jax.experimental.custom_partitioning``: when XLA partitions the program, the rule keeps the
+parameter's sharding (AdaLomo's row state follows a split of the rows, the column state a split
+of the columns) and lowers each device's part to the split-phase path of ``shard_map``
+(``_jax_shard.py``: local statistics → ``jax.lax.psum`` over the axes the tensor is split over →
+apply), so the results equal the unsharded step and keep the inputs' sharding, and donated
+buffers are updated in place. Unpartitioned programs (one device) call the custom call directly.
+
+A parameter split over two dimensions at once (a 2-D block) is refused when XLA partitions the
+program (:class:`ShardedOperandError`); the gradient norm accepts any sharding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import _jax_shard as _s
+
+
+class ShardedOperandError(ValueError):
+    """A sharding the operations cannot keep (a parameter split over two dimensions)."""
+
+
+def _names(prefix, ndim):
+    return ["%s%d" % (prefix, d) for d in range(ndim)]
+
+
+def _spec_of(sharding, ndim):
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        if sharding is None or sharding.is_fully_replicated:
+            return PartitionSpec()
+        raise ShardedOperandError(
+            "lomo_native.jax: cannot read the partition spec of %s; use NamedSharding" % sharding
+        )
+    return spec
+
+
+def _axes_of(spec):
+    axes = []
+    for e in tuple(spec):
+        for a in (e,) if isinstance(e, str) else tuple(e or ()):
+            if a not in axes:
+                axes.append(a)
+    return tuple(axes)
+
+
+def _piece(spec, ndim):
+    from ._jax_shard_tree import piece_of
+
+    try:
+        return piece_of(spec, ndim, "the parameter")
+    except NotImplementedError as e:
+        raise ShardedOperandError(
+            "lomo_native.jax under jax.jit: %s. Reshard it, or run the step inside "
+            "jax.shard_map with Optimizer.sharded_step" % e
+        ) from None
+
+
+def grad_sum_sq(call, loss_scale, leaves, attrs):
+    """``call(loss_scale, *leaves, **attrs)``, partitioned: per-leaf partials, psum over each
+    leaf's sharded axes, the NORM decision; results replicated."""
+    ndims = [g.ndim for g in leaves]
+
+    def impl(scale, *gs):
+        return call(scale, *gs, **attrs)
+
+    f = custom_partitioning(impl)
+
+    def partition(mesh, arg_shapes, result_shape):
+        specs = [_spec_of(a.sharding, a.ndim) for a in arg_shapes[1:]]
+        repl = NamedSharding(mesh, PartitionSpec())
+        arg_sh = (repl,) + tuple(NamedSharding(mesh, s) for s in specs)
+
+        def lower(scale, *gs):
+            rec = _s.norm_partials(gs, loss_scale=scale)
+            groups = {}
+            for i, s in enumerate(specs):
+                if _axes_of(s):
+                    groups.setdefault(_axes_of(s), []).append(i)
+            for axes, idx in groups.items():
+                idx = jnp.asarray(idx)
+                rec = rec.at[idx].set(jax.lax.psum(rec[idx], axes))
+            return _s.norm_finish(rec, clip_grad_norm=float(attrs["clip_grad_norm"]))
+
+        return mesh, lower, (repl, repl, repl), arg_sh
+
+    def infer(mesh, arg_shapes, result_shape):
+        repl = NamedSharding(mesh, PartitionSpec())
+        return (repl, repl, repl)
+
+    rule = ", ".join([""] + [" ".join(_names("g%d_" % i, n)) for i, n in enumerate(ndims)])
+    f.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule + " -> , , ",
+    )
+    return f(loss_scale, *leaves)
+
+
+def _state_rule(ndim, n_state):
+    p = _names("d", ndim)
+    if n_state == 0:
+        return []
+    if n_state == 1:
+        return [" ".join(p)]
+    rows = p[0] if ndim == 2 else "(%s)" % " ".join(p[:-1])
+    return [rows, p[-1]]
+
+
+def update(algorithm, call, param, grad, state, scalars, attrs, options):
+    """``call(param, grad, *state, *scalars, **attrs)`` (a whole-tensor update), partitioned:
+    results keep the parameter's sharding; a split parameter runs the split-phase path."""
+    ndim, n_state = param.ndim, len(state)
+    ada = algorithm == "adalomo"
+
+    def impl(p, g, *rest):
+        return call(p, g, *rest, **attrs)
+
+    f = custom_partitioning(impl)
+
+    def shardings(mesh, pc, spec):
+        repl = NamedSharding(mesh, PartitionSpec())
+        ps = NamedSharding(mesh, spec if pc else PartitionSpec())
+        if n_state == 1:
+            st = [ps]
+        elif n_state == 2:
+            if pc is None:
+                st = [repl, repl]
+            elif pc.layout == "rows":
+                st = [NamedSharding(mesh, PartitionSpec(pc.axes)), repl]
+            else:
+                st = [repl, NamedSharding(mesh, PartitionSpec(pc.axes))]
+        else:
+            st = []
+        return ps, st, repl
+
+    def infer(mesh, arg_shapes, result_shape):
+        spec = _spec_of(arg_shapes[0].sharding, ndim)
+        ps, st, repl = shardings(mesh, _piece(spec, ndim), spec)
+        return (ps, *st, repl)
+
+    def partition(mesh, arg_shapes, result_shape):
+        spec = _spec_of(arg_shapes[0].sharding, ndim)
+        pc = _piece(spec, ndim)
+        ps, st, repl = shardings(mesh, pc, spec)
+        global_shape = tuple(arg_shapes[0].shape)
+        arg_sh = (ps, ps, *st, repl, repl, repl, repl)
+
+        def lower(p, g, *rest):
+            if pc is None:
+                return call(p, g, *rest, **attrs)
+            s, (lr, scale, coef, step) = tuple(rest[:n_state]), rest[n_state:]
+            kw = dict(
+                piece=jax.lax.axis_index(pc.axes),
+                layout=pc.layout,
+                global_shape=global_shape,
+                lr=lr,
+                step=step,
+                loss_scale=scale,
+                clip_coef=coef,
+                **options,
+            )
+            if ada:
+                reduced = []
+                for _ in range(_s.piece_rounds("adalomo", pc.layout)):
+                    r = _s.adalomo_piece_stats(p, g, s, reduced, **kw)
+                    reduced.append(jax.lax.psum(r, pc.axes))
+                p2, s2, ok = _s.adalomo_piece_apply(p, g, s, reduced, **kw)
+            else:
+                r = jax.lax.psum(_s.lomo_piece_stats(p, g, **kw), pc.axes)
+                (p2, ok), s2 = _s.lomo_piece_apply(p, g, r, **kw), ()
+            # A piece reports its own elements that would overflow: one answer for the tensor.
+            ok = jax.lax.pmin(ok.astype(jnp.int32), pc.axes) > 0
+            return (p2, *s2, ok)
+
+        return mesh, lower, (ps, *st, repl), arg_sh
+
+    p_rule = " ".join(_names("d", ndim))
+    ops = [p_rule, p_rule] + _state_rule(ndim, n_state) + ["", "", "", ""]
+    res = [p_rule] + _state_rule(ndim, n_state) + [""]
+    f.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=", ".join(ops) + " -> " + ", ".join(res),
+    )
+    return f(param, grad, *state, *scalars)

@@ -1,0 +1,199 @@
+"""The sharded pytree step of :mod:`lomo_native.jax` (``Optimizer.sharded_step``): the C API's
+step semantics on parameters split over named mesh axes inside ``jax.shard_map``, with the
+statistics reduced by ``jax.lax.psum`` (``_jax_shard.py``). Results equal ``Optimizer.step`` on
+the whole parameters (``notes/distributed.md`` §3, §5)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from . import _jax_shard as _s
+from .jax import adalomo_update, lomo_update
+
+
+class Piece(NamedTuple):
+    """How a parameter leaf is split: ``layout`` "rows" (over its first dimension) or "cols"
+    (over its last, rank ≥ 2), over the mesh ``axes`` (major first)."""
+
+    layout: str
+    dim: int
+    axes: Tuple[str, ...]
+
+
+def _is_spec(x) -> bool:
+    return x is None or isinstance(x, PartitionSpec)
+
+
+def flatten_specs(treedef, specs):
+    """The PartitionSpec (or None: replicated) of every leaf, in leaf order."""
+    if isinstance(specs, PartitionSpec) or specs is None:
+        return [specs] * treedef.num_leaves
+    leaves = jax.tree_util.tree_leaves(specs, is_leaf=_is_spec)
+    if len(leaves) != treedef.num_leaves:
+        raise ValueError(
+            "specs must give one PartitionSpec per parameter (%d), got %d"
+            % (treedef.num_leaves, len(leaves))
+        )
+    return leaves
+
+
+def piece_of(spec: Optional[PartitionSpec], ndim: int, what: str) -> Optional[Piece]:
+    """The :class:`Piece` a PartitionSpec makes of a rank-``ndim`` leaf (None: replicated)."""
+    if spec is None:
+        return None
+    entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+    if len(entries) > ndim:
+        raise ValueError("%s: PartitionSpec %s has more entries than rank %d" % (what, spec, ndim))
+    split = [(d, e) for d, e in enumerate(entries) if e is not None and e != ()]
+    if not split:
+        return None
+    if len(split) > 1:
+        raise NotImplementedError(
+            "%s: split over dimensions %s (%s): a 2-D block is not supported yet; split it "
+            "over one dimension (the first or the last), several mesh axes may share it, e.g. "
+            "P(('x', 'y'), None)" % (what, [d for d, _ in split], spec)
+        )
+    d, e = split[0]
+    axes = (e,) if isinstance(e, str) else tuple(e)
+    if d == 0:
+        return Piece("rows", d, axes)
+    if d == ndim - 1:
+        return Piece("cols", d, axes)
+    raise NotImplementedError(
+        "%s: split over dimension %d of a rank-%d parameter (%s): only the first dimension "
+        "(rows of the [prod(shape[:-1]), shape[-1]] view) or the last (its columns) can be "
+        "split" % (what, d, ndim, spec)
+    )
+
+
+def _axis_size(axes) -> int:
+    n = 1
+    for a in axes:
+        n *= jax.lax.axis_size(a)
+    return n
+
+
+def state_specs(opt, params, specs):
+    """PartitionSpecs of ``opt.init(params)`` for the parameters' ``specs`` (for ``shard_map``'s
+    ``in_specs``/``out_specs`` and ``jax.device_put``): AdaLomo's row state follows a row split,
+    the column state a column split, the other vector is replicated."""
+    from ._jax_pytree import OptState, ScalerState
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    sl = flatten_specs(treedef, specs)
+    ada = []
+    for i, (p, spec) in enumerate(zip(leaves, sl)):
+        if opt.algorithm != "adalomo":
+            ada.append(())
+            continue
+        pc = piece_of(spec, p.ndim, "parameter %d" % i)
+        if p.ndim < 2:
+            ada.append((PartitionSpec(pc.axes) if pc else PartitionSpec(),))
+        elif pc is None:
+            ada.append((PartitionSpec(), PartitionSpec()))
+        elif pc.layout == "rows":
+            ada.append((PartitionSpec(pc.axes), PartitionSpec()))
+        else:
+            ada.append((PartitionSpec(), PartitionSpec(pc.axes)))
+    r = PartitionSpec()
+    return OptState(
+        step=r,
+        loss_scale=r,
+        scaler=ScalerState(r, r, r),
+        ada=tuple(ada),
+        grad_norm=r,
+        overflow=r,
+        skipped=r,
+    )
+
+
+def state_shardings(opt, mesh, params, specs):
+    """:func:`state_specs` as ``NamedSharding``s on ``mesh`` (for ``jax.device_put``)."""
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), state_specs(opt, params, specs), is_leaf=_is_spec
+    )
+
+
+def sharded_step(opt, params, grads, state, lr, specs):
+    """``Optimizer.sharded_step``: see its docstring."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    gleaves = treedef.flatten_up_to(grads)
+    sl = flatten_specs(treedef, specs)
+    if len(state.ada) != len(leaves):
+        raise ValueError("state was made for %d parameters, got %d" % (len(state.ada), len(leaves)))
+    pieces = [piece_of(s, p.ndim, "parameter %d" % i) for i, (p, s) in enumerate(zip(leaves, sl))]
+    union = []
+    for pc in pieces:
+        for a in pc.axes if pc else ():
+            if a not in union:
+                union.append(a)
+    scale = state.loss_scale
+    if opt.clip_grad_norm > 0:
+        rec = _s.norm_partials(gleaves, loss_scale=scale)
+        groups = {}
+        for i, pc in enumerate(pieces):
+            if pc is not None:
+                groups.setdefault(pc.axes, []).append(i)
+        for axes, idx in groups.items():
+            idx = jnp.asarray(idx)
+            rec = rec.at[idx].set(jax.lax.psum(rec[idx], axes))
+        sum_sq, coef, finite = _s.norm_finish(rec, clip_grad_norm=opt.clip_grad_norm)
+        skipped = jnp.logical_not(finite)
+        grad_norm = jnp.sqrt(sum_sq)
+    else:
+        coef = jnp.ones((), jnp.float32)
+        skipped = jnp.zeros((), jnp.bool_)
+        grad_norm = jnp.asarray(jnp.nan, jnp.float32)
+    t = state.step + 1
+    decays = opt._decay_per_leaf(params, treedef, len(leaves))
+    new_leaves, new_ada, oks = [], [], []
+    for i, (p, g, s, wd, pc) in enumerate(zip(leaves, gleaves, state.ada, decays, pieces)):
+        common = dict(
+            lr=lr,
+            step=t,
+            loss_scale=scale,
+            clip_coef=coef,
+            weight_decay=wd,
+            clip_grad_value=opt.clip_grad_value,
+            rounding=opt.rounding,
+            seed=opt.seed,
+            param_id=i,
+        )
+        ada = opt.algorithm == "adalomo"
+        if pc is None:
+            if ada:
+                p2, s2, ok = adalomo_update(p, g, s, **common, **opt.ada_options)
+            else:
+                (p2, ok), s2 = lomo_update(p, g, **common), ()
+        else:
+            shape = list(p.shape)
+            shape[pc.dim] *= _axis_size(pc.axes)
+            piece = dict(
+                piece=jax.lax.axis_index(pc.axes), layout=pc.layout, global_shape=tuple(shape)
+            )
+            if ada:
+                reduced = []
+                for _ in range(_s.piece_rounds("adalomo", pc.layout)):
+                    r = _s.adalomo_piece_stats(
+                        p, g, s, reduced, **piece, **common, **opt.ada_options
+                    )
+                    reduced.append(jax.lax.psum(r, pc.axes))
+                p2, s2, ok = _s.adalomo_piece_apply(
+                    p, g, s, reduced, **piece, **common, **opt.ada_options
+                )
+            else:
+                r = jax.lax.psum(_s.lomo_piece_stats(p, g, **piece, **common), pc.axes)
+                (p2, ok), s2 = _s.lomo_piece_apply(p, g, r, **piece, **common), ()
+        new_leaves.append(p2)
+        new_ada.append(s2)
+        oks.append(ok)
+    all_ok = jnp.all(jnp.stack(oks)) if oks else jnp.ones((), jnp.bool_)
+    if union:
+        # An element that would overflow its dtype is reported by its own piece only: every
+        # device must take the same scaler decision.
+        all_ok = jax.lax.pmin(all_ok.astype(jnp.int32), tuple(union)) > 0
+    return opt._finish_step(state, scale, skipped, grad_norm, all_ok, treedef, new_leaves, new_ada)
