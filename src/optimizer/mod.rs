@@ -19,6 +19,7 @@ use crate::param::{Device, Param, ParamDesc};
 use crate::scaler::LossScaler;
 
 mod dist;
+mod grad;
 mod step;
 
 pub use dist::ShardDesc;

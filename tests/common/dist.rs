@@ -18,8 +18,10 @@ pub struct Group {
     pub n: usize,
     barrier: Rendezvous,
     pub slots: Mutex<Vec<Vec<f64>>>,
-    /// The all-reduce returns this code instead of reducing (0: work).
+    /// Every callback returns this code instead of reducing (0: work).
     pub fail: Mutex<i32>,
+    /// Collectives entered by all ranks together (each rank counts its own calls).
+    pub calls: Mutex<u64>,
 }
 
 impl Group {
@@ -29,6 +31,7 @@ impl Group {
             barrier: Rendezvous::new(n),
             slots: Mutex::new(vec![Vec::new(); n]),
             fail: Mutex::new(0),
+            calls: Mutex::new(0),
         })
     }
 }
@@ -76,6 +79,101 @@ pub struct RankCtx {
     pub rank: usize,
 }
 
+/// Reads `count` elements of a callback dtype (f64, f32, f16, bf16) as f64 (exactly).
+///
+/// # Safety
+/// `ptr` holds `count` readable elements of `dtype`.
+unsafe fn read(ptr: *const c_void, count: usize, dtype: u32) -> Vec<f64> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        match dtype {
+            LOMO_DTYPE_F64 => std::slice::from_raw_parts(ptr as *const f64, count).to_vec(),
+            F32 => std::slice::from_raw_parts(ptr as *const f32, count)
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+            F16 | BF16 => std::slice::from_raw_parts(ptr as *const u16, count)
+                .iter()
+                .map(|&b| if dtype == F16 { from_f16(b) } else { from_bf16(b) } as f64)
+                .collect(),
+            d => panic!("the library handed dtype {d} to a callback"),
+        }
+    }
+}
+
+/// Writes `v` as elements of `dtype` (rounded to nearest).
+///
+/// # Safety
+/// `ptr` holds `v.len()` writable elements of `dtype`.
+unsafe fn write(ptr: *mut c_void, v: &[f64], dtype: u32) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        match dtype {
+            LOMO_DTYPE_F64 => {
+                std::slice::from_raw_parts_mut(ptr as *mut f64, v.len()).copy_from_slice(v)
+            }
+            F32 => {
+                for (o, &x) in std::slice::from_raw_parts_mut(ptr as *mut f32, v.len())
+                    .iter_mut()
+                    .zip(v)
+                {
+                    *o = x as f32;
+                }
+            }
+            _ => {
+                for (o, &x) in std::slice::from_raw_parts_mut(ptr as *mut u16, v.len())
+                    .iter_mut()
+                    .zip(v)
+                {
+                    *o = if dtype == F16 {
+                        f16(x as f32)
+                    } else {
+                        bf16(x as f32)
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl RankCtx {
+    /// Deposits `mine`, waits for every rank, runs `f` on the slots, waits again. None when a
+    /// rank never arrived (the callback then fails with -99).
+    fn exchange<T>(&self, mine: Vec<f64>, f: impl FnOnce(&[Vec<f64>]) -> T) -> Option<T> {
+        let g = &self.group;
+        let len = mine.len();
+        g.slots.lock()[self.rank] = mine;
+        if !g.barrier.wait() {
+            return None;
+        }
+        let slots = g.slots.lock();
+        // Ranks in different collectives (a test of disagreeing ranks gone wrong): fail the
+        // callback instead of panicking across the C boundary.
+        let same = slots[..g.n].iter().all(|s| s.len() == len);
+        let out = same.then(|| f(&slots[..g.n]));
+        drop(slots);
+        if !g.barrier.wait() {
+            return None;
+        }
+        out
+    }
+}
+
+/// Sums (or maxes) element `k` of every slot in rank order.
+fn reduce_at(slots: &[Vec<f64>], k: usize, op: u32) -> f64 {
+    let mut acc = slots[0][k];
+    for s in &slots[1..] {
+        acc = if op == LOMO_REDUCE_SUM {
+            acc + s[k]
+        } else {
+            acc.max(s[k])
+        };
+    }
+    acc
+}
+
+/// In place, any dtype the library uses (f64 records; f32/f16/bf16 gradients, summed in f64 in
+/// rank order and rounded once).
 pub unsafe extern "C" fn all_reduce(
     user: *mut c_void,
     buf: *mut c_void,
@@ -84,37 +182,81 @@ pub unsafe extern "C" fn all_reduce(
     op: u32,
     _stream: *mut c_void,
 ) -> i32 {
-    // SAFETY: `user` is the RankCtx this test registered; `buf` holds `count` f64 (dtype 3).
+    // SAFETY: `user` is the RankCtx this test registered; `buf` holds `count` elements.
     let ctx = unsafe { &*(user as *const RankCtx) };
     let fail = *ctx.group.fail.lock();
     if fail != 0 {
         return fail;
     }
-    assert_eq!(dtype, LOMO_DTYPE_F64);
+    *ctx.group.calls.lock() += 1;
     // SAFETY: as above.
-    let buf = unsafe { std::slice::from_raw_parts_mut(buf as *mut f64, count) };
-    let g = &ctx.group;
-    g.slots.lock()[ctx.rank] = buf.to_vec();
-    if !g.barrier.wait() {
+    let mine = unsafe { read(buf, count, dtype) };
+    let Some(out) = ctx.exchange(mine, |slots| {
+        (0..count)
+            .map(|k| reduce_at(slots, k, op))
+            .collect::<Vec<_>>()
+    }) else {
         return -99;
+    };
+    // SAFETY: as above.
+    unsafe { write(buf, &out, dtype) };
+    0
+}
+
+/// `count_per_rank × n` elements at `send`; this rank's sum of block `rank` into `recv`.
+pub unsafe extern "C" fn reduce_scatter(
+    user: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count_per_rank: usize,
+    dtype: u32,
+    op: u32,
+    _stream: *mut c_void,
+) -> i32 {
+    // SAFETY: `user` is the RankCtx this test registered; the buffers hold the documented counts.
+    let ctx = unsafe { &*(user as *const RankCtx) };
+    let fail = *ctx.group.fail.lock();
+    if fail != 0 {
+        return fail;
     }
-    {
-        let slots = g.slots.lock();
-        for (k, v) in buf.iter_mut().enumerate() {
-            let mut acc = slots[0][k];
-            for s in &slots[1..g.n] {
-                acc = if op == LOMO_REDUCE_SUM {
-                    acc + s[k]
-                } else {
-                    acc.max(s[k])
-                };
-            }
-            *v = acc;
-        }
-    }
-    if !g.barrier.wait() {
+    *ctx.group.calls.lock() += 1;
+    let (n, base) = (ctx.group.n, ctx.rank * count_per_rank);
+    // SAFETY: as above.
+    let mine = unsafe { read(send, count_per_rank * n, dtype) };
+    let Some(out) = ctx.exchange(mine, |slots| {
+        (0..count_per_rank)
+            .map(|k| reduce_at(slots, base + k, op))
+            .collect::<Vec<_>>()
+    }) else {
         return -99;
+    };
+    // SAFETY: as above.
+    unsafe { write(recv, &out, dtype) };
+    0
+}
+
+/// `count_per_rank` elements from every rank into `recv`, in rank order.
+pub unsafe extern "C" fn all_gather(
+    user: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count_per_rank: usize,
+    dtype: u32,
+    _stream: *mut c_void,
+) -> i32 {
+    // SAFETY: `user` is the RankCtx this test registered; the buffers hold the documented counts.
+    let ctx = unsafe { &*(user as *const RankCtx) };
+    let fail = *ctx.group.fail.lock();
+    if fail != 0 {
+        return fail;
     }
+    // SAFETY: as above.
+    let mine = unsafe { read(send, count_per_rank, dtype) };
+    let Some(out) = ctx.exchange(mine, |slots| slots.concat()) else {
+        return -99;
+    };
+    // SAFETY: as above.
+    unsafe { write(recv, &out, dtype) };
     0
 }
 
@@ -124,6 +266,11 @@ pub unsafe extern "C" fn destroy(user: *mut c_void) {
 }
 
 pub fn add_comm(opt: &Opt, group: &Arc<Group>, rank: usize) -> u32 {
+    add_comm_with(opt, group, rank, true)
+}
+
+/// A communicator with (`full`) or without the optional reduce_scatter and all_gather.
+pub fn add_comm_with(opt: &Opt, group: &Arc<Group>, rank: usize, full: bool) -> u32 {
     let user = Box::into_raw(Box::new(RankCtx {
         group: group.clone(),
         rank,
@@ -134,8 +281,8 @@ pub fn add_comm(opt: &Opt, group: &Arc<Group>, rank: usize) -> u32 {
         size: group.n as u32,
         user: user.cast(),
         all_reduce: Some(all_reduce),
-        reduce_scatter: None,
-        all_gather: None,
+        reduce_scatter: if full { Some(reduce_scatter) } else { None },
+        all_gather: if full { Some(all_gather) } else { None },
         destroy: Some(destroy),
     };
     let mut id = u32::MAX;
@@ -153,6 +300,30 @@ pub fn shard(
     comm: u32,
     flags: u32,
 ) -> Result<(), Failure> {
+    shard_grad(
+        opt,
+        id,
+        layout,
+        global,
+        offset,
+        comm,
+        (LOMO_GRAD_REDUCED, LOMO_COMM_NONE),
+        flags,
+    )
+}
+
+/// [`shard`] with a gradient mode and its communicator.
+#[allow(clippy::too_many_arguments)]
+pub fn shard_grad(
+    opt: &Opt,
+    id: u32,
+    layout: u32,
+    global: &[i64],
+    offset: i64,
+    comm: u32,
+    (grad_mode, grad_comm): (u32, u32),
+    flags: u32,
+) -> Result<(), Failure> {
     let d = lomo_shard_desc {
         struct_size: std::mem::size_of::<lomo_shard_desc>(),
         layout,
@@ -160,8 +331,8 @@ pub fn shard(
         global_shape: global.as_ptr(),
         offset,
         piece_comm: comm,
-        grad_mode: LOMO_GRAD_REDUCED,
-        grad_comm: LOMO_COMM_NONE,
+        grad_mode,
+        grad_comm,
         flags,
     };
     // SAFETY: live handle, valid pointers.
@@ -190,6 +361,37 @@ pub fn split(rows: usize, n: usize, r: usize) -> (usize, usize) {
     ((r * per).min(rows), ((r + 1) * per).min(rows))
 }
 
+/// Uneven flat pieces `[a, b)` of `numel` elements over `n` ranks that cut rows anywhere: with
+/// 3 ranks rank 1 holds 2 elements (inside a row when rows are longer), with 4 ranks rank 1 is
+/// empty and rank 2 holds 3 elements.
+pub fn flat_split(numel: usize, n: usize, r: usize) -> (usize, usize) {
+    let c1 = numel / n.max(1) + 1;
+    let mut cuts = match n {
+        0 | 1 => vec![0, numel],
+        2 => vec![0, c1, numel],
+        3 => vec![0, c1, c1 + 2, numel],
+        _ => {
+            let mut v = vec![0, c1, c1, c1 + 3];
+            v.extend((4..n).map(|k| numel * k / n + k));
+            v.push(numel);
+            v
+        }
+    };
+    let mut prev = 0;
+    for c in cuts.iter_mut() {
+        *c = (*c).min(numel).max(prev);
+        prev = *c;
+    }
+    (cuts[r], cuts[r + 1])
+}
+
+/// DeepSpeed ZeRO-3's partition of `numel` elements over `n` ranks: `ceil(numel / n)` each, the
+/// last ones short or empty (their padding is not part of the parameter).
+pub fn partition(numel: usize, n: usize, r: usize) -> (usize, usize) {
+    let per = numel.div_ceil(n);
+    ((r * per).min(numel), ((r + 1) * per).min(numel))
+}
+
 #[derive(Clone)]
 pub struct Case {
     pub algorithm: u32,
@@ -199,15 +401,34 @@ pub struct Case {
     pub wd: f64,
     pub stochastic: bool,
     pub dynamic: bool,
+    /// A static loss scale of 8 (when not `dynamic`).
+    pub static_scale: bool,
     pub carry: bool,
-    /// (step, tensor) whose gradient gets an inf in its middle element (on the rank holding it).
+    /// (step, tensor) whose gradient gets an inf in its middle element (on the rank holding it;
+    /// rank 0 when the library reduces the gradient).
     pub inf: Option<(usize, usize)>,
     /// Split matrices into pieces of columns (LOMO_LAYOUT_COLS) instead of rows; vectors are
     /// split into ranges either way.
     pub cols: bool,
+    /// Split every tensor into uneven flat pieces ([`flat_split`], LOMO_LAYOUT_FLAT).
+    pub flat: bool,
+    /// `LOMO_GRAD_ALL_REDUCE`: every rank holds a replica (FULL) and submits its own gradient;
+    /// `LOMO_GRAD_REDUCE_SCATTER`: flat partitions ([`partition`]), every rank submits its own
+    /// gradient of the whole tensor. The ranks' gradients average to the one rank's.
+    pub grad_mode: u32,
+    /// LOMO: `LOMO_NONFINITE_PER_ELEMENT`.
+    pub per_element: bool,
 }
 
-pub const SHAPES: [&[i64]; 5] = [&[7, 5], &[40, 3], &[3, 5, 7], &[31], &[2, 6]];
+pub const SHAPES: [&[i64]; 7] = [
+    &[7, 5],
+    &[40, 3],
+    &[3, 5, 7],
+    &[31],
+    &[2, 6],
+    &[1, 5],
+    &[2, 40],
+];
 pub const STEPS: usize = 4;
 
 pub fn cfg_of(c: &Case) -> lomo::ffi::types::lomo_config {
@@ -217,10 +438,14 @@ pub fn cfg_of(c: &Case) -> lomo::ffi::types::lomo_config {
     cfg.weight_decay = c.wd;
     cfg.rounding = c.stochastic as u32;
     cfg.seed = 11;
+    cfg.nonfinite_policy = c.per_element as u32;
     if c.dynamic {
         cfg.loss_scale_mode = 2;
         cfg.loss_scale = 64.0;
         cfg.scale_window = 2;
+    } else if c.static_scale {
+        cfg.loss_scale_mode = 1;
+        cfg.loss_scale = 8.0;
     }
     cfg
 }
@@ -238,84 +463,148 @@ pub fn rows_cols(shape: &[i64]) -> (usize, usize) {
 /// Every tensor's values after every step (`[step][tensor][element]`).
 pub type History = Vec<Vec<Vec<f32>>>;
 
-/// Runs `c` on one rank holding everything (`n == 0`) or on `n` ranks holding rows (or
-/// columns, `c.cols`); returns
-/// the assembled parameters after every step and each rank's step infos.
+/// One rank's piece of a tensor: global element indices (row-major order of the piece), the
+/// registered shape, and the shard description (layout, global shape, offset).
+struct Piece {
+    idx: Vec<usize>,
+    local: Vec<i64>,
+    layout: u32,
+    global: Vec<i64>,
+    offset: i64,
+}
+
+fn piece_of(c: &Case, shape: &[i64], n: usize, r: usize) -> Piece {
+    let (rows, cols) = rows_cols(shape);
+    let numel = rows * cols;
+    let flat = |(a, b): (usize, usize)| Piece {
+        idx: (a..b).collect(),
+        local: vec![(b - a) as i64],
+        layout: LOMO_LAYOUT_FLAT,
+        global: shape.to_vec(),
+        offset: a as i64,
+    };
+    if c.grad_mode == LOMO_GRAD_ALL_REDUCE {
+        return Piece {
+            idx: (0..numel).collect(),
+            local: shape.to_vec(),
+            layout: LOMO_LAYOUT_FULL,
+            global: shape.to_vec(),
+            offset: 0,
+        };
+    }
+    if c.grad_mode == LOMO_GRAD_REDUCE_SCATTER {
+        return flat(partition(numel, n, r));
+    }
+    if c.flat {
+        return flat(flat_split(numel, n, r));
+    }
+    let by_cols = c.cols && shape.len() >= 2;
+    let units = if by_cols { cols } else { rows };
+    let (a, b) = split(units, n, r);
+    // Global element indices of the piece, in its row-major order.
+    let idx: Vec<usize> = if by_cols {
+        (0..rows)
+            .flat_map(|i| (a..b).map(move |j| i * cols + j))
+            .collect()
+    } else {
+        (a * cols..b * cols).collect()
+    };
+    let local: Vec<i64> = match (shape.len() >= 2, by_cols) {
+        (true, true) => vec![rows as i64, (b - a) as i64],
+        (true, false) => vec![(b - a) as i64, cols as i64],
+        _ => vec![(b - a) as i64],
+    };
+    Piece {
+        idx,
+        local,
+        layout: if by_cols {
+            LOMO_LAYOUT_COLS
+        } else {
+            LOMO_LAYOUT_ROWS
+        },
+        // [3, 5, 7] is registered as its [15, 7] view.
+        global: if shape.len() == 3 {
+            vec![15, 7]
+        } else {
+            shape.to_vec()
+        },
+        offset: a as i64,
+    }
+}
+
+/// Runs `c` on one rank holding everything (`n == 0`, submitting the average gradient) or on
+/// `n` ranks holding pieces as `c` says; returns the assembled parameters after every step
+/// (checking that replicas agree bit for bit) and each rank's step infos.
 pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
     let mut rng = Rng::new(5);
-    let params0: Vec<Vec<f32>> = SHAPES
+    let sizes: Vec<usize> = SHAPES
         .iter()
-        .map(|s| dyadic(&mut rng, rows_cols(s).0 * rows_cols(s).1))
+        .map(|s| rows_cols(s).0 * rows_cols(s).1)
         .collect();
+    let params0: Vec<Vec<f32>> = sizes.iter().map(|&k| dyadic(&mut rng, k)).collect();
     let grads: Vec<Vec<Vec<f32>>> = (0..STEPS)
-        .map(|_| {
-            SHAPES
-                .iter()
-                .map(|s| dyadic(&mut rng, rows_cols(s).0 * rows_cols(s).1))
-                .collect()
-        })
+        .map(|_| sizes.iter().map(|&k| dyadic(&mut rng, k)).collect())
+        .collect();
+    // Rank 0 submits G + D, rank 1 G − D, the others G: the sum is n·G exactly (dyadic values).
+    let deltas: Vec<Vec<Vec<f32>>> = (0..STEPS)
+        .map(|_| sizes.iter().map(|&k| dyadic(&mut rng, k)).collect())
         .collect();
     let ranks = n.max(1);
+    let reduce = n > 0 && c.grad_mode != LOMO_GRAD_REDUCED;
     let group = Group::new(ranks);
     let results: Vec<(History, Vec<lomo_step_info>, Vec<Vec<usize>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
             .map(|r| {
-                let (group, params0, grads) = (group.clone(), &params0, &grads);
+                let (group, params0, grads, deltas, sizes) =
+                    (group.clone(), &params0, &grads, &deltas, &sizes);
                 s.spawn(move || {
                     let opt = Opt::new(&cfg_of(c)).unwrap();
                     let comm = (n > 0).then(|| add_comm(&opt, &group, r));
                     let mut bufs = Vec::new();
                     let mut pieces = Vec::new();
                     for (i, shape) in SHAPES.iter().enumerate() {
-                        let (rows, cols) = rows_cols(shape);
-                        let by_cols = c.cols && shape.len() >= 2;
-                        let units = if by_cols { cols } else { rows };
-                        let (a, b) = if n > 0 {
-                            split(units, n, r)
+                        let p = if n > 0 {
+                            piece_of(c, shape, n, r)
                         } else {
-                            (0, units)
+                            Piece {
+                                idx: (0..sizes[i]).collect(),
+                                local: shape.to_vec(),
+                                layout: LOMO_LAYOUT_FULL,
+                                global: shape.to_vec(),
+                                offset: 0,
+                            }
                         };
-                        // Global element indices of the piece, in its row-major order.
-                        let idx: Vec<usize> = if by_cols {
-                            (0..rows)
-                                .flat_map(|i| (a..b).map(move |j| i * cols + j))
-                                .collect()
-                        } else {
-                            (a * cols..b * cols).collect()
-                        };
-                        let local: Vec<i64> = match (shape.len() >= 2, by_cols) {
-                            (true, true) => vec![rows as i64, (b - a) as i64],
-                            (true, false) => vec![(b - a) as i64, cols as i64],
-                            _ => vec![(b - a) as i64],
-                        };
-                        let vals: Vec<f32> = idx.iter().map(|&k| params0[i][k]).collect();
+                        let vals: Vec<f32> = p.idx.iter().map(|&k| params0[i][k]).collect();
                         let mut buf = Buf::new(c.dtype, &vals);
                         let id = opt
                             .register_flags(
                                 &format!("p{i}"),
                                 buf.ptr(),
                                 c.dtype,
-                                &local,
+                                &p.local,
                                 0,
                                 c.carry as u32,
                             )
                             .unwrap();
                         if let Some(comm) = comm {
-                            // [3, 5, 7] is registered as its [15, 7] view.
-                            let global: Vec<i64> = if shape.len() == 3 {
-                                vec![15, 7]
-                            } else {
-                                shape.to_vec()
+                            let (piece_comm, grad, flags) = match c.grad_mode {
+                                LOMO_GRAD_ALL_REDUCE => (
+                                    LOMO_COMM_NONE,
+                                    (LOMO_GRAD_ALL_REDUCE, comm),
+                                    if r == 0 { 0 } else { LOMO_SHARD_NORM_DUPLICATE },
+                                ),
+                                LOMO_GRAD_REDUCE_SCATTER => {
+                                    (comm, (LOMO_GRAD_REDUCE_SCATTER, comm), 0)
+                                }
+                                _ => (comm, (LOMO_GRAD_REDUCED, LOMO_COMM_NONE), 0),
                             };
-                            let layout = if by_cols {
-                                LOMO_LAYOUT_COLS
-                            } else {
-                                LOMO_LAYOUT_ROWS
-                            };
-                            shard(&opt, id, layout, &global, a as i64, comm, 0).unwrap();
+                            shard_grad(
+                                &opt, id, p.layout, &p.global, p.offset, piece_comm, grad, flags,
+                            )
+                            .unwrap();
                         }
                         bufs.push(buf);
-                        pieces.push(idx);
+                        pieces.push(p.idx);
                     }
                     if let Some(comm) = comm {
                         dist_set(&opt, comm, LOMO_DIST_CHECK).unwrap();
@@ -332,14 +621,36 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         for &phase in phases {
                             opt.begin(phase, [0.05f32, 0.02, 0.1][step % 3]).unwrap();
                             for (i, gi) in g.iter().enumerate() {
-                                let idx = &pieces[i];
-                                let mut piece: Vec<f32> =
-                                    idx.iter().map(|&k| gi[k] * scale).collect();
-                                if c.inf == Some((step, i)) {
-                                    let mid = gi.len() / 2;
-                                    if let Some(pos) = idx.iter().position(|&k| k == mid) {
-                                        piece[pos] = f32::INFINITY;
+                                let mid = gi.len() / 2;
+                                let mut piece: Vec<f32> = if reduce {
+                                    let d = &deltas[step][i];
+                                    let sign = match r {
+                                        0 if n > 1 => 1.0,
+                                        1 => -1.0,
+                                        _ => 0.0,
+                                    };
+                                    let mut v: Vec<f32> = gi
+                                        .iter()
+                                        .zip(d)
+                                        .map(|(g, d)| (g + sign * d) * scale)
+                                        .collect();
+                                    if c.inf == Some((step, i)) && r == 0 {
+                                        v[mid] = f32::INFINITY;
                                     }
+                                    v
+                                } else {
+                                    let idx = &pieces[i];
+                                    let mut v: Vec<f32> =
+                                        idx.iter().map(|&k| gi[k] * scale).collect();
+                                    if c.inf == Some((step, i)) {
+                                        if let Some(pos) = idx.iter().position(|&k| k == mid) {
+                                            v[pos] = f32::INFINITY;
+                                        }
+                                    }
+                                    v
+                                };
+                                if reduce && c.grad_mode == LOMO_GRAD_ALL_REDUCE {
+                                    piece.truncate(pieces[i].len());
                                 }
                                 let mut gb = Buf::new(c.dtype, &piece);
                                 opt.submit(i as u32, gb.ptr(), c.dtype).unwrap();
@@ -355,16 +666,22 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    // Assemble the pieces.
-    let sizes: Vec<usize> = SHAPES
-        .iter()
-        .map(|s| rows_cols(s).0 * rows_cols(s).1)
-        .collect();
+    // Assemble the pieces; replicas must agree bit for bit.
     let mut assembled: History = vec![sizes.iter().map(|&n| vec![f32::NAN; n]).collect(); STEPS];
-    for (history, _, pieces) in &results {
+    let mut seen: Vec<Vec<Vec<bool>>> =
+        vec![sizes.iter().map(|&n| vec![false; n]).collect(); STEPS];
+    for (r, (history, _, pieces)) in results.iter().enumerate() {
         for (step, tensors) in history.iter().enumerate() {
             for (i, t) in tensors.iter().enumerate() {
                 for (&k, &v) in pieces[i].iter().zip(t) {
+                    if seen[step][i][k] {
+                        assert_eq!(
+                            assembled[step][i][k].to_bits(),
+                            v.to_bits(),
+                            "rank {r} step {step} tensor {i} element {k}: replicas differ"
+                        );
+                    }
+                    seen[step][i][k] = true;
                     assembled[step][i][k] = v;
                 }
             }
@@ -382,8 +699,12 @@ pub fn case(algorithm: u32) -> Case {
         wd: 0.0,
         stochastic: false,
         dynamic: false,
+        static_scale: false,
         carry: false,
         inf: None,
         cols: false,
+        flat: false,
+        grad_mode: LOMO_GRAD_REDUCED,
+        per_element: false,
     }
 }

@@ -7,6 +7,7 @@
 //! subnormals whatever the thread's floating-point modes ([`fpenv`]).
 
 pub mod ada_cols;
+pub mod ada_flat;
 pub mod ada_piece;
 pub mod ada_state;
 pub mod adalomo;
