@@ -518,3 +518,255 @@ fn disagreeing_flat_ranks_get_dist_mismatch() {
         });
     }
 }
+
+/// HSDP: 2 replicas × 2 flat pieces (4 threads). Each piece's gradient is averaged over its
+/// replicate group (`LOMO_GRAD_ALL_REDUCE`, `grad_comm` ≠ `piece_comm`), the statistics and the
+/// phase records go over the shard group: both replicas equal one rank on the average gradient.
+#[test]
+fn hsdp_flat_pieces_with_all_reduce_equal_one_rank() {
+    for algorithm in [0, 1] {
+        for c in [
+            case(algorithm),
+            Case {
+                clip_norm: 0.5,
+                wd: 0.1,
+                clip_value: 0.3,
+                ..case(algorithm)
+            },
+            Case {
+                dynamic: true,
+                inf: Some((1, 1)),
+                ..case(algorithm)
+            },
+        ] {
+            hsdp(&c);
+        }
+    }
+}
+
+fn hsdp(c: &Case) {
+    let (whole, _) = run(c, 0);
+    let Data {
+        sizes,
+        params0,
+        grads,
+        deltas,
+    } = data();
+    let shard_groups = [Group::new(2), Group::new(2)];
+    let rep_groups = [Group::new(2), Group::new(2)];
+    let results: Vec<(usize, History)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                let (d, sh) = (t / 2, t % 2);
+                let (sg, rg) = (shard_groups[d].clone(), rep_groups[sh].clone());
+                let (sizes, params0, grads, deltas) = (&sizes, &params0, &grads, &deltas);
+                s.spawn(move || {
+                    let opt = Opt::new(&cfg_of(c)).unwrap();
+                    let piece_comm = add_comm(&opt, &sg, sh);
+                    let grad_comm = add_comm(&opt, &rg, d);
+                    let mut bufs = Vec::new();
+                    let mut ranges = Vec::new();
+                    for (i, shape) in SHAPES.iter().enumerate() {
+                        let (a, b) = flat_split(sizes[i], 2, sh);
+                        let mut buf = Buf::new(c.dtype, &params0[i][a..b]);
+                        let id = opt
+                            .register(&format!("p{i}"), buf.ptr(), c.dtype, &[(b - a) as i64], 0)
+                            .unwrap();
+                        let grad = (LOMO_GRAD_ALL_REDUCE, grad_comm);
+                        shard_grad(
+                            &opt,
+                            id,
+                            LOMO_LAYOUT_FLAT,
+                            shape,
+                            a as i64,
+                            piece_comm,
+                            grad,
+                            0,
+                        )
+                        .unwrap();
+                        bufs.push(buf);
+                        ranges.push((a, b));
+                    }
+                    dist_set(&opt, piece_comm, LOMO_DIST_CHECK).unwrap();
+                    let sign = if d == 0 { 1.0 } else { -1.0 };
+                    let mut history = Vec::new();
+                    for (step, g) in grads.iter().enumerate() {
+                        let scale = opt.loss_scale();
+                        let phases: &[u32] = if c.clip_norm > 0.0 {
+                            &[NORM, UPDATE]
+                        } else {
+                            &[UPDATE]
+                        };
+                        for &phase in phases {
+                            opt.begin(phase, [0.05f32, 0.02, 0.1][step % 3]).unwrap();
+                            for (i, &(a, b)) in ranges.iter().enumerate() {
+                                let mid = sizes[i] / 2;
+                                let v: Vec<f32> = (a..b)
+                                    .map(|k| {
+                                        if c.inf == Some((step, i)) && d == 0 && k == mid {
+                                            f32::INFINITY
+                                        } else {
+                                            (g[i][k] + sign * deltas[step][i][k]) * scale
+                                        }
+                                    })
+                                    .collect();
+                                let mut gb = Buf::new(c.dtype, &v);
+                                opt.submit(i as u32, gb.ptr(), c.dtype).unwrap();
+                            }
+                            opt.end().unwrap();
+                        }
+                        history.push(bufs.iter().map(|b| b.values()).collect::<Vec<_>>());
+                    }
+                    (sh, history)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, (sh, history)) in results.iter().enumerate() {
+        for (step, tensors) in history.iter().enumerate() {
+            for (i, vals) in tensors.iter().enumerate() {
+                let (a, _) = flat_split(sizes[i], 2, *sh);
+                for (k, v) in vals.iter().enumerate() {
+                    let w = whole[step][i][a + k];
+                    let ok = if c.algorithm == 0 {
+                        w.to_bits() == v.to_bits()
+                    } else {
+                        ulps(c.dtype, w, *v) <= 1.0 || (w - v).abs() <= 1e-7 + 1e-6 * w.abs()
+                    };
+                    assert!(
+                        ok,
+                        "alg {} thread {t} step {step} tensor {i} element {}: whole {w}, {v}",
+                        c.algorithm,
+                        a + k
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn state_bytes(opt: &Opt) -> Vec<u8> {
+    let mut n = 0;
+    // SAFETY: live handle, valid out pointers and a buffer of the reported size.
+    unsafe {
+        check(lomo::ffi::state::lomo_state_size(opt.0, &mut n)).unwrap();
+        let mut buf = vec![0u8; n];
+        let mut written = 0;
+        check(lomo::ffi::state::lomo_state_serialize(
+            opt.0,
+            buf.as_mut_ptr(),
+            n,
+            &mut written,
+        ))
+        .unwrap();
+        buf.truncate(written);
+        buf
+    }
+}
+
+/// AdaLomo on a flat piece: when the second statistics all-reduce fails, the submit is
+/// LOMO_STATUS_COMM_ERROR and neither the parameter nor the state changed; after a cancel the
+/// run continues exactly as one that never failed.
+#[test]
+fn failing_second_flat_round_changes_nothing() {
+    let steps = |fail: bool| -> (Vec<f32>, Vec<u8>) {
+        let group = Group::new(1);
+        let opt = Opt::new(&config(1)).unwrap();
+        let comm = add_comm(&opt, &group, 0);
+        let mut p = Buf::new(F32, &dyadic(&mut Rng::new(1), 35));
+        let id = opt.register("w", p.ptr(), F32, &[35], 0).unwrap();
+        shard(&opt, id, LOMO_LAYOUT_FLAT, &[7, 5], 0, comm, 0).unwrap();
+        let mut g = Buf::new(F32, &dyadic(&mut Rng::new(2), 35));
+        opt.begin(UPDATE, 0.1).unwrap();
+        opt.submit(id, g.ptr(), F32).unwrap();
+        opt.end().unwrap();
+        if fail {
+            let (before, state) = (p.values(), state_bytes(&opt));
+            // Round 1 of the next submit is call 3, round 2 call 4.
+            assert_eq!(*group.calls.lock(), 2);
+            *group.fail_from.lock() = Some((4, -9));
+            opt.begin(UPDATE, 0.1).unwrap();
+            let e = opt.submit(id, g.ptr(), F32).unwrap_err();
+            assert_eq!(e.status, lomo::Status::CommError as u32, "{e:?}");
+            assert!(e.message.contains("-9"), "{}", e.message);
+            assert_eq!(p.values(), before, "the parameter changed");
+            // SAFETY: live handle.
+            check(unsafe { lomo::ffi::optimizer::lomo_step_cancel(opt.0) }).unwrap();
+            // A cancel changes no state: the bytes are those before the failed submit.
+            assert_eq!(state_bytes(&opt), state, "the state changed");
+            *group.fail_from.lock() = None;
+        }
+        opt.begin(UPDATE, 0.1).unwrap();
+        opt.submit(id, g.ptr(), F32).unwrap();
+        opt.end().unwrap();
+        (p.values(), state_bytes(&opt))
+    };
+    let (straight, retried) = (steps(false), steps(true));
+    assert_eq!(straight.0, retried.0);
+    assert_eq!(straight.1, retried.1);
+}
+
+/// A flat piece long enough to be applied in several chunks on the CPU pool (bf16, stochastic
+/// rounding, carried RMS): 2 ranks equal one rank within one bf16 ulp.
+#[test]
+fn long_flat_pieces_equal_one_rank() {
+    let (rows, cols) = (600usize, 257usize);
+    let numel = rows * cols;
+    let mut rng = Rng::new(8);
+    let p0 = dyadic(&mut rng, numel);
+    let gs: Vec<Vec<f32>> = (0..3).map(|_| dyadic(&mut rng, numel)).collect();
+    let c = Case {
+        dtype: BF16,
+        stochastic: true,
+        carry: true,
+        ..case(1)
+    };
+    let go = |n: usize| -> Vec<f32> {
+        let group = Group::new(n.max(1));
+        let pieces: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n.max(1))
+                .map(|r| {
+                    let (group, p0, gs, c) = (group.clone(), &p0, &gs, &c);
+                    s.spawn(move || {
+                        let opt = Opt::new(&cfg_of(c)).unwrap();
+                        let (a, b) = if n == 0 {
+                            (0, numel)
+                        } else {
+                            flat_split(numel, n, r)
+                        };
+                        let mut p = Buf::new(c.dtype, &p0[a..b]);
+                        let shape = [rows as i64, cols as i64];
+                        let id = if n == 0 {
+                            opt.register_flags("w", p.ptr(), c.dtype, &shape, 0, 1)
+                                .unwrap()
+                        } else {
+                            let comm = add_comm(&opt, &group, r);
+                            let id = opt
+                                .register_flags("w", p.ptr(), c.dtype, &[(b - a) as i64], 0, 1)
+                                .unwrap();
+                            shard(&opt, id, LOMO_LAYOUT_FLAT, &shape, a as i64, comm, 0).unwrap();
+                            id
+                        };
+                        for g in gs {
+                            let mut gb = Buf::new(c.dtype, &g[a..b]);
+                            opt.begin(UPDATE, 0.05).unwrap();
+                            opt.submit(id, gb.ptr(), c.dtype).unwrap();
+                            opt.end().unwrap();
+                        }
+                        p.values()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        pieces.concat()
+    };
+    let (whole, split) = (go(0), go(2));
+    for (k, (a, b)) in whole.iter().zip(&split).enumerate() {
+        assert!(
+            ulps(BF16, *a, *b) <= 1.0,
+            "element {k}: whole {a}, pieces {b}"
+        );
+    }
+}

@@ -22,6 +22,8 @@ pub struct Group {
     pub fail: Mutex<i32>,
     /// Collectives entered by all ranks together (each rank counts its own calls).
     pub calls: Mutex<u64>,
+    /// (k, code): the k-th call counted in `calls` (from 1) and every later one fail with `code`.
+    pub fail_from: Mutex<Option<(u64, i32)>>,
 }
 
 impl Group {
@@ -32,6 +34,7 @@ impl Group {
             slots: Mutex::new(vec![Vec::new(); n]),
             fail: Mutex::new(0),
             calls: Mutex::new(0),
+            fail_from: Mutex::new(None),
         })
     }
 }
@@ -137,6 +140,16 @@ unsafe fn write(ptr: *mut c_void, v: &[f64], dtype: u32) {
 }
 
 impl RankCtx {
+    /// Counts a call; `Some(code)` when `Group::fail_from` says it fails.
+    fn count_call(&self) -> Option<i32> {
+        let mut calls = self.group.calls.lock();
+        *calls += 1;
+        match *self.group.fail_from.lock() {
+            Some((k, code)) if *calls >= k => Some(code),
+            _ => None,
+        }
+    }
+
     /// Deposits `mine`, waits for every rank, runs `f` on the slots, waits again. None when a
     /// rank never arrived (the callback then fails with -99).
     fn exchange<T>(&self, mine: Vec<f64>, f: impl FnOnce(&[Vec<f64>]) -> T) -> Option<T> {
@@ -188,7 +201,9 @@ pub unsafe extern "C" fn all_reduce(
     if fail != 0 {
         return fail;
     }
-    *ctx.group.calls.lock() += 1;
+    if let Some(code) = ctx.count_call() {
+        return code;
+    }
     // SAFETY: as above.
     let mine = unsafe { read(buf, count, dtype) };
     let Some(out) = ctx.exchange(mine, |slots| {
@@ -219,7 +234,9 @@ pub unsafe extern "C" fn reduce_scatter(
     if fail != 0 {
         return fail;
     }
-    *ctx.group.calls.lock() += 1;
+    if let Some(code) = ctx.count_call() {
+        return code;
+    }
     let (n, base) = (ctx.group.n, ctx.rank * count_per_rank);
     // SAFETY: as above.
     let mine = unsafe { read(send, count_per_rank * n, dtype) };
@@ -532,10 +549,17 @@ fn piece_of(c: &Case, shape: &[i64], n: usize, r: usize) -> Piece {
     }
 }
 
-/// Runs `c` on one rank holding everything (`n == 0`, submitting the average gradient) or on
-/// `n` ranks holding pieces as `c` says; returns the assembled parameters after every step
-/// (checking that replicas agree bit for bit) and each rank's step infos.
-pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
+/// The inputs of [`run`]: element counts of [`SHAPES`], initial parameters, the (average)
+/// gradients `[step][tensor]` and the deltas `[step][tensor]`: a rank that reduces gradients
+/// with others submits G + D (rank 0), G − D (rank 1) or G, so the sum is n·G exactly (dyadic).
+pub struct Data {
+    pub sizes: Vec<usize>,
+    pub params0: Vec<Vec<f32>>,
+    pub grads: Vec<Vec<Vec<f32>>>,
+    pub deltas: Vec<Vec<Vec<f32>>>,
+}
+
+pub fn data() -> Data {
     let mut rng = Rng::new(5);
     let sizes: Vec<usize> = SHAPES
         .iter()
@@ -545,10 +569,27 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
     let grads: Vec<Vec<Vec<f32>>> = (0..STEPS)
         .map(|_| sizes.iter().map(|&k| dyadic(&mut rng, k)).collect())
         .collect();
-    // Rank 0 submits G + D, rank 1 G − D, the others G: the sum is n·G exactly (dyadic values).
     let deltas: Vec<Vec<Vec<f32>>> = (0..STEPS)
         .map(|_| sizes.iter().map(|&k| dyadic(&mut rng, k)).collect())
         .collect();
+    Data {
+        sizes,
+        params0,
+        grads,
+        deltas,
+    }
+}
+
+/// Runs `c` on one rank holding everything (`n == 0`, submitting the average gradient) or on
+/// `n` ranks holding pieces as `c` says; returns the assembled parameters after every step
+/// (checking that replicas agree bit for bit) and each rank's step infos.
+pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
+    let Data {
+        sizes,
+        params0,
+        grads,
+        deltas,
+    } = data();
     let ranks = n.max(1);
     let reduce = n > 0 && c.grad_mode != LOMO_GRAD_REDUCED;
     let group = Group::new(ranks);

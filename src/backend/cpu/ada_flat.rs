@@ -18,16 +18,18 @@
 //!
 //! An interior row's reduced sum is this rank's sum plus zeros, so its new state is the same bits
 //! on every rank. Sums are formed in f64 in another order than [`super::adalomo::stats`]: the
-//! results equal one rank within f32 rounding. Single-threaded (one pass over the piece).
+//! results equal one rank within f32 rounding. The statistics rounds run on the calling thread;
+//! the apply pass in chunks on the CPU pool.
 
 use super::ada_state::StateView;
 use super::adalomo::{row_scale, AdaWorkspace, ApplyArgs, StatsArgs};
 use super::convert::Elem;
-use super::{with_dtype, with_dtypes};
+use super::{chunk_count, chunk_range, for_each_chunk, with_dtype, with_dtypes, Partials};
 use crate::alloc;
 use crate::backend::RawBuf;
 use crate::config::Rounding;
 use crate::error::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The flat piece's part of the workspace: the new rows of the whole tensor, their scales and
 /// the `D_j` partials (the new columns are [`AdaWorkspace`]'s `col_new`, `c_scale`).
@@ -254,7 +256,8 @@ pub fn row_mean(ws: &AdaWorkspace) -> f32 {
 
 /// Pass C on the piece at global element `offset`: as [`super::adalomo::apply`], element `k`
 /// drawing its stochastic rounding by `args.round` (whose offset is the piece's). Returns Σp² of
-/// the written values when `args.carry` and whether every new value was finite.
+/// the written values when `args.carry` and whether every new value was finite. Runs in chunks
+/// of the piece on the CPU pool (the chunking depends on the piece's length only).
 pub fn apply(
     param: &RawBuf,
     grad: &RawBuf,
@@ -267,14 +270,26 @@ pub fn apply(
     if n == 0 {
         return (0.0, true);
     }
-    with_dtypes!(param.dtype, grad.dtype, |P, G| {
-        // SAFETY: buffers validated by the core; this is the only reference to the parameter
-        // during the call; the gradient is only read.
-        let (p, g) = unsafe { (param.slice_mut::<P>(0, n), grad.slice::<G>(0, n)) };
-        apply_piece::<P, G>(p, g, &fw.r_scale, &ws.c_scale, args, offset)
-    })
+    let chunks = chunk_count(n, 1);
+    let psq = Partials::new();
+    let overflow = AtomicBool::new(false);
+    for_each_chunk(chunks, |c| {
+        let (a, b) = chunk_range(n, chunks, c);
+        let (sq, clean) = with_dtypes!(param.dtype, grad.dtype, |P, G| {
+            // SAFETY: buffers validated by the core; chunks are disjoint, so this is the only
+            // reference to p[a..b]; the gradient is only read.
+            let (p, g) = unsafe { (param.slice_mut::<P>(a, b), grad.slice::<G>(a, b)) };
+            apply_piece::<P, G>(p, g, &fw.r_scale, &ws.c_scale, args, offset, a)
+        });
+        psq.set(c, sq);
+        if !clean {
+            overflow.store(true, Ordering::Relaxed);
+        }
+    });
+    (psq.sum(chunks), !overflow.load(Ordering::Relaxed))
 }
 
+/// Elements `[first, first + p.len())` of the piece.
 fn apply_piece<P: Elem, G: Elem>(
     p: &mut [P],
     g: &[G],
@@ -282,25 +297,22 @@ fn apply_piece<P: Elem, G: Elem>(
     c_scale: &[f32],
     args: &ApplyArgs,
     offset: usize,
+    first: usize,
 ) -> (f64, bool) {
     let cols = c_scale.len();
     let (xf, inv_clip, neg_lr, decay) = (args.xf, args.inv_clip, args.neg_lr, args.decay);
     let stochastic = args.round.mode == Rounding::Stochastic;
     let mut psq = 0f64;
     let mut overflow = 0u32;
-    for (k, i, j0, len) in segments(offset, g.len(), cols) {
+    for (k, i, j0, len) in segments(offset + first, g.len(), cols) {
         let rs = r_scale[i];
         let (ps, gs) = (&mut p[k..k + len], &g[k..k + len]);
-        for (e, ((pv, gv), &cs)) in ps
-            .iter_mut()
-            .zip(gs)
-            .zip(&c_scale[j0..j0 + len])
-            .enumerate()
-        {
+        let cs = &c_scale[j0..j0 + len];
+        for (e, ((pv, gv), &cs)) in ps.iter_mut().zip(gs).zip(cs).enumerate() {
             let u = ((rs * cs) * xf.apply(gv.to_f32())) * inv_clip;
             let v = u.mul_add(neg_lr, pv.to_f32() * decay);
             let nv: P = if stochastic {
-                args.round.store(v, (k + e) as u64)
+                args.round.store(v, (first + k + e) as u64)
             } else {
                 P::from_f32_rne(v)
             };
