@@ -286,6 +286,8 @@ pub struct Dist {
 #[derive(Debug, Default)]
 pub struct GradScratch {
     pub bufs: parking_lot::Mutex<(Vec<f32>, Vec<f32>)>,
+    /// Bytes held, readable while a submission holds the lock.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl GradScratch {
@@ -306,13 +308,14 @@ impl GradScratch {
         if let Some(r) = r {
             b.1 = r;
         }
+        let bytes = 4 * (b.0.len() + b.1.len());
+        self.held.store(bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Bytes held.
+    /// Bytes held (without waiting for a submission that holds the buffers).
     pub fn bytes(&self) -> usize {
-        let b = self.bufs.lock();
-        4 * (b.0.len() + b.1.len())
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -770,3 +770,26 @@ fn long_flat_pieces_equal_one_rank() {
         );
     }
 }
+
+/// The gradient scratch is library memory: `lomo_memory_stats_get` counts it as CPU workspace.
+#[test]
+fn gradient_scratch_is_counted_as_workspace() {
+    let workspace = |opt: &Opt| {
+        // SAFETY: an all-zero lomo_memory_stats is a valid value (integers and arrays of them).
+        let mut m: lomo::ffi::types::lomo_memory_stats = unsafe { std::mem::zeroed() };
+        m.struct_size = std::mem::size_of_val(&m);
+        // SAFETY: live handle, a writable struct of the stated size.
+        check(unsafe { lomo::ffi::state::lomo_memory_stats_get(opt.0, &mut m) }).unwrap();
+        m.workspace_bytes
+    };
+    let opt = Opt::new(&config(0)).unwrap();
+    let group = Group::new(1);
+    let comm = add_comm(&opt, &group, 0);
+    let mut w = Buf::new(F32, &[0.5; 35]);
+    let id = opt.register("w", w.ptr(), F32, &[35], 0).unwrap();
+    assert_eq!(workspace(&opt), 0);
+    let rs = (LOMO_GRAD_REDUCE_SCATTER, comm);
+    shard_grad(&opt, id, LOMO_LAYOUT_FLAT, &[7, 5], 0, comm, rs, 0).unwrap();
+    // LOMO's record (one f64) and the scratch's 35 received f32 words (one rank: no padding).
+    assert_eq!(workspace(&opt), 8 + 4 * 35);
+}
