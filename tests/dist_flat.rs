@@ -185,6 +185,14 @@ fn per_element_lomo_pieces_exchange_one_record_per_phase() {
                 inf: Some((1, 2)),
                 ..base.clone()
             },
+            Case {
+                dtype: BF16,
+                stochastic: true,
+                wd: 0.1,
+                clip_value: 0.3,
+                inf: Some((2, 6)),
+                ..base.clone()
+            },
         ] {
             for n in 1..=4 {
                 compare(&c, n);
