@@ -58,6 +58,24 @@ impl FlatWs {
     }
 }
 
+impl AdaWorkspace {
+    /// Scratch for a flat piece (`ada_flat`) of a factored `[rows, cols]` tensor: the new rows
+    /// and columns of the whole tensor, no chunks (the piece is one pass); `OutOfMemory` if it
+    /// cannot be allocated.
+    pub fn flat(rows: usize, cols: usize) -> Result<AdaWorkspace> {
+        const WHAT: &str = "AdaLomo workspace";
+        Ok(AdaWorkspace {
+            rows,
+            cols,
+            factored: true,
+            chunks: Vec::new(),
+            col_new: alloc::zeros(cols, WHAT)?,
+            c_scale: alloc::zeros(cols, WHAT)?,
+            flat: Some(FlatWs::new(rows, cols)?),
+        })
+    }
+}
+
 /// Length of a flat piece's record of a `[rows, cols]` tensor: round 1 (R + C + 2), round 2 (1).
 pub fn record_len(rows: usize, cols: usize) -> usize {
     rows + cols + 3

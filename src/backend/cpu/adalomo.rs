@@ -104,22 +104,6 @@ impl AdaWorkspace {
         })
     }
 
-    /// Scratch for a flat piece (`ada_flat`) of a factored `[rows, cols]` tensor: the new rows
-    /// and columns of the whole tensor, no chunks (the piece is one pass); `OutOfMemory` if it
-    /// cannot be allocated.
-    pub fn flat(rows: usize, cols: usize) -> Result<AdaWorkspace> {
-        const WHAT: &str = "AdaLomo workspace";
-        Ok(AdaWorkspace {
-            rows,
-            cols,
-            factored: true,
-            chunks: Vec::new(),
-            col_new: alloc::zeros(cols, WHAT)?,
-            c_scale: alloc::zeros(cols, WHAT)?,
-            flat: Some(super::ada_flat::FlatWs::new(rows, cols)?),
-        })
-    }
-
     /// Whether the new state computed by the last [`stats`] is finite everywhere (rows and
     /// columns, or the vector). The f32 statistics can overflow on finite gradients
     /// (|g/S| ≳ 1.8e19 squares to infinity), which would silently zero or NaN the update.
