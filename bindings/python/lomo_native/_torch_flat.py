@@ -27,6 +27,7 @@ order, the same on every rank for the same model)."""
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import Optional
 
 import torch
@@ -66,8 +67,21 @@ class ProcessGroupComm:
         self.rank = dist.get_rank(process_group)
         self.size = dist.get_world_size(process_group)
         self.errors: list[BaseException] = []  # what a failing callback raised, for the caller
-        self._all_reduce = N.ALL_REDUCE_FN(self._on_all_reduce)
-        self._reduce_scatter = N.REDUCE_SCATTER_FN(self._on_reduce_scatter)
+        # The callbacks reach this object through a weak reference: no reference cycle keeps
+        # the process group alive after the caller dropped it (a ProcessGroupGloo destroyed at
+        # interpreter exit instead aborts the process).
+        me = weakref.ref(self)
+
+        def on_all_reduce(user, buf, count, dtype, op, stream):
+            obj = me()
+            return -1 if obj is None else obj._on_all_reduce(buf, count, dtype, op)
+
+        def on_reduce_scatter(user, send, recv, count, dtype, op, stream):
+            obj = me()
+            return -1 if obj is None else obj._on_reduce_scatter(send, recv, count, dtype)
+
+        self._all_reduce = N.ALL_REDUCE_FN(on_all_reduce)
+        self._reduce_scatter = N.REDUCE_SCATTER_FN(on_reduce_scatter)
         self.struct = N.Comm(struct_size=ctypes.sizeof(N.Comm), rank=self.rank, size=self.size,
                              all_reduce=self._all_reduce, reduce_scatter=self._reduce_scatter)
 
@@ -77,7 +91,11 @@ class ProcessGroupComm:
         opt._lib.lomo_comm_add(opt.handle, ctypes.byref(self.struct), ctypes.byref(cid))
         return cid.value
 
-    def _on_all_reduce(self, user, buf, count, dtype, op, stream):
+    def release(self) -> None:
+        """Drops the process group (after the optimizer using this communicator was closed)."""
+        self.group = None
+
+    def _on_all_reduce(self, buf, count, dtype, op):
         try:
             t = _view(buf, count, dtype)
             red = self._dist.ReduceOp.SUM if op == N.REDUCE_SUM else self._dist.ReduceOp.MAX
@@ -87,7 +105,7 @@ class ProcessGroupComm:
             self.errors.append(e)
             return -1
 
-    def _on_reduce_scatter(self, user, send, recv, count, dtype, op, stream):
+    def _on_reduce_scatter(self, send, recv, count, dtype):
         try:
             out = _view(recv, count, dtype)
             inp = _view(send, count * self.size, dtype)
@@ -179,9 +197,13 @@ class FlatPartition:
                 p.copy_(out[: p.numel()].view_as(p))
 
     def close(self) -> None:
+        """Removes the hooks, frees the optimizer and lets go of the process group (call it
+        before ``torch.distributed.destroy_process_group``)."""
         for h in self._hooks:
             h.remove()
+        self._hooks = []
         self.opt.close()
+        self.comm.release()
 
 
 def flat_partition(model: torch.nn.Module, process_group: Optional[object] = None,
