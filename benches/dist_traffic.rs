@@ -1,18 +1,21 @@
 //! `cargo bench --bench dist_traffic`: the collectives a distributed step issues, on paper
 //! (issue 11, item 6). A Llama-2-7B-shaped and a LLaMA-65B-shaped model are registered as one
 //! rank's pieces on 8 and 64 simulated ranks, every matrix as pieces of rows (`LOMO_LAYOUT_ROWS`:
-//! FSDP2, column-parallel) or of columns (`LOMO_LAYOUT_COLS`: row-parallel), vectors as ranges,
-//! with a norm group; a counting communicator (`lomo_comm` whose all-reduce counts calls and
+//! FSDP2, column-parallel), of columns (`LOMO_LAYOUT_COLS`: row-parallel) or flat ranges that
+//! cut rows (`LOMO_LAYOUT_FLAT`: DeepSpeed ZeRO-3, FSDP1), vectors as ranges, with a norm group; a counting communicator (`lomo_comm` whose all-reduce counts calls and
 //! bytes and leaves the buffer as it is: no data moves) records what one step hands it — during
-//! the submissions and at each phase end — for AdaLomo and LOMO, with and without a NORM phase
-//! (global-norm clipping). Printed next to the gradient traffic itself: the bytes of the
+//! the submissions and at each phase end — for AdaLomo and LOMO (both non-finite policies), with
+//! and without a NORM phase (global-norm clipping). Printed next to the gradient traffic itself: the bytes of the
 //! gradients that the engine reduce-scatters (bf16) in each backward pass.
 //!
 //! What a step's collectives move does not depend on how many rows (ROWS) or columns (COLS) a
-//! piece holds, only on the other dimension, so each rank's piece is registered as one row (one
-//! column, one element) of the global tensor: the whole 65B model then fits in a few MB. The
-//! run checks that claim: the 7B model on 64 ranks is also registered with rank 1's real share
-//! (torch.chunk's rule, bf16, ~220 MB) and must give the same counts.
+//! piece holds, only on the other dimension (FLAT: on neither), so each rank's piece is
+//! registered as one row (one column, one element) of the global tensor: the whole 65B model then
+//! fits in a few MB. The run checks that claim: the 7B model on 64 ranks is also registered with
+//! rank 1's real share (torch.chunk's rule; FLAT: DeepSpeed's `ceil(numel / 64)` partition;
+//! bf16, ~220 MB) and must give the same counts. The gradient reduce-scatter column is the
+//! engine's (or, with `LOMO_GRAD_REDUCE_SCATTER`, the library's: the same payload, padded to 64
+//! equal partitions).
 //!
 //! Bytes are payloads (elements × size handed to the callback). On a ring, an all-reduce of b
 //! bytes sends 2(N-1)/N·b per rank and a reduce-scatter of b bytes (N-1)/N·b, so the ring ratio
@@ -27,6 +30,7 @@ use lomo::ffi::types::*;
 use lomo::Status;
 
 const BF16: u32 = 2;
+const LAYOUTS: [u32; 3] = [LOMO_LAYOUT_ROWS, LOMO_LAYOUT_COLS, LOMO_LAYOUT_FLAT];
 const NORM: u32 = 0;
 const UPDATE: u32 = 1;
 
@@ -121,6 +125,17 @@ struct Run {
     elements: u64,
 }
 
+/// An optimizer variant: (algorithm, NORM phase, LOMO's per-element non-finite policy).
+type Variant = (u32, bool, bool);
+
+const VARIANTS: [Variant; 5] = [
+    (1, false, false),
+    (1, true, false),
+    (0, false, false),
+    (0, false, true),
+    (0, true, false),
+];
+
 /// Registers rank `rank` of `n` holding `piece`s of every tensor of `model`, sets the norm group
 /// with `dist_flags`, steps once (NORM + UPDATE when `clip`), and returns what the communicator
 /// saw.
@@ -130,8 +145,7 @@ fn run(
     n: u32,
     rank: u32,
     layout: u32,
-    algorithm: u32,
-    clip: bool,
+    (algorithm, clip, per_element): Variant,
     piece: Piece,
     dist_flags: u32,
 ) -> Run {
@@ -146,6 +160,7 @@ fn run(
         if clip {
             cfg.clip_grad_norm = 1.0;
         }
+        cfg.nonfinite_policy = per_element as u32;
         let mut opt = std::ptr::null_mut();
         ok(lomo_optimizer_new(&cfg, &mut opt), "new");
         let comm = lomo_comm {
@@ -170,12 +185,18 @@ fn run(
                 (shape[0], 1)
             };
             let by_cols = layout == LOMO_LAYOUT_COLS && shape.len() >= 2;
-            let units = if by_cols { cols } else { rows };
+            let flat = layout == LOMO_LAYOUT_FLAT;
+            let units = match (flat, by_cols) {
+                (true, _) => rows * cols,
+                (_, true) => cols,
+                _ => rows,
+            };
             let (a, b) = match piece {
                 Piece::Minimal => (rank as i64 % units, rank as i64 % units + 1),
+                // DeepSpeed's partition and torch.chunk's agree on 1-D ranges.
                 Piece::Share => chunk(units, n as i64, rank as i64),
             };
-            let local: Vec<i64> = match (shape.len() >= 2, by_cols) {
+            let local: Vec<i64> = match (shape.len() >= 2 && !flat, by_cols) {
                 (true, true) => vec![rows, b - a],
                 (true, false) => vec![b - a, cols],
                 _ => vec![b - a],
@@ -201,10 +222,10 @@ fn run(
             ok(lomo_param_register(opt, &d, &mut id), "register");
             let s = lomo_shard_desc {
                 struct_size: std::mem::size_of::<lomo_shard_desc>(),
-                layout: if by_cols {
-                    LOMO_LAYOUT_COLS
-                } else {
-                    LOMO_LAYOUT_ROWS
+                layout: match (flat, by_cols) {
+                    (true, _) => LOMO_LAYOUT_FLAT,
+                    (_, true) => LOMO_LAYOUT_COLS,
+                    _ => LOMO_LAYOUT_ROWS,
                 },
                 global_ndim: shape.len() as u32,
                 global_shape: shape.as_ptr(),
@@ -263,22 +284,22 @@ fn main() {
         ("LLaMA-65B", llama(8192, 22016, 80, 32000)),
     ];
     // The claim that piece sizes do not matter, checked on the 7B model, 64 ranks, rank 1.
-    for layout in [LOMO_LAYOUT_ROWS, LOMO_LAYOUT_COLS] {
-        for (algorithm, clip) in [(1, false), (1, true), (0, false), (0, true)] {
+    for layout in LAYOUTS {
+        for v in VARIANTS {
             let m = &models[0].1;
-            let min = run(m, 64, 1, layout, algorithm, clip, Piece::Minimal, 0);
-            let share = run(m, 64, 1, layout, algorithm, clip, Piece::Share, 0);
+            let min = run(m, 64, 1, layout, v, Piece::Minimal, 0);
+            let share = run(m, 64, 1, layout, v, Piece::Share, 0);
             assert_eq!(
                 min.counts, share.counts,
-                "layout {layout} algorithm {algorithm} clip {clip}: a real share moves \
-                 other bytes than a one-row piece"
+                "layout {layout} variant {v:?}: a real share moves other bytes than a one-row \
+                 piece"
             );
             assert!(share.elements > 100_000_000);
         }
     }
     println!(
         "checked: 7B on 64 ranks, rank 1's real share (bf16) issues the same collectives as \
-         a one-row/column piece\n"
+         a one-row/column/element piece\n"
     );
     println!(
         "| model | params | ranks | layout | algorithm | phases | per-submit all-reduces \
@@ -289,9 +310,10 @@ fn main() {
     for (name, model) in &models {
         let params: i64 = model.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
         for n in [8u32, 64] {
-            for layout in [LOMO_LAYOUT_ROWS, LOMO_LAYOUT_COLS] {
-                for (algorithm, clip) in [(1, false), (1, true), (0, false), (0, true)] {
-                    let r = run(model, n, 1, layout, algorithm, clip, Piece::Minimal, 0);
+            for layout in LAYOUTS {
+                for v in VARIANTS {
+                    let (algorithm, clip, per_element) = v;
+                    let r = run(model, n, 1, layout, v, Piece::Minimal, 0);
                     let c = r.counts;
                     let passes = if clip { 2 } else { 1 };
                     let grad_bytes = params as u64 * 2 * passes;
@@ -307,12 +329,16 @@ fn main() {
                         "| {name} | {:.2} B | {n} | {} | {} | {} | {} ({}) | {} ({} B) | {} | \
                          {:.4} % |",
                         params as f64 * 1e-9,
-                        if layout == LOMO_LAYOUT_ROWS {
-                            "ROWS"
-                        } else {
-                            "COLS"
+                        match layout {
+                            LOMO_LAYOUT_ROWS => "ROWS",
+                            LOMO_LAYOUT_COLS => "COLS",
+                            _ => "FLAT",
                         },
-                        if algorithm == 1 { "AdaLomo" } else { "LOMO" },
+                        match (algorithm, per_element) {
+                            (1, _) => "AdaLomo",
+                            (_, false) => "LOMO",
+                            _ => "LOMO per-element",
+                        },
                         if clip { "NORM+UPDATE" } else { "UPDATE" },
                         sub.calls,
                         mib(sub.bytes),
@@ -331,8 +357,7 @@ fn main() {
             8,
             1,
             LOMO_LAYOUT_ROWS,
-            1,
-            true,
+            (1, true, false),
             Piece::Minimal,
             0,
         ),
@@ -341,8 +366,7 @@ fn main() {
             8,
             1,
             LOMO_LAYOUT_ROWS,
-            1,
-            true,
+            (1, true, false),
             Piece::Minimal,
             LOMO_DIST_CHECK,
         ),

@@ -76,8 +76,9 @@
 #define LOMO_LAYOUT_COLS 2
 
 /**
- * A range of the flattened tensor that may cut rows (DeepSpeed ZeRO-3, FSDP1). Not supported
- * yet.
+ * A range `[offset, offset + numel)` of the flattened tensor that may cut rows (DeepSpeed
+ * ZeRO-3, FSDP1), registered as a rank ≤ 1 buffer. AdaLomo keeps the whole tensor's row and
+ * column state on every rank and all-reduces twice per tensor (R + C + 2 doubles, then 1).
  */
 #define LOMO_LAYOUT_FLAT 3
 
@@ -87,12 +88,22 @@
 #define LOMO_GRAD_REDUCED 0
 
 /**
- * The library averages the submitted gradient over `grad_comm`. Not supported yet.
+ * The caller submits its local gradient of the piece; the library copies it into its scratch,
+ * all-reduces it there (SUM, in the gradient's dtype) over `grad_comm` and divides by the group
+ * size: the step uses the average. The caller's buffer is only read. `grad_comm` must be the
+ * group of the replicas of this piece (data parallel: FULL; HSDP: the replicate group), never
+ * `piece_comm` of a piece.
  */
 #define LOMO_GRAD_ALL_REDUCE 1
 
 /**
- * FLAT: the library reduce-scatters the full local gradient to the piece. Not supported yet.
+ * FLAT: the caller submits its local gradient of the whole tensor (`prod(global_shape)`
+ * elements); the library reduce-scatters it (SUM) over `grad_comm` into its scratch and
+ * divides by the group size. The pieces must be DeepSpeed ZeRO-3's partitions of `grad_comm`:
+ * rank r holds `[r·P, min((r+1)·P, numel))` with `P = ceil(numel / size)` (the padding of the
+ * last partitions is the library's: a tensor that does not divide is copied into a zero-padded
+ * scratch first). Needs the communicator's `reduce_scatter`; `piece_comm` = `grad_comm`. The
+ * caller's buffer is only read.
  */
 #define LOMO_GRAD_REDUCE_SCATTER 2
 
@@ -377,17 +388,18 @@ typedef uint32_t lomo_rounding;
 typedef struct lomo_optimizer lomo_optimizer;
 
 /**
- * In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for everything the
- * library reduces so far) at `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the
- * communicator's group; every rank must end with the same bits. CPU parameters: `buf` is host
- * memory, valid only during the call, and `stream` is NULL; reduce before returning. CUDA
- * parameters: `buf` is device memory of the optimizer's device, written by kernels already
- * enqueued on `stream` (the caller's `cudaStream_t` of the library call) and read by kernels
- * enqueued after the callback returns: enqueue the collective on `stream` (e.g. `ncclAllReduce`
- * on it, or torch.distributed under `torch.cuda.ExternalStream(stream)`) and return without
- * waiting; the buffer stays valid for the optimizer's life. The library never synchronizes
- * around the callback, except for the `LOMO_DIST_CHECK` record, which it copies back. Returns 0
- * on success; any other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message
+ * In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for the statistics and
+ * scalar records; the gradient's `LOMO_DTYPE_F32/F16/BF16` with `LOMO_GRAD_ALL_REDUCE`) at
+ * `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the communicator's group;
+ * every rank must end with the same bits. CPU parameters: `buf` is host memory, valid only
+ * during the call, and `stream` is NULL; reduce before returning. CUDA parameters: `buf` is
+ * device memory of the optimizer's device, written by kernels already enqueued on `stream` (the
+ * caller's `cudaStream_t` of the library call) and read by kernels enqueued after the callback
+ * returns: enqueue the collective on `stream` (e.g. `ncclAllReduce` on it, or
+ * torch.distributed under `torch.cuda.ExternalStream(stream)`) and return without waiting; the
+ * buffer stays valid for the optimizer's life. The library never synchronizes around the
+ * callback, except for the `LOMO_DIST_CHECK` record, which it copies back. Returns 0 on
+ * success; any other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message
  * carries it).
  */
 typedef int32_t (*lomo_all_reduce_fn)(void *user,
@@ -398,8 +410,10 @@ typedef int32_t (*lomo_all_reduce_fn)(void *user,
                                       void *stream);
 
 /**
- * Reduce-scatter of `count_per_rank × size` elements at `send` into `count_per_rank` at `recv`.
- * Optional; not called yet.
+ * Reduce-scatter (SUM) of `count_per_rank × size` elements of `dtype` at `send` into this rank's
+ * `count_per_rank` at `recv` (block `rank`), host memory valid during the call, `stream` NULL
+ * for CPU parameters. Optional: needed by `LOMO_GRAD_REDUCE_SCATTER` only. 0 = success; any
+ * other value is `LOMO_STATUS_COMM_ERROR`.
  */
 typedef int32_t (*lomo_reduce_scatter_fn)(void *user,
                                           const void *send,
@@ -411,7 +425,7 @@ typedef int32_t (*lomo_reduce_scatter_fn)(void *user,
 
 /**
  * All-gather of `count_per_rank` elements from every rank into `recv` (rank order). Optional;
- * not called yet.
+ * not called by this version.
  */
 typedef int32_t (*lomo_all_gather_fn)(void *user,
                                       const void *send,
@@ -472,32 +486,34 @@ typedef struct lomo_shard_desc {
    */
   size_t struct_size;
   /**
-   * `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS` or `LOMO_LAYOUT_COLS` (FLAT: not supported yet).
+   * `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS`, `LOMO_LAYOUT_COLS` or `LOMO_LAYOUT_FLAT`.
    */
   uint32_t layout;
   /**
    * The global tensor's shape (host memory, read during the call): ROWS needs the registered
    * shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements; COLS
-   * needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`).
+   * needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`); FLAT any shape, the
+   * piece registered with rank ≤ 1.
    */
   uint32_t global_ndim;
   const int64_t *global_shape;
   /**
    * ROWS: the piece's first row in the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: first
-   * element); COLS: its first column; FULL: 0.
+   * element); COLS: its first column; FLAT: its first element; FULL: 0.
    */
   int64_t offset;
   /**
-   * Communicator of the ranks holding the pieces of this tensor (ROWS, COLS;
+   * Communicator of the ranks holding the pieces of this tensor (ROWS, COLS, FLAT;
    * `LOMO_COMM_NONE` only when the piece is the whole tensor).
    */
   uint32_t piece_comm;
   /**
-   * `LOMO_GRAD_REDUCED` (the other modes are not supported yet).
+   * `LOMO_GRAD_REDUCED`, `LOMO_GRAD_ALL_REDUCE` or `LOMO_GRAD_REDUCE_SCATTER` (FLAT).
    */
   uint32_t grad_mode;
   /**
-   * `LOMO_COMM_NONE` (for the gradient modes not supported yet).
+   * The group the library reduces the gradient over (`LOMO_COMM_NONE` with
+   * `LOMO_GRAD_REDUCED`).
    */
   uint32_t grad_comm;
   /**
@@ -589,8 +605,11 @@ typedef struct lomo_config {
    * every element whose gradient is finite is updated, the others keep their value. Either
    * way no non-finite value is written and the tensor counts in `grads_nonfinite` (the step
    * reports `overflow`). CPU parameters only (registering a CUDA parameter is refused with
-   * `LOMO_STATUS_UNSUPPORTED`); a piece of a distributed tensor keeps the per-tensor check;
-   * AdaLomo is not affected. Added after `seed`: a caller built against a header without
+   * `LOMO_STATUS_UNSUPPORTED`). On a piece of a distributed tensor without a NORM phase the
+   * per-tensor policy all-reduces one non-finite flag per piece before writing (a tensor is
+   * written all or nothing, so the ranks must agree first); the per-element policy needs no
+   * per-tensor collective (the count rides in the phase-end record; `grads_nonfinite` then
+   * counts the pieces of every rank). AdaLomo is not affected. Added after `seed`: a caller built against a header without
    * this field passes the older `struct_size` and gets the default.
    */
   uint32_t nonfinite_policy;
@@ -945,14 +964,27 @@ lomo_status lomo_comm_add(struct lomo_optimizer *opt,
  * rank must submit the same parameters in the same order from one thread, and call
  * `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
  * statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
- * columns: R + 2 doubles, then 1 more after a second read of the gradient), LOMO its non-finite
- * flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
+ * columns: R + 2 doubles, then 1 more after a second read of the gradient; flat: R + C + 2,
+ * then 1 more after re-reading the ≤ 2 cut rows), LOMO its non-finite flag when no NORM phase
+ * checked the gradient and the policy is `LOMO_NONFINITE_PER_TENSOR`. With
+ * `LOMO_GRAD_ALL_REDUCE` / `LOMO_GRAD_REDUCE_SCATTER` the gradient is reduced over `grad_comm`
+ * first, in every phase (a NORM phase doubles the gradient traffic). The library's gradient
+ * scratch (one, shared by the parameters, locked for a submission) is sized here for the
+ * largest such parameter: its piece, plus a padded copy of the whole tensor when a
+ * REDUCE_SCATTER tensor does not divide evenly. Refused before anything changes
+ * (`LOMO_STATUS_INVALID_ARGUMENT`): REDUCE_SCATTER without FLAT, without `grad_comm`, on a
+ * communicator without `reduce_scatter`, or on a piece that is not the partition of its rank;
+ * ALL_REDUCE over `piece_comm`; a flat piece registered with rank ≥ 2 or turned into another
+ * layout. Results equal one rank holding the whole tensor
  * (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
  * by the global element index. Set the norm group with
  * `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CUDA
- * parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` (the statistics record is device
- * memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS` is `LOMO_STATUS_UNSUPPORTED`); the
- * call allocates the piece's device record and synchronizes. `opt` and `desc` must not be NULL.
+ * parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` with `LOMO_GRAD_REDUCED` (the
+ * statistics record is device memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS`,
+ * `LOMO_LAYOUT_FLAT` and the library's gradient modes are `LOMO_STATUS_UNSUPPORTED`); the call
+ * allocates the piece's device record and synchronizes. A flat piece's AdaLomo state becomes
+ * the whole tensor's `[R]` and `[C]` vectors (zeroed; checkpoints save them as `<name>.row`,
+ * `<name>.col`). `opt` and `desc` must not be NULL.
  *
  * # Safety
  * If `opt` or `desc` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must
@@ -1102,7 +1134,8 @@ lomo_status lomo_step_begin(struct lomo_optimizer *opt, uint32_t phase, float lr
  *
  * `grad` points to the parameter's number of elements of `grad_dtype` (any of f32/f16/bf16,
  * independent of the parameter's dtype), contiguous and aligned, in the parameter's memory
- * (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
+ * (host for CPU parameters); for a piece in `LOMO_GRAD_REDUCE_SCATTER` mode, the whole
+ * tensor's (`prod(global_shape)`, see `lomo_param_set_shard`). The gradient is that of the loss multiplied by `lomo_loss_scale`;
  * the library unscales it. On the CPU the parameter is updated before the call returns and
  * `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
  * is never applied: it is reported through `lomo_step_info` (not as an error). Nor does the
@@ -1114,7 +1147,9 @@ lomo_status lomo_step_begin(struct lomo_optimizer *opt, uint32_t phase, float lr
  * is checked with the driver as the parameter is at `lomo_param_register` (host-side, legal
  * during graph capture) and refused, with nothing enqueued, if the device could not read it.
  *
- * Thread-safe: several threads may submit different parameters at once.
+ * Thread-safe: several threads may submit different parameters at once (parameters that issue
+ * collectives — pieces, library-reduced gradients — must be submitted from one thread in the
+ * same order on every rank; the gradient scratch is locked for one submission at a time).
  *
  * # Safety
  * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
@@ -1135,8 +1170,8 @@ lomo_status lomo_grad_submit(struct lomo_optimizer *opt,
  * refused instead of read past its end (the form every binding and the C++ wrapper use).
  *
  * `grad_count` is the number of `grad_dtype` elements the caller's buffer holds (as NCCL's
- * `count`); it must equal the parameter's element count (the product of its registered shape),
- * else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
+ * `count`); it must equal the parameter's element count (the product of its registered shape;
+ * with `LOMO_GRAD_REDUCE_SCATTER` the whole tensor's), else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
  * the parameter still expecting its gradient in this phase. Everything else — phases, NULL,
  * host or device memory, stream ordering, thread safety — is as for `lomo_grad_submit`.
  *

@@ -100,8 +100,10 @@ impl TryFrom<u32> for Rounding {
 ///   finite; an element whose gradient is ±inf or NaN keeps its old value. No non-finite value
 ///   is ever written either way, and the tensor still counts as non-finite in the step
 ///   (`grads_nonfinite`, `overflow`, the dynamic loss scale backs off), but the tensor's other
-///   elements did change. CPU backend, whole tensors; a piece of a distributed tensor and CUDA
-///   parameters keep the per-tensor check (CUDA refuses the policy at registration). AdaLomo
+///   elements did change. CPU backend, whole tensors and pieces of distributed tensors (a piece
+///   then needs no per-tensor agreement with the other ranks: one record per phase end; each
+///   rank counts its own non-finite pieces); CUDA parameters keep the per-tensor check (CUDA
+///   refuses the policy at registration). AdaLomo
 ///   needs the whole gradient's statistics before any element changes, so the policy does not
 ///   apply to it.
 #[repr(u32)]

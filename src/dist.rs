@@ -9,10 +9,11 @@
 //! Supported today: pieces laid out as the whole tensor ([`Layout::Full`], optionally
 //! `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]), shape[-1]]` view
 //! ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) — on the CPU and CUDA
-//! backends — or a range of its columns ([`Layout::Cols`]: row-parallel weights; CPU only), with
-//! already reduced gradients ([`GradMode::Reduced`]). On CUDA the records handed to the callback
-//! are device memory, reduced on the caller's stream. Flat pieces and gradient reduction by the
-//! library are refused with `LOMO_STATUS_UNSUPPORTED`.
+//! backends — a range of its columns ([`Layout::Cols`]: row-parallel weights) or a flat range
+//! that cuts rows ([`Layout::Flat`]: DeepSpeed ZeRO-3, FSDP1) — CPU only; gradients already
+//! reduced by the caller ([`GradMode::Reduced`]) or, CPU only, averaged by the library on its
+//! scratch ([`GradMode::AllReduce`], [`GradMode::ReduceScatter`], `optimizer::grad`). On CUDA
+//! the records handed to the callback are device memory, reduced on the caller's stream.
 
 use std::ffi::c_void;
 
@@ -91,6 +92,89 @@ impl Comm {
             all_gather,
             destroy,
         })
+    }
+
+    /// All-reduces `count` elements of dtype code `dtype` at `buf` in place (SUM) over the group,
+    /// on the host (stream NULL): a gradient the library averages.
+    ///
+    /// # Safety
+    /// `buf` holds `count` writable elements of `dtype` that nothing else uses during the call.
+    pub unsafe fn all_reduce_grad(
+        &self,
+        buf: *mut c_void,
+        count: usize,
+        dtype: u32,
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: the caller's callback with the documented contract; `buf` holds `count`
+        // writable elements of `dtype` (the library's scratch) that live through the call.
+        let rc = unsafe {
+            (self.all_reduce)(
+                self.user as *mut c_void,
+                buf,
+                count,
+                dtype,
+                REDUCE_SUM,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                CommError,
+                "the all_reduce callback failed with code {rc} on the gradient of {what} ({count} \
+                 elements; rank {} of {}); nothing was changed by this call",
+                self.rank,
+                self.size
+            );
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters (SUM) `count_per_rank × size` elements at `send` into `count_per_rank`
+    /// at `recv` (this rank's partition), on the host. `Unsupported` without the callback.
+    ///
+    /// # Safety
+    /// `send` holds `count_per_rank × size` readable elements of `dtype`, `recv`
+    /// `count_per_rank` writable ones, not overlapping, unused by anything else meanwhile.
+    pub unsafe fn reduce_scatter_grad(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count_per_rank: usize,
+        dtype: u32,
+        what: &str,
+    ) -> Result<()> {
+        let Some(rs) = self.reduce_scatter else {
+            bail!(
+                Unsupported,
+                "the communicator of {what} has no reduce_scatter callback"
+            );
+        };
+        // SAFETY: the caller's callback with the documented contract; `send` holds
+        // `count_per_rank × size` readable elements and `recv` `count_per_rank` writable ones,
+        // both alive through the call.
+        let rc = unsafe {
+            rs(
+                self.user as *mut c_void,
+                send,
+                recv,
+                count_per_rank,
+                dtype,
+                REDUCE_SUM,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                CommError,
+                "the reduce_scatter callback failed with code {rc} on the gradient of {what} \
+                 ({count_per_rank} elements per rank; rank {} of {}); nothing was changed by this \
+                 call",
+                self.rank,
+                self.size
+            );
+        }
+        Ok(())
     }
 
     /// All-reduces `buf` in place over the group (`op` `LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), on
@@ -186,13 +270,18 @@ pub struct Shard {
     pub global_numel: usize,
     pub global_rows: usize,
     pub global_cols: usize,
-    /// Global index of the piece's first element (ROWS; stochastic rounding draws by it), or
-    /// its first column (COLS).
+    /// Global index of the piece's first element (ROWS, FLAT; stochastic rounding draws by
+    /// it), or its first column (COLS).
     pub elem_offset: u64,
     /// The communicator of the ranks that hold the other pieces (None: nothing to reduce).
     pub piece_comm: Option<u32>,
     /// Σg² of this piece is counted on another rank.
     pub norm_duplicate: bool,
+    /// What `lomo_grad_submit` receives, and the group the library reduces it over.
+    pub grad_mode: GradMode,
+    pub grad_comm: Option<u32>,
+    /// `REDUCE_SCATTER`: elements per rank of the padded partition, `ceil(numel / size)`.
+    pub part: usize,
 }
 
 /// The optimizer's distributed setup: communicators and the group that agrees on the scalars.
@@ -205,6 +294,50 @@ pub struct Dist {
     pub check: bool,
     /// Configuration fingerprint for the check (formed at `lomo_dist_set`).
     pub fingerprint: u64,
+    /// Where gradients reduced by the library land (`LOMO_GRAD_ALL_REDUCE`,
+    /// `LOMO_GRAD_REDUCE_SCATTER`): sized at `lomo_param_set_shard`, shared by the parameters.
+    pub scratch: GradScratch,
+}
+
+/// The library's gradient buffers: `recv` receives the reduced gradient (the all-reduced copy of
+/// a piece, or this rank's partition of a reduce-scatter), `send` holds a zero-padded copy of a
+/// full gradient whose tensor does not divide into equal partitions. f32 words (any gradient
+/// dtype fits), sized for the largest parameter at `lomo_param_set_shard`, so steps allocate
+/// nothing; locked for the duration of one submission.
+#[derive(Debug, Default)]
+pub struct GradScratch {
+    pub bufs: parking_lot::Mutex<(Vec<f32>, Vec<f32>)>,
+    /// Bytes held, readable while a submission holds the lock.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl GradScratch {
+    /// Grows the buffers to at least `send` and `recv` f32 words (`OutOfMemory`: unchanged).
+    pub fn reserve(&self, send: usize, recv: usize) -> Result<()> {
+        let mut b = self.bufs.lock();
+        let grow = |v: &Vec<f32>, n: usize| -> Result<Option<Vec<f32>>> {
+            Ok(if n > v.len() {
+                Some(crate::alloc::zeros(n, "the gradient scratch")?)
+            } else {
+                None
+            })
+        };
+        let (s, r) = (grow(&b.0, send)?, grow(&b.1, recv)?);
+        if let Some(s) = s {
+            b.0 = s;
+        }
+        if let Some(r) = r {
+            b.1 = r;
+        }
+        let bytes = 4 * (b.0.len() + b.1.len());
+        self.held.store(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes held (without waiting for a submission that holds the buffers).
+    pub fn bytes(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Dist {

@@ -94,6 +94,15 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
         };
         add(&mut stats, p.device, &m);
     }
+    // The gradient scratch of LOMO_GRAD_ALL_REDUCE / REDUCE_SCATTER pieces (CPU only).
+    let scratch = opt.dist.scratch.bytes() as u64;
+    if scratch > 0 {
+        let m = DeviceMemory {
+            workspace_bytes: scratch,
+            ..DeviceMemory::default()
+        };
+        add(&mut stats, Device::Cpu, &m);
+    }
     if let (Some(side), Some(p)) = (opt.cuda(), opt.params().first()) {
         let records = DeviceMemory {
             workspace_bytes: side.records_bytes(),

@@ -123,13 +123,14 @@ fn tensor_with<B: Backend>(
         TensorPass::Norm => return b.norm(t, g).map(|_| true),
         TensorPass::Update(u) => u,
     };
-    let whole = matches!(red, Reducer::Comm(None));
     match algorithm {
         Algorithm::Lomo => {
-            // The per-element policy skips the pre-check (one pass) for a whole tensor; a
-            // piece still agrees with the other ranks on one non-finite count.
-            let one_pass = u.per_element && whole;
-            if !(u.prechecked || one_pass) {
+            // The per-element policy skips the pre-check (one pass): an element's update
+            // depends on that element alone, so a piece needs no agreement before writing (its
+            // non-finite count rides in the phase record). The per-tensor policy leaves a
+            // tensor untouched when any element is not finite, so without a NORM phase the
+            // ranks holding its pieces agree on one non-finite count before anyone writes.
+            if !(u.prechecked || u.per_element) {
                 b.check_finite(t, g)?;
                 if !reduce_tensor_stats(b, t, red)? {
                     return Ok(false);

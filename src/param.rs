@@ -229,21 +229,35 @@ impl Param {
     /// Checks a gradient's element count, as the caller states it, against this parameter's
     /// (`lomo_grad_submit_checked`): a buffer of another extent is refused before it is read.
     pub fn check_grad_count(&self, count: u64) -> Result<()> {
-        if count != self.numel() as u64 {
+        if count != self.grad_numel() as u64 {
             bail!(
                 InvalidArgument,
-                "gradient for '{}' has {count} elements, but the parameter has {} (shape {:?})",
+                "gradient for '{}' has {count} elements, but {} are expected (shape {:?}{})",
                 self.name,
-                self.numel(),
-                self.shape
+                self.grad_numel(),
+                self.shape,
+                if self.grad_numel() != self.numel() {
+                    "; LOMO_GRAD_REDUCE_SCATTER takes the gradient of the whole tensor"
+                } else {
+                    ""
+                }
             );
         }
         Ok(())
     }
 
+    /// Elements of the gradient `lomo_grad_submit` takes: the whole tensor's with
+    /// `LOMO_GRAD_REDUCE_SCATTER`, else the parameter's.
+    pub fn grad_numel(&self) -> usize {
+        match self.shard {
+            Some(s) if s.grad_mode == crate::dist::GradMode::ReduceScatter => s.global_numel,
+            _ => self.numel(),
+        }
+    }
+
     /// A gradient buffer for this parameter at `addr` with `dtype`.
     pub fn grad_buf(&self, addr: usize, dtype: DType) -> Result<RawBuf> {
-        if addr == 0 && self.numel() > 0 {
+        if addr == 0 && self.grad_numel() > 0 {
             bail!(NullArgument, "gradient for '{}' is NULL", self.name);
         }
         if addr % dtype.size() != 0 {
@@ -257,7 +271,7 @@ impl Param {
         Ok(RawBuf {
             addr,
             dtype,
-            numel: self.numel(),
+            numel: self.grad_numel(),
         })
     }
 }

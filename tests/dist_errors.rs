@@ -250,13 +250,14 @@ fn bad_shards_and_comms_are_refused() {
         lomo::Status::InvalidArgument,
         "columns",
     );
+    // A flat piece is registered with rank <= 1.
     refused(
         LOMO_LAYOUT_FLAT,
         &[70],
         0,
         comm,
-        lomo::Status::Unsupported,
-        "not supported yet",
+        lomo::Status::InvalidArgument,
+        "FLAT",
     );
     refused(9, &[7, 5], 0, comm, lomo::Status::InvalidArgument, "layout");
     let e = dist_set(&opt, 4, 0).unwrap_err();

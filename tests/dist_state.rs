@@ -1,7 +1,8 @@
 //! Checkpoints of a distributed run, threads as ranks through the C ABI: every rank serializes
 //! its own state midway (`lomo_state_serialize`), fresh optimizers with the same pieces load it
 //! (`lomo_state_deserialize`) and continue — bit for bit the parameters of the straight run, for
-//! LOMO and AdaLomo on pieces of rows and of columns, with dynamic loss scaling.
+//! LOMO and AdaLomo on pieces of rows, of columns and flat pieces (whose AdaLomo state is the
+//! whole tensor's row and column vectors), with dynamic loss scaling.
 
 mod common;
 
@@ -29,18 +30,26 @@ fn rank_opt(
     let comm = add_comm(&opt, group, r);
     let (rows, cols) = (SHAPE[0] as usize, SHAPE[1] as usize);
     let units = if c.cols { cols } else { rows };
-    let (a, b) = split(units, RANKS, r);
-    let m_idx: Vec<usize> = if c.cols {
+    let (a, b) = if c.flat {
+        flat_split(rows * cols, RANKS, r)
+    } else {
+        split(units, RANKS, r)
+    };
+    let m_idx: Vec<usize> = if c.flat {
+        (a..b).collect()
+    } else if c.cols {
         (0..rows)
             .flat_map(|i| (a..b).map(move |j| i * cols + j))
             .collect()
     } else {
         (a * cols..b * cols).collect()
     };
-    let m_local = if c.cols {
-        [rows as i64, (b - a) as i64]
+    let m_local = if c.flat {
+        vec![(b - a) as i64]
+    } else if c.cols {
+        vec![rows as i64, (b - a) as i64]
     } else {
-        [(b - a) as i64, cols as i64]
+        vec![(b - a) as i64, cols as i64]
     };
     let (va, vb) = split(VEC, RANKS, r);
     let v_idx: Vec<usize> = (va..vb).collect();
@@ -68,7 +77,9 @@ fn rank_opt(
             0,
         )
         .unwrap();
-    let layout = if c.cols {
+    let layout = if c.flat {
+        LOMO_LAYOUT_FLAT
+    } else if c.cols {
         LOMO_LAYOUT_COLS
     } else {
         LOMO_LAYOUT_ROWS
@@ -128,22 +139,27 @@ fn on_ranks<T: Send>(f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 
 #[test]
 fn a_resumed_distributed_run_equals_the_straight_run() {
-    resumed_equals_straight(LOMO_DEVICE_CPU, &[false, true]);
+    resumed_equals_straight(
+        LOMO_DEVICE_CPU,
+        &[(false, false), (true, false), (false, true)],
+    );
 }
 
-/// The same on the emulated CUDA backend (row pieces: columns are CPU only).
+/// The same on the emulated CUDA backend (row pieces: columns and flat pieces are CPU only).
 #[cfg(feature = "cuda-emulation")]
 #[test]
 fn a_resumed_distributed_cuda_run_equals_the_straight_run() {
     std::env::set_var("LOMO_CUDA_EMULATE", "1");
-    resumed_equals_straight(0, &[false]);
+    resumed_equals_straight(0, &[(false, false)]);
 }
 
-fn resumed_equals_straight(device: i32, layouts: &[bool]) {
+/// `layouts`: (columns, flat) pieces.
+fn resumed_equals_straight(device: i32, layouts: &[(bool, bool)]) {
     for algorithm in [0, 1] {
-        for &cols in layouts {
+        for &(cols, flat) in layouts {
             let c = Case {
                 cols,
+                flat,
                 dynamic: true,
                 dtype: BF16,
                 stochastic: true,
@@ -190,7 +206,8 @@ fn resumed_equals_straight(device: i32, layouts: &[bool]) {
                     let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(
                         same,
-                        "algorithm {algorithm} cols {cols} rank {r} tensor {i}: {a:?} vs {b:?}"
+                        "algorithm {algorithm} cols {cols} flat {flat} rank {r} tensor {i}: {a:?} \
+                         vs {b:?}"
                     );
                 }
             }

@@ -87,8 +87,8 @@ pub struct TensorUpdate {
     /// finds out (AdaLomo).
     pub prechecked: bool,
     /// LOMO, `NonFinitePolicy::PerElement`: without a pre-check, the update pass writes every
-    /// element whose gradient is finite and reports the tensor non-finite if one was not (CPU,
-    /// whole tensors only: the core keeps the pre-check for pieces).
+    /// element whose gradient is finite and reports the tensor non-finite if one was not (CPU;
+    /// pieces too: nothing to agree on per tensor, the count rides in the phase record).
     pub per_element: bool,
     /// AdaLomo: carry Σp² of the written values to the next step (`PARAM_FLAG_CARRY_RMS`).
     pub carry: bool,

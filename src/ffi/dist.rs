@@ -28,15 +28,26 @@ pub const LOMO_LAYOUT_FULL: u32 = 0;
 pub const LOMO_LAYOUT_ROWS: u32 = 1;
 /// A range of columns of that view (row-parallel weights); rank ≥ 2, every row.
 pub const LOMO_LAYOUT_COLS: u32 = 2;
-/// A range of the flattened tensor that may cut rows (DeepSpeed ZeRO-3, FSDP1). Not supported
-/// yet.
+/// A range `[offset, offset + numel)` of the flattened tensor that may cut rows (DeepSpeed
+/// ZeRO-3, FSDP1), registered as a rank ≤ 1 buffer. AdaLomo keeps the whole tensor's row and
+/// column state on every rank and all-reduces twice per tensor (R + C + 2 doubles, then 1).
 pub const LOMO_LAYOUT_FLAT: u32 = 3;
 
 /// `lomo_shard_desc.grad_mode`: the caller submits the already reduced gradient of its piece.
 pub const LOMO_GRAD_REDUCED: u32 = 0;
-/// The library averages the submitted gradient over `grad_comm`. Not supported yet.
+/// The caller submits its local gradient of the piece; the library copies it into its scratch,
+/// all-reduces it there (SUM, in the gradient's dtype) over `grad_comm` and divides by the group
+/// size: the step uses the average. The caller's buffer is only read. `grad_comm` must be the
+/// group of the replicas of this piece (data parallel: FULL; HSDP: the replicate group), never
+/// `piece_comm` of a piece.
 pub const LOMO_GRAD_ALL_REDUCE: u32 = 1;
-/// FLAT: the library reduce-scatters the full local gradient to the piece. Not supported yet.
+/// FLAT: the caller submits its local gradient of the whole tensor (`prod(global_shape)`
+/// elements); the library reduce-scatters it (SUM) over `grad_comm` into its scratch and
+/// divides by the group size. The pieces must be DeepSpeed ZeRO-3's partitions of `grad_comm`:
+/// rank r holds `[r·P, min((r+1)·P, numel))` with `P = ceil(numel / size)` (the padding of the
+/// last partitions is the library's: a tensor that does not divide is copied into a zero-padded
+/// scratch first). Needs the communicator's `reduce_scatter`; `piece_comm` = `grad_comm`. The
+/// caller's buffer is only read.
 pub const LOMO_GRAD_REDUCE_SCATTER: u32 = 2;
 
 /// `lomo_shard_desc.flags`: another rank counts this replica's Σg² (e.g. a norm weight
@@ -48,17 +59,18 @@ pub const LOMO_SHARD_NORM_DUPLICATE: u32 = 1;
 /// disagreement is `LOMO_STATUS_DIST_MISMATCH` on every rank instead of a hang or divergence.
 pub const LOMO_DIST_CHECK: u32 = 1;
 
-/// In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for everything the
-/// library reduces so far) at `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the
-/// communicator's group; every rank must end with the same bits. CPU parameters: `buf` is host
-/// memory, valid only during the call, and `stream` is NULL; reduce before returning. CUDA
-/// parameters: `buf` is device memory of the optimizer's device, written by kernels already
-/// enqueued on `stream` (the caller's `cudaStream_t` of the library call) and read by kernels
-/// enqueued after the callback returns: enqueue the collective on `stream` (e.g. `ncclAllReduce`
-/// on it, or torch.distributed under `torch.cuda.ExternalStream(stream)`) and return without
-/// waiting; the buffer stays valid for the optimizer's life. The library never synchronizes
-/// around the callback, except for the `LOMO_DIST_CHECK` record, which it copies back. Returns 0
-/// on success; any other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message
+/// In-place all-reduce of `count` elements of `dtype` (`LOMO_DTYPE_F64` for the statistics and
+/// scalar records; the gradient's `LOMO_DTYPE_F32/F16/BF16` with `LOMO_GRAD_ALL_REDUCE`) at
+/// `buf`, with `op` (`LOMO_REDUCE_SUM` or `LOMO_REDUCE_MAX`), over the communicator's group;
+/// every rank must end with the same bits. CPU parameters: `buf` is host memory, valid only
+/// during the call, and `stream` is NULL; reduce before returning. CUDA parameters: `buf` is
+/// device memory of the optimizer's device, written by kernels already enqueued on `stream` (the
+/// caller's `cudaStream_t` of the library call) and read by kernels enqueued after the callback
+/// returns: enqueue the collective on `stream` (e.g. `ncclAllReduce` on it, or
+/// torch.distributed under `torch.cuda.ExternalStream(stream)`) and return without waiting; the
+/// buffer stays valid for the optimizer's life. The library never synchronizes around the
+/// callback, except for the `LOMO_DIST_CHECK` record, which it copies back. Returns 0 on
+/// success; any other value fails the library call with `LOMO_STATUS_COMM_ERROR` (the message
 /// carries it).
 pub type lomo_all_reduce_fn = Option<
     unsafe extern "C" fn(
@@ -70,8 +82,10 @@ pub type lomo_all_reduce_fn = Option<
         stream: *mut c_void,
     ) -> i32,
 >;
-/// Reduce-scatter of `count_per_rank × size` elements at `send` into `count_per_rank` at `recv`.
-/// Optional; not called yet.
+/// Reduce-scatter (SUM) of `count_per_rank × size` elements of `dtype` at `send` into this rank's
+/// `count_per_rank` at `recv` (block `rank`), host memory valid during the call, `stream` NULL
+/// for CPU parameters. Optional: needed by `LOMO_GRAD_REDUCE_SCATTER` only. 0 = success; any
+/// other value is `LOMO_STATUS_COMM_ERROR`.
 pub type lomo_reduce_scatter_fn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -84,7 +98,7 @@ pub type lomo_reduce_scatter_fn = Option<
     ) -> i32,
 >;
 /// All-gather of `count_per_rank` elements from every rank into `recv` (rank order). Optional;
-/// not called yet.
+/// not called by this version.
 pub type lomo_all_gather_fn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -128,22 +142,24 @@ pub struct lomo_comm {
 pub struct lomo_shard_desc {
     /// `sizeof(lomo_shard_desc)`.
     pub struct_size: usize,
-    /// `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS` or `LOMO_LAYOUT_COLS` (FLAT: not supported yet).
+    /// `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS`, `LOMO_LAYOUT_COLS` or `LOMO_LAYOUT_FLAT`.
     pub layout: u32,
     /// The global tensor's shape (host memory, read during the call): ROWS needs the registered
     /// shape's rank and last dimension (rank ≥ 2), or rank ≤ 1 for a range of elements; COLS
-    /// needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`).
+    /// needs rank ≥ 2 and the same rows of the view (`prod(shape[:-1])`); FLAT any shape, the
+    /// piece registered with rank ≤ 1.
     pub global_ndim: u32,
     pub global_shape: *const i64,
     /// ROWS: the piece's first row in the `[prod(shape[:-1]), shape[-1]]` view (rank ≤ 1: first
-    /// element); COLS: its first column; FULL: 0.
+    /// element); COLS: its first column; FLAT: its first element; FULL: 0.
     pub offset: i64,
-    /// Communicator of the ranks holding the pieces of this tensor (ROWS, COLS;
+    /// Communicator of the ranks holding the pieces of this tensor (ROWS, COLS, FLAT;
     /// `LOMO_COMM_NONE` only when the piece is the whole tensor).
     pub piece_comm: u32,
-    /// `LOMO_GRAD_REDUCED` (the other modes are not supported yet).
+    /// `LOMO_GRAD_REDUCED`, `LOMO_GRAD_ALL_REDUCE` or `LOMO_GRAD_REDUCE_SCATTER` (FLAT).
     pub grad_mode: u32,
-    /// `LOMO_COMM_NONE` (for the gradient modes not supported yet).
+    /// The group the library reduces the gradient over (`LOMO_COMM_NONE` with
+    /// `LOMO_GRAD_REDUCED`).
     pub grad_comm: u32,
     /// 0 or `LOMO_SHARD_NORM_DUPLICATE`.
     pub flags: u32,
@@ -216,14 +232,27 @@ pub unsafe extern "C" fn lomo_comm_add(
 /// rank must submit the same parameters in the same order from one thread, and call
 /// `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
 /// statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
-/// columns: R + 2 doubles, then 1 more after a second read of the gradient), LOMO its non-finite
-/// flag when no NORM phase checked the gradient. Results equal one rank holding the whole tensor
+/// columns: R + 2 doubles, then 1 more after a second read of the gradient; flat: R + C + 2,
+/// then 1 more after re-reading the ≤ 2 cut rows), LOMO its non-finite flag when no NORM phase
+/// checked the gradient and the policy is `LOMO_NONFINITE_PER_TENSOR`. With
+/// `LOMO_GRAD_ALL_REDUCE` / `LOMO_GRAD_REDUCE_SCATTER` the gradient is reduced over `grad_comm`
+/// first, in every phase (a NORM phase doubles the gradient traffic). The library's gradient
+/// scratch (one, shared by the parameters, locked for a submission) is sized here for the
+/// largest such parameter: its piece, plus a padded copy of the whole tensor when a
+/// REDUCE_SCATTER tensor does not divide evenly. Refused before anything changes
+/// (`LOMO_STATUS_INVALID_ARGUMENT`): REDUCE_SCATTER without FLAT, without `grad_comm`, on a
+/// communicator without `reduce_scatter`, or on a piece that is not the partition of its rank;
+/// ALL_REDUCE over `piece_comm`; a flat piece registered with rank ≥ 2 or turned into another
+/// layout. Results equal one rank holding the whole tensor
 /// (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
 /// by the global element index. Set the norm group with
 /// `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CUDA
-/// parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` (the statistics record is device
-/// memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS` is `LOMO_STATUS_UNSUPPORTED`); the
-/// call allocates the piece's device record and synchronizes. `opt` and `desc` must not be NULL.
+/// parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` with `LOMO_GRAD_REDUCED` (the
+/// statistics record is device memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS`,
+/// `LOMO_LAYOUT_FLAT` and the library's gradient modes are `LOMO_STATUS_UNSUPPORTED`); the call
+/// allocates the piece's device record and synchronizes. A flat piece's AdaLomo state becomes
+/// the whole tensor's `[R]` and `[C]` vectors (zeroed; checkpoints save them as `<name>.row`,
+/// `<name>.col`). `opt` and `desc` must not be NULL.
 ///
 /// # Safety
 /// If `opt` or `desc` is NULL the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must

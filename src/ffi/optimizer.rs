@@ -254,7 +254,8 @@ pub unsafe extern "C" fn lomo_step_begin(
 ///
 /// `grad` points to the parameter's number of elements of `grad_dtype` (any of f32/f16/bf16,
 /// independent of the parameter's dtype), contiguous and aligned, in the parameter's memory
-/// (host for CPU parameters). The gradient is that of the loss multiplied by `lomo_loss_scale`;
+/// (host for CPU parameters); for a piece in `LOMO_GRAD_REDUCE_SCATTER` mode, the whole
+/// tensor's (`prod(global_shape)`, see `lomo_param_set_shard`). The gradient is that of the loss multiplied by `lomo_loss_scale`;
 /// the library unscales it. On the CPU the parameter is updated before the call returns and
 /// `grad` may be reused at once; on CUDA the work is ordered on `stream`. A non-finite gradient
 /// is never applied: it is reported through `lomo_step_info` (not as an error). Nor does the
@@ -266,7 +267,9 @@ pub unsafe extern "C" fn lomo_step_begin(
 /// is checked with the driver as the parameter is at `lomo_param_register` (host-side, legal
 /// during graph capture) and refused, with nothing enqueued, if the device could not read it.
 ///
-/// Thread-safe: several threads may submit different parameters at once.
+/// Thread-safe: several threads may submit different parameters at once (parameters that issue
+/// collectives — pieces, library-reduced gradients — must be submitted from one thread in the
+/// same order on every rank; the gradient scratch is locked for one submission at a time).
 ///
 /// # Safety
 /// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
@@ -297,8 +300,8 @@ pub unsafe extern "C" fn lomo_grad_submit(
 /// refused instead of read past its end (the form every binding and the C++ wrapper use).
 ///
 /// `grad_count` is the number of `grad_dtype` elements the caller's buffer holds (as NCCL's
-/// `count`); it must equal the parameter's element count (the product of its registered shape),
-/// else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
+/// `count`); it must equal the parameter's element count (the product of its registered shape;
+/// with `LOMO_GRAD_REDUCE_SCATTER` the whole tensor's), else the call returns `LOMO_STATUS_INVALID_ARGUMENT` with nothing read, nothing changed, and
 /// the parameter still expecting its gradient in this phase. Everything else — phases, NULL,
 /// host or device memory, stream ordering, thread safety — is as for `lomo_grad_submit`.
 ///

@@ -72,8 +72,11 @@ pub struct lomo_config {
     /// every element whose gradient is finite is updated, the others keep their value. Either
     /// way no non-finite value is written and the tensor counts in `grads_nonfinite` (the step
     /// reports `overflow`). CPU parameters only (registering a CUDA parameter is refused with
-    /// `LOMO_STATUS_UNSUPPORTED`); a piece of a distributed tensor keeps the per-tensor check;
-    /// AdaLomo is not affected. Added after `seed`: a caller built against a header without
+    /// `LOMO_STATUS_UNSUPPORTED`). On a piece of a distributed tensor without a NORM phase the
+    /// per-tensor policy all-reduces one non-finite flag per piece before writing (a tensor is
+    /// written all or nothing, so the ranks must agree first); the per-element policy needs no
+    /// per-tensor collective (the count rides in the phase-end record; `grads_nonfinite` then
+    /// counts the pieces of every rank). AdaLomo is not affected. Added after `seed`: a caller built against a header without
     /// this field passes the older `struct_size` and gets the default.
     pub nonfinite_policy: u32,
 }

@@ -5,10 +5,10 @@
 
 use super::{Optimizer, StepState};
 use crate::backend::cpu::adalomo::{AdaState, AdaWorkspace};
-use crate::backend::cpu::{ada_cols, ada_piece};
+use crate::backend::cpu::{ada_cols, ada_flat, ada_piece};
 use crate::backend::cuda::piece::PieceSpec;
 use crate::config::Algorithm;
-use crate::dist::{Comm, Layout, Shard, DIST_CHECK, SHARD_NORM_DUPLICATE};
+use crate::dist::{Comm, GradMode, Layout, Shard, DIST_CHECK, SHARD_NORM_DUPLICATE};
 use crate::error::{bail, Result};
 use crate::param::Device;
 
@@ -66,15 +66,16 @@ impl Optimizer {
     }
 
     /// Declares parameter `id` a piece of a global tensor (between steps). Checks the piece
-    /// against the registration and sizes its statistics record.
+    /// against the registration, the gradient mode against the layout and the communicators,
+    /// and sizes its statistics record and the gradient scratch; nothing changes on failure.
     pub fn param_set_shard(&mut self, id: u32, d: &ShardDesc<'_>) -> Result<()> {
         self.between_steps("lomo_param_set_shard")?;
         let comms = self.dist.comms.len();
-        let Some(param) = self.params.get_mut(id as usize) else {
+        let Some(param) = self.params.get(id as usize) else {
             bail!(UnknownParam, "no parameter with id {id}");
         };
         let name = param.name.clone();
-        if param.inner.get_mut().strided.is_some() {
+        if param.inner.lock().strided.is_some() {
             bail!(
                 Unsupported,
                 "'{name}': AdaLomo pieces must be contiguous (lomo_param_set_strides set a layout)"
@@ -90,21 +91,27 @@ impl Optimizer {
                  parameters: LOMO_LAYOUT_FULL or LOMO_LAYOUT_ROWS)"
             ),
             2 => Layout::Cols,
-            3 => bail!(
+            3 if cuda => bail!(
                 Unsupported,
-                "'{name}': LOMO_LAYOUT_FLAT is not supported yet (use LOMO_LAYOUT_ROWS or \
-                 LOMO_LAYOUT_COLS, or FULL with gradients reduced by the caller)"
+                "'{name}': LOMO_LAYOUT_FLAT is supported on the CPU backend only so far (CUDA \
+                 parameters: LOMO_LAYOUT_FULL or LOMO_LAYOUT_ROWS)"
             ),
+            3 => Layout::Flat,
             v => bail!(InvalidArgument, "'{name}': unknown layout {v}"),
         };
-        match d.grad_mode {
-            0 => {}
-            1 | 2 => bail!(
-                Unsupported,
-                "'{name}': the library does not reduce gradients yet: submit the reduced \
-                 gradient of the piece (LOMO_GRAD_REDUCED)"
-            ),
+        let grad_mode = match d.grad_mode {
+            0 => GradMode::Reduced,
+            1 => GradMode::AllReduce,
+            2 => GradMode::ReduceScatter,
             v => bail!(InvalidArgument, "'{name}': unknown gradient mode {v}"),
+        };
+        if cuda && grad_mode != GradMode::Reduced {
+            bail!(
+                Unsupported,
+                "'{name}': gradient reduction by the library (LOMO_GRAD_ALL_REDUCE, \
+                 LOMO_GRAD_REDUCE_SCATTER) is supported on the CPU backend only so far: submit \
+                 the reduced gradient of the piece (LOMO_GRAD_REDUCED)"
+            );
         }
         if d.flags & !SHARD_NORM_DUPLICATE != 0 {
             bail!(
@@ -120,6 +127,13 @@ impl Optimizer {
                     "'{name}': no communicator {c} ({comms} added)"
                 );
             }
+        }
+        if param.shard.is_some_and(|s| s.layout == Layout::Flat) && layout != Layout::Flat {
+            bail!(
+                InvalidArgument,
+                "'{name}': a flat piece cannot become another layout (its state is the whole \
+                 tensor's); register the parameter under another name instead"
+            );
         }
         let mut global = Vec::with_capacity(d.global_shape.len());
         let mut g_numel: usize = 1;
@@ -153,6 +167,7 @@ impl Optimizer {
             .product();
         let fits = match layout {
             Layout::Cols => factored && param.factored && local_rows == g_rows,
+            Layout::Flat => param.shape.len() <= 1,
             _ => factored == param.factored && (!factored || g_cols == param.cols),
         };
         if !fits {
@@ -160,7 +175,8 @@ impl Optimizer {
                 InvalidArgument,
                 "'{name}': the piece {:?} does not fit the global shape {:?} (ROWS: the same rank \
                  ≥ 2 and last dimension, or rank ≤ 1 for a range of elements; COLS: rank ≥ 2 and \
-                 the same rows of the [prod(shape[:-1]), shape[-1]] view)",
+                 the same rows of the [prod(shape[:-1]), shape[-1]] view; FLAT: a piece \
+                 registered with rank ≤ 1)",
                 param.shape,
                 global
             );
@@ -172,6 +188,7 @@ impl Optimizer {
                 param.numel().checked_div(local_rows).unwrap_or(0),
                 "columns",
             ),
+            Layout::Flat => (g_numel, param.numel(), "elements"),
             _ => (g_rows, param.rows, "rows"),
         };
         let elem_offset = match layout {
@@ -195,7 +212,7 @@ impl Optimizer {
                     );
                 }
                 match layout {
-                    Layout::Cols => offset as u64,
+                    Layout::Cols | Layout::Flat => offset as u64,
                     _ => offset as u64 * g_cols as u64,
                 }
             }
@@ -207,14 +224,31 @@ impl Optimizer {
                 "'{name}': a piece needs piece_comm, the ranks holding the other pieces"
             );
         }
+        let part = self.check_grad_mode(&name, grad_mode, layout, d, g_numel, elem_offset, len)?;
+        // A flat piece of a factored tensor keeps the whole tensor's row and column state.
+        let flat_factored = layout == Layout::Flat && factored;
         let rec_len = match (layout, self.config.algorithm) {
             (Layout::Full, _) => 0,
             (Layout::Cols, Algorithm::Adalomo) => ada_cols::record_len(local_rows),
-            (_, Algorithm::Adalomo) => ada_piece::record_len(param.cols, factored),
+            (Layout::Flat, Algorithm::Adalomo) if factored => ada_flat::record_len(g_rows, g_cols),
+            (_, Algorithm::Adalomo) => {
+                ada_piece::record_len(if factored { g_cols } else { 1 }, factored)
+            }
             (_, Algorithm::Lomo) => 1,
         };
         let norm_duplicate = d.flags & SHARD_NORM_DUPLICATE != 0;
-        let shard = Shard {
+        let scratch = match grad_mode {
+            GradMode::Reduced => (0, 0),
+            GradMode::AllReduce => (0, param.numel()),
+            GradMode::ReduceScatter => {
+                let n = self.dist.comms[d.grad_comm.unwrap_or(0) as usize].size as usize;
+                // The send side needs a padded copy only when the tensor does not divide evenly.
+                let send = if part * n == g_numel { 0 } else { part * n };
+                (send, part)
+            }
+        };
+        let param = &mut self.params[id as usize];
+        let new_shard = Shard {
             layout,
             global_numel: g_numel,
             global_rows: g_rows,
@@ -222,6 +256,9 @@ impl Optimizer {
             elem_offset,
             piece_comm: d.piece_comm,
             norm_duplicate,
+            grad_mode,
+            grad_comm: d.grad_comm,
+            part,
         };
         if cuda {
             let Some(side) = self.cuda.as_mut() else {
@@ -232,22 +269,28 @@ impl Optimizer {
                 elem_offset,
             });
             side.set_shard(id, piece, norm_duplicate)?;
-            param.shard = Some(shard);
+            param.shard = Some(new_shard);
             return Ok(());
         }
         // Everything the piece needs is allocated before anything changes: an allocation
         // failure (OUT_OF_MEMORY) leaves the parameter as it was.
         let mut inner = param.inner.lock();
         let cols_reset = layout == Layout::Cols && param.rows != local_rows;
+        let flat_reset = flat_factored && param.shard != Some(new_shard);
         let fresh_ada = match inner.ada.as_ref() {
             // A piece without columns still keeps the (replicated) row state of every row.
             Some(_) if cols_reset => Some((
                 AdaState::zeros(local_rows, 0, true)?,
                 AdaWorkspace::new(local_rows, 0, true)?,
             )),
+            Some(_) if flat_reset => Some((
+                AdaState::zeros(g_rows, g_cols, true)?,
+                AdaWorkspace::flat(g_rows, g_cols)?,
+            )),
             _ => None,
         };
         let dist_rec = crate::alloc::zeros(rec_len, "a piece's statistics record")?;
+        self.dist.scratch.reserve(scratch.0, scratch.1)?;
         let mut fresh_ada = fresh_ada;
         if layout == Layout::Cols {
             match (fresh_ada.as_mut(), inner.ada.as_mut()) {
@@ -259,14 +302,91 @@ impl Optimizer {
         if cols_reset {
             param.rows = local_rows;
         }
+        if flat_factored {
+            (param.rows, param.cols, param.factored) = (g_rows, g_cols, true);
+        }
         if let (Some((state, ws)), Some(ada)) = (fresh_ada, inner.ada.as_mut()) {
             ada.state = state;
             ada.ws = ws;
+            ada.carried_psq = None;
         }
         inner.dist_rec = dist_rec;
         drop(inner);
-        param.shard = Some(shard);
+        param.shard = Some(new_shard);
         Ok(())
+    }
+
+    /// Checks a gradient mode against the layout and the communicators; returns the elements
+    /// per rank of a `REDUCE_SCATTER` partition (0 otherwise).
+    #[allow(clippy::too_many_arguments)]
+    fn check_grad_mode(
+        &self,
+        name: &str,
+        mode: GradMode,
+        layout: Layout,
+        d: &ShardDesc<'_>,
+        g_numel: usize,
+        offset: u64,
+        len: usize,
+    ) -> Result<usize> {
+        if mode == GradMode::Reduced {
+            return Ok(0);
+        }
+        let Some(gc) = d.grad_comm else {
+            bail!(
+                InvalidArgument,
+                "'{name}': LOMO_GRAD_ALL_REDUCE and LOMO_GRAD_REDUCE_SCATTER need grad_comm, the \
+                 group the gradient is reduced over"
+            );
+        };
+        let comm = &self.dist.comms[gc as usize];
+        if mode == GradMode::AllReduce {
+            if layout != Layout::Full && d.piece_comm == Some(gc) {
+                bail!(
+                    InvalidArgument,
+                    "'{name}': LOMO_GRAD_ALL_REDUCE over piece_comm would sum different pieces: \
+                     grad_comm must be the group of the replicas of this piece (HSDP), or use \
+                     LOMO_GRAD_REDUCE_SCATTER for a flat piece"
+                );
+            }
+            return Ok(0);
+        }
+        if layout != Layout::Flat {
+            bail!(
+                InvalidArgument,
+                "'{name}': LOMO_GRAD_REDUCE_SCATTER needs LOMO_LAYOUT_FLAT (the library \
+                 reduce-scatters the full local gradient into equal flat partitions)"
+            );
+        }
+        if comm.reduce_scatter.is_none() {
+            bail!(
+                InvalidArgument,
+                "'{name}': LOMO_GRAD_REDUCE_SCATTER needs a communicator with a reduce_scatter \
+                 callback; communicator {gc} has none"
+            );
+        }
+        if d.piece_comm != Some(gc) && len != g_numel {
+            bail!(
+                InvalidArgument,
+                "'{name}': with LOMO_GRAD_REDUCE_SCATTER the pieces are the partitions of \
+                 grad_comm, so piece_comm must be grad_comm"
+            );
+        }
+        let n = comm.size as usize;
+        let part = g_numel.div_ceil(n);
+        let start = (comm.rank as usize * part).min(g_numel);
+        let end = ((comm.rank as usize + 1) * part).min(g_numel);
+        if offset as usize != start || len != end - start {
+            bail!(
+                InvalidArgument,
+                "'{name}': with LOMO_GRAD_REDUCE_SCATTER rank {} of {n} holds elements [{start}, \
+                 {end}) (partitions of ceil({g_numel} / {n}) = {part} elements, the last ones \
+                 padded as DeepSpeed ZeRO-3 does), not [{offset}, {})",
+                comm.rank,
+                offset as usize + len
+            );
+        }
+        Ok(part)
     }
 
     /// The agreement of the current phase's end, when a norm group is set.

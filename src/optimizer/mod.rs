@@ -20,6 +20,7 @@ use crate::scaler::LossScaler;
 
 mod accum;
 mod dist;
+mod grad;
 mod step;
 mod strides;
 

@@ -3,11 +3,12 @@
 //! ([`crate::backend::cpu::step::CpuStep`], the host values of this optimizer's step) or the
 //! CUDA backend ([`crate::backend::cuda::step::CudaStep`], its device step record).
 
+use super::grad;
 use super::{NormResult, Optimizer, Phase, StepInfo, StepState};
 use crate::backend::cpu::step::{CpuAda, CpuPiece, CpuStep, CpuTensor, HostStep};
 use crate::backend::{PhaseBegin, RawBuf, TensorUpdate};
 use crate::config::NonFinitePolicy;
-use crate::dist::Layout;
+use crate::dist::{GradMode, Layout};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
 use crate::orchestrate::{self, PhaseTotals, TensorPass};
@@ -128,6 +129,16 @@ impl Optimizer {
             return Ok(());
         }
         let carry = matches!(pass, TensorPass::Update(u) if u.carry);
+        // A gradient the library reduces (ALL_REDUCE, REDUCE_SCATTER; CPU parameters) is
+        // averaged into the scratch first, which stays locked until the passes are done with it.
+        let reduced = param.shard.filter(|s| s.grad_mode != GradMode::Reduced);
+        let mut scratch = reduced.map(|_| self.dist.scratch.bufs.lock());
+        let grad = match (reduced, scratch.as_deref_mut()) {
+            (Some(s), Some(bufs)) => {
+                grad::reduce(&self.dist, &s, grad, param.numel(), bufs, &param.name)?
+            }
+            _ => grad,
+        };
         let inner = &mut *inner;
         // A non-contiguous AdaLomo layout: the step runs on logical-order copies (the parameter
         // only in UPDATE phases), and the written parameter is copied back below.
@@ -149,6 +160,7 @@ impl Optimizer {
             global_rows: s.global_rows,
             elem_offset: s.elem_offset,
             cols_of: (s.layout == Layout::Cols).then_some(s.global_cols),
+            flat: s.layout == Layout::Flat && param.factored,
             record: &mut inner.dist_rec[..],
             round: 0,
             row_mean: 0.0,
@@ -156,6 +168,7 @@ impl Optimizer {
         let b = self.cpu_step(self.state);
         orchestrate::tensor(&b, algorithm, &mut t, &grad, &pass, piece_comm)?;
         let (sum_sq, finite) = (t.sum_sq, t.finite);
+        drop(scratch);
         let written = t
             .ada
             .as_ref()

@@ -432,6 +432,7 @@ pub(super) fn run_piece(f: &Frame<'_>, algorithm: Algorithm, apply: bool) -> XRe
         global_rows,
         elem_offset,
         cols_of: (plan.layout == PieceLayout::Cols).then_some(global_cols),
+        flat: false,
         record: &mut record,
         round: 0,
         row_mean: 0.0,

@@ -1,177 +1,11 @@
-//! Shared by the distributed tests: threads as ranks through the real C ABI — an in-process
-//! communicator (`lomo_comm` callbacks over a barrier and a slot table, summing in rank order, so
-//! every rank gets the same bits) and a runner that splits every tensor into row pieces.
+//! Shared by the distributed tests: a runner of threads as ranks through the real C ABI that
+//! splits every tensor into pieces (rows, columns, flat ranges, replicas or DeepSpeed partitions)
+//! and compares nothing itself: it returns the assembled parameters and every rank's step infos.
 
-use std::ffi::c_void;
-use std::sync::Arc;
-
+pub use super::comm::*;
 use super::*;
 use lomo::ffi::dist::*;
 use lomo::ffi::types::lomo_step_info;
-use parking_lot::Mutex;
-
-pub const NORM: u32 = 0;
-pub const UPDATE: u32 = 1;
-
-/// One in-process group of `n` ranks.
-pub struct Group {
-    pub n: usize,
-    barrier: Rendezvous,
-    pub slots: Mutex<Vec<Vec<f64>>>,
-    /// The all-reduce returns this code instead of reducing (0: work).
-    pub fail: Mutex<i32>,
-}
-
-impl Group {
-    pub fn new(n: usize) -> Arc<Group> {
-        Arc::new(Group {
-            n,
-            barrier: Rendezvous::new(n),
-            slots: Mutex::new(vec![Vec::new(); n]),
-            fail: Mutex::new(0),
-        })
-    }
-}
-
-/// A barrier that gives up after 20 s, so a rank that panicked (and never arrives) fails the
-/// others' collectives (code -99) instead of hanging the test.
-struct Rendezvous {
-    n: usize,
-    state: std::sync::Mutex<(usize, u64)>,
-    cv: std::sync::Condvar,
-}
-
-impl Rendezvous {
-    fn new(n: usize) -> Rendezvous {
-        Rendezvous {
-            n,
-            state: std::sync::Mutex::new((0, 0)),
-            cv: std::sync::Condvar::new(),
-        }
-    }
-
-    fn wait(&self) -> bool {
-        let mut st = self.state.lock().unwrap();
-        let generation = st.1;
-        st.0 += 1;
-        if st.0 == self.n {
-            *st = (0, generation + 1);
-            self.cv.notify_all();
-            return true;
-        }
-        let (st, timeout) = self
-            .cv
-            .wait_timeout_while(st, std::time::Duration::from_secs(20), |s| {
-                s.1 == generation
-            })
-            .unwrap();
-        drop(st);
-        !timeout.timed_out()
-    }
-}
-
-/// A rank's `user` pointer.
-pub struct RankCtx {
-    pub group: Arc<Group>,
-    pub rank: usize,
-}
-
-pub unsafe extern "C" fn all_reduce(
-    user: *mut c_void,
-    buf: *mut c_void,
-    count: usize,
-    dtype: u32,
-    op: u32,
-    _stream: *mut c_void,
-) -> i32 {
-    // SAFETY: `user` is the RankCtx this test registered; `buf` holds `count` f64 (dtype 3).
-    let ctx = unsafe { &*(user as *const RankCtx) };
-    let fail = *ctx.group.fail.lock();
-    if fail != 0 {
-        return fail;
-    }
-    assert_eq!(dtype, LOMO_DTYPE_F64);
-    // SAFETY: as above.
-    let buf = unsafe { std::slice::from_raw_parts_mut(buf as *mut f64, count) };
-    let g = &ctx.group;
-    g.slots.lock()[ctx.rank] = buf.to_vec();
-    if !g.barrier.wait() {
-        return -99;
-    }
-    {
-        let slots = g.slots.lock();
-        for (k, v) in buf.iter_mut().enumerate() {
-            let mut acc = slots[0][k];
-            for s in &slots[1..g.n] {
-                acc = if op == LOMO_REDUCE_SUM {
-                    acc + s[k]
-                } else {
-                    acc.max(s[k])
-                };
-            }
-            *v = acc;
-        }
-    }
-    if !g.barrier.wait() {
-        return -99;
-    }
-    0
-}
-
-pub unsafe extern "C" fn destroy(user: *mut c_void) {
-    // SAFETY: the Box this test leaked into `user`, destroyed once by the optimizer.
-    drop(unsafe { Box::from_raw(user as *mut RankCtx) });
-}
-
-pub fn add_comm(opt: &Opt, group: &Arc<Group>, rank: usize) -> u32 {
-    let user = Box::into_raw(Box::new(RankCtx {
-        group: group.clone(),
-        rank,
-    }));
-    let c = lomo_comm {
-        struct_size: std::mem::size_of::<lomo_comm>(),
-        rank: rank as u32,
-        size: group.n as u32,
-        user: user.cast(),
-        all_reduce: Some(all_reduce),
-        reduce_scatter: None,
-        all_gather: None,
-        destroy: Some(destroy),
-    };
-    let mut id = u32::MAX;
-    // SAFETY: live handle, valid pointers.
-    check(unsafe { lomo_comm_add(opt.0, &c, &mut id) }).unwrap();
-    id
-}
-
-pub fn shard(
-    opt: &Opt,
-    id: u32,
-    layout: u32,
-    global: &[i64],
-    offset: i64,
-    comm: u32,
-    flags: u32,
-) -> Result<(), Failure> {
-    let d = lomo_shard_desc {
-        struct_size: std::mem::size_of::<lomo_shard_desc>(),
-        layout,
-        global_ndim: global.len() as u32,
-        global_shape: global.as_ptr(),
-        offset,
-        piece_comm: comm,
-        grad_mode: LOMO_GRAD_REDUCED,
-        grad_comm: LOMO_COMM_NONE,
-        flags,
-    };
-    // SAFETY: live handle, valid pointers.
-    check(unsafe { lomo_param_set_shard(opt.0, id, &d) })
-}
-
-pub fn dist_set(opt: &Opt, comm: u32, flags: u32) -> Result<(), Failure> {
-    // SAFETY: live handle.
-    check(unsafe { lomo_dist_set(opt.0, comm, flags) })
-}
 
 /// Dyadic values k·2⁻⁷ (|k| ≤ 64, k ≠ 0): squares and their sums are exact in f32 and f64.
 pub fn dyadic(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -190,6 +24,37 @@ pub fn split(rows: usize, n: usize, r: usize) -> (usize, usize) {
     ((r * per).min(rows), ((r + 1) * per).min(rows))
 }
 
+/// Uneven flat pieces `[a, b)` of `numel` elements over `n` ranks that cut rows anywhere: with
+/// 3 ranks rank 1 holds 2 elements (inside a row when rows are longer), with 4 ranks rank 1 is
+/// empty and rank 2 holds 3 elements.
+pub fn flat_split(numel: usize, n: usize, r: usize) -> (usize, usize) {
+    let c1 = numel / n.max(1) + 1;
+    let mut cuts = match n {
+        0 | 1 => vec![0, numel],
+        2 => vec![0, c1, numel],
+        3 => vec![0, c1, c1 + 2, numel],
+        _ => {
+            let mut v = vec![0, c1, c1, c1 + 3];
+            v.extend((4..n).map(|k| numel * k / n + k));
+            v.push(numel);
+            v
+        }
+    };
+    let mut prev = 0;
+    for c in cuts.iter_mut() {
+        *c = (*c).min(numel).max(prev);
+        prev = *c;
+    }
+    (cuts[r], cuts[r + 1])
+}
+
+/// DeepSpeed ZeRO-3's partition of `numel` elements over `n` ranks: `ceil(numel / n)` each, the
+/// last ones short or empty (their padding is not part of the parameter).
+pub fn partition(numel: usize, n: usize, r: usize) -> (usize, usize) {
+    let per = numel.div_ceil(n);
+    ((r * per).min(numel), ((r + 1) * per).min(numel))
+}
+
 #[derive(Clone)]
 pub struct Case {
     pub algorithm: u32,
@@ -199,12 +64,23 @@ pub struct Case {
     pub wd: f64,
     pub stochastic: bool,
     pub dynamic: bool,
+    /// A static loss scale of 8 (when not `dynamic`).
+    pub static_scale: bool,
     pub carry: bool,
-    /// (step, tensor) whose gradient gets an inf in its middle element (on the rank holding it).
+    /// (step, tensor) whose gradient gets an inf in its middle element (on the rank holding it;
+    /// rank 0 when the library reduces the gradient).
     pub inf: Option<(usize, usize)>,
     /// Split matrices into pieces of columns (LOMO_LAYOUT_COLS) instead of rows; vectors are
     /// split into ranges either way.
     pub cols: bool,
+    /// Split every tensor into uneven flat pieces ([`flat_split`], LOMO_LAYOUT_FLAT).
+    pub flat: bool,
+    /// `LOMO_GRAD_ALL_REDUCE`: every rank holds a replica (FULL) and submits its own gradient;
+    /// `LOMO_GRAD_REDUCE_SCATTER`: flat partitions ([`partition`]), every rank submits its own
+    /// gradient of the whole tensor. The ranks' gradients average to the one rank's.
+    pub grad_mode: u32,
+    /// LOMO: `LOMO_NONFINITE_PER_ELEMENT`.
+    pub per_element: bool,
     /// Every rank holds every tensor whole (LOMO_LAYOUT_FULL, data-parallel replicas submitting
     /// the averaged gradient; LOMO_SHARD_NORM_DUPLICATE on every rank but 0); the replicas must
     /// stay bitwise identical.
@@ -213,7 +89,15 @@ pub struct Case {
     pub device: i32,
 }
 
-pub const SHAPES: [&[i64]; 5] = [&[7, 5], &[40, 3], &[3, 5, 7], &[31], &[2, 6]];
+pub const SHAPES: [&[i64]; 7] = [
+    &[7, 5],
+    &[40, 3],
+    &[3, 5, 7],
+    &[31],
+    &[2, 6],
+    &[1, 5],
+    &[2, 40],
+];
 pub const STEPS: usize = 4;
 
 pub fn cfg_of(c: &Case) -> lomo::ffi::types::lomo_config {
@@ -223,10 +107,14 @@ pub fn cfg_of(c: &Case) -> lomo::ffi::types::lomo_config {
     cfg.weight_decay = c.wd;
     cfg.rounding = c.stochastic as u32;
     cfg.seed = 11;
+    cfg.nonfinite_policy = c.per_element as u32;
     if c.dynamic {
         cfg.loss_scale_mode = 2;
         cfg.loss_scale = 64.0;
         cfg.scale_window = 2;
+    } else if c.static_scale {
+        cfg.loss_scale_mode = 1;
+        cfg.loss_scale = 8.0;
     }
     cfg
 }
@@ -244,87 +132,181 @@ pub fn rows_cols(shape: &[i64]) -> (usize, usize) {
 /// Every tensor's values after every step (`[step][tensor][element]`).
 pub type History = Vec<Vec<Vec<f32>>>;
 
-/// Runs `c` on one rank holding everything (`n == 0`) or on `n` ranks holding rows (or
-/// columns, `c.cols`); returns
-/// the assembled parameters after every step and each rank's step infos.
-pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
+/// One rank's piece of a tensor: global element indices (row-major order of the piece), the
+/// registered shape, and the shard description (layout, global shape, offset).
+struct Piece {
+    idx: Vec<usize>,
+    local: Vec<i64>,
+    layout: u32,
+    global: Vec<i64>,
+    offset: i64,
+}
+
+fn piece_of(c: &Case, shape: &[i64], n: usize, r: usize) -> Piece {
+    let (rows, cols) = rows_cols(shape);
+    let numel = rows * cols;
+    let flat = |(a, b): (usize, usize)| Piece {
+        idx: (a..b).collect(),
+        local: vec![(b - a) as i64],
+        layout: LOMO_LAYOUT_FLAT,
+        global: shape.to_vec(),
+        offset: a as i64,
+    };
+    if c.full || c.grad_mode == LOMO_GRAD_ALL_REDUCE {
+        return Piece {
+            idx: (0..numel).collect(),
+            local: shape.to_vec(),
+            layout: LOMO_LAYOUT_FULL,
+            global: shape.to_vec(),
+            offset: 0,
+        };
+    }
+    if c.grad_mode == LOMO_GRAD_REDUCE_SCATTER {
+        return flat(partition(numel, n, r));
+    }
+    if c.flat {
+        return flat(flat_split(numel, n, r));
+    }
+    let by_cols = c.cols && shape.len() >= 2;
+    let units = if by_cols { cols } else { rows };
+    let (a, b) = split(units, n, r);
+    // Global element indices of the piece, in its row-major order.
+    let idx: Vec<usize> = if by_cols {
+        (0..rows)
+            .flat_map(|i| (a..b).map(move |j| i * cols + j))
+            .collect()
+    } else {
+        (a * cols..b * cols).collect()
+    };
+    let local: Vec<i64> = match (shape.len() >= 2, by_cols) {
+        (true, true) => vec![rows as i64, (b - a) as i64],
+        (true, false) => vec![(b - a) as i64, cols as i64],
+        _ => vec![(b - a) as i64],
+    };
+    Piece {
+        idx,
+        local,
+        layout: if by_cols {
+            LOMO_LAYOUT_COLS
+        } else {
+            LOMO_LAYOUT_ROWS
+        },
+        // [3, 5, 7] is registered as its [15, 7] view.
+        global: if shape.len() == 3 {
+            vec![15, 7]
+        } else {
+            shape.to_vec()
+        },
+        offset: a as i64,
+    }
+}
+
+/// The inputs of [`run`]: element counts of [`SHAPES`], initial parameters, the (average)
+/// gradients `[step][tensor]` and the deltas `[step][tensor]`: a rank that reduces gradients
+/// with others submits G + D (rank 0), G − D (rank 1) or G, so the sum is n·G exactly (dyadic).
+pub struct Data {
+    pub sizes: Vec<usize>,
+    pub params0: Vec<Vec<f32>>,
+    pub grads: Vec<Vec<Vec<f32>>>,
+    pub deltas: Vec<Vec<Vec<f32>>>,
+}
+
+pub fn data() -> Data {
     let mut rng = Rng::new(5);
-    let params0: Vec<Vec<f32>> = SHAPES
+    let sizes: Vec<usize> = SHAPES
         .iter()
-        .map(|s| dyadic(&mut rng, rows_cols(s).0 * rows_cols(s).1))
+        .map(|s| rows_cols(s).0 * rows_cols(s).1)
         .collect();
+    let params0: Vec<Vec<f32>> = sizes.iter().map(|&k| dyadic(&mut rng, k)).collect();
     let grads: Vec<Vec<Vec<f32>>> = (0..STEPS)
-        .map(|_| {
-            SHAPES
-                .iter()
-                .map(|s| dyadic(&mut rng, rows_cols(s).0 * rows_cols(s).1))
-                .collect()
-        })
+        .map(|_| sizes.iter().map(|&k| dyadic(&mut rng, k)).collect())
         .collect();
+    let deltas: Vec<Vec<Vec<f32>>> = (0..STEPS)
+        .map(|_| sizes.iter().map(|&k| dyadic(&mut rng, k)).collect())
+        .collect();
+    Data {
+        sizes,
+        params0,
+        grads,
+        deltas,
+    }
+}
+
+/// Runs `c` on one rank holding everything (`n == 0`, submitting the average gradient) or on
+/// `n` ranks holding pieces as `c` says; returns the assembled parameters after every step
+/// (checking that replicas agree bit for bit) and each rank's step infos.
+pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
+    let Data {
+        sizes,
+        params0,
+        grads,
+        deltas,
+    } = data();
     let ranks = n.max(1);
+    let reduce = n > 0 && c.grad_mode != LOMO_GRAD_REDUCED;
     let group = Group::new(ranks);
     let results: Vec<(History, Vec<lomo_step_info>, Vec<Vec<usize>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
             .map(|r| {
-                let (group, params0, grads) = (group.clone(), &params0, &grads);
+                let (group, params0, grads, deltas, sizes) =
+                    (group.clone(), &params0, &grads, &deltas, &sizes);
                 s.spawn(move || {
                     let opt = Opt::new(&cfg_of(c)).unwrap();
                     let comm = (n > 0).then(|| add_comm(&opt, &group, r));
                     let mut bufs = Vec::new();
                     let mut pieces = Vec::new();
                     for (i, shape) in SHAPES.iter().enumerate() {
-                        let (rows, cols) = rows_cols(shape);
-                        let by_cols = c.cols && shape.len() >= 2;
-                        let units = if by_cols { cols } else { rows };
-                        let (a, b) = if n > 0 && !c.full {
-                            split(units, n, r)
+                        let p = if n > 0 {
+                            piece_of(c, shape, n, r)
                         } else {
-                            (0, units)
+                            Piece {
+                                idx: (0..sizes[i]).collect(),
+                                local: shape.to_vec(),
+                                layout: LOMO_LAYOUT_FULL,
+                                global: shape.to_vec(),
+                                offset: 0,
+                            }
                         };
-                        // Global element indices of the piece, in its row-major order.
-                        let idx: Vec<usize> = if by_cols {
-                            (0..rows)
-                                .flat_map(|i| (a..b).map(move |j| i * cols + j))
-                                .collect()
-                        } else {
-                            (a * cols..b * cols).collect()
-                        };
-                        let local: Vec<i64> = match (shape.len() >= 2, by_cols) {
-                            (true, true) => vec![rows as i64, (b - a) as i64],
-                            (true, false) => vec![(b - a) as i64, cols as i64],
-                            _ => vec![(b - a) as i64],
-                        };
-                        let vals: Vec<f32> = idx.iter().map(|&k| params0[i][k]).collect();
+                        let vals: Vec<f32> = p.idx.iter().map(|&k| params0[i][k]).collect();
                         let mut buf = Buf::new(c.dtype, &vals);
                         let id = opt
                             .register_on(
                                 &format!("p{i}"),
                                 buf.ptr(),
                                 c.dtype,
-                                &local,
+                                &p.local,
                                 c.device,
                                 0,
                                 c.carry as u32,
                             )
                             .unwrap();
                         if let Some(comm) = comm {
-                            // [3, 5, 7] is registered as its [15, 7] view.
-                            let global: Vec<i64> = if shape.len() == 3 {
-                                vec![15, 7]
-                            } else {
-                                shape.to_vec()
+                            let (piece_comm, grad, flags) = match c.grad_mode {
+                                LOMO_GRAD_ALL_REDUCE => (
+                                    LOMO_COMM_NONE,
+                                    (LOMO_GRAD_ALL_REDUCE, comm),
+                                    if r == 0 { 0 } else { LOMO_SHARD_NORM_DUPLICATE },
+                                ),
+                                LOMO_GRAD_REDUCE_SCATTER => {
+                                    (comm, (LOMO_GRAD_REDUCE_SCATTER, comm), 0)
+                                }
+                                _ => (
+                                    comm,
+                                    (LOMO_GRAD_REDUCED, LOMO_COMM_NONE),
+                                    if c.full && r > 0 {
+                                        LOMO_SHARD_NORM_DUPLICATE
+                                    } else {
+                                        0
+                                    },
+                                ),
                             };
-                            let (layout, flags) = match (c.full, by_cols) {
-                                (true, _) if r > 0 => (LOMO_LAYOUT_FULL, LOMO_SHARD_NORM_DUPLICATE),
-                                (true, _) => (LOMO_LAYOUT_FULL, 0),
-                                (false, true) => (LOMO_LAYOUT_COLS, 0),
-                                (false, false) => (LOMO_LAYOUT_ROWS, 0),
-                            };
-                            let global: Vec<i64> = if c.full { local.clone() } else { global };
-                            shard(&opt, id, layout, &global, a as i64, comm, flags).unwrap();
+                            shard_grad(
+                                &opt, id, p.layout, &p.global, p.offset, piece_comm, grad, flags,
+                            )
+                            .unwrap();
                         }
                         bufs.push(buf);
-                        pieces.push(idx);
+                        pieces.push(p.idx);
                     }
                     if let Some(comm) = comm {
                         dist_set(&opt, comm, LOMO_DIST_CHECK).unwrap();
@@ -341,14 +323,36 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         for &phase in phases {
                             opt.begin(phase, [0.05f32, 0.02, 0.1][step % 3]).unwrap();
                             for (i, gi) in g.iter().enumerate() {
-                                let idx = &pieces[i];
-                                let mut piece: Vec<f32> =
-                                    idx.iter().map(|&k| gi[k] * scale).collect();
-                                if c.inf == Some((step, i)) {
-                                    let mid = gi.len() / 2;
-                                    if let Some(pos) = idx.iter().position(|&k| k == mid) {
-                                        piece[pos] = f32::INFINITY;
+                                let mid = gi.len() / 2;
+                                let mut piece: Vec<f32> = if reduce {
+                                    let d = &deltas[step][i];
+                                    let sign = match r {
+                                        0 if n > 1 => 1.0,
+                                        1 => -1.0,
+                                        _ => 0.0,
+                                    };
+                                    let mut v: Vec<f32> = gi
+                                        .iter()
+                                        .zip(d)
+                                        .map(|(g, d)| (g + sign * d) * scale)
+                                        .collect();
+                                    if c.inf == Some((step, i)) && r == 0 {
+                                        v[mid] = f32::INFINITY;
                                     }
+                                    v
+                                } else {
+                                    let idx = &pieces[i];
+                                    let mut v: Vec<f32> =
+                                        idx.iter().map(|&k| gi[k] * scale).collect();
+                                    if c.inf == Some((step, i)) {
+                                        if let Some(pos) = idx.iter().position(|&k| k == mid) {
+                                            v[pos] = f32::INFINITY;
+                                        }
+                                    }
+                                    v
+                                };
+                                if reduce && c.grad_mode == LOMO_GRAD_ALL_REDUCE {
+                                    piece.truncate(pieces[i].len());
                                 }
                                 let mut gb = Buf::new(c.dtype, &piece);
                                 opt.submit(i as u32, gb.ptr(), c.dtype).unwrap();
@@ -364,33 +368,22 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    if c.full {
-        for (r, (h, _, _)) in results.iter().enumerate().skip(1) {
-            let bits = |h: &History| -> Vec<Vec<Vec<u32>>> {
-                h.iter()
-                    .map(|s| {
-                        s.iter()
-                            .map(|t| t.iter().map(|v| v.to_bits()).collect())
-                            .collect()
-                    })
-                    .collect()
-            };
-            assert!(
-                bits(h) == bits(&results[0].0),
-                "replica {r} differs from replica 0"
-            );
-        }
-    }
-    // Assemble the pieces.
-    let sizes: Vec<usize> = SHAPES
-        .iter()
-        .map(|s| rows_cols(s).0 * rows_cols(s).1)
-        .collect();
+    // Assemble the pieces; replicas must agree bit for bit.
     let mut assembled: History = vec![sizes.iter().map(|&n| vec![f32::NAN; n]).collect(); STEPS];
-    for (history, _, pieces) in &results {
+    let mut seen: Vec<Vec<Vec<bool>>> =
+        vec![sizes.iter().map(|&n| vec![false; n]).collect(); STEPS];
+    for (r, (history, _, pieces)) in results.iter().enumerate() {
         for (step, tensors) in history.iter().enumerate() {
             for (i, t) in tensors.iter().enumerate() {
                 for (&k, &v) in pieces[i].iter().zip(t) {
+                    if seen[step][i][k] {
+                        assert_eq!(
+                            assembled[step][i][k].to_bits(),
+                            v.to_bits(),
+                            "rank {r} step {step} tensor {i} element {k}: replicas differ"
+                        );
+                    }
+                    seen[step][i][k] = true;
                     assembled[step][i][k] = v;
                 }
             }
@@ -408,9 +401,13 @@ pub fn case(algorithm: u32) -> Case {
         wd: 0.0,
         stochastic: false,
         dynamic: false,
+        static_scale: false,
         carry: false,
         inf: None,
         cols: false,
+        flat: false,
+        grad_mode: LOMO_GRAD_REDUCED,
+        per_element: false,
         full: false,
         device: LOMO_DEVICE_CPU,
     }

@@ -2,6 +2,7 @@
 //! generators, and element comparison.
 #![allow(dead_code)]
 
+pub mod comm;
 pub mod dist;
 pub mod parity;
 pub mod reference;

@@ -64,6 +64,8 @@ pub struct AdaWorkspace {
     pub(super) chunks: Vec<ChunkWs>,
     pub(super) col_new: Vec<f32>,
     pub(super) c_scale: Vec<f32>,
+    /// A flat piece of a factored tensor (`ada_flat`): the new rows of the whole tensor.
+    pub(super) flat: Option<super::ada_flat::FlatWs>,
 }
 
 impl AdaWorkspace {
@@ -98,6 +100,7 @@ impl AdaWorkspace {
             chunks,
             col_new: alloc::zeros(c, WHAT)?,
             c_scale: alloc::zeros(c, WHAT)?,
+            flat: None,
         })
     }
 
@@ -109,6 +112,10 @@ impl AdaWorkspace {
             .iter()
             .all(|w| w.new_state.iter().all(|v| v.is_finite()))
             && self.col_new.iter().all(|v| v.is_finite())
+            && self
+                .flat
+                .as_ref()
+                .map_or(true, |f| f.row_new.iter().all(|v| v.is_finite()))
     }
 
     /// Makes room for column pieces (`ada_cols`): per-row partial sums, at piece setup. Fails
@@ -137,7 +144,9 @@ impl AdaWorkspace {
                     + 8 * (w.col64.len() + w.d64.len() + w.row64.len())
             })
             .sum();
-        per_chunk + 4 * (self.col_new.len() + self.c_scale.len())
+        per_chunk
+            + 4 * (self.col_new.len() + self.c_scale.len())
+            + self.flat.as_ref().map_or(0, |f| f.bytes())
     }
 }
 
@@ -277,7 +286,7 @@ fn finalize_factored(ws: &mut AdaWorkspace, col_old: &[f32], rows: usize, args: 
 /// zero update into NaN: such rows take the same value as sqrt(mean) · rsqrt(row), which
 /// represents it (saturated at the f32 maximum in the limit).
 #[inline]
-fn row_scale(r: f32, row_mean: f32) -> f32 {
+pub(super) fn row_scale(r: f32, row_mean: f32) -> f32 {
     let s = 1.0 / (r / row_mean).sqrt();
     if s.is_finite() {
         s
@@ -292,6 +301,9 @@ pub fn commit(state: StateViewMut<'_>, ws: &AdaWorkspace) {
         StateViewMut::Factored { row, col } => {
             for w in &ws.chunks {
                 row[w.a..w.b].copy_from_slice(&w.new_state);
+            }
+            if let Some(f) = &ws.flat {
+                row.copy_from_slice(&f.row_new);
             }
             col.copy_from_slice(&ws.col_new);
         }

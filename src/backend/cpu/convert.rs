@@ -136,6 +136,22 @@ impl RoundCtx {
     }
 }
 
+/// `v ← v / n` for every element of `buf` (in f32, rounded to nearest in the buffer's dtype):
+/// a gradient summed over `n` ranks becomes their average.
+pub fn divide_in_place(buf: &crate::backend::RawBuf, n: f32) {
+    if buf.numel == 0 || n == 1.0 {
+        return;
+    }
+    super::with_dtype!(buf.dtype, |T| {
+        // SAFETY: `buf` is the library's scratch of `numel` elements of its dtype, written only
+        // here meanwhile.
+        let v = unsafe { buf.slice_mut::<T>(0, buf.numel) };
+        for x in v {
+            *x = T::from_f32_rne(x.to_f32() / n);
+        }
+    })
+}
+
 /// Whether every element of `s` is finite.
 #[inline(always)]
 pub fn all_finite<G: Elem>(s: &[G]) -> bool {

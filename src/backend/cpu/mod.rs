@@ -8,6 +8,7 @@
 
 pub mod accum;
 pub mod ada_cols;
+pub mod ada_flat;
 pub mod ada_piece;
 pub mod ada_state;
 pub mod adalomo;

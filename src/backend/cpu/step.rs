@@ -6,7 +6,7 @@
 
 use super::adalomo::{self, AdaWorkspace, ApplyArgs, StateView, StateViewMut, Stats, StatsArgs};
 use super::convert::RoundCtx;
-use super::{ada_cols, ada_piece};
+use super::{ada_cols, ada_flat, ada_piece};
 use super::{lomo, norm};
 use crate::backend::interface::{AccumOp, Backend, PhaseBegin, Record, TensorUpdate};
 use crate::backend::{scalars, GradXform, RawBuf};
@@ -84,11 +84,15 @@ pub struct CpuPiece<'a> {
     pub elem_offset: u64,
     /// A piece of columns of the `[R, C]` view: C (None: a range of rows or elements).
     pub cols_of: Option<usize>,
-    /// The partial record: AdaLomo `ada_piece::record_len` values (rows) or
-    /// `ada_cols::record_len` (columns); LOMO one value (the non-finite count).
+    /// AdaLomo: a flat range of a factored tensor (`ada_flat`; elements from `elem_offset`, rows
+    /// cut anywhere). LOMO treats every piece as a range of elements.
+    pub flat: bool,
+    /// The partial record: AdaLomo `ada_piece::record_len` values (rows),
+    /// `ada_cols::record_len` (columns) or `ada_flat::record_len` (flat); LOMO one value (the
+    /// non-finite count).
     pub record: &'a mut [f64],
-    /// AdaLomo columns: the round whose part of the record is reduced next (1, then 2), and
-    /// mean(row) of the new rows after round 2.
+    /// AdaLomo columns and flat pieces: the round whose part of the record is reduced next (1,
+    /// then 2), and mean(row) of the new rows after round 2.
     pub round: u8,
     pub row_mean: f32,
 }
@@ -201,7 +205,7 @@ impl Backend for CpuStep<'_> {
     }
 
     fn lomo(&self, t: &mut CpuTensor<'_>, g: &RawBuf, u: &TensorUpdate) -> Result<()> {
-        if let (Some(p), false) = (t.piece.as_ref(), u.prechecked) {
+        if let (Some(p), false) = (t.piece.as_ref(), u.prechecked || u.per_element) {
             // The reduced count of pieces with a non-finite gradient.
             t.finite = p.record[0] == 0.0;
         }
@@ -218,7 +222,7 @@ impl Backend for CpuStep<'_> {
             decay,
             neg_lr,
             round: self.round(u, t),
-            per_element: u.per_element && t.piece.is_none(),
+            per_element: u.per_element,
         };
         t.finite = lomo::lomo_update(&t.param, g, &args);
         Ok(())
@@ -240,6 +244,14 @@ impl Backend for CpuStep<'_> {
                 p.round = 1;
                 ada_cols::stats(&param, g, a.ws, &st, a.carried_sum_sq, p.record);
             }
+            Some(p) if p.flat => {
+                p.round = 1;
+                let (view, o) = (a.state.as_view(), p.elem_offset as usize);
+                let rec = &mut *p.record;
+                super::fpenv::ieee(|| {
+                    ada_flat::stats(&param, g, view, a.ws, &st, a.carried_sum_sq, rec, o)
+                });
+            }
             Some(p) => {
                 let view = a.state.as_view();
                 ada_piece::stats(&param, g, view, a.ws, &st, a.carried_sum_sq, p.record);
@@ -253,13 +265,23 @@ impl Backend for CpuStep<'_> {
             return Ok(false);
         }
         let (a, piece) = (ada(&mut t.ada), t.piece.as_mut());
-        let Some(p) = piece.filter(|p| p.cols_of.is_some() && p.round == 1) else {
+        let Some(p) = piece.filter(|p| (p.cols_of.is_some() || p.flat) && p.round == 1) else {
             return Ok(false);
         };
+        let st = self.stats_args(a.carried_sum_sq.is_none());
+        if p.flat {
+            if !ada_flat::finite(p.record) {
+                return Ok(false);
+            }
+            let (view, o) = (a.state.as_view(), p.elem_offset as usize);
+            let (ws, record) = (&mut *a.ws, &mut *p.record);
+            p.row_mean = super::fpenv::ieee(|| ada_flat::second(g, view, ws, &st, record, o));
+            p.round = 2;
+            return Ok(true);
+        }
         if !ada_cols::finite(p.record) {
             return Ok(false);
         }
-        let st = self.stats_args(a.carried_sum_sq.is_none());
         let global_cols = p.cols_of.unwrap_or(0);
         let view = a.state.as_view();
         let ws = &mut *a.ws;
@@ -290,6 +312,14 @@ impl Backend for CpuStep<'_> {
                 }
                 let r2 = p.record[p.record.len() - 1];
                 (r2 * p.row_mean as f64, ada_cols::sum_p_sq(p.record))
+            }
+            Some(p) if p.flat => {
+                if !ada_flat::finite(p.record) {
+                    t.finite = false;
+                    return Ok(());
+                }
+                let r2 = p.record[p.record.len() - 1];
+                (r2 * p.row_mean as f64, ada_flat::sum_p_sq(p.record))
             }
             Some(p) => {
                 if !ada_piece::finite(p.record) {
@@ -335,7 +365,10 @@ impl Backend for CpuStep<'_> {
             round,
             carry: u.carry,
         };
-        let (written, no_overflow) = if param.numel > 0 {
+        let flat_at = piece.filter(|p| p.flat).map(|p| p.elem_offset as usize);
+        let (written, no_overflow) = if let Some(o) = flat_at {
+            super::fpenv::ieee(|| ada_flat::apply(&param, g, a.ws, &args, o))
+        } else if param.numel > 0 {
             adalomo::apply(&param, g, a.ws, &args)
         } else {
             (0.0, true)
@@ -350,9 +383,11 @@ impl Backend for CpuStep<'_> {
     fn partials<'s>(&self, t: &'s mut CpuTensor<'_>) -> Option<Record<'s>> {
         let ada = t.ada.is_some();
         t.piece.as_mut().map(|p| {
-            Record::Host(match p.cols_of {
-                Some(_) if ada => ada_cols::round_mut(p.record, p.round),
-                _ => &mut *p.record,
+            Record::Host(if ada && (p.cols_of.is_some() || p.flat) {
+                // Two rounds: the record less its last value, then that value.
+                ada_cols::round_mut(p.record, p.round)
+            } else {
+                &mut *p.record
             })
         })
     }
