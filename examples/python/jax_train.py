@@ -66,6 +66,20 @@ def loss_fn(params, x, y):
     return jnp.mean((out.astype(jnp.float32) - y) ** 2)
 
 
+def make_optimizer(args, params):
+    """The pytree optimizer of ``args.algorithm`` with global norm clipping, and its base lr.
+    No weight decay for biases (the C API's "group with weight_decay = 0")."""
+    decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    make = lomo_jax.adalomo if args.algorithm == "adalomo" else lomo_jax.lomo
+    opt = make(
+        clip_grad_norm=1.0,
+        weight_decay=1e-4,
+        weight_decay_mask=decay_mask,
+        rounding="stochastic" if args.bf16 else "nearest",
+    )
+    return opt, (1e-2 if args.algorithm == "adalomo" else 0.3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--algorithm", choices=["adalomo", "lomo"], default="adalomo")
@@ -82,17 +96,8 @@ def main():
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     params = init_params(dtype=dtype)
     x, y = make_data()
-    # No weight decay for biases (the C API's "group with weight_decay = 0").
-    decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    make = lomo_jax.adalomo if args.algorithm == "adalomo" else lomo_jax.lomo
-    opt = make(
-        clip_grad_norm=1.0,
-        weight_decay=1e-4,
-        weight_decay_mask=decay_mask,
-        rounding="stochastic" if args.bf16 else "nearest",
-    )
+    opt, base_lr = make_optimizer(args, params)
     state = opt.init(params)
-    base_lr = 1e-2 if args.algorithm == "adalomo" else 0.3
 
     def train_step(params, state, x, y, lr):
         # jax.value_and_grad that also applies the loss scale when one is configured (fp16:
@@ -171,16 +176,8 @@ def main_sharded(args):
         "l2": {"w": P("x", None), "b": P()},
         "out": {"w": P("x", None), "b": P()},
     }
-    decay_mask = jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    make = lomo_jax.adalomo if args.algorithm == "adalomo" else lomo_jax.lomo
-    opt = make(
-        clip_grad_norm=1.0,
-        weight_decay=1e-4,
-        weight_decay_mask=decay_mask,
-        rounding="stochastic" if args.bf16 else "nearest",
-    )
+    opt, base_lr = make_optimizer(args, params)
     state_specs = opt.state_specs(params, specs)
-    base_lr = 1e-2 if args.algorithm == "adalomo" else 0.3
 
     def local_loss(p, x, y):
         # Inside shard_map: this device's hidden units of l1, its input rows of l2 and out.

@@ -366,17 +366,9 @@ class Optimizer:
         ``clip_grad_norm`` set (or ``norm_pass=True``: an overflowing step is then skipped with
         every parameter untouched), a NORM phase over the same gradients comes first. The
         gradients are those of the loss times ``loss_scale``."""
-        items = []
-        for k, g in grads.items():
-            if isinstance(k, str) and k not in self._names:
-                raise KeyError(f"no parameter named {k!r}")
-            items.append((self._names[k] if isinstance(k, str) else int(k), g))
         # Every gradient is checked before the first one is applied: a step either runs whole
         # or raises with every parameter untouched.
-        ids = [pid for pid, _ in items]
-        if len(set(ids)) != len(ids):
-            raise ValueError("a parameter appears twice in grads")
-        items = [(pid, self._checked_array(pid, g)) for pid, g in items]
+        items = self._items(grads)
         if norm_pass is None:
             norm_pass = self.config["clip_grad_norm"] > 0
         if norm_pass:
@@ -429,6 +421,8 @@ class Optimizer:
         return pending.value, nbytes.value
 
     def _items(self, grads: Mapping):
+        """``[(param id, checked array)]`` of ``{param id or name: gradient}``: unknown names,
+        duplicates and every gradient's shape and dtype checked before anything is applied."""
         items = []
         for k, g in grads.items():
             if isinstance(k, str) and k not in self._names:
