@@ -118,6 +118,31 @@ def state_shardings(opt, mesh, params, specs):
     )
 
 
+def _check_specs_match(params, leaves, specs, pieces):
+    """Where JAX tracks which values differ between devices (``shard_map``'s default
+    ``check_vma=True``), every parameter must differ over exactly the axes its spec splits it
+    over: a piece declared replicated would get per-piece statistics, a replicated array
+    declared split would have its statistics summed once per device — wrong numbers either
+    way, so refused before anything runs."""
+    from ._jax_partition import varying_axes
+
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if not manual or not varying_axes(jax.lax.axis_index(manual)):
+        return  # outside shard_map, or check_vma=False: nothing to compare with
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [jax.tree_util.keystr(k) for k, _ in flat]
+    for i, (p, spec, pc) in enumerate(zip(leaves, specs, pieces)):
+        got = varying_axes(p)
+        want = frozenset(pc.axes) if pc else frozenset()
+        if got != want:
+            raise ValueError(
+                "parameter %d (%s): its PartitionSpec %s splits it over the mesh axes %s, but inside "
+                "shard_map it differs between devices over %s: pass the specs the parameters "
+                "were given in shard_map's in_specs" % (i, paths[i], spec, tuple(sorted(want)),
+                                                          tuple(sorted(got)))
+            )
+
+
 def sharded_step(opt, params, grads, state, lr, specs):
     """``Optimizer.sharded_step``: see its docstring."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -126,6 +151,7 @@ def sharded_step(opt, params, grads, state, lr, specs):
     if len(state.ada) != len(leaves):
         raise ValueError("state was made for %d parameters, got %d" % (len(state.ada), len(leaves)))
     pieces = [piece_of(s, p.ndim, "parameter %d" % i) for i, (p, s) in enumerate(zip(leaves, sl))]
+    _check_specs_match(params, leaves, sl, pieces)
     union = []
     for pc in pieces:
         for a in pc.axes if pc else ():
