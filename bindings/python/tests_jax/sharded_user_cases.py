@@ -103,7 +103,7 @@ def case_sharded_step_specs_contradict_shard_map():
     """sharded_step given specs other than the ones shard_map split the arrays by (a piece
     declared replicated, a replicated array declared split): refused before anything runs."""
     opt = lj.adalomo(clip_grad_norm=1.0)
-    p = {"b": jnp.ones((4,)), "w": jnp.ones((8, 4))}
+    p = {"b": jnp.ones((4,), jnp.float32), "w": jnp.ones((8, 4), jnp.float32)}
     row = {"b": P(), "w": P("x", None)}
     repl = {"b": P(), "w": P()}
     for real, declared in ((row, repl), (repl, row)):
