@@ -240,8 +240,14 @@ def update(algorithm, call, param, grad, state, scalars, attrs, options):
 
         return mesh, lower, (ps, *st, repl), arg_sh
 
+    # Only the parameter decides the results' sharding: the gradient and the state operands
+    # get factors of their own (the partition reshards them to the parameter's layout), else
+    # Shardy would propagate e.g. a gradient split over other axes into the parameter and make
+    # it a 2-D block (the step after refused, donation lost).
     p_rule = " ".join(_names("d", ndim))
-    ops = [p_rule, p_rule] + _state_rule(ndim, n_state) + ["", "", "", ""]
+    g_rule = " ".join(_names("g", ndim))
+    s_rule = [" ".join(_names("s%d_" % k, len(st.shape))) for k, st in enumerate(state)]
+    ops = [p_rule, g_rule] + s_rule + ["", "", "", ""]
     res = [p_rule] + _state_rule(ndim, n_state) + [""]
     f.def_partition(
         partition=partition,

@@ -205,6 +205,62 @@ def case_optax_jit_sharded_multisteps():
     _optax_jit_parity(tx_of, reference, np.float32, steps=4)
 
 
+def _other_spec(shape, spec):
+    """A different split of the same array: its other dimension over the mesh's last axis
+    where that divides it, else replicated."""
+    ax = MESH.axis_names[-1]
+    n = MESH.shape[ax]
+    split = [d for d, e in enumerate(tuple(spec)) if e is not None]
+    if len(shape) >= 2:
+        d = 1 if split == [0] else 0
+        if shape[d] % n == 0:
+            return P(*[ax if i == d else None for i in range(len(shape))])
+    elif len(shape) == 1 and not split and shape[0] % n == 0:
+        return P(ax)
+    return P()
+
+
+def case_jit_operands_sharded_otherwise():
+    """jax.jit(opt.step) with gradients and AdaLomo state sharded otherwise than the parameter
+    (e.g. the gradient of a row-split weight split over its columns): Shardy propagated the
+    gradient's split into the parameter through the shared factors of the sharding rule, the
+    parameter and state came out as 2-D blocks (donation lost) and the next step was refused
+    as a 2-D block. Now the parameter's sharding is kept, state resharded to state_specs, in
+    place, equal to the unsharded step."""
+    for alg in ("adalomo", "lomo"):
+        opt = getattr(lj, alg)(clip_grad_norm=1.0, weight_decay=0.01)
+        params = {k: jnp.asarray(v) for k, v in make(1).items()}
+        ref_p, ref_s = params, opt.init(params)
+        sspecs = opt.state_specs(params, SPECS)
+        gspecs = {k: _other_spec(params[k].shape, SPECS[k]) for k in NAMES}
+        odd_state = opt.init(params)._replace(ada=tuple(
+            tuple(jax.device_put(a, NamedSharding(MESH, _other_spec(a.shape, sp)))
+                  for a, sp in zip(st, ssp))
+            for st, ssp in zip(opt.init(params).ada, sspecs.ada)))
+        sh_p, sh_s = put(params, SPECS), odd_state
+        step = jax.jit(opt.step, donate_argnums=(0, 2))
+        for t in range(3):
+            g = {k: jnp.asarray(v) for k, v in make(50 + t, scale=4.0).items()}
+            ref_p, ref_s = jax.jit(opt.step)(ref_p, g, ref_s, 0.05)
+            ptrs = {k: sorted(s.data.unsafe_buffer_pointer() for s in sh_p[k].addressable_shards)
+                    for k in NAMES}
+            old = sh_p
+            sh_p, sh_s = step(sh_p, put(g, gspecs), sh_s, 0.05)
+            jax.block_until_ready(sh_p)
+            for k in NAMES:
+                equal(sh_p[k], ref_p[k], False, "%s step %d %s" % (alg, t, k))
+                want = NamedSharding(MESH, SPECS[k])
+                if not sh_p[k].sharding.is_equivalent_to(want, sh_p[k].ndim):
+                    raise AssertionError("%s: sharding %s, want %s" % (k, sh_p[k].sharding, want))
+                got = sorted(s.data.unsafe_buffer_pointer() for s in sh_p[k].addressable_shards)
+                if t > 0 and (got != ptrs[k] or not old[k].is_deleted()):
+                    raise AssertionError("%s was not updated in place" % k)
+            for a, sp in zip(jax.tree_util.tree_leaves(sh_s.ada), jax.tree_util.tree_leaves(
+                    sspecs.ada, is_leaf=lambda x: isinstance(x, P))):
+                if not a.sharding.is_equivalent_to(NamedSharding(MESH, sp), a.ndim):
+                    raise AssertionError("state sharding %s, want %s" % (a.sharding, sp))
+
+
 CASES = {k[5:]: v for k, v in sorted(globals().items()) if k.startswith("case_")}
 
 if __name__ == "__main__":
