@@ -60,6 +60,25 @@ def check_whole(x, what):
         )
 
 
+def known_spec(x):
+    """The PartitionSpec of ``x`` when it is known before XLA partitions the program: a
+    committed array's sharding, or a traced value's on a mesh with ``Explicit`` axes (JAX's
+    sharding in types). Mesh axes of size 1 are dropped (they split nothing). None if
+    unknown."""
+    try:
+        sh = jax.typeof(x).sharding if isinstance(x, jax.core.Tracer) else x.sharding
+        spec, mesh = sh.spec, sh.mesh
+        sizes = dict(mesh.shape)
+    except Exception:  # noqa: BLE001 - no named sharding to read
+        return None
+    entries = []
+    for e in tuple(spec):
+        axes = tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ()))
+                     if sizes.get(a, 1) > 1)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*entries)
+
+
 def batchable(f):
     """``f`` (a ``custom_partitioning`` function, which has no batching rule) under ``jax.vmap``:
     one call per batch element in a ``jax.lax.map`` (what the custom calls' ``vmap_method=
@@ -177,6 +196,9 @@ def update(algorithm, call, param, grad, state, scalars, attrs, options):
     ndim, n_state = param.ndim, len(state)
     ada = algorithm == "adalomo"
     check_whole(param, "the parameter")
+    known = known_spec(param)
+    if known is not None:
+        _piece(known, ndim)  # a 2-D block whose sharding is known now: refused before XLA
 
     def impl(p, g, *rest):
         return call(p, g, *rest, **attrs)
@@ -200,8 +222,14 @@ def update(algorithm, call, param, grad, state, scalars, attrs, options):
         return ps, st, repl
 
     def infer(mesh, arg_shapes, result_shape):
-        spec = _spec_of(arg_shapes[0].sharding, ndim)
-        ps, st, repl = shardings(mesh, _piece(spec, ndim), spec)
+        # Never raise here: under the GSPMD partitioner an exception in this callback is a
+        # failed CHECK in XLA (the process aborts); `partition` raises the refusal instead.
+        try:
+            spec = _spec_of(arg_shapes[0].sharding, ndim)
+            pc = _piece(spec, ndim)
+        except ShardedOperandError:
+            spec, pc = PartitionSpec(), None
+        ps, st, repl = shardings(mesh, pc, spec)
         return (ps, *st, repl)
 
     def partition(mesh, arg_shapes, result_shape):

@@ -261,6 +261,58 @@ def case_jit_operands_sharded_otherwise():
                     raise AssertionError("state sharding %s, want %s" % (a.sharding, sp))
 
 
+_GSPMD_BLOCK = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+jax.config.update("jax_use_shardy_partitioner", False)
+import lomo_native.jax as lj
+mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Auto,) * 2)
+opt = lj.adalomo()
+p = {"w": jnp.ones((4, 6), jnp.float32)}
+sh = {"w": jax.device_put(p["w"], NamedSharding(mesh, P("x", "y")))}
+try:
+    jax.jit(opt.step)(sh, sh, opt.init(p), 0.01)
+except Exception as e:
+    print("REFUSED", "2-D block" in str(e))
+"""
+
+
+def case_block_refusal_is_an_exception():
+    """A 2-D block: on a mesh with Explicit axes (jax.make_mesh's default in recent JAX) or a
+    committed array, ShardedOperandError at trace time; a mesh axis of size 1 splits nothing
+    (accepted, equal to the unsharded step); under the GSPMD partitioner the refusal raised in
+    XLA's sharding-inference callback was a failed CHECK that aborted the process."""
+    if MESH.size != 4:
+        return
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
+    opt = lj.adalomo(clip_grad_norm=1.0)
+    p = {"w": jnp.ones((4, 6), jnp.float32)}
+    sh = {"w": jax.device_put(p["w"], NamedSharding(mesh, P("x", "y")))}
+    for fn in (lambda: jax.jit(opt.step)(sh, sh, opt.init(p), 0.01),
+               lambda: lj.lomo_update(sh["w"], sh["w"], lr=0.1)):
+        e = _expect_refusal(fn, "2-D block", "shard_map")
+        if not isinstance(e, lj.ShardedOperandError):
+            raise AssertionError("want ShardedOperandError, got %r" % (e,))
+    mesh1 = jax.make_mesh((1, 4), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    ref = jax.jit(opt.step)({"w": w}, {"w": w * 0.5}, opt.init({"w": w}), 0.01)[0]["w"]
+    sw = jax.device_put(w, NamedSharding(mesh1, P("a", "b")))
+    out = jax.jit(opt.step)({"w": sw}, {"w": sw * 0.5}, opt.init({"w": w}), 0.01)[0]["w"]
+    equal(out, ref, False, "size-1 axis")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _GSPMD_BLOCK], capture_output=True, text=True,
+                          timeout=600, env={k: v for k, v in os.environ.items()
+                                            if k != "XLA_FLAGS"})
+    if proc.returncode != 0 or "REFUSED True" not in proc.stdout:
+        raise AssertionError("GSPMD: rc %d %s" % (proc.returncode, proc.stderr[-1500:]))
+
+
 CASES = {k[5:]: v for k, v in sorted(globals().items()) if k.startswith("case_")}
 
 if __name__ == "__main__":
