@@ -11,8 +11,8 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sharded_cases as sc  # noqa: E402  (sets XLA_FLAGS from argv before importing jax)
-from sharded_cases import MESH, NAMES, SPECS, X64, equal, make, put  # noqa: E402
+# sharded_cases sets XLA_FLAGS from argv before it imports jax
+from sharded_cases import MESH, NAMES, SPECS, equal, make, put  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -311,6 +311,36 @@ def case_block_refusal_is_an_exception():
                                             if k != "XLA_FLAGS"})
     if proc.returncode != 0 or "REFUSED True" not in proc.stdout:
         raise AssertionError("GSPMD: rc %d %s" % (proc.returncode, proc.stderr[-1500:]))
+
+
+def case_shard_map_unit_mesh_axis():
+    """shard_map on a (1, N) mesh with specs naming both axes (a configurable trainer's
+    P("data", "model") with one data replica): the size-1 axis splits nothing, so P("a", "b")
+    is a column split, not a refused 2-D block; equal to the unsharded step."""
+    from jax.sharding import AxisType
+
+    n = MESH.size
+    mesh = jax.make_mesh((1, n), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+    opt = lj.adalomo(clip_grad_norm=1.0, weight_decay=0.01)
+    rng = np.random.default_rng(2)
+    shapes = {"w_ab": (6, 2 * n), "w_ba": (2 * n, 6), "v": (2 * n,)}
+    specs = {"w_ab": P("a", "b"), "w_ba": P("b", "a"), "v": P(("a", "b"))}
+    params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+    ref_p, ref_s = jax.jit(opt.step)(params, grads, opt.init(params), 0.05)
+    sspecs = opt.state_specs(params, specs, mesh)
+    f = jax.jit(jax.shard_map(lambda p, g, s: opt.sharded_step(p, g, s, 0.05, specs), mesh=mesh,
+                              in_specs=(specs, specs, sspecs), out_specs=(specs, sspecs)))
+
+    def place(t):
+        return {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in t.items()}
+
+    out_p, out_s = f(place(params), place(grads),
+                     jax.device_put(opt.init(params), opt.state_shardings(mesh, params, specs)))
+    for k in shapes:
+        equal(out_p[k], ref_p[k], False, "unit axis %s" % k)
+    for a, b in zip(jax.tree_util.tree_leaves(out_s), jax.tree_util.tree_leaves(ref_s)):
+        equal(a, b, False, "unit axis state")
 
 
 CASES = {k[5:]: v for k, v in sorted(globals().items()) if k.startswith("case_")}
