@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -25,6 +26,79 @@ from . import _jax_shard as _s
 
 class ShardedOperandError(ValueError):
     """A sharding the operations cannot keep (a parameter split over two dimensions)."""
+
+
+def varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes over which ``x`` differs between devices (its varying manual
+    axes; empty outside ``shard_map``, or inside one with ``check_vma=False``, where JAX does not
+    track them)."""
+    try:
+        aval = jax.typeof(x)
+    except Exception:  # noqa: BLE001 - not a JAX value (a NumPy array, a Python scalar)
+        return frozenset()
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def check_whole(x, what):
+    """Refuses a device's piece inside ``jax.shard_map`` where a whole tensor is needed: a
+    whole-tensor operation there would take the gradient norm and AdaLomo's statistics over the
+    piece alone — silently different numbers from the unsharded step."""
+    axes = varying_axes(x)
+    if axes:
+        raise ShardedOperandError(
+            "lomo_native.jax: %s differs between devices over the shard_map axes %s: inside "
+            "jax.shard_map it is a device's piece (or a gradient not yet reduced over the "
+            "data-parallel axes), and Optimizer.step / the optax form / the whole-tensor "
+            "operations would compute the gradient norm and AdaLomo's statistics per piece. Use "
+            "Optimizer.sharded_step(params, grads, state, lr, specs) with the parameters' "
+            "PartitionSpecs (or the split-phase operations norm_partials/norm_finish, "
+            "lomo_piece_*, adalomo_piece_*); reduce gradients with jax.lax.psum/pmean first"
+            % (what, tuple(sorted(axes)))
+        )
+
+
+def known_spec(x):
+    """The PartitionSpec of ``x`` when it is known before XLA partitions the program: a
+    committed array's sharding, or a traced value's on a mesh with ``Explicit`` axes (JAX's
+    sharding in types). Mesh axes of size 1 are dropped (they split nothing). None if
+    unknown."""
+    try:
+        sh = jax.typeof(x).sharding if isinstance(x, jax.core.Tracer) else x.sharding
+        spec, mesh = sh.spec, sh.mesh
+        sizes = dict(mesh.shape)
+    except Exception:  # noqa: BLE001 - no named sharding to read
+        return None
+    entries = []
+    for e in tuple(spec):
+        axes = tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ()))
+                     if sizes.get(a, 1) > 1)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*entries)
+
+
+def batchable(f):
+    """``f`` (a ``custom_partitioning`` function, which has no batching rule) under ``jax.vmap``:
+    one call per batch element in a ``jax.lax.map`` (what the custom calls' ``vmap_method=
+    "sequential"`` does), each element a whole, independent tensor; nested vmaps recurse."""
+    g = custom_vmap(lambda *args: f(*args))
+
+    @g.def_vmap
+    def rule(axis_size, in_batched, *args):
+        idx = [i for i, b in enumerate(in_batched) if b]
+
+        def one(xs):
+            full = list(args)
+            for i, x in zip(idx, xs):
+                full[i] = x
+            return g(*full)
+
+        out = jax.lax.map(one, [args[i] for i in idx])
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return g
 
 
 def _names(prefix, ndim):
@@ -67,6 +141,8 @@ def grad_sum_sq(call, loss_scale, leaves, attrs):
     """``call(loss_scale, *leaves, **attrs)``, partitioned: per-leaf partials, psum over each
     leaf's sharded axes, the NORM decision; results replicated."""
     ndims = [g.ndim for g in leaves]
+    for i, g in enumerate(leaves):
+        check_whole(g, "grad %d" % i)
 
     def impl(scale, *gs):
         return call(scale, *gs, **attrs)
@@ -101,7 +177,7 @@ def grad_sum_sq(call, loss_scale, leaves, attrs):
         infer_sharding_from_operands=infer,
         sharding_rule=rule + " -> , , ",
     )
-    return f(loss_scale, *leaves)
+    return batchable(f)(loss_scale, *leaves)
 
 
 def _state_rule(ndim, n_state):
@@ -119,6 +195,10 @@ def update(algorithm, call, param, grad, state, scalars, attrs, options):
     results keep the parameter's sharding; a split parameter runs the split-phase path."""
     ndim, n_state = param.ndim, len(state)
     ada = algorithm == "adalomo"
+    check_whole(param, "the parameter")
+    known = known_spec(param)
+    if known is not None:
+        _piece(known, ndim)  # a 2-D block whose sharding is known now: refused before XLA
 
     def impl(p, g, *rest):
         return call(p, g, *rest, **attrs)
@@ -142,8 +222,14 @@ def update(algorithm, call, param, grad, state, scalars, attrs, options):
         return ps, st, repl
 
     def infer(mesh, arg_shapes, result_shape):
-        spec = _spec_of(arg_shapes[0].sharding, ndim)
-        ps, st, repl = shardings(mesh, _piece(spec, ndim), spec)
+        # Never raise here: under the GSPMD partitioner an exception in this callback is a
+        # failed CHECK in XLA (the process aborts); `partition` raises the refusal instead.
+        try:
+            spec = _spec_of(arg_shapes[0].sharding, ndim)
+            pc = _piece(spec, ndim)
+        except ShardedOperandError:
+            spec, pc = PartitionSpec(), None
+        ps, st, repl = shardings(mesh, pc, spec)
         return (ps, *st, repl)
 
     def partition(mesh, arg_shapes, result_shape):
@@ -182,12 +268,18 @@ def update(algorithm, call, param, grad, state, scalars, attrs, options):
 
         return mesh, lower, (ps, *st, repl), arg_sh
 
+    # Only the parameter decides the results' sharding: the gradient and the state operands
+    # get factors of their own (the partition reshards them to the parameter's layout), else
+    # Shardy would propagate e.g. a gradient split over other axes into the parameter and make
+    # it a 2-D block (the step after refused, donation lost).
     p_rule = " ".join(_names("d", ndim))
-    ops = [p_rule, p_rule] + _state_rule(ndim, n_state) + ["", "", "", ""]
+    g_rule = " ".join(_names("g", ndim))
+    s_rule = [" ".join(_names("s%d_" % k, len(st.shape))) for k, st in enumerate(state)]
+    ops = [p_rule, g_rule] + s_rule + ["", "", "", ""]
     res = [p_rule] + _state_rule(ndim, n_state) + [""]
     f.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
         sharding_rule=", ".join(ops) + " -> " + ", ".join(res),
     )
-    return f(param, grad, *state, *scalars)
+    return batchable(f)(param, grad, *state, *scalars)

@@ -305,12 +305,13 @@ class Optimizer:
 
         return sharded_step(self, params, grads, state, lr, specs)
 
-    def state_specs(self, params, specs):
+    def state_specs(self, params, specs, mesh=None):
         """The ``PartitionSpec``s of ``init(params)`` for parameters sharded by ``specs`` (an
-        :class:`OptState` of specs, for ``shard_map`` and ``jax.device_put``)."""
+        :class:`OptState` of specs, for ``shard_map`` and ``jax.device_put``). Pass ``mesh``
+        when a spec names an axis of size 1 over a second dimension (it splits nothing)."""
         from ._jax_shard_tree import state_specs
 
-        return state_specs(self, params, specs)
+        return state_specs(self, params, specs, mesh)
 
     def state_shardings(self, mesh, params, specs):
         """:meth:`state_specs` as ``NamedSharding``s on ``mesh``."""

@@ -41,10 +41,23 @@ def flatten_specs(treedef, specs):
     return leaves
 
 
-def piece_of(spec: Optional[PartitionSpec], ndim: int, what: str) -> Optional[Piece]:
-    """The :class:`Piece` a PartitionSpec makes of a rank-``ndim`` leaf (None: replicated)."""
+def _drop_unit_axes(spec: PartitionSpec, sizes) -> PartitionSpec:
+    """``spec`` without the mesh axes of size 1 (they split nothing)."""
+    out = []
+    for e in tuple(spec):
+        axes = tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ()))
+                     if sizes.get(a, 2) > 1)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def piece_of(spec: Optional[PartitionSpec], ndim: int, what: str, sizes=None) -> Optional[Piece]:
+    """The :class:`Piece` a PartitionSpec makes of a rank-``ndim`` leaf (None: replicated);
+    ``sizes`` ({mesh axis: size}, when known) drops the axes of size 1."""
     if spec is None:
         return None
+    if sizes:
+        spec = _drop_unit_axes(spec, sizes)
     entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
     if len(entries) > ndim:
         raise ValueError("%s: PartitionSpec %s has more entries than rank %d" % (what, spec, ndim))
@@ -77,11 +90,14 @@ def _axis_size(axes) -> int:
     return n
 
 
-def state_specs(opt, params, specs):
+def state_specs(opt, params, specs, mesh=None):
     """PartitionSpecs of ``opt.init(params)`` for the parameters' ``specs`` (for ``shard_map``'s
     ``in_specs``/``out_specs`` and ``jax.device_put``): AdaLomo's row state follows a row split,
-    the column state a column split, the other vector is replicated."""
+    the column state a column split, the other vector is replicated. With ``mesh``, its axes of
+    size 1 split nothing (``P("data", "model")`` on a ``(1, N)`` mesh is a column split)."""
     from ._jax_pytree import OptState, ScalerState
+
+    sizes = dict(mesh.shape) if mesh is not None else None
 
     leaves, treedef = jax.tree_util.tree_flatten(params)
     sl = flatten_specs(treedef, specs)
@@ -90,7 +106,7 @@ def state_specs(opt, params, specs):
         if opt.algorithm != "adalomo":
             ada.append(())
             continue
-        pc = piece_of(spec, p.ndim, "parameter %d" % i)
+        pc = piece_of(spec, p.ndim, "parameter %d" % i, sizes)
         if p.ndim < 2:
             ada.append((PartitionSpec(pc.axes) if pc else PartitionSpec(),))
         elif pc is None:
@@ -114,8 +130,33 @@ def state_specs(opt, params, specs):
 def state_shardings(opt, mesh, params, specs):
     """:func:`state_specs` as ``NamedSharding``s on ``mesh`` (for ``jax.device_put``)."""
     return jax.tree_util.tree_map(
-        lambda s: NamedSharding(mesh, s), state_specs(opt, params, specs), is_leaf=_is_spec
+        lambda s: NamedSharding(mesh, s), state_specs(opt, params, specs, mesh), is_leaf=_is_spec
     )
+
+
+def _check_specs_match(params, leaves, specs, pieces, sizes):
+    """Where JAX tracks which values differ between devices (``shard_map``'s default
+    ``check_vma=True``), every parameter must differ over exactly the axes its spec splits it
+    over: a piece declared replicated would get per-piece statistics, a replicated array
+    declared split would have its statistics summed once per device — wrong numbers either
+    way, so refused before anything runs."""
+    from ._jax_partition import varying_axes
+
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if not manual or not varying_axes(jax.lax.axis_index(manual)):
+        return  # outside shard_map, or check_vma=False: nothing to compare with
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [jax.tree_util.keystr(k) for k, _ in flat]
+    for i, (p, spec, pc) in enumerate(zip(leaves, specs, pieces)):
+        got = frozenset(a for a in varying_axes(p) if sizes.get(a, 2) > 1)
+        want = frozenset(pc.axes) if pc else frozenset()
+        if got != want:
+            raise ValueError(
+                "parameter %d (%s): its PartitionSpec %s splits it over the mesh axes %s, but "
+                "inside shard_map it differs between devices over %s: pass the specs the parameters "
+                "were given in shard_map's in_specs" % (i, paths[i], spec, tuple(sorted(want)),
+                                                          tuple(sorted(got)))
+            )
 
 
 def sharded_step(opt, params, grads, state, lr, specs):
@@ -125,7 +166,11 @@ def sharded_step(opt, params, grads, state, lr, specs):
     sl = flatten_specs(treedef, specs)
     if len(state.ada) != len(leaves):
         raise ValueError("state was made for %d parameters, got %d" % (len(state.ada), len(leaves)))
-    pieces = [piece_of(s, p.ndim, "parameter %d" % i) for i, (p, s) in enumerate(zip(leaves, sl))]
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    sizes = {a: jax.lax.axis_size(a) for a in manual}
+    pieces = [piece_of(s, p.ndim, "parameter %d" % i, sizes)
+              for i, (p, s) in enumerate(zip(leaves, sl))]
+    _check_specs_match(params, leaves, sl, pieces, sizes)
     union = []
     for pc in pieces:
         for a in pc.axes if pc else ():

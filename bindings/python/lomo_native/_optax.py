@@ -30,6 +30,7 @@ import it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
@@ -96,11 +97,40 @@ def as_gradient_transformation(
     return optax.GradientTransformation(init, update)
 
 
+def _make(algorithm, learning_rate, options):
+    # Unset options (None: the Optimizer's default) are dropped; a traced option means
+    # optax.inject_hyperparams made it a hyperparameter, which it cannot be (compile-time).
+    options = {k: v for k, v in options.items() if v is not None}
+    traced = sorted(k for k, v in options.items() if isinstance(v, jax.core.Tracer))
+    if traced:
+        raise TypeError(
+            "lomo_native.jax.optax: %s are compile-time options, not hyperparameters that can "
+            "change under jit; with optax.inject_hyperparams pass static_args=%r (only "
+            "learning_rate can be injected)" % (traced, tuple(traced))
+        )
+    return as_gradient_transformation(Optimizer(algorithm, **options), learning_rate)
+
+
+def _signature(doc_name):
+    """An explicit keyword-only signature (every option defaulting to None: the Optimizer's
+    default) so that ``optax.inject_hyperparams(lomo_optax.adalomo)(learning_rate=...)`` binds
+    the options by name and injects only ``learning_rate``."""
+    params = [inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name in inspect.signature(Optimizer.__init__).parameters:
+        if name not in ("self", "algorithm"):
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params)
+
+
 def lomo(learning_rate: ScalarOrSchedule, **options) -> optax.GradientTransformation:
     """LOMO as an optax transformation; ``options`` as :func:`lomo_native.jax.lomo`."""
-    return as_gradient_transformation(Optimizer("lomo", **options), learning_rate)
+    return _make("lomo", learning_rate, options)
 
 
 def adalomo(learning_rate: ScalarOrSchedule, **options) -> optax.GradientTransformation:
     """AdaLomo as an optax transformation; ``options`` as :func:`lomo_native.jax.adalomo`."""
-    return as_gradient_transformation(Optimizer("adalomo", **options), learning_rate)
+    return _make("adalomo", learning_rate, options)
+
+
+lomo.__signature__ = _signature("lomo")
+adalomo.__signature__ = _signature("adalomo")

@@ -231,3 +231,33 @@ def test_example_script_optax_form_runs():
     assert "adalomo (optax), float32 params: 30 steps" in out.stdout, out.stdout
     losses = [float(l.split()[3]) for l in out.stdout.splitlines() if l.startswith("step")]
     assert losses[-1] < losses[0], losses
+
+
+def test_inject_hyperparams_injects_the_learning_rate():
+    # optax.inject_hyperparams(lomo_optax.adalomo)(learning_rate=...) raised "unexpected keyword
+    # argument 'options'" (it binds the factory's signature; **options became a keyword).
+    # Against the C API; the lr changed through the state takes effect; a compile-time option
+    # given as a hyperparameter is refused with a message naming static_args.
+    params = make_params(jnp.float32)
+    ref = CApiOptimizer("adalomo", params, loss_scale_mode="none", weight_decay=0.1)
+    tx = optax.inject_hyperparams(lox.adalomo, static_args=("weight_decay",))(
+        learning_rate=1e-2, weight_decay=0.1
+    )
+    jp = [jnp.asarray(p) for p in params]
+    state = tx.init(jp)
+
+    @jax.jit
+    def step(p, state, g):
+        updates, state = tx.update(g, state, p)
+        return optax.apply_updates(p, updates), state
+
+    for t, lr in enumerate((1e-2, 3e-3)):
+        state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        grads = make_grads(params, t, jnp.float32)
+        ref.step(grads, lr)
+        old = [np.asarray(p) for p in jp]
+        jp, state = step(jp, state, [jnp.asarray(g) for g in grads])
+        check_equal(jp, ref.params, old, "f32", "inject_hyperparams step %d" % t)
+    tx = optax.inject_hyperparams(lox.lomo)(learning_rate=1e-2, weight_decay=0.1)
+    with pytest.raises(TypeError, match="static_args"):
+        jax.jit(tx.update)(jp, tx.init(jp), jp)

@@ -2,7 +2,8 @@
 the C API), row/column/two-axis/uneven pieces, dynamic loss scaling, stochastic rounding,
 donation, a sharded training loop, and plain jit on sharded arrays (the sharding kept, parity,
 in-place donation; a 2-D block refused). The device count must be set before jax is imported,
-so the cases (sharded_cases.py) run in one subprocess per configuration."""
+so the cases (sharded_cases.py, sharded_user_cases.py) run in one subprocess per configuration
+and file."""
 
 import json
 import os
@@ -14,19 +15,25 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-CASES = [ln[9:].split("(")[0] for ln in open(os.path.join(HERE, "sharded_cases.py")) if ln.startswith("def case_")]
+FILES = ("sharded_cases.py", "sharded_user_cases.py")
+CASES = [
+    (f, ln[9:].split("(")[0])
+    for f in FILES
+    for ln in open(os.path.join(HERE, f))
+    if ln.startswith("def case_")
+]
 
 CONFIGS = [(2, "1"), (4, "1"), (2, "0")]  # (devices, jax_enable_x64)
 _results = {}
 
 
-def _run(devices, x64):
-    key = (devices, x64)
+def _run(devices, x64, file):
+    key = (devices, x64, file)
     if key not in _results:
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)
         proc = subprocess.run(
-            [sys.executable, os.path.join(HERE, "sharded_cases.py"), str(devices), x64],
+            [sys.executable, os.path.join(HERE, file), str(devices), x64],
             env=env,
             capture_output=True,
             text=True,
@@ -41,8 +48,9 @@ def _run(devices, x64):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "%ddev-x64=%s" % c)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES), ids=lambda c: c[1])
 def test_sharded(config, case):
-    res = _run(*config)
+    res = _run(*config, case[0])
+    case = case[1]
     assert "__crash__" not in res, res.get("__crash__")
     assert res.get(case) == "ok", res.get(case)
