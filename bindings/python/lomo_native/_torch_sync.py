@@ -1,7 +1,7 @@
 """Keeping the PyTorch binding's registrations in step with the model and the parameter groups:
 parameters the model replaced are re-registered with their optimizer state, parameters added
 with ``add_param_group`` are registered, and each group's current ``lr`` and ``weight_decay``
-reach the library before every step. A mixin of :class:`lomo_native.torch._FusedOptimizer`."""
+reach the library before every step. A mixin of :class:`lomo_native._torch_fused._FusedOptimizer`."""
 
 from __future__ import annotations
 
