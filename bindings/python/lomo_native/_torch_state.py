@@ -66,7 +66,7 @@ def _encode(meta: dict, ranges: dict, data: bytes) -> bytes:
     as length-prefixed name and dtype, rank, dims and offsets (u64 little-endian), then the
     data."""
     meta = {k: v for k, v in meta.items() if k != "checksum"}
-    order = sorted(ranges, key=lambda k: ranges[k])
+    order = sorted(ranges, key=lambda k: (ranges[k], k))  # ties (empty tensors) by name
 
     def entry(crc, key, value):
         for s in (key.encode(), value.encode()):
@@ -122,7 +122,12 @@ def _param_state(opt, p, e, steps, data, ranges) -> dict:
     if order is not None:  # statistics kept in memory order (a permuted CUDA parameter)
         st["lomo_state_order"] = torch.tensor(order, dtype=torch.int64)
     if e.name + ".row" in ranges:
-        row = torch.from_numpy(_values(data, ranges, e.name + ".row")).reshape(e.shape[:-1])
+        row = torch.from_numpy(_values(data, ranges, e.name + ".row"))
+        if row.numel() == 0:
+            # A parameter without elements has no statistics; a [R, 0] one still reports its
+            # rows (zeros: nothing was ever averaged into them) in the documented shape.
+            row = torch.zeros(e.shape[:-1], dtype=torch.float32)
+        row = row.reshape(e.shape[:-1])
         st["exp_avg_sq_row"] = _wrap(row, p, tuple(p.shape[:-1])) if dist else row
         st["exp_avg_sq_col"] = torch.from_numpy(_values(data, ranges, e.name + ".col"))
     else:
@@ -208,6 +213,8 @@ def load_state_dict(opt, sd: dict) -> None:
                 if k not in st:
                     raise ValueError(f"'{e.name}': the state has no '{k}'")
                 a, b = ranges[e.name + suffix]
+                if a == b and TF.local(p).numel() == 0:
+                    continue  # no elements, no statistics: nothing to load (see _param_state)
                 data[a:b] = _local_values(st[k], e.name, k, (b - a) // 4)
     if len(steps) > 1:
         raise ValueError(f"the parameters' step counters differ: {sorted(steps)}")
