@@ -20,12 +20,19 @@ from . import _torch_state as TS
 from . import _torch_params as TP
 from ._torch_accum import Accumulation
 from ._torch_sync import ModelSync
+from ._torch_sync import check_lr
 from . import _torch_step
 from .core import Optimizer as _NativeOptimizer
 from .core import StepInfo
 
 _DTYPES = TP._DTYPES
 _STATE_FORMAT = "lomo_native.torch/1"
+_DONATED_BUFFERS = (
+    "the norm backward (grad_norm, needed by clip_grad_norm, and the two-pass step of fp16 "
+    "models) keeps the graph for the update backward (retain_graph=True), which the backward of "
+    "a torch.compile'd model refuses while it donates its buffers: set "
+    "torch._functorch.config.donated_buffer = False before the model's first forward (or use "
+    "two_pass=False and no clip_grad_norm). Nothing was changed")
 
 
 def is_no_decay(name: str, param: torch.Tensor, module: torch.nn.Module) -> bool:
@@ -72,6 +79,7 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}.")
         self.model = model
+        check_lr(lr)
         self.lr = lr
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -260,10 +268,12 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         try:
             loss.backward(retain_graph=retain_graph)
             self._flush_pending()
-        except BaseException:
+        except BaseException as exc:
             self._phase = None
             self._norm_pending = False
             self._native.cancel()
+            if retain_graph and isinstance(exc, RuntimeError) and "donated buffer" in str(exc):
+                raise RuntimeError(_DONATED_BUFFERS) from exc
             raise
         finally:
             if root is not None:
@@ -323,8 +333,15 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         return (loss.float() if loss.dtype == torch.float16 else loss) * self._grad_scale
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's: sets (or zeroes) every ``.grad`` of the optimizer's parameters."""
+        """As torch's: sets (or zeroes) every ``.grad`` of the optimizer's parameters. With
+        accumulation, it also discards the micro-batches of a step not yet applied (their
+        gradients live in the library's buffers instead of ``.grad``), as torch's discards
+        gradients accumulated in ``.grad``; the next ``fused_backward`` starts a new step."""
         super().zero_grad(set_to_none=set_to_none)
+        if self._micro and self._phase is None:
+            self._native.cancel()  # empties the accumulation buffers (and a pending norm pass)
+            self._micro = 0
+            self._norm_pending = False
         self._stray = None
         self._grad_scale = 1.0
 
@@ -399,6 +416,12 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         self._check_not_removed()  # gradients left in .grad do not matter here
         if self._phase is not None or self._norm_pending:
             raise RuntimeError(f"{what}() must be called between steps")
+        if self._micro:
+            raise RuntimeError(
+                f"{what}() must be called between steps: {self._micro} accumulated "
+                "micro-batch(es) of this step are pending (the buffers are not part of the "
+                "state); finish the step with fused_backward(loss) (accumulate=False for a "
+                "short step), or discard them with zero_grad()")
         if not self._native.supports_state():
             raise RuntimeError(
                 f"the loaded liblomo ({N.library_path()}) has no lomo_state_serialize/"

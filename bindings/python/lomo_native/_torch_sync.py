@@ -17,6 +17,19 @@ from . import _torch_params as TP
 from .core import Optimizer as _NativeOptimizer
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_lr(lr, where: str = "") -> float:
+    """``lr`` as a float; ValueError unless it is finite, >= 0 and within float32's range (the
+    library takes the lr as a float32: 1e39 would become infinity)."""
+    value = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+    if not (np.isfinite(value) and 0 <= value <= _F32_MAX):
+        raise ValueError(f"{where}lr must be finite, >= 0 and at most {_F32_MAX:.4g} (float32), "
+                         f"got {value}")
+    return value
+
+
 class _Registrations:
     """Counts parameter (re)registrations on any module of the process (a torch global hook,
     installed once): ``load_state_dict(assign=True)``, ``module.weight = Parameter(...)`` and
@@ -221,13 +234,13 @@ class ModelSync:
         values raise before anything changes."""
         settings = []
         for gid, g in enumerate(self.param_groups):
-            base = g["lr"] if lr is None else lr
-            base = float(base.item() if isinstance(base, torch.Tensor) else base)
+            base = check_lr(g["lr"] if lr is None else lr, f"param_groups[{gid}]: ")
             mult = float(np.float32(base)) * float(g.get("lr_scale", 1.0))
             wd = g.get("weight_decay", 0.0) or 0.0
             wd = float(wd) if wd > 0 else 0.0
             if not (np.isfinite(mult) and mult >= 0):
-                raise ValueError(f"param_groups[{gid}]: lr must be finite and >= 0, got {base}")
+                raise ValueError(f"param_groups[{gid}]: lr {base} times lr_scale "
+                                 f"{g.get('lr_scale', 1.0)} must be finite and >= 0 in float32")
             settings.append((gid, mult, wd))
         for gid, mult, wd in settings:
             if self._group_sent.get(gid) != (mult, wd):
@@ -271,7 +284,7 @@ class ModelSync:
                 raise ValueError(f"add_param_group: a parameter named {name!r} is registered")
             self._check_param(name, p)
             items.append((name, p, gid))
-        lr = float(group.get("lr", self.defaults["lr"]))
+        lr = check_lr(group.get("lr", self.defaults["lr"]), "add_param_group: ")
         lr_scale = float(group.get("lr_scale", 1.0))
         wd = group.get("weight_decay", self.weight_decay) or 0.0
         wd = float(wd) if wd > 0 else 0.0
