@@ -125,6 +125,7 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         self._pending: dict = {}
         self._submitted: set = set()
         self._deferred_names: set = set()
+        self._conflicts: list = []  # names of the backward's conflicts (TP.conflict_error)
         self._group_sent: dict = {}
         self._dist = TF.Distribution(process_group)
         self._register([(n, p, self._group_of[n]) for n, p in named])
@@ -264,14 +265,21 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
             loss = (loss.float() if loss.dtype == torch.float16 else loss) * scale
         self._phase = phase
         self._pending, self._submitted, self._outer_task = {}, set(), -1
+        self._conflicts = []
         root = loss.grad_fn.register_prehook(self._enter_backward) if loss.grad_fn else None
         try:
             loss.backward(retain_graph=retain_graph)
+            if self._conflicts:
+                raise TP.conflict_error(phase, self._conflicts)
             self._flush_pending()
         except BaseException as exc:
             self._phase = None
             self._norm_pending = False
             self._native.cancel()
+            for e in self._pending.values():  # partial sums of an abandoned step: not left
+                p = e.param()
+                if p is not None:
+                    p.grad = None
             if retain_graph and isinstance(exc, RuntimeError) and "donated buffer" in str(exc):
                 raise RuntimeError(_DONATED_BUFFERS) from exc
             raise

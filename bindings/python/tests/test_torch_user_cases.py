@@ -233,3 +233,66 @@ def test_learning_rates_outside_float32_are_refused(lr):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": lr})
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     opt.fused_backward(mse(model), 1e-3)  # usable afterwards
+
+
+# ------------------------------------------------------------------ reentrant checkpoint conflicts
+class OutsideLast(torch.nn.Module):
+    """``a`` is used inside a reentrant checkpoint segment and again after it: its outer
+    gradient is complete (and handed over) before the segment is recomputed."""
+
+    def __init__(self, ckpt):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.ckpt = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), ckpt
+
+    def seg(self, h):
+        return torch.tanh(self.b(torch.tanh(self.a(h))))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        x = x.clone().requires_grad_(True)
+        h = checkpoint(self.seg, x, use_reentrant=True) if self.ckpt else self.seg(x)
+        return self.a(h).pow(2).mean()
+
+
+def test_reentrant_conflict_in_a_norm_or_accumulate_backward_changes_nothing():
+    """A parameter used inside a reentrant segment and after it: the first backward learns it
+    and raises. In a NORM or ACCUMULATE backward nothing is updated, and the error says so and
+    names every such parameter at once (it named one per step, each time saying the step was
+    abandoned part-way); no partial gradient is left in .grad; the step run again trains as
+    the model without checkpointing."""
+    model, plain = OutsideLast(ckpt=True), OutsideLast(ckpt=False)
+    opt = AdaLomo(model, lr=0.05, clip_grad_norm=1.0, accumulation_steps=2)
+    ref = Reference(plain, "adalomo", 0.05, clip=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    xs = torch.randn(4, 3, 8)
+    with pytest.raises(RuntimeError, match=r"'a.bias', 'a.weight'.*Nothing was updated"):
+        opt.fused_backward(model(xs[0]) / 2)  # the first micro-batch: ACCUMULATE
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.native.accum_pending == 0
+    for s in range(2):
+        total = 0
+        for j in range(2):
+            loss = model(xs[2 * s + j]) / 2
+            opt.grad_norm(loss)
+            opt.fused_backward(loss)
+            total = total + plain(xs[2 * s + j]) / 2
+        ref.step(total)
+        assert_close(model, plain)
+
+
+def test_reentrant_conflict_in_an_update_backward_says_it_was_partial():
+    model = OutsideLast(ckpt=True)
+    opt = Lomo(model, lr=0.05)
+    with pytest.raises(RuntimeError, match=r"'a.bias', 'a.weight'.*abandoned part-way"):
+        opt.fused_backward(model(torch.randn(3, 8)), 0.05)
+    assert all(p.grad is None for p in model.parameters())
+    plain = copy.deepcopy(model)
+    plain.ckpt = False
+    ref = Reference(plain, "lomo", 0.05)
+    x = torch.randn(3, 8)
+    opt.fused_backward(model(x), 0.05)
+    ref.step(plain(x))
+    assert_close(model, plain)
