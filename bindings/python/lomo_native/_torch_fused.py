@@ -276,9 +276,12 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
             self._phase = None
             self._norm_pending = False
             self._native.cancel()
-            for e in self._pending.values():  # partial sums of an abandoned step: not left
+            # Gradients of the abandoned backward not handed over (deferred partial sums, or a
+            # parameter whose hook never ran: another hook failed before it) are dropped: a
+            # fused step leaves no .grad, and the next backward would add to them.
+            for e in self._entries.values():
                 p = e.param()
-                if p is not None:
+                if p is not None and p.grad is not None:
                     p.grad = None
             if retain_graph and isinstance(exc, RuntimeError) and "donated buffer" in str(exc):
                 raise RuntimeError(_DONATED_BUFFERS) from exc

@@ -296,3 +296,37 @@ def test_reentrant_conflict_in_an_update_backward_says_it_was_partial():
     opt.fused_backward(model(x), 0.05)
     ref.step(plain(x))
     assert_close(model, plain)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_a_failed_backward_leaves_no_gradient_behind(accumulate):
+    """Another post-accumulate-grad hook of a parameter, registered before the optimizer's,
+    raises: the backward stops with that parameter's .grad set and its (optimizer) hook never
+    run. That .grad was left, and the next step added it to its own gradient silently."""
+    model = mlp()
+    plain = copy.deepcopy(model)
+    armed = [True]
+
+    def user_hook(p):
+        if armed[0]:
+            armed[0] = False
+            raise ValueError("the user's hook failed")
+
+    model[2].weight.register_post_accumulate_grad_hook(user_hook)
+    opt = Lomo(model, lr=0.05, clip_grad_norm=1e-3, accumulation_steps=2 if accumulate else 1)
+    ref = Reference(plain, "lomo", 0.05, clip=1e-3)
+    xs, ys = torch.randn(3, 4, 8), torch.randn(3, 4, 3)
+    with pytest.raises(ValueError, match="user's hook"):
+        loss = mse(model, xs[0], ys[0])
+        opt.grad_norm(loss)  # without accumulation: a NORM backward, nothing is updated
+        opt.fused_backward(loss)  # with: an ACCUMULATE backward, nothing is updated
+    assert all(p.grad is None for p in model.parameters())
+    k = 2 if accumulate else 1
+    total = 0
+    for j in range(1, 1 + k):
+        loss = mse(model, xs[j], ys[j]) / k
+        opt.grad_norm(loss)
+        opt.fused_backward(loss, 0.05)
+        total = total + mse(plain, xs[j], ys[j]) / k
+    ref.step(total)
+    assert_close(model, plain)
