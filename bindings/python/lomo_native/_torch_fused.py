@@ -417,6 +417,9 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         blob = state_dict["native"]
         if isinstance(blob, torch.Tensor):
             blob = blob.cpu().contiguous().numpy().tobytes()
+        if self._ALGORITHM == "lomo":  # no per-element state: a layout saved otherwise loads
+            blob = TS.with_param_shapes(blob, {e.name: self._native_shape(e)
+                                               for e in self._entries.values()})
         self._native.load_state_bytes(blob)
         for gid, (g, saved) in enumerate(zip(self.param_groups, state_dict["groups"])):
             g.update(lr_scale=saved["lr_scale"], weight_decay=saved["weight_decay"], lr=saved["lr"])
@@ -437,6 +440,13 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
             raise RuntimeError(
                 f"the loaded liblomo ({N.library_path()}) has no lomo_state_serialize/"
                 f"lomo_state_deserialize; {what} needs a newer library")
+
+    @staticmethod
+    def _native_shape(e) -> tuple:
+        """The shape ``e`` is registered with (memory order for a permuted LOMO parameter)."""
+        if e.perm is None or e.perm is TP.STRIDES:
+            return e.shape
+        return tuple(e.shape[d] for d in e.perm)
 
     def _settings(self) -> dict:
         return {"clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,

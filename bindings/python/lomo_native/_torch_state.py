@@ -92,6 +92,17 @@ def _encode(meta: dict, ranges: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + bytes(data)
 
 
+def with_param_shapes(blob: bytes, shapes: dict) -> bytes:
+    """A LOMO state blob whose recorded parameter shapes are ``shapes`` (name -> registered
+    shape): LOMO keeps no per-element state, so a parameter registered anew in another memory
+    order (a model moved to channels_last after the optimizer was built, whose memory-order
+    shape is then permuted) keeps its state; the checksum is recomputed."""
+    meta, ranges, data = _parse(blob)
+    params = [[name, list(shapes.get(name, shape))] for name, shape in json.loads(meta["params"])]
+    meta["params"] = json.dumps(params, separators=(",", ":"))
+    return _encode(meta, ranges, data)
+
+
 def _values(data, ranges, name) -> np.ndarray:
     a, b = ranges[name]
     return np.frombuffer(bytes(data[a:b]), dtype="<f4").astype(np.float32)

@@ -14,6 +14,7 @@ import torch
 from . import _native as N
 from . import _torch_fsdp as TF
 from . import _torch_params as TP
+from . import _torch_state as TS
 from .core import Optimizer as _NativeOptimizer
 
 
@@ -187,6 +188,9 @@ class ModelSync:
                     "where the library keeps its AdaLomo state in memory order: the state "
                     "cannot follow; restore the layout, or build a new optimizer")
         state = self._native.state_bytes() if self._native.supports_state() else None
+        if state is not None and self._ALGORITHM == "lomo":
+            # LOMO registers a permuted parameter in memory order: a new layout is a new shape
+            state = TS.with_param_shapes(state, {n: lay[1][2] for n, lay in layouts.items()})
         cfg = {k: v for k, v in self._native.config.items() if k not in ("struct_size",
                                                                          "algorithm")}
         native = _NativeOptimizer(self._ALGORITHM, **cfg)

@@ -330,3 +330,44 @@ def test_a_failed_backward_leaves_no_gradient_behind(accumulate):
         total = total + mse(plain, xs[j], ys[j]) / k
     ref.step(total)
     assert_close(model, plain)
+
+
+# ------------------------------------------------------------------- layouts changed mid-training
+@pytest.mark.parametrize("cls,algorithm", [(Lomo, "lomo"), (AdaLomo, "adalomo")])
+def test_memory_format_changed_after_construction(cls, algorithm):
+    """model.to(memory_format=...) after the optimizer was built re-registers the weights. LOMO
+    registers a permuted weight in memory order (another shape), and the re-registration
+    refused its own state ('has shape [2, 4, 2, 2] in the checkpoint but [2, 2, 2, 4] here')."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 2))
+    plain = copy.deepcopy(model)
+    opt = cls(model, lr=0.05, clip_grad_norm=1.0)
+    ref = Reference(plain, algorithm, 0.05, clip=1.0)
+    x = torch.randn(2, 3, 6, 6)
+    for i, fmt in enumerate([None, torch.channels_last, None, torch.contiguous_format, None]):
+        if fmt is not None:
+            model.to(memory_format=fmt)
+        loss = model(x).pow(2).mean()
+        opt.grad_norm(loss)
+        opt.fused_backward(loss, 0.05)
+        ref.step(plain(x).pow(2).mean())
+        assert_close(model, plain)
+    assert int(opt.state_dict()["state"][0]["step"]) == 5
+
+
+def test_lomo_legacy_state_loads_into_another_memory_format():
+    """The same for a lomo_native.torch/1 state dict (the library's blob, which records the
+    registered shapes) saved with one layout and loaded with another."""
+    from lomo_native import _torch_fused
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 2)
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    opt = Lomo(model, lr=0.1)
+    opt.fused_backward(model(torch.randn(2, 3, 5, 5)).sum())
+    legacy = {"format": _torch_fused._STATE_FORMAT, "algorithm": "lomo",
+              "param_names": list(opt._entries), "groups": [dict(g) for g in opt.param_groups],
+              "native": opt.native.state_bytes(), "lr": 0.1}
+    opt2 = Lomo(other, lr=0.1)
+    opt2.load_state_dict(legacy)
+    assert int(opt2.state_dict()["state"][0]["step"]) == 1
