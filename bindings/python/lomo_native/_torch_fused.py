@@ -41,6 +41,20 @@ def is_no_decay(name: str, param: torch.Tensor, module: torch.nn.Module) -> bool
     return name.rsplit(".", 1)[-1] == "bias" or "norm" in type(module).__name__.lower()
 
 
+def _check_loss(loss) -> None:
+    """Raises, before any phase begins (so the micro-batches of an accumulated step are kept),
+    for a loss that ``backward()`` would refuse: not a tensor, not a single element, or without
+    a graph (detached, computed under ``torch.no_grad()``)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the loss must be a torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise RuntimeError(f"the loss must have one element (got shape {tuple(loss.shape)}): "
+                           "reduce it (e.g. .mean()) first; nothing was changed")
+    if not loss.requires_grad:
+        raise RuntimeError("the loss does not require a gradient (detached, or computed under "
+                           "torch.no_grad()/inference_mode); nothing was changed")
+
+
 class _LossScalerView:
     """Read-only stand-in for lomo-optim's ``DynamicLossScaler`` (``opt.loss_scaler``), so that
     lomo-optim loops that test ``opt.loss_scaler.has_overflow_serial`` keep working."""
@@ -202,6 +216,7 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         ``accumulate=True``/``False`` overrides the count for this call (False: the step's
         last micro-batch, e.g. a short last step of an epoch)."""
         self._check_usable()
+        _check_loss(loss)
         if self._accumulating(accumulate):
             self._accumulate_backward(loss)
             return
@@ -230,6 +245,7 @@ class _FusedOptimizer(Accumulation, ModelSync, TP.DeferredGrads, torch.optim.Opt
         no-op on the micro-batches that only accumulate (``accumulate`` as for
         ``fused_backward``); on the last one the norm is that of the accumulated gradients."""
         self._check_usable()
+        _check_loss(loss)
         if self._accumulating(accumulate):
             return
         if self._norm_pending:

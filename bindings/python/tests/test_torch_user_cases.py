@@ -371,3 +371,39 @@ def test_lomo_legacy_state_loads_into_another_memory_format():
     opt2 = Lomo(other, lr=0.1)
     opt2.load_state_dict(legacy)
     assert int(opt2.state_dict()["state"][0]["step"]) == 1
+
+
+# ---------------------------------------------------------------- a bad loss in the middle of a step
+@pytest.mark.parametrize("kind", ["detached", "no_grad", "vector"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_bad_loss_mid_accumulation_keeps_the_step(kind, clip):
+    """A loss backward() refuses (detached, made under no_grad, not one element) on the second
+    micro-batch: raised inside the ACCUMULATE backward, it cancelled the step and silently
+    discarded the first micro-batch, so the retried step applied only the others. It is now
+    refused before anything begins."""
+    model = mlp()
+    plain = copy.deepcopy(model)
+    opt = Lomo(model, lr=0.05, clip_grad_norm=clip, accumulation_steps=3)
+    ref = Reference(plain, "lomo", 0.05, clip=clip)
+    xs, ys = torch.randn(3, 4, 8), torch.randn(3, 4, 3)
+
+    def micro(j, loss):
+        if clip:
+            opt.grad_norm(loss)
+        opt.fused_backward(loss)
+
+    micro(0, mse(model, xs[0], ys[0]))
+    if kind == "detached":
+        bad = mse(model, xs[1], ys[1]).detach()
+    elif kind == "no_grad":
+        with torch.no_grad():
+            bad = mse(model, xs[1], ys[1])
+    else:
+        bad = ((model(xs[1]) - ys[1]) ** 2).mean(1)
+    with pytest.raises(RuntimeError, match="nothing was changed"):
+        micro(1, bad)
+    assert opt.native.accum_pending == 1
+    for j in (1, 2):
+        micro(j, mse(model, xs[j], ys[j]))
+    ref.step(sum(mse(plain, xs[j], ys[j]) for j in range(3)))
+    assert_close(model, plain)
