@@ -48,7 +48,10 @@ impl<'a> File<'a> {
             .into_iter()
             .map(|(k, v)| (k, v.clone()))
             .collect();
-        tensors.sort_by_key(|(_, t)| t.data_offsets);
+        // File order; empty tensors share an offset, and the encoder writes them (as every
+        // tensor) in name order, so ties go by name. The map's own order is a hash order,
+        // different from run to run: a checksum over it failed at random on such files.
+        tensors.sort_by(|(a, ta), (b, tb)| ta.data_offsets.cmp(&tb.data_offsets).then(a.cmp(b)));
         Ok(File {
             meta: metadata.metadata().clone().unwrap_or_default(),
             tensors,

@@ -241,6 +241,23 @@ def current_task() -> int:
     return _graph_task_id() if _graph_task_id is not None else -1
 
 
+def conflict_error(phase, names) -> RuntimeError:
+    """The error of a backward in which parameters received gradients inside a reentrant
+    checkpoint segment after their gradient was handed over (they are also used outside it)."""
+    listed = ", ".join(f"'{n}'" for n in names)
+    if phase == N.PHASE_UPDATE:
+        what, outcome = "updated", ("This step was abandoned part-way (the other parameters "
+                                    "were updated): restore the model from a checkpoint, or "
+                                    "use use_reentrant=False")
+    else:  # a NORM or ACCUMULATE backward: nothing is updated there
+        what, outcome = "handed over", ("Nothing was updated; the step (with any micro-batches "
+                                        "accumulated in it) was discarded: run it again")
+    return RuntimeError(
+        f"{listed} received gradients inside a reentrant checkpoint segment after being "
+        f"{what} in this backward (used outside the segment too); from the next step on their "
+        f"gradients are summed and applied at the end of backward. {outcome}")
+
+
 class DeferredGrads:
     """Methods of the fused optimizers that hand gradients over, deferring those of reentrant
     checkpoint segments to the end of backward."""
@@ -262,13 +279,13 @@ class DeferredGrads:
         nested = task != -1 and self._outer_task != -1 and task != self._outer_task
         if nested:
             if e.name in self._submitted:
+                # Also used outside the segment, and already handed over: the backward runs on
+                # (its remaining partial gradients collect in .grad and are dropped), and
+                # raises at its end naming every such parameter (conflict_error).
                 self._deferred_names.add(e.name)
-                raise RuntimeError(
-                    f"'{e.name}' received a gradient inside a reentrant checkpoint segment after "
-                    "it was already updated in this backward (it is also used outside the "
-                    "segment); from the next step on its gradients are summed and applied at "
-                    "the end of backward. This step was abandoned part-way: restore the model "
-                    "from a checkpoint, or use use_reentrant=False")
+                self._conflicts.append(e.name)
+                self._pending[e.name] = e
+                return True
             self._deferred_names.add(e.name)
         if nested or e.name in self._deferred_names:
             self._pending[e.name] = e

@@ -66,7 +66,7 @@ def _encode(meta: dict, ranges: dict, data: bytes) -> bytes:
     as length-prefixed name and dtype, rank, dims and offsets (u64 little-endian), then the
     data."""
     meta = {k: v for k, v in meta.items() if k != "checksum"}
-    order = sorted(ranges, key=lambda k: ranges[k])
+    order = sorted(ranges, key=lambda k: (ranges[k], k))  # ties (empty tensors) by name
 
     def entry(crc, key, value):
         for s in (key.encode(), value.encode()):
@@ -90,6 +90,17 @@ def _encode(meta: dict, ranges: dict, data: bytes) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + bytes(data)
+
+
+def with_param_shapes(blob: bytes, shapes: dict) -> bytes:
+    """A LOMO state blob whose recorded parameter shapes are ``shapes`` (name -> registered
+    shape): LOMO keeps no per-element state, so a parameter registered anew in another memory
+    order (a model moved to channels_last after the optimizer was built, whose memory-order
+    shape is then permuted) keeps its state; the checksum is recomputed."""
+    meta, ranges, data = _parse(blob)
+    params = [[name, list(shapes.get(name, shape))] for name, shape in json.loads(meta["params"])]
+    meta["params"] = json.dumps(params, separators=(",", ":"))
+    return _encode(meta, ranges, data)
 
 
 def _values(data, ranges, name) -> np.ndarray:
@@ -122,7 +133,12 @@ def _param_state(opt, p, e, steps, data, ranges) -> dict:
     if order is not None:  # statistics kept in memory order (a permuted CUDA parameter)
         st["lomo_state_order"] = torch.tensor(order, dtype=torch.int64)
     if e.name + ".row" in ranges:
-        row = torch.from_numpy(_values(data, ranges, e.name + ".row")).reshape(e.shape[:-1])
+        row = torch.from_numpy(_values(data, ranges, e.name + ".row"))
+        if row.numel() == 0:
+            # A parameter without elements has no statistics; a [R, 0] one still reports its
+            # rows (zeros: nothing was ever averaged into them) in the documented shape.
+            row = torch.zeros(e.shape[:-1], dtype=torch.float32)
+        row = row.reshape(e.shape[:-1])
         st["exp_avg_sq_row"] = _wrap(row, p, tuple(p.shape[:-1])) if dist else row
         st["exp_avg_sq_col"] = torch.from_numpy(_values(data, ranges, e.name + ".col"))
     else:
@@ -208,6 +224,8 @@ def load_state_dict(opt, sd: dict) -> None:
                 if k not in st:
                     raise ValueError(f"'{e.name}': the state has no '{k}'")
                 a, b = ranges[e.name + suffix]
+                if a == b and TF.local(p).numel() == 0:
+                    continue  # no elements, no statistics: nothing to load (see _param_state)
                 data[a:b] = _local_values(st[k], e.name, k, (b - a) // 4)
     if len(steps) > 1:
         raise ValueError(f"the parameters' step counters differ: {sorted(steps)}")

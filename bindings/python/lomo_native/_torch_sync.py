@@ -1,7 +1,7 @@
 """Keeping the PyTorch binding's registrations in step with the model and the parameter groups:
 parameters the model replaced are re-registered with their optimizer state, parameters added
 with ``add_param_group`` are registered, and each group's current ``lr`` and ``weight_decay``
-reach the library before every step. A mixin of :class:`lomo_native.torch._FusedOptimizer`."""
+reach the library before every step. A mixin of :class:`lomo_native._torch_fused._FusedOptimizer`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,21 @@ import torch
 from . import _native as N
 from . import _torch_fsdp as TF
 from . import _torch_params as TP
+from . import _torch_state as TS
 from .core import Optimizer as _NativeOptimizer
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_lr(lr, where: str = "") -> float:
+    """``lr`` as a float; ValueError unless it is finite, >= 0 and within float32's range (the
+    library takes the lr as a float32: 1e39 would become infinity)."""
+    value = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+    if not (np.isfinite(value) and 0 <= value <= _F32_MAX):
+        raise ValueError(f"{where}lr must be finite, >= 0 and at most {_F32_MAX:.4g} (float32), "
+                         f"got {value}")
+    return value
 
 
 class _Registrations:
@@ -174,6 +188,9 @@ class ModelSync:
                     "where the library keeps its AdaLomo state in memory order: the state "
                     "cannot follow; restore the layout, or build a new optimizer")
         state = self._native.state_bytes() if self._native.supports_state() else None
+        if state is not None and self._ALGORITHM == "lomo":
+            # LOMO registers a permuted parameter in memory order: a new layout is a new shape
+            state = TS.with_param_shapes(state, {n: lay[1][2] for n, lay in layouts.items()})
         cfg = {k: v for k, v in self._native.config.items() if k not in ("struct_size",
                                                                          "algorithm")}
         native = _NativeOptimizer(self._ALGORITHM, **cfg)
@@ -221,13 +238,13 @@ class ModelSync:
         values raise before anything changes."""
         settings = []
         for gid, g in enumerate(self.param_groups):
-            base = g["lr"] if lr is None else lr
-            base = float(base.item() if isinstance(base, torch.Tensor) else base)
+            base = check_lr(g["lr"] if lr is None else lr, f"param_groups[{gid}]: ")
             mult = float(np.float32(base)) * float(g.get("lr_scale", 1.0))
             wd = g.get("weight_decay", 0.0) or 0.0
             wd = float(wd) if wd > 0 else 0.0
             if not (np.isfinite(mult) and mult >= 0):
-                raise ValueError(f"param_groups[{gid}]: lr must be finite and >= 0, got {base}")
+                raise ValueError(f"param_groups[{gid}]: lr {base} times lr_scale "
+                                 f"{g.get('lr_scale', 1.0)} must be finite and >= 0 in float32")
             settings.append((gid, mult, wd))
         for gid, mult, wd in settings:
             if self._group_sent.get(gid) != (mult, wd):
@@ -271,7 +288,7 @@ class ModelSync:
                 raise ValueError(f"add_param_group: a parameter named {name!r} is registered")
             self._check_param(name, p)
             items.append((name, p, gid))
-        lr = float(group.get("lr", self.defaults["lr"]))
+        lr = check_lr(group.get("lr", self.defaults["lr"]), "add_param_group: ")
         lr_scale = float(group.get("lr_scale", 1.0))
         wd = group.get("weight_decay", self.weight_decay) or 0.0
         wd = float(wd) if wd > 0 else 0.0
