@@ -8,9 +8,10 @@
 //!
 //! Supported today: pieces laid out as the whole tensor ([`Layout::Full`], optionally
 //! `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]), shape[-1]]` view
-//! ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) — on the CPU and CUDA
-//! backends — a range of its columns ([`Layout::Cols`]: row-parallel weights) or a flat range
-//! that cuts rows ([`Layout::Flat`]: DeepSpeed ZeRO-3, FSDP1) — CPU only; gradients already
+//! ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) or a range of its columns
+//! ([`Layout::Cols`]: row-parallel weights) — on the CPU and CUDA backends — or a flat range
+//! that cuts rows ([`Layout::Flat`]: DeepSpeed ZeRO-3, FSDP1) — on the CPU, and on CUDA for
+//! LOMO and for AdaLomo on rank ≤ 1 tensors; gradients already
 //! reduced by the caller ([`GradMode::Reduced`]) or, CPU only, averaged by the library on its
 //! scratch ([`GradMode::AllReduce`], [`GradMode::ReduceScatter`], `optimizer::grad`). On CUDA
 //! the records handed to the callback are device memory, reduced on the caller's stream.

@@ -193,7 +193,7 @@ impl CudaSide {
         self.dev.tensor(self.index[id as usize], g)
     }
 
-    /// Declares parameter `id` a piece of rows or the whole tensor (see [`DeviceOpt::set_shard`]).
+    /// Declares parameter `id` a piece of rows or columns, or the whole tensor (see [`DeviceOpt::set_shard`]).
     pub fn set_shard(
         &mut self,
         id: u32,
