@@ -12,9 +12,10 @@
 //! ([`Layout::Cols`]: row-parallel weights) — on the CPU and CUDA backends — or a flat range
 //! that cuts rows ([`Layout::Flat`]: DeepSpeed ZeRO-3, FSDP1) — on the CPU, and on CUDA for
 //! LOMO and for AdaLomo on rank ≤ 1 tensors; gradients already
-//! reduced by the caller ([`GradMode::Reduced`]) or, CPU only, averaged by the library on its
-//! scratch ([`GradMode::AllReduce`], [`GradMode::ReduceScatter`], `optimizer::grad`). On CUDA
-//! the records handed to the callback are device memory, reduced on the caller's stream.
+//! reduced by the caller ([`GradMode::Reduced`]) or averaged by the library on its scratch
+//! ([`GradMode::AllReduce`], [`GradMode::ReduceScatter`], `optimizer::grad`; on CUDA a device
+//! scratch). On CUDA the records and gradients handed to the callbacks are device memory,
+//! reduced on the caller's stream.
 
 use std::ffi::c_void;
 
@@ -95,16 +96,19 @@ impl Comm {
         })
     }
 
-    /// All-reduces `count` elements of dtype code `dtype` at `buf` in place (SUM) over the group,
-    /// on the host (stream NULL): a gradient the library averages.
+    /// All-reduces `count` elements of dtype code `dtype` at `buf` in place (SUM) over the group:
+    /// a gradient the library averages — on the host (`stream` NULL), or device memory ordered
+    /// on the caller's `stream` (CUDA).
     ///
     /// # Safety
-    /// `buf` holds `count` writable elements of `dtype` that nothing else uses during the call.
+    /// `buf` holds `count` writable elements of `dtype` that nothing else uses during the call
+    /// (device memory: nothing else on `stream` until the collective).
     pub unsafe fn all_reduce_grad(
         &self,
         buf: *mut c_void,
         count: usize,
         dtype: u32,
+        stream: *mut c_void,
         what: &str,
     ) -> Result<()> {
         // SAFETY: the caller's callback with the documented contract; `buf` holds `count`
@@ -116,7 +120,7 @@ impl Comm {
                 count,
                 dtype,
                 REDUCE_SUM,
-                std::ptr::null_mut(),
+                stream,
             )
         };
         if rc != 0 {
@@ -132,7 +136,8 @@ impl Comm {
     }
 
     /// Reduce-scatters (SUM) `count_per_rank × size` elements at `send` into `count_per_rank`
-    /// at `recv` (this rank's partition), on the host. `Unsupported` without the callback.
+    /// at `recv` (this rank's partition), on the host (`stream` NULL) or on the caller's CUDA
+    /// `stream`. `Unsupported` without the callback.
     ///
     /// # Safety
     /// `send` holds `count_per_rank × size` readable elements of `dtype`, `recv`
@@ -143,6 +148,7 @@ impl Comm {
         recv: *mut c_void,
         count_per_rank: usize,
         dtype: u32,
+        stream: *mut c_void,
         what: &str,
     ) -> Result<()> {
         let Some(rs) = self.reduce_scatter else {
@@ -162,7 +168,7 @@ impl Comm {
                 count_per_rank,
                 dtype,
                 REDUCE_SUM,
-                std::ptr::null_mut(),
+                stream,
             )
         };
         if rc != 0 {

@@ -298,9 +298,89 @@ fn cuda_flat_pieces_equal_one_cpu_rank_lomo() {
     }
 }
 
+/// The library averages the gradient on the device (LOMO_GRAD_ALL_REDUCE: every rank a replica
+/// submitting its own gradient; the ranks' gradients average to the one rank's): copied to the
+/// device scratch, all-reduced and divided by N on the caller's stream, the caller's buffer
+/// only read.
+#[test]
+fn cuda_library_all_reduce_equals_one_cpu_rank() {
+    for n in 1..=4 {
+        for algorithm in [0, 1] {
+            let c = Case {
+                grad_mode: LOMO_GRAD_ALL_REDUCE,
+                ..case(algorithm)
+            };
+            for v in variants(&c) {
+                compare(&v, n);
+            }
+        }
+    }
+}
+
+/// LOMO_GRAD_REDUCE_SCATTER on the device: every rank submits its gradient of the whole tensor,
+/// the library reduce-scatters it (a zero-padded device copy when the tensor does not divide
+/// evenly) into the rank's flat partition and averages it (LOMO).
+#[test]
+fn cuda_library_reduce_scatter_equals_one_cpu_rank_lomo() {
+    for n in 1..=4 {
+        let c = Case {
+            grad_mode: LOMO_GRAD_REDUCE_SCATTER,
+            ..case(0)
+        };
+        for v in variants(&c) {
+            compare(&v, n);
+        }
+    }
+}
+
+/// The library's gradient reduction on CUDA: a failing callback is LOMO_STATUS_COMM_ERROR with
+/// nothing changed, and the caller's gradient is only read (after a failed and a successful
+/// step alike).
+#[test]
+fn cuda_library_reduction_failure_changes_nothing() {
+    emulate();
+    for (algorithm, layout, mode, shape) in [
+        (0, LOMO_LAYOUT_FULL, LOMO_GRAD_ALL_REDUCE, &[7i64, 5][..]),
+        (1, LOMO_LAYOUT_FULL, LOMO_GRAD_ALL_REDUCE, &[7, 5]),
+        (0, LOMO_LAYOUT_FLAT, LOMO_GRAD_REDUCE_SCATTER, &[31]),
+    ] {
+        let numel: i64 = shape.iter().product();
+        let group = Group::new(1);
+        let opt = Opt::new(&cfg_of(&case(algorithm))).unwrap();
+        let comm = add_comm(&opt, &group, 0);
+        let mut p = Buf::new(F32, &dyadic(&mut Rng::new(1), numel as usize));
+        let local: &[i64] = if layout == LOMO_LAYOUT_FLAT {
+            &[numel]
+        } else {
+            shape
+        };
+        let id = opt.register_on("w", p.ptr(), F32, local, 0, 0, 0).unwrap();
+        shard_grad(&opt, id, layout, shape, 0, comm, (mode, comm), 0).unwrap();
+        dist_set(&opt, comm, 0).unwrap();
+        let g0 = dyadic(&mut Rng::new(2), numel as usize);
+        let mut g = Buf::new(F32, &g0);
+        let before = p.values();
+        *group.fail.lock() = -7;
+        opt.begin(UPDATE, 0.1).unwrap();
+        let e = opt.submit(id, g.ptr(), F32).unwrap_err();
+        assert_eq!(e.status, lomo::Status::CommError as u32, "{e:?}");
+        assert!(e.message.contains("-7"), "{}", e.message);
+        assert_eq!(p.values(), before, "a failed submit changed the parameter");
+        assert_eq!(g.values(), g0, "the caller's gradient was written");
+        // SAFETY: live handle.
+        check(unsafe { lomo::ffi::optimizer::lomo_step_cancel(opt.0) }).unwrap();
+        *group.fail.lock() = 0;
+        opt.begin(UPDATE, 0.1).unwrap();
+        opt.submit(id, g.ptr(), F32).unwrap();
+        opt.end().unwrap();
+        assert_ne!(p.values(), before);
+        assert_eq!(g.values(), g0, "the caller's gradient was written");
+    }
+}
+
 /// What CUDA does not do yet is refused at lomo_param_set_shard with LOMO_STATUS_UNSUPPORTED
 /// and changes nothing (the parameter still steps whole): AdaLomo flat pieces of rank ≥ 2
-/// tensors and the library's gradient modes. A norm group set before the CUDA registrations
+/// tensors. A norm group set before the CUDA registrations
 /// works like one set after.
 #[test]
 fn cuda_unsupported_pieces_are_refused() {
@@ -319,14 +399,6 @@ fn cuda_unsupported_pieces_are_refused() {
     let e = shard(&opt, flat, LOMO_LAYOUT_FLAT, &[8, 8], 0, comm, 0).unwrap_err();
     assert_eq!(e.status, lomo::Status::Unsupported as u32, "{e:?}");
     assert!(e.message.contains("LOMO_LAYOUT_FLAT"), "{}", e.message);
-    for (layout, mode) in [
-        (LOMO_LAYOUT_FULL, LOMO_GRAD_ALL_REDUCE),
-        (LOMO_LAYOUT_FLAT, LOMO_GRAD_REDUCE_SCATTER),
-    ] {
-        let e = shard_grad(&opt, flat, layout, &[64], 0, comm, (mode, comm), 0).unwrap_err();
-        assert_eq!(e.status, lomo::Status::Unsupported as u32, "{e:?}");
-        assert!(e.message.contains("LOMO_GRAD_ALL_REDUCE"), "{}", e.message);
-    }
     let mut g = Buf::new(F32, &[0.25; 64]);
     let mut gv = Buf::new(F32, &[0.25; 64]);
     opt.begin(UPDATE, 0.5).unwrap();

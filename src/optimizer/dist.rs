@@ -107,14 +107,6 @@ impl Optimizer {
             2 => GradMode::ReduceScatter,
             v => bail!(InvalidArgument, "'{name}': unknown gradient mode {v}"),
         };
-        if cuda && grad_mode != GradMode::Reduced {
-            bail!(
-                Unsupported,
-                "'{name}': gradient reduction by the library (LOMO_GRAD_ALL_REDUCE, \
-                 LOMO_GRAD_REDUCE_SCATTER) is supported on the CPU backend only so far: submit \
-                 the reduced gradient of the piece (LOMO_GRAD_REDUCED)"
-            );
-        }
         if d.flags & !SHARD_NORM_DUPLICATE != 0 {
             bail!(
                 InvalidArgument,
@@ -286,6 +278,8 @@ impl Optimizer {
                 }),
                 Layout::Full => None,
             };
+            // f32 words, as the host scratch: any gradient dtype fits.
+            side.reserve_grad_scratch(4 * scratch.0, 4 * scratch.1)?;
             side.set_shard(id, piece, norm_duplicate)?;
             if layout == Layout::Cols {
                 param.rows = local_rows;
