@@ -20,6 +20,14 @@
 
 #define ADA_CARRY 1u  // use Σp² carried from the last apply when valid; carry the written Σp²
 #define ADA_SMEM 2u   // stats keeps the column accumulators in dynamic shared memory
+// A piece of columns (LOMO_LAYOUT_COLS; src/backend/cpu/ada_cols.rs is the spec), two rounds:
+// ADA_COLS1, stats writes [b_i = Σ_{j∈J} U_ij (R) ‖ Σp² ‖ nf] into the piece record (all-reduced,
+// R + 2 values); ADA_COLS2, stats runs again with the new rows from the reduced b_i / C (D_j
+// with the true rows; p not read) and finalize leaves Σ_{j∈J} D_j / col_j in the record's last
+// value (all-reduced, 1 value) and the new state in workspaces instead of committing it and
+// forming the scalars, which adalomo_cols_finish then does.
+#define ADA_COLS1 4u
+#define ADA_COLS2 8u
 
 struct AdaArgs {
   void* p;
@@ -52,6 +60,7 @@ struct AdaArgs {
   double* piece;
   u64 global_rows;  // rows of the global [R, C] view (vector: global numel)
   u64 elem_offset;  // global index of the piece's element 0 (stochastic rounding)
+  u64 row_stride;   // global index distance between rows: C of the global view (factored)
 };
 
 LOMO_DEV bool ada_need_psq(const AdaArgs& a) {
@@ -148,7 +157,12 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
   if (st->skip) return;
   const float beta = st->beta, omb = st->omb;
   const Xform xf = {st->inv_scale, a.clip_value, st->coef};
-  const bool need_psq = ada_need_psq(a);
+  const bool cols1 = (a.flags & ADA_COLS1) != 0, cols2 = (a.flags & ADA_COLS2) != 0;
+  if (cols2 && a.piece[a.rows + 1] != 0.0) {  // some rank's piece was not finite
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+    return;
+  }
+  const bool need_psq = !cols2 && ada_need_psq(a);
   const P* p = static_cast<const P*>(a.p);
   const G* g = static_cast<const G*>(a.g);
   const u64 cols = a.cols;
@@ -206,7 +220,10 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
       }
     }
     psq += (double)pacc;
-    const float mean = div_rn(block_sum(racc, sf), (float)cols);
+    const float sum = block_sum(racc, sf);
+    if (cols1 && threadIdx.x == 0) a.piece[row] = (double)sum;
+    const float mean =
+        cols2 ? (float)(a.piece[row] / (double)a.row_stride) : div_rn(sum, (float)cols);
     const float rn = fmaf(mean, omb, old * beta);
     if (threadIdx.x == 0) {
       a.ws_a[row] = rn;
@@ -264,13 +281,18 @@ LOMO_DEV void ada_stats_rows(const AdaArgs& a) {
     const double ps = block_sum_array(a.partials + gridDim.x, gridDim.x, sd);
     if (threadIdx.x == 0) {
       a.t->row_sum = rs;
-      a.t->psq = need_psq ? ps : a.t->psq_carried;
+      if (!cols2) a.t->psq = need_psq ? ps : a.t->psq_carried;
       // Finite gradients whose f32 statistics overflow (|g/S| >~ 1.8e19 squares to inf) or
       // parameters whose RMS does: refused like a non-finite gradient, before finalize commits
-      // any state (as the CPU backend).
-      if ((a.rows > 0 && bad_bits((float)(rs / (double)a.rows))) ||
-          bad_bits((float)sqrt(a.t->psq)))
+      // any state (as the CPU backend). A piece of columns checks its true rows in round 2 and
+      // the global Σp² in adalomo_cols_finish; round 1 hands its flag to the other ranks.
+      if ((!cols1 && a.rows > 0 && bad_bits((float)(rs / (double)a.rows))) ||
+          (!cols2 && bad_bits((float)sqrt(a.t->psq))))
         atomicOr(&a.t->bad, 1u);
+      if (cols1) {
+        a.piece[a.rows] = a.t->psq;
+        a.piece[a.rows + 1] = (load_fresh(&a.t->bad) & 1u) ? 1.0 : 0.0;
+      }
     }
   }
 }
@@ -343,14 +365,14 @@ LOMO_DEV void ada_apply_rows(const AdaArgs& a) {
         u32 w[V];
         load_vec<P, V>(p, base + c0, pv);
         load_vec<G, V>(g, base + c0, gv);
-        random_words<V>(rc, a.elem_offset + base + c0, w);
+        random_words<V>(rc, a.elem_offset + row * a.row_stride + c0, w);
         for (int k = 0; k < V; ++k)
           acc += ada_write(&pv[k], gv[k], rs * a.ws_c[c0 + k], xf, a.t, rc.sr, w[k], &ovf);
         store_vec<P, V>(p, base + c0, pv);
       }
     } else {
       for (u64 c = threadIdx.x; c < cols; c += blockDim.x) {
-        const u32 w = rc.sr ? random_word(rc, a.elem_offset + base + c) : 0u;
+        const u32 w = rc.sr ? random_word(rc, a.elem_offset + row * a.row_stride + c) : 0u;
         acc += ada_write(&p[base + c], g[base + c], rs * a.ws_c[c], xf, a.t, rc.sr, w, &ovf);
       }
     }

@@ -89,7 +89,8 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
   const LomoStep* st = a.step;
   if (st->skip) return;
   const u64 rows = a.rows, cols = a.cols;
-  const double* pr = a.piece;
+  const bool cols2 = (a.flags & ADA_COLS2) != 0;  // a piece of columns: rows complete here
+  const double* pr = cols2 ? nullptr : a.piece;
   if (pr) {
     if (pr[2 * cols + 2] != 0.0) {  // some rank's piece was not finite: skipped everywhere
       if (blockIdx.x == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
@@ -114,7 +115,10 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
     if (threadIdx.x < 32 && j < cols) {
       const float col_mean = (float)(ct / (double)g_rows);
       const float cn = fmaf(col_mean, omb, a.state_b[j] * beta);
-      a.state_b[j] = cn;
+      // A piece of columns commits in adalomo_cols_finish, after its last reduction: the new
+      // column waits in its (already read) column partial.
+      if (cols2) a.col_part[j] = cn;
+      else a.state_b[j] = cn;
       a.ws_c[j] = 1.0f / sqrtf(cn);
       usq += dt / (double)cn;
     }
@@ -122,7 +126,7 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
   for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows;
        i += (u64)gridDim.x * blockDim.x) {
     const float rn = a.ws_a[i];
-    a.state_a[i] = rn;
+    if (!cols2) a.state_a[i] = rn;
     // rsqrt(row / mean(row)); a row far below the mean (a zero-gradient row next to rows of
     // |g| >~ 1e7) underflows the quotient, and 1/0 would make its zero update inf * 0 = NaN:
     // sqrt(mean) * rsqrt(row) represents it (as the CPU backend's row_scale).
@@ -133,7 +137,12 @@ LOMO_DEV void ada_finalize(const AdaArgs& a) {
   const double usq_b = block_sum(usq, sd);
   if (threadIdx.x == 0) a.partials[blockIdx.x] = usq_b;
   if (last_block(&a.t->ticket, &last)) {
-    const double total = block_sum_array(a.partials, gridDim.x, sd) * (double)row_mean;
+    const double part = block_sum_array(a.partials, gridDim.x, sd);
+    if (cols2) {  // Σ_{j∈J} D_j / col_j, all-reduced before adalomo_cols_finish
+      if (threadIdx.x == 0) a.piece[rows + 2] = part;
+      return;
+    }
+    const double total = part * (double)row_mean;
     if (threadIdx.x == 0) {
       const double lr = (double)st->lr * a.lr_mult;
       const double psq = pr ? pr[2 * cols + 1] : a.t->psq;
@@ -157,6 +166,34 @@ LOMO_DEV void ada_vfinalize(const AdaArgs& a) {
   ada_check_scalars(a.t);
 }
 
+// A piece of columns after its second round was reduced (record [b (R) ‖ Σp² ‖ nf ‖ Σ_J D_j /
+// col_j]): commits the row state (ws_a) and the local column state (left in col_part by
+// finalize) unless the tensor is refused, and block 0 forms the step scalars from the global
+// Σu² = mean(row) · Σ_j D_j / col_j and Σp². The finalize grid (rows and columns over all
+// threads).
+LOMO_DEV void ada_cols_finish(const AdaArgs& a) {
+  if (a.step->skip || (a.t->bad & 1u)) return;
+  const double* pr = a.piece;
+  const u64 rows = a.rows, cols = a.cols;
+  const double psq = pr[rows];
+  if (bad_bits((float)sqrt(psq))) {  // the global RMS(p) overflows: refused, nothing committed
+    if (blockIdx.x == 0 && threadIdx.x == 0) atomicOr(&a.t->bad, 1u);
+    return;
+  }
+  const u64 stride = (u64)gridDim.x * blockDim.x;
+  for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < rows; i += stride)
+    a.state_a[i] = a.ws_a[i];
+  for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += stride)
+    a.state_b[j] = a.col_part[j];
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const float row_mean = rows > 0 ? (float)(a.t->row_sum / (double)rows) : 0.0f;
+  const double lr = (double)a.step->lr * a.lr_mult;
+  adalomo_scalars(lr, a.weight_decay, a.eps2, a.clip_threshold, psq,
+                  pr[rows + 2] * (double)row_mean, rows * a.row_stride, a.t);
+  ada_check_scalars(a.t);
+}
+
 LOMO_KERNEL(adalomo_finalize, AdaArgs, ada_finalize(a))
 LOMO_KERNEL(adalomo_piece_gather, AdaArgs, ada_piece_gather(a))
 LOMO_KERNEL(adalomo_vfinalize, AdaArgs, ada_vfinalize(a))
+LOMO_KERNEL(adalomo_cols_finish, AdaArgs, ada_cols_finish(a))

@@ -25,6 +25,11 @@ struct LomoArgs {
   u32 rounding;    // 0 nearest, 1 stochastic
   const double* piece;  // a piece without a NORM phase: the reduced non-finite count
   u64 elem_offset;      // global index of element 0 (stochastic rounding of a piece)
+  // A piece of columns (LOMO_LAYOUT_COLS): its columns per row, and the global columns C, which
+  // separate its rows in the global tensor (element i is global (i / cols)·C + elem_offset +
+  // i mod cols); row_stride 0 otherwise (element i is global elem_offset + i).
+  u64 cols;
+  u64 row_stride;
 };
 
 template <typename P, typename G>
@@ -67,7 +72,8 @@ LOMO_DEV void lomo_body(const LomoArgs& a, const Grid grid) {
   const u64 stride = (u64)grid.n * blockDim.x;
   u32 bad = 0;
   u64 done = 0;
-  if (vec_ok<P, G, V>(p, g)) {
+  const bool colp = a.row_stride != 0;
+  if (!colp && vec_ok<P, G, V>(p, g)) {
     const u64 nv = a.n / V;
     for (u64 i = tid; i < nv; i += stride) {
       P pv[V];
@@ -82,7 +88,9 @@ LOMO_DEV void lomo_body(const LomoArgs& a, const Grid grid) {
     done = nv * V;
   }
   for (u64 i = done + tid; i < a.n; i += stride) {
-    u32 w = rc.sr ? random_word(rc, a.elem_offset + i) : 0u;
+    const u64 gi = colp ? (i / a.cols) * a.row_stride + a.elem_offset + i % a.cols
+                        : a.elem_offset + i;
+    u32 w = rc.sr ? random_word(rc, gi) : 0u;
     lomo_elem(&p[i], g[i], xf, decay, neg_lr, rc.sr, w, &bad);
   }
   const u32 any = block_or(bad, su);
@@ -120,7 +128,7 @@ LOMO_DEV void lomo_multi_body(const LomoMultiArgs& m) {
   const LomoDesc& d = multi_desc(m.d, m.n_tensors, &grid);
   const LomoArgs a = {d.p,      d.g,          d.n,        m.step,     d.t,          d.lr_mult,
                       d.weight_decay, m.clip_value, d.param_id, m.seed, m.prechecked, m.rounding,
-                      nullptr,  0ull};
+                      nullptr,  0ull,         0ull,       0ull};
   lomo_body<P, G>(a, grid);
 }
 

@@ -8,12 +8,14 @@
 //!
 //! Supported today: pieces laid out as the whole tensor ([`Layout::Full`], optionally
 //! `LOMO_SHARD_NORM_DUPLICATE`), a range of rows of the `[prod(shape[:-1]), shape[-1]]` view
-//! ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) — on the CPU and CUDA
-//! backends — a range of its columns ([`Layout::Cols`]: row-parallel weights) or a flat range
-//! that cuts rows ([`Layout::Flat`]: DeepSpeed ZeRO-3, FSDP1) — CPU only; gradients already
-//! reduced by the caller ([`GradMode::Reduced`]) or, CPU only, averaged by the library on its
-//! scratch ([`GradMode::AllReduce`], [`GradMode::ReduceScatter`], `optimizer::grad`). On CUDA
-//! the records handed to the callback are device memory, reduced on the caller's stream.
+//! ([`Layout::Rows`]: FSDP2's dim-0 shards, column-parallel weights) or a range of its columns
+//! ([`Layout::Cols`]: row-parallel weights) — on the CPU and CUDA backends — or a flat range
+//! that cuts rows ([`Layout::Flat`]: DeepSpeed ZeRO-3, FSDP1) — on the CPU, and on CUDA for
+//! LOMO and for AdaLomo on rank ≤ 1 tensors; gradients already
+//! reduced by the caller ([`GradMode::Reduced`]) or averaged by the library on its scratch
+//! ([`GradMode::AllReduce`], [`GradMode::ReduceScatter`], `optimizer::grad`; on CUDA a device
+//! scratch). On CUDA the records and gradients handed to the callbacks are device memory,
+//! reduced on the caller's stream.
 
 use std::ffi::c_void;
 
@@ -94,16 +96,19 @@ impl Comm {
         })
     }
 
-    /// All-reduces `count` elements of dtype code `dtype` at `buf` in place (SUM) over the group,
-    /// on the host (stream NULL): a gradient the library averages.
+    /// All-reduces `count` elements of dtype code `dtype` at `buf` in place (SUM) over the group:
+    /// a gradient the library averages — on the host (`stream` NULL), or device memory ordered
+    /// on the caller's `stream` (CUDA).
     ///
     /// # Safety
-    /// `buf` holds `count` writable elements of `dtype` that nothing else uses during the call.
+    /// `buf` holds `count` writable elements of `dtype` that nothing else uses during the call
+    /// (device memory: nothing else on `stream` until the collective).
     pub unsafe fn all_reduce_grad(
         &self,
         buf: *mut c_void,
         count: usize,
         dtype: u32,
+        stream: *mut c_void,
         what: &str,
     ) -> Result<()> {
         // SAFETY: the caller's callback with the documented contract; `buf` holds `count`
@@ -115,7 +120,7 @@ impl Comm {
                 count,
                 dtype,
                 REDUCE_SUM,
-                std::ptr::null_mut(),
+                stream,
             )
         };
         if rc != 0 {
@@ -131,7 +136,8 @@ impl Comm {
     }
 
     /// Reduce-scatters (SUM) `count_per_rank × size` elements at `send` into `count_per_rank`
-    /// at `recv` (this rank's partition), on the host. `Unsupported` without the callback.
+    /// at `recv` (this rank's partition), on the host (`stream` NULL) or on the caller's CUDA
+    /// `stream`. `Unsupported` without the callback.
     ///
     /// # Safety
     /// `send` holds `count_per_rank × size` readable elements of `dtype`, `recv`
@@ -142,6 +148,7 @@ impl Comm {
         recv: *mut c_void,
         count_per_rank: usize,
         dtype: u32,
+        stream: *mut c_void,
         what: &str,
     ) -> Result<()> {
         let Some(rs) = self.reduce_scatter else {
@@ -161,7 +168,7 @@ impl Comm {
                 count_per_rank,
                 dtype,
                 REDUCE_SUM,
-                std::ptr::null_mut(),
+                stream,
             )
         };
         if rc != 0 {

@@ -94,7 +94,8 @@ pub fn memory_stats(opt: &Optimizer) -> MemoryStats {
         };
         add(&mut stats, p.device, &m);
     }
-    // The gradient scratch of LOMO_GRAD_ALL_REDUCE / REDUCE_SCATTER pieces (CPU only).
+    // The gradient scratch of LOMO_GRAD_ALL_REDUCE / REDUCE_SCATTER pieces of CPU parameters
+    // (CUDA parameters': device memory, in the CUDA side's shared bytes below).
     let scratch = opt.dist.scratch.bytes() as u64;
     if scratch > 0 {
         let m = DeviceMemory {

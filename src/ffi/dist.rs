@@ -247,10 +247,15 @@ pub unsafe extern "C" fn lomo_comm_add(
 /// (within f32 rounding: the statistics are summed in another order); stochastic rounding draws
 /// by the global element index. Set the norm group with
 /// `lomo_dist_set` so that the clip coefficient and the overflow decision are global. CUDA
-/// parameters support `LOMO_LAYOUT_FULL` and `LOMO_LAYOUT_ROWS` with `LOMO_GRAD_REDUCED` (the
-/// statistics record is device memory, reduced on the submit's stream; `LOMO_LAYOUT_COLS`,
-/// `LOMO_LAYOUT_FLAT` and the library's gradient modes are `LOMO_STATUS_UNSUPPORTED`); the call
-/// allocates the piece's device record and synchronizes. A flat piece's AdaLomo state becomes
+/// parameters support `LOMO_LAYOUT_FULL`, `LOMO_LAYOUT_ROWS` and `LOMO_LAYOUT_COLS`, and
+/// `LOMO_LAYOUT_FLAT` for LOMO and for AdaLomo on rank ≤ 1 tensors (AdaLomo flat pieces of
+/// rank ≥ 2 tensors are `LOMO_STATUS_UNSUPPORTED`), with every gradient mode: the statistics
+/// records are device memory, reduced on the submit's stream (an AdaLomo piece of columns in
+/// two rounds), and a gradient the library reduces is copied to a device scratch (the caller's
+/// buffer is only read), handed to the callback as device memory with the submit's stream, and
+/// divided by the group size on that stream — the scratch is shared by the parameters, so
+/// submits of library-reduced gradients must be ordered on one stream. The call allocates the
+/// piece's device record (and grows the device scratch) and synchronizes. A flat piece's AdaLomo state becomes
 /// the whole tensor's `[R]` and `[C]` vectors (zeroed; checkpoints save them as `<name>.row`,
 /// `<name>.col`). `opt` and `desc` must not be NULL.
 ///

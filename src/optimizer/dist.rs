@@ -85,17 +85,19 @@ impl Optimizer {
         let layout = match d.layout {
             0 => Layout::Full,
             1 => Layout::Rows,
-            2 if cuda => bail!(
-                Unsupported,
-                "'{name}': LOMO_LAYOUT_COLS is supported on the CPU backend only so far (CUDA \
-                 parameters: LOMO_LAYOUT_FULL or LOMO_LAYOUT_ROWS)"
-            ),
             2 => Layout::Cols,
-            3 if cuda => bail!(
-                Unsupported,
-                "'{name}': LOMO_LAYOUT_FLAT is supported on the CPU backend only so far (CUDA \
-                 parameters: LOMO_LAYOUT_FULL or LOMO_LAYOUT_ROWS)"
-            ),
+            3 if cuda
+                && self.config.algorithm == Algorithm::Adalomo
+                && d.global_shape.len() >= 2 =>
+            {
+                bail!(
+                    Unsupported,
+                    "'{name}': AdaLomo on LOMO_LAYOUT_FLAT pieces of rank ≥ 2 tensors is \
+                     supported on the CPU backend only so far (CUDA parameters: \
+                     LOMO_LAYOUT_FULL, LOMO_LAYOUT_ROWS or LOMO_LAYOUT_COLS; flat pieces of \
+                     rank ≤ 1 tensors, and LOMO on any)"
+                )
+            }
             3 => Layout::Flat,
             v => bail!(InvalidArgument, "'{name}': unknown layout {v}"),
         };
@@ -105,14 +107,6 @@ impl Optimizer {
             2 => GradMode::ReduceScatter,
             v => bail!(InvalidArgument, "'{name}': unknown gradient mode {v}"),
         };
-        if cuda && grad_mode != GradMode::Reduced {
-            bail!(
-                Unsupported,
-                "'{name}': gradient reduction by the library (LOMO_GRAD_ALL_REDUCE, \
-                 LOMO_GRAD_REDUCE_SCATTER) is supported on the CPU backend only so far: submit \
-                 the reduced gradient of the piece (LOMO_GRAD_REDUCED)"
-            );
-        }
         if d.flags & !SHARD_NORM_DUPLICATE != 0 {
             bail!(
                 InvalidArgument,
@@ -264,11 +258,32 @@ impl Optimizer {
             let Some(side) = self.cuda.as_mut() else {
                 bail!(Unsupported, "'{name}': CUDA parameter without a CUDA side");
             };
-            let piece = (layout == Layout::Rows).then_some(PieceSpec {
-                global_rows: g_rows as u64,
-                elem_offset,
-            });
+            let piece = match layout {
+                Layout::Rows => Some(PieceSpec {
+                    global_rows: g_rows as u64,
+                    elem_offset,
+                    cols_of: 0,
+                }),
+                Layout::Cols => Some(PieceSpec {
+                    global_rows: local_rows as u64,
+                    elem_offset,
+                    cols_of: g_cols as u64,
+                }),
+                // LOMO (any tensor) or AdaLomo of a rank ≤ 1 tensor: elementwise on a range of
+                // elements, as a rank ≤ 1 piece of rows.
+                Layout::Flat => Some(PieceSpec {
+                    global_rows: g_numel as u64,
+                    elem_offset,
+                    cols_of: 0,
+                }),
+                Layout::Full => None,
+            };
+            // f32 words, as the host scratch: any gradient dtype fits.
+            side.reserve_grad_scratch(4 * scratch.0, 4 * scratch.1)?;
             side.set_shard(id, piece, norm_duplicate)?;
+            if layout == Layout::Cols {
+                param.rows = local_rows;
+            }
             param.shard = Some(new_shard);
             return Ok(());
         }

@@ -3,11 +3,15 @@
 //! them. The caller's gradient buffer is only read: the reduction runs on the library's scratch
 //! ([`crate::dist::GradScratch`]), through the communicator's callbacks, in the gradient's dtype
 //! (SUM), and the sum is divided by the group size there (f32 arithmetic, rounded to the dtype):
-//! the passes then get the average, exactly as if the caller had submitted it.
+//! the passes then get the average, exactly as if the caller had submitted it. CUDA parameters
+//! ([`reduce_device`]) do the same on the device scratch of the CUDA side, every copy, the
+//! callbacks' collectives and the division enqueued on the caller's stream; nothing waits.
 
 use std::ffi::c_void;
+use std::ptr::null_mut;
 
 use crate::backend::cpu::convert::divide_in_place;
+use crate::backend::cuda::side::CudaSide;
 use crate::backend::RawBuf;
 use crate::dist::{Dist, GradMode, Shard};
 use crate::error::Result;
@@ -52,7 +56,7 @@ pub(super) fn reduce(
             };
             // SAFETY: the scratch holds `g.numel` elements of the dtype (copied above), locked
             // by the caller for this submission.
-            unsafe { comm.all_reduce_grad(recv as *mut c_void, g.numel, code, name)? };
+            unsafe { comm.all_reduce_grad(recv as *mut c_void, g.numel, code, null_mut(), name)? };
             divide_in_place(&out, n);
             Ok(out)
         }
@@ -89,10 +93,102 @@ pub(super) fn reduce(
                     recv as *mut c_void,
                     s.part,
                     code,
+                    null_mut(),
                     name,
                 )?
             };
             divide_in_place(&out, n);
+            Ok(out)
+        }
+    }
+}
+
+/// [`reduce`] for a CUDA parameter: the same reduction on the CUDA side's device scratch
+/// (`side.grad_scratch()`, sized at `lomo_param_set_shard`), the caller's gradient `g` (device
+/// memory, only read) copied there on `stream` — or read in place by a reduce-scatter that
+/// divides evenly —, the callbacks handed the device buffers and `stream`, the division by the
+/// group size one kernel on `stream` after them. Nothing waits for the device; the next submit
+/// on `stream` reuses the scratch after the passes of this one (submits with library-reduced
+/// gradients must be ordered on one stream).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn reduce_device(
+    dist: &Dist,
+    s: &Shard,
+    g: RawBuf,
+    local: usize,
+    side: &CudaSide,
+    stream: usize,
+    name: &str,
+) -> Result<RawBuf> {
+    let Some(comm) = s.grad_comm.map(|c| &dist.comms[c as usize]) else {
+        return Ok(g);
+    };
+    side.check_grad(&g, "the gradient")?;
+    let dtype = g.dtype;
+    let code = dtype as u32;
+    let (send_buf, recv) = side.grad_scratch();
+    let n = comm.size as f32;
+    let st = stream as *mut c_void;
+    match s.grad_mode {
+        GradMode::Reduced => Ok(g),
+        GradMode::AllReduce => {
+            let out = RawBuf {
+                addr: recv as usize,
+                dtype,
+                numel: g.numel,
+            };
+            if g.numel == 0 {
+                return Ok(out);
+            }
+            side.copy_device(recv, g.addr as u64, g.bytes(), stream)?;
+            // SAFETY: device scratch of at least `g.numel` elements of the dtype (sized at
+            // lomo_param_set_shard), written by the copy above on `stream`, which the callback
+            // receives to order its collective; nothing else uses it during the submission.
+            unsafe { comm.all_reduce_grad(recv as *mut c_void, g.numel, code, st, name)? };
+            if n != 1.0 {
+                side.scale(&out, n, false, stream)?;
+            }
+            Ok(out)
+        }
+        GradMode::ReduceScatter => {
+            let total = s.part * comm.size as usize;
+            let out = RawBuf {
+                addr: recv as usize,
+                dtype,
+                numel: local,
+            };
+            if total == 0 {
+                return Ok(out);
+            }
+            let send = if total == g.numel {
+                g.addr as u64
+            } else {
+                // A zero-padded copy on the device: the partitions are `s.part` elements each.
+                side.copy_device(send_buf, g.addr as u64, g.bytes(), stream)?;
+                let tail = RawBuf {
+                    addr: (send_buf + g.bytes() as u64) as usize,
+                    dtype,
+                    numel: total - g.numel,
+                };
+                side.scale(&tail, 1.0, true, stream)?;
+                send_buf
+            };
+            // SAFETY: `send` holds `total` elements (the caller's gradient when it has exactly
+            // that many, else the padded device copy), `recv` at least `part` (sized at
+            // lomo_param_set_shard), device memory ordered on `stream`, which the callback gets.
+            unsafe {
+                comm.reduce_scatter_grad(
+                    send as *const c_void,
+                    recv as *mut c_void,
+                    s.part,
+                    code,
+                    st,
+                    name,
+                )?
+            };
+            if n != 1.0 {
+                side.scale(&out, n, false, stream)?;
+            }
             Ok(out)
         }
     }

@@ -122,6 +122,22 @@ impl Optimizer {
             .and_then(|s| s.piece_comm)
             .map(|c| &self.dist.comms[c as usize]);
         if let Some(side) = &self.cuda {
+            // A gradient the library reduces: averaged into the device scratch on `stream`
+            // first (the lock only orders submitting threads; the device orders by stream).
+            let reduced = param.shard.filter(|s| s.grad_mode != GradMode::Reduced);
+            let _scratch = reduced.map(|_| self.dist.scratch.bufs.lock());
+            let grad = match reduced {
+                Some(s) => grad::reduce_device(
+                    &self.dist,
+                    &s,
+                    grad,
+                    param.numel(),
+                    side,
+                    stream,
+                    &param.name,
+                )?,
+                None => grad,
+            };
             let mut t = side.tensor(id, &grad)?;
             let b = side.step(stream);
             orchestrate::tensor(&b, algorithm, &mut t, &grad, &pass, piece_comm)?;

@@ -85,6 +85,10 @@ pub struct LomoArgs {
     pub piece: DevPtr,
     /// Global index of element 0 (stochastic rounding of a piece).
     pub elem_offset: u64,
+    /// A piece of columns: its columns per row (0 otherwise).
+    pub cols: u64,
+    /// A piece of columns: the global columns C between its rows (0 otherwise).
+    pub row_stride: u64,
 }
 
 /// Tensors of one multi-tensor launch (`LOMO_MULTI` in kernels/common.cuh).
@@ -145,6 +149,11 @@ pub struct LomoMultiArgs {
 pub const ADA_CARRY: u32 = 1;
 /// `AdaArgs::flags`: column accumulators in dynamic shared memory.
 pub const ADA_SMEM: u32 = 2;
+/// A piece of columns, round 1: stats writes `[b (R) ‖ Σp² ‖ nf]` into the piece record.
+pub const ADA_COLS1: u32 = 4;
+/// A piece of columns, round 2: stats takes the new rows from the reduced record, finalize
+/// leaves `Σ_{j∈J} D_j / col_j` in its last value.
+pub const ADA_COLS2: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -179,6 +188,8 @@ pub struct AdaArgs {
     pub global_rows: u64,
     /// Global index of the piece's element 0.
     pub elem_offset: u64,
+    /// Global index distance between rows: C of the global view (factored).
+    pub row_stride: u64,
 }
 
 #[repr(C)]
@@ -277,7 +288,11 @@ mod tests {
             emu::arg_size("lomo_multi_f32_bf16"),
             std::mem::size_of::<LomoMultiArgs>()
         );
-        for k in ["adalomo_piece_gather", "adalomo_vfinalize"] {
+        for k in [
+            "adalomo_piece_gather",
+            "adalomo_vfinalize",
+            "adalomo_cols_finish",
+        ] {
             assert_eq!(emu::arg_size(k), std::mem::size_of::<AdaArgs>());
         }
         for k in ["step_begin", "step_gather"] {

@@ -21,6 +21,8 @@ pub struct AccumArgs {
     pub n: u64,
     pub factor: f32,
     pub keep: u32,
+    pub divisor: f32,
+    pub pad: u32,
 }
 
 /// Enqueues `op` on the buffer `acc` with the gradient `g` (device memory of the launcher's
@@ -42,6 +44,8 @@ pub fn accumulate(
         n,
         factor: op.factor,
         keep: op.keep as u32,
+        divisor: 1.0,
+        pad: 0,
     };
     // Without a gradient any instantiation reads none: the buffer's own pair.
     let name = pair_name("accum_add", acc.dtype, g.map_or(acc.dtype, |g| g.dtype));
@@ -54,6 +58,38 @@ pub fn accumulate(
 }
 
 /// Device memory owned by the core (an accumulation buffer), freed on drop.
+/// `buf ← buf / divisor` in f32, rounded to its dtype (the average of a gradient the library
+/// summed over `divisor` ranks; the CPU's `convert::divide_in_place`, bit for bit), or, with
+/// `zero`, `buf ← 0`. One launch on `stream`.
+pub fn scale(
+    l: &dyn Launcher,
+    buf: &RawBuf,
+    divisor: f32,
+    zero: bool,
+    stream: usize,
+) -> Result<()> {
+    let n = buf.numel as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let a = AccumArgs {
+        acc: buf.addr as DevPtr,
+        g: 0,
+        n,
+        factor: 1.0,
+        keep: !zero as u32,
+        divisor,
+        pad: 0,
+    };
+    let name = pair_name("accum_add", buf.dtype, buf.dtype);
+    let geo = Geometry {
+        grid: blocks_for(n, THREADS as u64 * 8, passes::max_blocks(l)),
+        block: THREADS,
+        smem: 0,
+    };
+    passes::launch(l, Module::Accum, &name, geo, &a, stream)
+}
+
 #[derive(Debug)]
 pub struct DevBuf {
     pub ptr: DevPtr,

@@ -9,6 +9,13 @@
 //! the stream before `ada_apply`; finalize then reads the reduced record (rank ≤ 1: one small
 //! `adalomo_vfinalize` launch), so every rank forms the same column state and scalars as one
 //! rank holding the whole tensor.
+//!
+//! A piece of columns (all rows here) takes two rounds (`cpu::ada_cols` is the spec): the stats
+//! launch leaves `[b_i = Σ_{j∈J} U_ij ‖ Σp² ‖ nf]` in the record (reduced: R + 2 values); the
+//! second round ([`Tensor::ada_cols_second`]) runs stats again with the new rows from the
+//! reduced record and finalize, which leaves `Σ_{j∈J} D_j / col_j` (reduced: 1 value) and the
+//! new state in workspaces; apply then commits the state and forms the scalars
+//! (`adalomo_cols_finish`) and writes the piece. A failed reduction leaves the state as it was.
 
 use super::abi::*;
 use super::launcher::Geometry;
@@ -25,6 +32,13 @@ impl Tensor {
         let mut flags = if o.carry { ADA_CARRY } else { 0 };
         if ly.shape.factored && ly.stats.smem > 0 {
             flags |= ADA_SMEM;
+        }
+        let cols_of = self.piece.map_or(0, |p| p.cols_of);
+        if self.ada_cols() {
+            flags |= match self.piece.map_or(0, |p| p.round) {
+                0 => ADA_COLS1,
+                _ => ADA_COLS2,
+            };
         }
         AdaArgs {
             p: self.p,
@@ -54,6 +68,7 @@ impl Tensor {
             piece: self.piece.map_or(0, |p| p.rec),
             global_rows: self.piece.map_or(ly.shape.rows, |p| p.global_rows),
             elem_offset: self.elem_offset(),
+            row_stride: if cols_of > 0 { cols_of } else { ly.shape.cols },
         }
     }
 
@@ -81,11 +96,38 @@ impl Tensor {
         };
         let name = pair_name(name, self.p_dtype, g_dtype);
         launch(l, Module::Adalomo, &name, geo, &a, stream)?;
-        if self.piece.is_some() && ly.shape.factored {
+        if self.piece.is_some() && ly.shape.factored && !self.ada_cols() {
             let k = "adalomo_piece_gather";
             launch(l, Module::Adalomo, k, ly.finalize, &a, stream)?;
         }
         Ok(())
+    }
+
+    /// A piece of columns' second round, after round 1's record `[b ‖ Σp² ‖ nf]` was reduced
+    /// (`self.piece.round` is 1): the statistics pass again with the new rows from the reduced
+    /// `b_i / C` (`D_j` with the true rows), then finalize (the new row and local column state
+    /// into workspaces, r_i, c_j) leaving `Σ_{j∈J} D_j / col_j` in the record's last value for the core to reduce.
+    pub fn ada_cols_second(
+        &self,
+        l: &dyn Launcher,
+        rec: Records,
+        g: DevPtr,
+        g_dtype: DType,
+        o: &UpdateOpts,
+        stream: usize,
+    ) -> Result<()> {
+        let ly = &self.layout;
+        let a = self.ada_args(rec, g, o);
+        let name = pair_name("adalomo_stats", self.p_dtype, g_dtype);
+        launch(l, Module::Adalomo, &name, ly.stats, &a, stream)?;
+        launch(
+            l,
+            Module::Adalomo,
+            "adalomo_finalize",
+            ly.finalize,
+            &a,
+            stream,
+        )
     }
 
     /// AdaLomo after the (reduced) statistics: factored, the finalize kernel (column state,
@@ -107,7 +149,18 @@ impl Tensor {
         }
         let a = self.ada_args(rec, g, o);
         let pair = |k: &str| pair_name(k, self.p_dtype, g_dtype);
-        if ly.shape.factored {
+        if self.ada_cols() {
+            let k = "adalomo_cols_finish";
+            launch(l, Module::Adalomo, k, ly.finalize, &a, stream)?;
+            launch(
+                l,
+                Module::Adalomo,
+                &pair("adalomo_apply"),
+                ly.stats_apply(),
+                &a,
+                stream,
+            )
+        } else if ly.shape.factored {
             launch(
                 l,
                 Module::Adalomo,

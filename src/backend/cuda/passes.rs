@@ -119,6 +119,14 @@ impl Layout {
         Layout::build(shape, ada && keep, true, max_blocks, max_smem)
     }
 
+    /// The layout of a piece of columns: every row is here, so the passes are the whole
+    /// tensor's; an AdaLomo piece keeps the (replicated) row state even when it holds no
+    /// columns.
+    pub fn cols_piece(shape: Shape, ada: bool, max_blocks: u32, max_smem: u32) -> Layout {
+        let keep = shape.numel > 0 || (shape.factored && shape.rows > 0);
+        Layout::build(shape, ada && keep, false, max_blocks, max_smem)
+    }
+
     fn build(shape: Shape, ada: bool, piece: bool, max_blocks: u32, max_smem: u32) -> Layout {
         let mb = max_blocks;
         let elementwise = Geometry {
@@ -306,11 +314,33 @@ pub struct Piece {
     pub len: usize,
     /// Rows of the global `[R, C]` view (rank ≤ 1: the global element count).
     pub global_rows: u64,
-    /// Global index of the piece's first element.
+    /// Global index of the piece's first element (a piece of columns: its first column).
     pub elem_offset: u64,
+    /// A piece of columns (`LOMO_LAYOUT_COLS`): C of the global `[R, C]` view; 0 otherwise.
+    pub cols_of: u64,
+    /// A piece of columns' AdaLomo round within the current pass (0: the first; 1: the
+    /// second, whose one-value record is reduced next).
+    pub round: u8,
+}
+
+impl Piece {
+    /// The part of the record the core reduces next: a piece of columns' round 1 is
+    /// `[b (R) ‖ Σp² ‖ nf]` (all but the last value), round 2 the last value; else all of it.
+    pub fn reduced(&self, ada_cols: bool) -> (DevPtr, usize) {
+        match (ada_cols, self.round) {
+            (true, 0) => (self.rec, self.len - 1),
+            (true, _) => (self.rec + 8 * (self.len as u64 - 1), 1),
+            _ => (self.rec, self.len),
+        }
+    }
 }
 
 impl Tensor {
+    /// An AdaLomo piece of columns (two rounds).
+    pub(super) fn ada_cols(&self) -> bool {
+        self.layout.ada && self.layout.shape.factored && self.piece.is_some_and(|p| p.cols_of > 0)
+    }
+
     /// Global index of element 0 (stochastic rounding).
     pub(super) fn elem_offset(&self) -> u64 {
         self.piece.map_or(0, |p| p.elem_offset)
@@ -384,6 +414,11 @@ impl Tensor {
             rounding: o.stochastic as u32,
             piece: self.piece.map_or(0, |p| p.rec),
             elem_offset: self.elem_offset(),
+            cols: match self.piece {
+                Some(p) if p.cols_of > 0 => self.layout.shape.cols,
+                _ => 0,
+            },
+            row_stride: self.piece.map_or(0, |p| p.cols_of),
         };
         let name = pair_name("lomo_update", self.p_dtype, g_dtype);
         launch(l, Module::Lomo, &name, self.layout.elementwise, &a, stream)

@@ -1,12 +1,12 @@
 //! CUDA backend: a parameter declared a piece of a tensor held by several ranks
-//! (`lomo_param_set_shard` on a CUDA parameter; `notes/distributed.md` §3): its device
-//! statistics record, the piece layout of its passes, and the NORM_DUPLICATE flag of its tensor
+//! (`lomo_param_set_shard` on a CUDA parameter; `notes/distributed.md` §3): a piece of rows
+//! or elements, or of columns; its device statistics record, the piece layout of its passes, and the NORM_DUPLICATE flag of its tensor
 //! record. Between steps only (allocates; a write to the tensor record waits for nothing on a
 //! step path).
 
 use super::abi::{DevPtr, LomoTensor, TENSOR_NORM_DUPLICATE};
 use super::device::DeviceOpt;
-use super::passes::{Bufs, Layout, Piece};
+use super::passes::{Bufs, Layout, Piece, Shape};
 use crate::config::Algorithm;
 use crate::error::{bail, Result};
 
@@ -15,17 +15,22 @@ use crate::error::{bail, Result};
 pub struct PieceSpec {
     /// Rows of the global `[R, C]` view (rank ≤ 1: the global element count).
     pub global_rows: u64,
-    /// Global index of the piece's first element.
+    /// Global index of the piece's first element (a piece of columns: its first column).
     pub elem_offset: u64,
+    /// A piece of columns (`LOMO_LAYOUT_COLS`, every row here): C of the global `[R, C]` view
+    /// (then `global_rows` is the local rows); 0 for a piece of rows or elements.
+    pub cols_of: u64,
 }
 
 impl DeviceOpt {
     /// Length (f64) of a piece's statistics record: LOMO 1 (the non-finite count); AdaLomo
-    /// `2C + 3` (factored, C columns) or 3 (rank ≤ 1) — `cpu::ada_piece::record_len`.
-    pub fn piece_record_len(&self, idx: usize) -> usize {
-        let shape = self.params[idx].tensor.layout.shape;
+    /// `2C + 3` (factored, C columns) or 3 (rank ≤ 1) — `cpu::ada_piece::record_len` —, a
+    /// piece of columns `R + 3` (`cpu::ada_cols::record_len`: R + 2 reduced in round 1, 1 in
+    /// round 2).
+    pub fn piece_record_len(&self, shape: Shape, cols_piece: bool) -> usize {
         match self.cfg.algorithm {
             Algorithm::Lomo => 1,
+            Algorithm::Adalomo if cols_piece => shape.rows as usize + 3,
             Algorithm::Adalomo if shape.factored => 2 * shape.cols as usize + 3,
             Algorithm::Adalomo => 3,
         }
@@ -47,12 +52,18 @@ impl DeviceOpt {
         };
         let ada = self.cfg.algorithm == Algorithm::Adalomo;
         let (mb, smem) = (self.max_blocks, self.launcher.max_smem());
-        let shape = old.layout.shape;
+        let mut shape = old.layout.shape;
+        let cols_piece = piece.is_some_and(|p| p.cols_of > 0);
         let layout = match piece {
+            Some(p) if cols_piece => {
+                // Every row is here, also when no column is ([R, 0] has R rows).
+                shape.rows = p.global_rows;
+                Layout::cols_piece(shape, ada, mb, smem)
+            }
             Some(_) => Layout::piece(shape, ada, mb, smem),
             None => Layout::new(shape, ada, mb, smem),
         };
-        let rec_len = self.piece_record_len(idx);
+        let rec_len = self.piece_record_len(shape, cols_piece);
         let s = layout.sizes();
         let fresh = s != old.layout.sizes();
         let mut got = Vec::with_capacity(8);
@@ -113,6 +124,8 @@ impl DeviceOpt {
             len: rec_len,
             global_rows: p.global_rows,
             elem_offset: p.elem_offset,
+            cols_of: p.cols_of,
+            round: 0,
         });
         Ok(())
     }

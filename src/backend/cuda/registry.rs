@@ -95,6 +95,7 @@ impl Module {
                     "adalomo_finalize".to_owned(),
                     "adalomo_piece_gather".to_owned(),
                     "adalomo_vfinalize".to_owned(),
+                    "adalomo_cols_finish".to_owned(),
                 ];
                 for k in [
                     "adalomo_stats",

@@ -157,6 +157,10 @@ pub struct CudaSide {
     pub dev: DeviceOpt,
     /// Device index of each optimizer parameter id.
     index: Vec<usize>,
+    /// Where gradients reduced by the library land (`LOMO_GRAD_ALL_REDUCE`,
+    /// `LOMO_GRAD_REDUCE_SCATTER`), device memory shared by the parameters: (send, recv), as
+    /// `crate::dist::GradScratch` on the host; sized at `lomo_param_set_shard`.
+    grad_scratch: (Option<super::accum::DevBuf>, Option<super::accum::DevBuf>),
 }
 
 impl CudaSide {
@@ -166,6 +170,7 @@ impl CudaSide {
             ordinal,
             dev: DeviceOpt::new(launcher, cfg)?,
             index: Vec::new(),
+            grad_scratch: (None, None),
         })
     }
 
@@ -193,7 +198,7 @@ impl CudaSide {
         self.dev.tensor(self.index[id as usize], g)
     }
 
-    /// Declares parameter `id` a piece of rows or the whole tensor (see [`DeviceOpt::set_shard`]).
+    /// Declares parameter `id` a piece of rows or columns, or the whole tensor (see [`DeviceOpt::set_shard`]).
     pub fn set_shard(
         &mut self,
         id: u32,
@@ -202,6 +207,59 @@ impl CudaSide {
     ) -> Result<()> {
         self.dev
             .set_shard(self.index[id as usize], piece, norm_duplicate)
+    }
+
+    /// Grows the device gradient scratch to at least `send` and `recv` bytes (allocated before
+    /// the old one is freed: on failure nothing changed). Waits for the device when it grows
+    /// (between steps only).
+    pub fn reserve_grad_scratch(&mut self, send: usize, recv: usize) -> Result<()> {
+        let have = |b: &Option<super::accum::DevBuf>| b.as_ref().map_or(0, |b| b.bytes);
+        let grow = |b: &Option<super::accum::DevBuf>, n: usize| -> Result<_> {
+            Ok(if n > have(b) {
+                Some(self.alloc_buffer(n)?)
+            } else {
+                None
+            })
+        };
+        let (s, r) = (
+            grow(&self.grad_scratch.0, send)?,
+            grow(&self.grad_scratch.1, recv)?,
+        );
+        if s.is_some() || r.is_some() {
+            // Kernels of an earlier step may still read the old buffers.
+            self.dev.read_step(self.dev.last_stream())?;
+        }
+        if let Some(s) = s {
+            self.grad_scratch.0 = Some(s);
+        }
+        if let Some(r) = r {
+            self.grad_scratch.1 = Some(r);
+        }
+        Ok(())
+    }
+
+    /// Device addresses of the gradient scratch (send, recv; 0 when not allocated).
+    pub fn grad_scratch(&self) -> (u64, u64) {
+        let at = |b: &Option<super::accum::DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
+        (at(&self.grad_scratch.0), at(&self.grad_scratch.1))
+    }
+
+    /// Enqueues a copy of `bytes` bytes of device memory on `stream`.
+    pub fn copy_device(&self, dst: u64, src: u64, bytes: usize, stream: usize) -> Result<()> {
+        self.dev.launcher.copy_device(dst, src, bytes, stream)
+    }
+
+    /// Checks that `g` is device memory of its size on this optimizer's device.
+    pub fn check_grad(&self, g: &RawBuf, what: &str) -> Result<()> {
+        self.dev
+            .launcher
+            .check_buffer(g.addr as u64, g.bytes() as u64, what)
+    }
+
+    /// Enqueues `buf ← buf / divisor` (or `buf ← 0` with `zero`) on `stream`
+    /// ([`super::accum::scale`]).
+    pub fn scale(&self, buf: &RawBuf, divisor: f32, zero: bool, stream: usize) -> Result<()> {
+        super::accum::scale(&*self.dev.launcher, buf, divisor, zero, stream)
     }
 
     /// The device step record (diagnostics, counters, scaler), copied back after the stream of
@@ -256,8 +314,9 @@ impl CudaSide {
         super::accum::DevBuf::new(self.dev.launcher.clone(), bytes)
     }
 
-    /// Device bytes shared by all parameters (step and tensor records).
+    /// Device bytes shared by all parameters (step and tensor records, the gradient scratch).
     pub fn records_bytes(&self) -> u64 {
-        self.dev.records_bytes()
+        let held = |b: &Option<super::accum::DevBuf>| b.as_ref().map_or(0, |b| b.bytes as u64);
+        self.dev.records_bytes() + held(&self.grad_scratch.0) + held(&self.grad_scratch.1)
     }
 }

@@ -5,7 +5,8 @@
 //! `kernels/xla.cu` for an XLA call whose scalars are device operands ([`StepRecord::Xla`]) —
 //! and the passes ([`super::passes::Tensor`]) read; each tensor record is a device `LomoTensor`.
 //! Launches per tensor: NORM 1, LOMO 1 (+1 pre-check), AdaLomo 3 (2 for rank ≤ 1; a piece of
-//! rows one more). A distributed phase end adds one launch (`step_gather`) before the
+//! rows one more; a piece of columns 5: stats, stats and finalize of its second round, the
+//! scalars, apply). A distributed phase end adds one launch (`step_gather`) before the
 //! all-reduce of the phase record, which the end kernel then reads.
 
 use super::abi::{DevPtr, StepArgs, XlaArgs};
@@ -156,17 +157,31 @@ impl Backend for CudaStep<'_> {
             .ada_apply(l, t.rec, dev(g), g.dtype, &o, self.stream)
     }
 
-    /// Pieces of rows only on CUDA (columns are refused at `lomo_param_set_shard`): the
-    /// statistics are complete after one reduction.
-    fn ada_next_round(&self, _t: &mut CudaTensor, _g: &RawBuf, _u: &TensorUpdate) -> Result<bool> {
-        Ok(false)
+    /// A piece of columns takes a second round after its first record was reduced
+    /// ([`Tensor::ada_cols_second`](super::passes::Tensor)); pieces of rows and whole tensors
+    /// are complete after one reduction.
+    fn ada_next_round(&self, t: &mut CudaTensor, g: &RawBuf, u: &TensorUpdate) -> Result<bool> {
+        let cols = t.tensor.ada_cols();
+        match t.tensor.piece.as_mut() {
+            Some(p) if cols && p.round == 0 => p.round = 1,
+            _ => return Ok(false),
+        }
+        let o = self.opts(u);
+        let l = self.launcher;
+        t.tensor
+            .ada_cols_second(l, t.rec, dev(g), g.dtype, &o, self.stream)?;
+        Ok(true)
     }
 
     fn partials<'s>(&self, t: &'s mut CudaTensor) -> Option<Record<'s>> {
-        t.tensor.piece.map(|p| Record::Device {
-            addr: p.rec,
-            count: p.len,
-            stream: self.stream,
+        let cols = t.tensor.ada_cols();
+        t.tensor.piece.map(|p| {
+            let (addr, count) = p.reduced(cols);
+            Record::Device {
+                addr,
+                count,
+                stream: self.stream,
+            }
         })
     }
 
