@@ -50,26 +50,23 @@ pub unsafe extern "C" fn lomo_grad_submit_batch(
                  be NULL when n > 0"
             );
         }
+        // Entry `k` of the caller's arrays (read again by the core: no copy is allocated).
+        let entry = |k: usize| {
+            // SAFETY: `k < n` and the arrays hold `n` readable entries (the caller's contract),
+            // checked non-NULL above.
+            let (id, g, d) = unsafe { (*param_ids.add(k), *grads.add(k), *grad_dtypes.add(k)) };
+            Ok((id, g as usize, DType::try_from(d)?))
+        };
         let inner = opt.inner.read();
-        let mut batch = Vec::with_capacity(n);
         for k in 0..n {
-            // SAFETY: the arrays hold `n` readable entries (the caller's contract), checked
-            // non-NULL above.
-            let (id, g, d, c) = unsafe {
-                (
-                    *param_ids.add(k),
-                    *grads.add(k),
-                    *grad_dtypes.add(k),
-                    *grad_counts.add(k),
-                )
-            };
-            let dtype = DType::try_from(d)?;
+            entry(k)?;
+            // SAFETY: as in `entry`.
+            let (id, c) = unsafe { (*param_ids.add(k), *grad_counts.add(k)) };
             if let Some(p) = inner.params().get(id as usize) {
                 p.check_grad_count(c)?;
             }
-            batch.push((id, g as usize, dtype));
         }
-        inner.submit_batch_on(&batch, stream as usize)
+        inner.submit_batch_on(n, entry, stream as usize)
     })
 }
 

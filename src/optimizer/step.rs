@@ -13,6 +13,12 @@ use crate::dtype::DType;
 use crate::error::{bail, Result};
 use crate::orchestrate::{self, PhaseTotals, TensorPass};
 use crate::param::PARAM_FLAG_CARRY_RMS;
+use smallvec::SmallVec;
+
+/// Entries of a `lomo_grad_submit_batch` handed to the backend at once (their multi-tensor
+/// launches group within such a run); the run's arrays live on the stack.
+pub const BATCH_CHUNK: usize = 64;
+type Chunk<T> = SmallVec<[T; BATCH_CHUNK]>;
 
 impl Optimizer {
     /// Starts a phase. `lr` is used by UPDATE phases only.
@@ -209,17 +215,24 @@ impl Optimizer {
         })
     }
 
-    /// Hands over several gradients at once (`lomo_grad_submit_batch`): `(id, address, dtype)`
-    /// each. The result is that of submitting them one by one in this order; every check (ids,
-    /// duplicates in the phase or the batch, buffers, the phase) is made before anything runs,
-    /// so a bad entry changes nothing. CUDA parameters: small whole tensors share multi-tensor
-    /// launches (NORM, LOMO's pre-check and update); pieces of distributed tensors and AdaLomo
-    /// tensors run as single submits. CPU parameters, and every phase while gradient
-    /// accumulation is on (`lomo_accum_enable`): one by one.
-    pub fn submit_batch_on(&self, grads: &[(u32, usize, DType)], stream: usize) -> Result<()> {
-        let mut passes = Vec::with_capacity(grads.len());
-        let mut bufs = Vec::with_capacity(grads.len());
-        for (k, &(id, addr, dtype)) in grads.iter().enumerate() {
+    /// Hands over several gradients at once (`lomo_grad_submit_batch`): `entry(k)` for `k` in
+    /// `0..n` gives the `(id, address, dtype)` of entry `k` (read more than once, so it must give
+    /// the same value each time). The result is that of submitting them one by one in this
+    /// order; every check (ids, duplicates in the phase or the batch, buffers, the phase) is made
+    /// before anything runs, so a bad entry changes nothing. CUDA parameters: small whole tensors
+    /// share multi-tensor launches (NORM, LOMO's pre-check and update), grouped within runs of
+    /// [`BATCH_CHUNK`] entries; pieces of distributed tensors and AdaLomo tensors run as single
+    /// submits. CPU parameters, and every phase while gradient accumulation is on
+    /// (`lomo_accum_enable`): one by one. Allocates nothing on the host (the entries are read
+    /// through `entry`, the chunks live on the stack).
+    pub fn submit_batch_on(
+        &self,
+        n: usize,
+        entry: impl Fn(usize) -> Result<(u32, usize, DType)>,
+        stream: usize,
+    ) -> Result<()> {
+        for k in 0..n {
+            let (id, addr, dtype) = entry(k)?;
             let Some(param) = self.params.get(id as usize) else {
                 bail!(
                     UnknownParam,
@@ -228,15 +241,17 @@ impl Optimizer {
                 );
             };
             if self.state != StepState::Accumulate {
-                passes.push(self.pass_for(id)?);
+                self.pass_for(id)?;
             }
-            bufs.push(param.grad_buf(addr, dtype)?);
-            if grads[..k].iter().any(|g| g.0 == id) {
-                bail!(
-                    DuplicateGradient,
-                    "batch entry {k}: the gradient of '{}' appears twice in the batch",
-                    param.name
-                );
+            let buf = param.grad_buf(addr, dtype)?;
+            for j in 0..k {
+                if entry(j)?.0 == id {
+                    bail!(
+                        DuplicateGradient,
+                        "batch entry {k}: the gradient of '{}' appears twice in the batch",
+                        param.name
+                    );
+                }
             }
             if param.inner.lock().epoch == self.epoch {
                 bail!(
@@ -245,6 +260,10 @@ impl Optimizer {
                     param.name
                 );
             }
+            // The device buffer check of every gradient before anything is enqueued.
+            if let (Some(side), None) = (&self.cuda, &self.accum) {
+                side.tensor(id, &buf)?;
+            }
         }
         // CPU parameters, and every step with gradient accumulation on (an ACCUMULATE phase
         // adds into the buffers; the last micro-batch completes them): one by one, each through
@@ -252,35 +271,45 @@ impl Optimizer {
         let side = match &self.cuda {
             Some(side) if self.accum.is_none() => side,
             _ => {
-                for &(id, addr, dtype) in grads {
+                for k in 0..n {
+                    let (id, addr, dtype) = entry(k)?;
                     self.submit_on(id, addr, dtype, stream)?;
                 }
                 return Ok(());
             }
         };
-        // Every tensor (and its gradient's buffer check) before anything is enqueued.
-        let mut whole = (Vec::new(), Vec::new(), Vec::new());
-        let mut pieces = Vec::new();
-        for (k, &(id, ..)) in grads.iter().enumerate() {
-            let t = side.tensor(id, &bufs[k])?;
-            let param = &self.params[id as usize];
-            match param.shard.filter(|s| s.layout != Layout::Full) {
-                Some(s) => pieces.push((t, k, s.piece_comm)),
-                None => {
-                    whole.0.push(t);
-                    whole.1.push(bufs[k]);
-                    whole.2.push(passes[k]);
-                }
-            }
-        }
         let b = side.step(stream);
         let algorithm = self.config.algorithm;
-        orchestrate::batch(&b, algorithm, &mut whole.0, &whole.1, &whole.2)?;
-        for (mut t, k, comm) in pieces {
-            let comm = comm.map(|c| &self.dist.comms[c as usize]);
-            orchestrate::tensor(&b, algorithm, &mut t, &bufs[k], &passes[k], comm)?;
+        let mut start = 0;
+        while start < n {
+            let end = n.min(start + BATCH_CHUNK);
+            let mut ts: Chunk<_> = SmallVec::new();
+            let mut gs: Chunk<RawBuf> = SmallVec::new();
+            let mut passes: Chunk<TensorPass> = SmallVec::new();
+            for k in start..end {
+                let (id, addr, dtype) = entry(k)?;
+                let param = &self.params[id as usize];
+                let g = param.grad_buf(addr, dtype)?;
+                let t = side.tensor(id, &g)?;
+                let pass = self.pass_for(id)?;
+                match param.shard.filter(|s| s.layout != Layout::Full) {
+                    Some(s) => {
+                        let comm = s.piece_comm.map(|c| &self.dist.comms[c as usize]);
+                        let mut t = t;
+                        orchestrate::tensor(&b, algorithm, &mut t, &g, &pass, comm)?;
+                    }
+                    None => {
+                        ts.push(t);
+                        gs.push(g);
+                        passes.push(pass);
+                    }
+                }
+            }
+            orchestrate::batch(&b, algorithm, &mut ts, &gs, &passes)?;
+            start = end;
         }
-        for &(id, ..) in grads {
+        for k in 0..n {
+            let id = entry(k)?.0;
             self.params[id as usize].inner.lock().epoch = self.epoch;
         }
         Ok(())
