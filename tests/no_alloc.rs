@@ -151,8 +151,6 @@ fn steps_do_not_allocate() {
 /// The tests of this file share the counting allocator: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[path = "common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::{check, Opt, BF16, F32};
