@@ -278,6 +278,52 @@ impl Optimizer {
                 return Ok(());
             }
         };
+        // Claim every parameter of the batch for this phase, one lock at a time (no lock is
+        // held across launches, so no order of batches can deadlock): a submission of one of
+        // them from another thread since the checks (a caller's race, `lomo_grad_submit` is
+        // thread-safe for different parameters) makes the batch fail with nothing run, and
+        // one arriving later is refused — each gradient is applied exactly once.
+        for k in 0..n {
+            let id = entry(k)?.0;
+            let param = &self.params[id as usize];
+            let mut inner = param.inner.lock();
+            if inner.epoch == self.epoch {
+                drop(inner);
+                self.unclaim(k, &entry);
+                bail!(
+                    DuplicateGradient,
+                    "batch entry {k}: the gradient of '{}' was submitted by another thread \
+                     during this batch",
+                    param.name
+                );
+            }
+            inner.epoch = self.epoch;
+        }
+        let r = self.run_batch(side, n, &entry, stream);
+        if r.is_err() {
+            self.unclaim(n, &entry);
+        }
+        r
+    }
+
+    /// Releases the claims of entries `0..upto` of a batch (their parameters count as not
+    /// submitted in this phase again).
+    fn unclaim(&self, upto: usize, entry: &impl Fn(usize) -> Result<(u32, usize, DType)>) {
+        for k in 0..upto {
+            if let Ok((id, ..)) = entry(k) {
+                self.params[id as usize].inner.lock().epoch = self.epoch.wrapping_sub(1);
+            }
+        }
+    }
+
+    /// The CUDA passes of a checked and claimed batch, in runs of [`BATCH_CHUNK`] entries.
+    fn run_batch(
+        &self,
+        side: &crate::backend::cuda::side::CudaSide,
+        n: usize,
+        entry: &impl Fn(usize) -> Result<(u32, usize, DType)>,
+        stream: usize,
+    ) -> Result<()> {
         let b = side.step(stream);
         let algorithm = self.config.algorithm;
         let mut start = 0;
@@ -307,10 +353,6 @@ impl Optimizer {
             }
             orchestrate::batch(&b, algorithm, &mut ts, &gs, &passes)?;
             start = end;
-        }
-        for k in 0..n {
-            let id = entry(k)?.0;
-            self.params[id as usize].inner.lock().epoch = self.epoch;
         }
         Ok(())
     }
