@@ -284,7 +284,7 @@ fn a_batch_racing_single_submits_applies_each_gradient_once() {
             // Every parameter applied exactly once: all its values equal one step from 1.0.
             let once: Vec<f32> = {
                 let mut q = vec![1.0f32; 1];
-                let gg = vec![0.5f32; 1];
+                let gg = [0.5f32; 1];
                 let o = Opt::new(&config(0)).unwrap();
                 let id = o
                     .register("q", q.as_mut_ptr().cast(), F32, &[1], 0)
