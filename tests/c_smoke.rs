@@ -12,7 +12,9 @@ use native_lib::lib_dir;
 fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = lib_dir();
-    let out = std::env::temp_dir().join(format!("lomo_smoke_{}_{}", std, std::process::id()));
+    // One executable per program and process (the tests run in parallel).
+    let stem = Path::new(src).file_stem().unwrap().to_string_lossy();
+    let out = std::env::temp_dir().join(format!("lomo_{stem}_{std}_{}", std::process::id()));
     let status = Command::new(compiler)
         .arg(format!("-std={std}"))
         .args(["-Wall", "-Wextra", "-Werror"])
@@ -53,7 +55,12 @@ fn c99_program() {
 /// independent double-precision AdaLomo; every misuse a status (the program checks and fails).
 #[test]
 fn c99_accumulation_strides_batch_program() {
-    build_and_run("cc", "c99", "tests/c/accum_strides_batch.c", &["-Wpedantic"]);
+    build_and_run(
+        "cc",
+        "c99",
+        "tests/c/accum_strides_batch.c",
+        &["-Wpedantic"],
+    );
 }
 
 #[test]
