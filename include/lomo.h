@@ -913,7 +913,8 @@ bool lomo_cuda_available(void);
  * on `stream` (as for `lomo_grad_submit`) and small whole tensors share launches: the NORM
  * pass and LOMO's non-finite pre-check and update of up to 24 tensors of at most 8192 elements
  * (and one gradient dtype, LOMO: one dtype pair) run as one multi-tensor kernel each, bit for
- * bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one).
+ * bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one);
+ * groups form within runs of 64 consecutive entries. Allocates no host memory.
  * On the CPU it is the same as the separate submits. `n` may be 0.
  *
  * Thread-safe as `lomo_grad_submit`, for batches of different parameters.

@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 
 /// Entries of a `lomo_grad_submit_batch` handed to the backend at once (their multi-tensor
 /// launches group within such a run); the run's arrays live on the stack.
-pub const BATCH_CHUNK: usize = 64;
+pub(crate) const BATCH_CHUNK: usize = 64;
 type Chunk<T> = SmallVec<[T; BATCH_CHUNK]>;
 
 impl Optimizer {
