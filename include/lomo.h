@@ -917,6 +917,12 @@ bool lomo_cuda_available(void);
  * groups form within runs of 64 consecutive entries. Allocates no host memory.
  * On the CPU it is the same as the separate submits. `n` may be 0.
  *
+ * Entries whose passes call collectives (pieces of distributed tensors, gradients reduced by
+ * the library) run first, in batch order: a collective failing in the first of them
+ * (`LOMO_STATUS_COMM_ERROR`) leaves the whole batch unapplied; one failing later leaves the
+ * entries before it applied (the message says how many; they count as submitted in this phase,
+ * so resubmitting them is refused: cancel the step).
+ *
  * Thread-safe as `lomo_grad_submit`, for batches of different parameters.
  *
  * # Safety

@@ -15,6 +15,22 @@ use crate::orchestrate::{self, PhaseTotals, TensorPass};
 use crate::param::PARAM_FLAG_CARRY_RMS;
 use smallvec::SmallVec;
 
+/// The error of batch entry `k` after `applied` entries of the batch ran: as it is when none did,
+/// else with the entries that were applied named (they count as submitted in this phase).
+fn partial(e: crate::error::Error, k: usize, applied: usize) -> crate::error::Error {
+    if applied == 0 {
+        return e;
+    }
+    crate::error::Error::new(
+        e.status(),
+        format!(
+            "batch entry {k}: {} (this entry's parameter is unchanged; {applied} other entries \
+             of the batch ran before it and were applied: they count as submitted in this phase)",
+            e.message()
+        ),
+    )
+}
+
 /// Entries of a `lomo_grad_submit_batch` handed to the backend at once (their multi-tensor
 /// launches group within such a run); the run's arrays live on the stack.
 pub(crate) const BATCH_CHUNK: usize = 64;
@@ -271,9 +287,21 @@ impl Optimizer {
         let side = match &self.cuda {
             Some(side) if self.accum.is_none() => side,
             _ => {
-                for k in 0..n {
-                    let (id, addr, dtype) = entry(k)?;
-                    self.submit_on(id, addr, dtype, stream)?;
+                // Entries whose passes call collectives (pieces, gradients the library reduces)
+                // first, in batch order (the collectives' order is that of separate submits):
+                // a collective failing (LOMO_STATUS_COMM_ERROR) in the first of them leaves the
+                // whole batch unapplied.
+                let mut applied = 0;
+                for collective in [true, false] {
+                    for k in 0..n {
+                        let (id, addr, dtype) = entry(k)?;
+                        if self.params[id as usize].shard.is_some() != collective {
+                            continue;
+                        }
+                        self.submit_on(id, addr, dtype, stream)
+                            .map_err(|e| partial(e, k, applied))?;
+                        applied += 1;
+                    }
                 }
                 return Ok(());
             }
@@ -299,24 +327,36 @@ impl Optimizer {
             }
             inner.epoch = self.epoch;
         }
-        let r = self.run_batch(side, n, &entry, stream);
-        if r.is_err() {
-            self.unclaim(n, &entry);
-        }
-        r
+        self.run_batch(side, n, &entry, stream)
     }
 
     /// Releases the claims of entries `0..upto` of a batch (their parameters count as not
     /// submitted in this phase again).
     fn unclaim(&self, upto: usize, entry: &impl Fn(usize) -> Result<(u32, usize, DType)>) {
+        self.unclaim_if(upto, entry, |_, _| true);
+    }
+
+    /// Releases the claims of the entries `k < upto` (of parameter `id`) where `which(k, id)`.
+    fn unclaim_if(
+        &self,
+        upto: usize,
+        entry: &impl Fn(usize) -> Result<(u32, usize, DType)>,
+        which: impl Fn(usize, u32) -> bool,
+    ) {
         for k in 0..upto {
             if let Ok((id, ..)) = entry(k) {
-                self.params[id as usize].inner.lock().epoch = self.epoch.wrapping_sub(1);
+                if which(k, id) {
+                    self.params[id as usize].inner.lock().epoch = self.epoch.wrapping_sub(1);
+                }
             }
         }
     }
 
-    /// The CUDA passes of a checked and claimed batch, in runs of [`BATCH_CHUNK`] entries.
+    /// The CUDA passes of a checked and claimed batch: pieces of distributed tensors first (their
+    /// statistics' collectives may fail: the first one failing leaves the batch unapplied), one
+    /// by one in batch order, then the whole tensors in runs of [`BATCH_CHUNK`]. On failure the
+    /// claims of the entries that did not run are released (those that ran, or may have, stay
+    /// submitted) and the message says how many ran.
     fn run_batch(
         &self,
         side: &crate::backend::cuda::side::CudaSide,
@@ -326,33 +366,57 @@ impl Optimizer {
     ) -> Result<()> {
         let b = side.step(stream);
         let algorithm = self.config.algorithm;
-        let mut start = 0;
-        while start < n {
-            let end = n.min(start + BATCH_CHUNK);
+        let piece = |id: u32| {
+            self.params[id as usize]
+                .shard
+                .is_some_and(|s| s.layout != Layout::Full)
+        };
+        let mut applied = 0;
+        for k in 0..n {
+            let (id, addr, dtype) = entry(k)?;
+            if !piece(id) {
+                continue;
+            }
+            let run = || {
+                let param = &self.params[id as usize];
+                let g = param.grad_buf(addr, dtype)?;
+                let mut t = side.tensor(id, &g)?;
+                let pass = self.pass_for(id)?;
+                let comm = param
+                    .shard
+                    .and_then(|s| s.piece_comm)
+                    .map(|c| &self.dist.comms[c as usize]);
+                orchestrate::tensor(&b, algorithm, &mut t, &g, &pass, comm)
+            };
+            if let Err(e) = run() {
+                self.unclaim_if(n, entry, |j, jid| j >= k || !piece(jid));
+                return Err(partial(e, k, applied));
+            }
+            applied += 1;
+        }
+        let mut k = 0;
+        while k < n {
+            let first = k;
             let mut ts: Chunk<_> = SmallVec::new();
             let mut gs: Chunk<RawBuf> = SmallVec::new();
             let mut passes: Chunk<TensorPass> = SmallVec::new();
-            for k in start..end {
+            while k < n && ts.len() < BATCH_CHUNK {
                 let (id, addr, dtype) = entry(k)?;
-                let param = &self.params[id as usize];
-                let g = param.grad_buf(addr, dtype)?;
-                let t = side.tensor(id, &g)?;
-                let pass = self.pass_for(id)?;
-                match param.shard.filter(|s| s.layout != Layout::Full) {
-                    Some(s) => {
-                        let comm = s.piece_comm.map(|c| &self.dist.comms[c as usize]);
-                        let mut t = t;
-                        orchestrate::tensor(&b, algorithm, &mut t, &g, &pass, comm)?;
-                    }
-                    None => {
-                        ts.push(t);
-                        gs.push(g);
-                        passes.push(pass);
-                    }
+                k += 1;
+                if piece(id) {
+                    continue;
                 }
+                let g = self.params[id as usize].grad_buf(addr, dtype)?;
+                ts.push(side.tensor(id, &g)?);
+                gs.push(g);
+                passes.push(self.pass_for(id)?);
             }
-            orchestrate::batch(&b, algorithm, &mut ts, &gs, &passes)?;
-            start = end;
+            if let Err(e) = orchestrate::batch(&b, algorithm, &mut ts, &gs, &passes) {
+                // The entries of this run may have been launched in part: they stay claimed.
+                self.unclaim_if(n, entry, |j, jid| j >= k && !piece(jid));
+                return Err(partial(e, first, applied));
+            }
+            applied += ts.len();
         }
         Ok(())
     }
