@@ -928,7 +928,8 @@ bool lomo_cuda_available(void);
  * # Safety
  * If `opt` is NULL (or, with `n > 0`, any array) the call returns `LOMO_STATUS_NULL_ARGUMENT`;
  * otherwise `opt` must come from `lomo_optimizer_new` and stay alive during the call, and each
- * array must hold `n` readable entries. Each gradient buffer: as for `lomo_grad_submit_checked`.
+ * array must hold `n` readable entries, unchanged until the call returns (they are read more
+ * than once, not copied). Each gradient buffer: as for `lomo_grad_submit_checked`.
  */
 lomo_status lomo_grad_submit_batch(struct lomo_optimizer *opt,
                                    size_t n,
