@@ -913,15 +913,23 @@ bool lomo_cuda_available(void);
  * on `stream` (as for `lomo_grad_submit`) and small whole tensors share launches: the NORM
  * pass and LOMO's non-finite pre-check and update of up to 24 tensors of at most 8192 elements
  * (and one gradient dtype, LOMO: one dtype pair) run as one multi-tensor kernel each, bit for
- * bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one).
+ * bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one);
+ * groups form within runs of 64 consecutive entries. Allocates no host memory.
  * On the CPU it is the same as the separate submits. `n` may be 0.
+ *
+ * Entries whose passes call collectives (pieces of distributed tensors, gradients reduced by
+ * the library) run first, in batch order: a collective failing in the first of them
+ * (`LOMO_STATUS_COMM_ERROR`) leaves the whole batch unapplied; one failing later leaves the
+ * entries before it applied (the message says how many; they count as submitted in this phase,
+ * so resubmitting them is refused: cancel the step).
  *
  * Thread-safe as `lomo_grad_submit`, for batches of different parameters.
  *
  * # Safety
  * If `opt` is NULL (or, with `n > 0`, any array) the call returns `LOMO_STATUS_NULL_ARGUMENT`;
  * otherwise `opt` must come from `lomo_optimizer_new` and stay alive during the call, and each
- * array must hold `n` readable entries. Each gradient buffer: as for `lomo_grad_submit_checked`.
+ * array must hold `n` readable entries, unchanged until the call returns (they are read more
+ * than once, not copied). Each gradient buffer: as for `lomo_grad_submit_checked`.
  */
 lomo_status lomo_grad_submit_batch(struct lomo_optimizer *opt,
                                    size_t n,

@@ -8,7 +8,7 @@
 #           emulated CUDA test), and the Rust code with the standard library's UB checks
 #           (-Zub-checks: alignment, non-NULL and size preconditions of the unsafe std functions
 #           the library calls) plus overflow checks.
-# c         the C and C++ test programs (tests/c/smoke.c, smoke.cc, tests/cpp/wrapper.cc) built
+# c         the C and C++ test programs (tests/c/smoke.c, accum_strides_batch.c, smoke.cc, tests/cpp/wrapper.cc) built
 #           with -fsanitize=address,undefined and run against liblomo.so.
 # tsan      ThreadSanitizer over the concurrent-submission tests (nightly, -Zbuild-std so the
 #           standard library is instrumented too; needs the rust-src component).
@@ -67,11 +67,13 @@ c)
     san=(-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g -O1)
     cc -std=c99 -Wall -Wextra -Werror -Wpedantic "${san[@]}" -Iinclude tests/c/smoke.c \
         -o "$out/smoke_c" -L"$lib" -llomo -lm -Wl,-rpath,"$lib"
+    cc -std=c99 -Wall -Wextra -Werror -Wpedantic "${san[@]}" -Iinclude tests/c/accum_strides_batch.c \
+        -o "$out/accum_strides_batch" -L"$lib" -llomo -lm -Wl,-rpath,"$lib"
     c++ -std=c++17 -Wall -Wextra -Werror "${san[@]}" -Iinclude tests/c/smoke.cc \
         -o "$out/smoke_cc" -L"$lib" -llomo -Wl,-rpath,"$lib"
     c++ -std=c++17 -Wall -Wextra -Werror "${san[@]}" -Iinclude tests/cpp/wrapper.cc \
         -o "$out/wrapper" -L"$lib" -llomo -Wl,-rpath,"$lib"
-    for p in smoke_c smoke_cc wrapper; do
+    for p in smoke_c accum_strides_batch smoke_cc wrapper; do
         echo "   $p"; "$out/$p" > "$out/$p.log" 2>&1 || { cat "$out/$p.log"; exit 1; }
     done
     rm -rf "$out"

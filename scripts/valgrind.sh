@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Valgrind memcheck over the C and C++ smoke programs (tests/c/smoke.c, tests/c/smoke.cc,
-# tests/cpp/wrapper.cc) linked against target/release/liblomo.so: any invalid read or write, use
+# Valgrind memcheck over the C and C++ test programs (tests/c/smoke.c, tests/c/smoke.cc,
+# tests/c/accum_strides_batch.c, tests/cpp/wrapper.cc) linked against target/release/liblomo.so: any invalid read or write, use
 # of uninitialized memory, invalid free or definite leak fails the run. Stable toolchain; installs
 # valgrind from Debian if missing. Run by scripts/test.sh; alone: scripts/valgrind.sh.
 set -euo pipefail
@@ -24,11 +24,13 @@ soname=$(readelf -d "$lib/liblomo.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
 [ -n "$soname" ] && ln -sf liblomo.so "$lib/$soname"
 cc -std=c99 -g -O1 -Wall -Wextra -Werror -Wpedantic -Iinclude tests/c/smoke.c -o "$out/smoke_c" \
     -L"$lib" -llomo -lm -Wl,-rpath,"$lib"
+cc -std=c99 -g -O1 -Wall -Wextra -Werror -Wpedantic -Iinclude tests/c/accum_strides_batch.c \
+    -o "$out/accum_strides_batch" -L"$lib" -llomo -lm -Wl,-rpath,"$lib"
 c++ -std=c++17 -g -O1 -Wall -Wextra -Werror -Iinclude tests/c/smoke.cc -o "$out/smoke_cc" \
     -L"$lib" -llomo -Wl,-rpath,"$lib"
 c++ -std=c++17 -g -O1 -Wall -Wextra -Werror -Iinclude tests/cpp/wrapper.cc -o "$out/wrapper" \
     -L"$lib" -llomo -Wl,-rpath,"$lib"
-for prog in smoke_c smoke_cc wrapper; do
+for prog in smoke_c accum_strides_batch smoke_cc wrapper; do
     echo "== valgrind memcheck: $prog"
     # One pool thread keeps the run short; the leak check counts definite leaks only (the
     # process-wide thread pool and launchers are reachable until exit by design).

@@ -180,7 +180,15 @@ pub fn batch<B: Backend>(
     gs: &[RawBuf],
     passes: &[TensorPass],
 ) -> Result<()> {
-    let us: Vec<TensorUpdate> = passes
+    // The UPDATE options, on the stack (a batch allocates nothing): runs of `BATCH_CHUNK`.
+    type Updates = smallvec::SmallVec<[TensorUpdate; crate::optimizer::BATCH_CHUNK]>;
+    let n = crate::optimizer::BATCH_CHUNK;
+    if ts.len() > n {
+        let (t0, t1) = ts.split_at_mut(n);
+        batch(b, algorithm, t0, &gs[..n], &passes[..n])?;
+        return batch(b, algorithm, t1, &gs[n..], &passes[n..]);
+    }
+    let us: Updates = passes
         .iter()
         .filter_map(|p| match p {
             TensorPass::Update(u) => Some(*u),
@@ -195,14 +203,11 @@ pub fn batch<B: Backend>(
             // As in `tensor`: the pre-check unless a NORM phase checked (or, per element, a
             // whole tensor's one pass decides); tensors are independent, so all pre-checks may
             // come first.
-            let check: Vec<bool> = us
-                .iter()
-                .map(|u| !(u.prechecked || u.per_element))
-                .collect();
-            if check.iter().all(|&c| c) {
+            let check = |u: &TensorUpdate| !(u.prechecked || u.per_element);
+            if us.iter().all(check) {
                 b.norm_many(ts, gs, true)?;
             } else {
-                for ((t, g), _) in ts.iter_mut().zip(gs).zip(&check).filter(|(_, &c)| c) {
+                for ((t, g), _) in ts.iter_mut().zip(gs).zip(&us).filter(|(_, u)| check(u)) {
                     b.check_finite(t, g)?;
                 }
             }

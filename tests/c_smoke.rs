@@ -1,4 +1,4 @@
-//! Builds the C99 and C++17 programs in tests/c and the C examples examples/c/dist_threads.c
+//! Builds the C99 and C++17 programs in tests/c (smoke.c, accum_strides_batch.c, smoke.cc) and the C examples examples/c/dist_threads.c
 //! and dist_mpi.c (with MPI's mpicc, when installed) against include/lomo.h and the freshly
 //! built liblomo.so with -Wall -Wextra -Werror, and runs them.
 
@@ -12,7 +12,9 @@ use native_lib::lib_dir;
 fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = lib_dir();
-    let out = std::env::temp_dir().join(format!("lomo_smoke_{}_{}", std, std::process::id()));
+    // One executable per program and process (the tests run in parallel).
+    let stem = Path::new(src).file_stem().unwrap().to_string_lossy();
+    let out = std::env::temp_dir().join(format!("lomo_{stem}_{std}_{}", std::process::id()));
     let status = Command::new(compiler)
         .arg(format!("-std={std}"))
         .args(["-Wall", "-Wextra", "-Werror"])
@@ -47,6 +49,18 @@ fn build_and_run(compiler: &str, std: &str, src: &str, extra: &[&str]) {
 #[test]
 fn c99_program() {
     build_and_run("cc", "c99", "tests/c/smoke.c", &["-Wpedantic"]);
+}
+
+/// Accumulation, strided layouts and batched submission against values computed by hand and an
+/// independent double-precision AdaLomo; every misuse a status (the program checks and fails).
+#[test]
+fn c99_accumulation_strides_batch_program() {
+    build_and_run(
+        "cc",
+        "c99",
+        "tests/c/accum_strides_batch.c",
+        &["-Wpedantic"],
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! after the fix) through the same harness code the libFuzzer targets run (`fuzz/harness/`),
 //! with the same invariants. `scripts/fuzz.sh SECONDS` runs the fuzzers themselves (nightly).
 
+mod common;
 #[path = "../fuzz/harness/mod.rs"]
 mod harness;
 
@@ -92,4 +93,98 @@ fn write_seeds() {
     for (i, s) in harness::state::seeds().iter().enumerate() {
         std::fs::write(d.join(format!("seed-{i:02}")), s).unwrap();
     }
+}
+
+/// Finding (review, reachable by the `capi` target's one-rank communicator): a
+/// `lomo_grad_submit_batch` whose second entry's gradient all-reduce (`LOMO_GRAD_ALL_REDUCE`)
+/// failed returned `LOMO_STATUS_COMM_ERROR` saying "nothing was changed by this call" after its
+/// first entry (a plain parameter) had been updated. Entries with collectives now run first: the
+/// first collective failing leaves the whole batch unapplied, and the step after a cancel equals
+/// one that never failed; when a later collective fails, the message names the entries that
+/// were applied and they count as submitted (a retry of the batch is refused, not applied twice).
+#[test]
+fn a_batch_whose_collective_fails_changes_nothing() {
+    use common::comm::{add_comm, dist_set, shard_grad, Group};
+    use common::*;
+    use lomo::ffi::batch::lomo_grad_submit_batch;
+    use lomo::ffi::dist::*;
+    use lomo::Status;
+    // p0 plain, p1 and p2 gradients all-reduced by the library (one rank).
+    let run = |fail_from: Option<u64>| -> (Vec<Vec<f32>>, Vec<Result<(), Failure>>) {
+        let opt = Opt::new(&config(0)).unwrap();
+        let group = Group::new(1);
+        let comm = add_comm(&opt, &group, 0);
+        let mut p: Vec<Buf> = (0..3).map(|k| Buf::new(F32, &vec![1.0; 4 + k])).collect();
+        let ids: Vec<u32> = (0..3)
+            .map(|k| {
+                opt.register(&format!("p{k}"), p[k].ptr(), F32, &[4 + k as i64], 0)
+                    .unwrap()
+            })
+            .collect();
+        for &id in &ids[1..] {
+            let n = 4 + id as i64;
+            let mode = (LOMO_GRAD_ALL_REDUCE, comm);
+            shard_grad(&opt, id, LOMO_LAYOUT_FULL, &[n], 0, LOMO_COMM_NONE, mode, 0).unwrap();
+        }
+        dist_set(&opt, comm, 0).unwrap();
+        let mut g: Vec<Buf> = (0..3).map(|k| Buf::new(F32, &vec![0.5; 4 + k])).collect();
+        let ptrs: Vec<*const std::ffi::c_void> =
+            g.iter_mut().map(|b| b.ptr().cast_const()).collect();
+        let counts: Vec<u64> = (0..3).map(|k| 4 + k as u64).collect();
+        let batch = |opt: &Opt| {
+            // SAFETY: live handle, arrays of 3 entries, gradients of the registered sizes.
+            check(unsafe {
+                lomo_grad_submit_batch(
+                    opt.0,
+                    3,
+                    ids.as_ptr(),
+                    ptrs.as_ptr(),
+                    [F32; 3].as_ptr(),
+                    counts.as_ptr(),
+                    std::ptr::null_mut(),
+                )
+            })
+        };
+        *group.fail_from.lock() = fail_from.map(|k| (k, -5));
+        opt.begin(1, 0.5).unwrap();
+        let first = batch(&opt);
+        *group.fail_from.lock() = None;
+        let retry = batch(&opt);
+        opt.end().unwrap();
+        (p.iter().map(|b| b.values()).collect(), vec![first, retry])
+    };
+    let (clean, r) = run(None);
+    assert!(r[0].is_ok());
+    assert_eq!(
+        r[1].as_ref().unwrap_err().status,
+        Status::DuplicateGradient as u32
+    );
+    // The first collective (p1's all-reduce) fails: nothing applied, the retry applies all.
+    let (after, r) = run(Some(1));
+    let e = r[0].as_ref().unwrap_err();
+    assert_eq!(e.status, Status::CommError as u32, "{e:?}");
+    assert!(!e.message.contains("were applied"), "{}", e.message);
+    assert!(r[1].is_ok(), "{:?}", r[1]);
+    assert_eq!(
+        after, clean,
+        "the retried batch equals one that never failed"
+    );
+    // The second collective (p2's) fails: p1 was applied, the message says so, p0 and p2 were
+    // not; the retry is refused for p1 (submitted), so nothing is applied twice.
+    let (after, r) = run(Some(2));
+    let e = r[0].as_ref().unwrap_err();
+    assert_eq!(e.status, Status::CommError as u32, "{e:?}");
+    assert!(
+        e.message
+            .contains("1 other entries of the batch ran before it and were applied"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        r[1].as_ref().unwrap_err().status,
+        Status::DuplicateGradient as u32
+    );
+    assert_eq!(after[0], vec![1.0; 4], "p0 (no collective) did not run");
+    assert_eq!(after[1], clean[1], "p1 was applied once");
+    assert_eq!(after[2], vec![1.0; 6], "p2 is unchanged");
 }

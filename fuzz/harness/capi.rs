@@ -16,9 +16,13 @@
 use std::ffi::{c_void, CString};
 use std::ptr::{null, null_mut};
 
+use lomo::ffi::accum::*;
 use lomo::ffi::api::*;
+use lomo::ffi::batch::*;
+use lomo::ffi::dist::*;
 use lomo::ffi::optimizer::*;
 use lomo::ffi::state::*;
+use lomo::ffi::strides::*;
 use lomo::ffi::types::*;
 use lomo::Status;
 
@@ -46,6 +50,8 @@ struct Param {
     id: u32,
     dtype: u32,
     numel: usize,
+    /// The registered shape (for `lomo_param_set_strides`).
+    dims: Vec<i64>,
     /// None: registered with a shape no buffer could hold (LOMO, huge): never submitted.
     mem: Option<Mem>,
 }
@@ -108,6 +114,14 @@ impl Session {
         assert_eq!(s, Status::Ok, "{}", last_error());
         assert_eq!(w, n, "lomo_state_size is exact");
         Some(buf)
+    }
+
+    /// Accumulation phases pending and buffer bytes (None without an optimizer).
+    fn accum(&self) -> Option<(u32, u64)> {
+        let (mut pending, mut bytes) = (0u32, 0u64);
+        // SAFETY: live handle (or NULL, refused), valid out pointers.
+        let st = unsafe { lomo_accum_get(self.opt, &mut pending, &mut bytes) };
+        (st == Status::Ok).then_some((pending, bytes))
     }
 
     fn buffers(&self) -> Vec<Option<Mem>> {
@@ -272,6 +286,7 @@ fn register(s: &mut Session, b: &mut Bytes<'_>, cuda: bool) -> u32 {
             id,
             dtype,
             numel: n,
+            dims,
             mem: usable.then_some(mem),
         });
     }
@@ -322,10 +337,10 @@ fn submit(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
     if let (Some(i), Some(before)) = (p, before) {
         let q = &s.params[i];
         let after = q.mem.as_ref().unwrap();
-        if st != 0 || s.phase == Some(0) {
+        if st != 0 || matches!(s.phase, Some(0 | 2)) {
             assert_eq!(
                 after, &before,
-                "a failed or NORM-phase submission wrote the parameter"
+                "a failed, NORM- or ACCUMULATE-phase submission wrote the parameter"
             );
         }
         if st == 0 && s.phase == Some(1) && tame_before && !nonfinite {
@@ -337,6 +352,302 @@ fn submit(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
         }
     }
     st
+}
+
+/// `lomo_param_set_strides` of a registered parameter (or an unknown id): contiguous,
+/// reversed (a transpose), a rotation, or fuzzed strides (negative, gaps, overlaps, huge), with
+/// the rank right or not, or NULL.
+fn set_strides(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
+    let k = b.u8() as usize;
+    let (id, dims) = match s.params.get(k % s.params.len().max(1)) {
+        Some(p) if k % 8 != 0 => (p.id, p.dims.clone()),
+        _ => (b.pick(&[u32::MAX, 0, 1, 9]), vec![2, 3]),
+    };
+    let contiguous = |order: &[usize]| {
+        // Strides of the dims laid out in `order` (outermost first).
+        let mut st = vec![0i64; dims.len()];
+        let mut acc = 1i64;
+        for &d in order.iter().rev() {
+            st[d] = acc;
+            acc = acc.saturating_mul(dims[d].max(1));
+        }
+        st
+    };
+    let ident: Vec<usize> = (0..dims.len()).collect();
+    let mut strides = match b.u8() % 5 {
+        0 => contiguous(&ident),
+        1 => contiguous(&ident.iter().rev().copied().collect::<Vec<_>>()),
+        2 => {
+            let mut o = ident.clone();
+            let r = 1.min(o.len());
+            o.rotate_left(r);
+            contiguous(&o)
+        }
+        3 => (0..dims.len())
+            .map(|_| b.pick(&[0i64, 1, 2, 3, -1, 4096, i64::MAX, 1 << 40]))
+            .collect(),
+        _ => {
+            let mut st = contiguous(&ident);
+            if let Some(x) = st.first_mut() {
+                *x = x.saturating_add(b.pick(&[1i64, -1, 2]));
+            }
+            st
+        }
+    };
+    if b.one_in(8) {
+        strides.push(1); // rank mismatch
+    }
+    let ptr = if b.one_in(16) {
+        null()
+    } else {
+        strides.as_ptr()
+    };
+    // SAFETY: live handle (or NULL); `strides` readable for its length (or NULL).
+    status(unsafe { lomo_param_set_strides(s.opt, id, strides.len() as u32, ptr) })
+}
+
+/// `lomo_grad_submit_batch` of up to 6 entries: registered parameters (held buffers only) or
+/// unknown ids, duplicates, right or wrong element counts and dtypes, NULL arrays. Checks: a
+/// gradient is never written; a failed batch, or one in a NORM or ACCUMULATE phase, writes no
+/// parameter (the loop in `run` checks the failed ones); an OK UPDATE batch of finite
+/// gradients onto tame parameters writes finite values.
+fn submit_batch(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
+    let n = (b.u8() % 7) as usize;
+    let mut ids = Vec::with_capacity(n);
+    let mut grads: Vec<Mem> = Vec::with_capacity(n);
+    let mut dtypes = Vec::with_capacity(n);
+    let mut counts = Vec::with_capacity(n);
+    let mut which = Vec::with_capacity(n);
+    let mut nonfinite = false;
+    for _ in 0..n {
+        let k = b.u8() as usize;
+        let p = (!s.params.is_empty() && k % 8 != 0)
+            .then(|| k % s.params.len())
+            .filter(|&i| s.params[i].mem.is_some());
+        let (id, numel) = match p {
+            Some(i) => (s.params[i].id, s.params[i].numel),
+            None => (b.pick(&[u32::MAX, 0, 1, 5, 1000]), 0),
+        };
+        let gdtype = match p {
+            Some(i) if !b.one_in(8) => s.params[i].dtype.min(2),
+            _ => b.pick(&[0u32, 1, 2, 4]),
+        };
+        let bad = b.one_in(6);
+        nonfinite |= bad;
+        let mut g = Mem::new(numel.max(4) * elem(gdtype));
+        fill(&mut g, gdtype, numel, b, bad);
+        let count = if b.one_in(12) {
+            numel as u64 + 1
+        } else {
+            numel as u64
+        };
+        ids.push(id);
+        dtypes.push(gdtype);
+        counts.push(count);
+        which.push(p);
+        grads.push(g);
+    }
+    let ptrs: Vec<*const c_void> = grads
+        .iter_mut()
+        .map(|g| {
+            if b.one_in(32) {
+                null()
+            } else {
+                g.ptr().cast_const().cast()
+            }
+        })
+        .collect();
+    let g_before = grads.clone();
+    let bufs_before = s.buffers();
+    let tame_before = which.iter().flatten().all(|&i| {
+        let q = &s.params[i];
+        let bound = if q.dtype == 1 { 100.0 } else { 1e4 };
+        tame(q.mem.as_ref().unwrap(), q.dtype, q.numel, bound)
+    });
+    let null_arrays = b.one_in(24);
+    let arr = |p: *const u8| if null_arrays { null() } else { p };
+    // SAFETY: live handle (or NULL); arrays of `n` entries (or NULL, refused); each gradient holds
+    // its parameter's element count of its dtype (or is refused by the count or dtype check).
+    let st = status(unsafe {
+        lomo_grad_submit_batch(
+            s.opt,
+            n,
+            arr(ids.as_ptr().cast()).cast(),
+            arr(ptrs.as_ptr().cast()).cast(),
+            arr(dtypes.as_ptr().cast()).cast(),
+            arr(counts.as_ptr().cast()).cast(),
+            null_mut(),
+        )
+    });
+    assert!(grads == g_before, "a gradient buffer was written");
+    if null_arrays && n > 0 {
+        assert_ne!(st, 0, "NULL arrays were accepted");
+    }
+    if st == 0 && matches!(s.phase, Some(0 | 2)) {
+        assert!(
+            s.buffers() == bufs_before,
+            "a NORM- or ACCUMULATE-phase batch wrote a parameter"
+        );
+    }
+    if st == 0 && s.phase == Some(1) && tame_before && !nonfinite {
+        CHECKED_UPDATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for &i in which.iter().flatten() {
+            let q = &s.params[i];
+            for j in 0..q.numel {
+                let v = get(q.mem.as_ref().unwrap(), q.dtype, j);
+                assert!(
+                    v.is_finite(),
+                    "a batch update of finite inputs wrote {v} at {j}"
+                );
+            }
+        }
+    }
+    st
+}
+
+/// The code the one-rank communicator's next collective returns (0: success).
+static COMM_FAIL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+fn comm_result() -> i32 {
+    COMM_FAIL.swap(0, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn elem_bytes(dtype: u32) -> usize {
+    match dtype {
+        1 | 2 => 2,
+        3 => 8,
+        _ => 4,
+    }
+}
+
+/// A communicator that reaches no other rank: all-reduce leaves the buffer (one rank's sum),
+/// reduce-scatter copies this rank's slot, all-gather this rank's piece into every slot
+/// (`user` is the group size as an address; rank 0).
+unsafe extern "C" fn all_reduce(
+    _user: *mut c_void,
+    _buf: *mut c_void,
+    _count: usize,
+    _dtype: u32,
+    _op: u32,
+    _stream: *mut c_void,
+) -> i32 {
+    comm_result()
+}
+
+unsafe extern "C" fn reduce_scatter(
+    _user: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: u32,
+    _op: u32,
+    _stream: *mut c_void,
+) -> i32 {
+    let n = count * elem_bytes(dtype);
+    // SAFETY: `send` holds count × size elements and `recv` count (the callback contract);
+    // rank 0's slot is the first.
+    unsafe { std::ptr::copy(send.cast::<u8>(), recv.cast::<u8>(), n) };
+    comm_result()
+}
+
+unsafe extern "C" fn all_gather(
+    user: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: u32,
+    _stream: *mut c_void,
+) -> i32 {
+    let n = count * elem_bytes(dtype);
+    for r in 0..(user as usize).max(1) {
+        // SAFETY: `send` holds count elements, `recv` count × size (the callback contract).
+        unsafe { std::ptr::copy(send.cast::<u8>(), recv.cast::<u8>().add(r * n), n) };
+    }
+    comm_result()
+}
+
+/// `lomo_comm_add` of the one-rank communicator (size 1 mostly; 2 as rank 0 or 1: wrong sums, never
+/// memory errors), with or without the optional collectives, or a bad descriptor.
+fn comm_add(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
+    let size = b.pick(&[1u32, 1, 1, 2, 0]);
+    let rank = b.pick(&[0u32, 0, 1, 2]);
+    let full = b.one_in(2) || b.one_in(2);
+    let c = lomo_comm {
+        struct_size: if b.one_in(32) {
+            4
+        } else {
+            std::mem::size_of::<lomo_comm>()
+        },
+        rank,
+        size,
+        user: size as usize as *mut c_void,
+        all_reduce: if b.one_in(32) { None } else { Some(all_reduce) },
+        reduce_scatter: if full { Some(reduce_scatter) } else { None },
+        all_gather: if full { Some(all_gather) } else { None },
+        destroy: None,
+    };
+    let mut id = u32::MAX;
+    // SAFETY: live handle (or NULL); valid descriptor and out pointer.
+    status(unsafe { lomo_comm_add(s.opt, &c, &mut id) })
+}
+
+/// `lomo_param_set_shard` of a registered parameter: every layout (FULL, ROWS, COLS, FLAT, bad),
+/// a global shape that is the local one, twice it (along the first dimension or flat) or fuzzed,
+/// offsets, communicators and gradient modes (REDUCED, ALL_REDUCE, REDUCE_SCATTER, bad).
+fn set_shard(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
+    let k = b.u8() as usize;
+    let (id, dims, numel) = match s.params.get(k % s.params.len().max(1)) {
+        Some(p) if k % 8 != 0 => (p.id, p.dims.clone(), p.numel as i64),
+        _ => (b.pick(&[u32::MAX, 0, 3]), vec![4, 2], 8),
+    };
+    let layout = b.pick(&[
+        LOMO_LAYOUT_FULL,
+        LOMO_LAYOUT_ROWS,
+        LOMO_LAYOUT_COLS,
+        LOMO_LAYOUT_FLAT,
+        LOMO_LAYOUT_FLAT,
+        9,
+    ]);
+    let mut global = dims.clone();
+    match b.u8() % 5 {
+        0 => {}
+        1 => {
+            if let Some(d) = global.first_mut() {
+                *d = d.saturating_mul(2);
+            }
+        }
+        2 => global = vec![numel.saturating_mul(2).max(1) / 2 + 1, 2],
+        3 => global = vec![numel.saturating_mul(2)],
+        _ => {
+            for d in global.iter_mut() {
+                *d = b.pick(&[0i64, 1, 3, 64, -1, 1 << 40]);
+            }
+        }
+    }
+    let grad_mode = b.pick(&[
+        LOMO_GRAD_REDUCED,
+        LOMO_GRAD_ALL_REDUCE,
+        LOMO_GRAD_REDUCE_SCATTER,
+        LOMO_GRAD_REDUCE_SCATTER,
+        5,
+    ]);
+    let d = lomo_shard_desc {
+        struct_size: std::mem::size_of::<lomo_shard_desc>(),
+        layout,
+        global_ndim: global.len() as u32,
+        global_shape: if global.is_empty() || b.one_in(32) {
+            null()
+        } else {
+            global.as_ptr()
+        },
+        offset: b.pick(&[0i64, 0, 1, numel, -1, i64::MAX]),
+        piece_comm: b.pick(&[0u32, 0, 1, LOMO_COMM_NONE, 9]),
+        grad_mode,
+        grad_comm: b.pick(&[0u32, 0, 1, LOMO_COMM_NONE]),
+        flags: b.pick(&[0u32, 0, LOMO_SHARD_NORM_DUPLICATE, 8]),
+    };
+    // SAFETY: live handle (or NULL); the descriptor's shape holds global_ndim values (or NULL).
+    status(unsafe { lomo_param_set_shard(s.opt, id, &d) })
 }
 
 fn deserialize(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
@@ -364,7 +675,7 @@ fn deserialize(s: &mut Session, b: &mut Bytes<'_>) -> u32 {
 
 /// One decoded call; returns its status.
 fn step(s: &mut Session, b: &mut Bytes<'_>, cuda: bool) -> u32 {
-    let op = b.u8() % 24;
+    let op = b.u8() % 35;
     // SAFETY (every call below): `s.opt` is NULL or a live handle; out pointers are valid.
     unsafe {
         match op {
@@ -388,7 +699,7 @@ fn step(s: &mut Session, b: &mut Bytes<'_>, cuda: bool) -> u32 {
                 b.pick(&[0.0, 0.1, -1.0, f64::INFINITY]),
             )),
             6 | 7 => {
-                let phase = b.pick(&[0u32, 1, 1, 2]);
+                let phase = b.pick(&[0u32, 1, 1, 2, 2, 3]);
                 let st = status(lomo_step_begin(s.opt, phase, b.pick(&LRS), null_mut()));
                 if st == 0 {
                     s.phase = Some(phase);
@@ -460,9 +771,38 @@ fn step(s: &mut Session, b: &mut Bytes<'_>, cuda: bool) -> u32 {
                 0
             }
             22 => status(lomo_step_end(null_mut(), null_mut())),
-            _ => {
+            23 => {
                 let mut o = null_mut();
                 status(lomo_optimizer_new(null(), &mut o))
+            }
+            24 | 25 => submit_batch(s, b),
+            26 => status(lomo_accum_enable(
+                s.opt,
+                b.pick(&[LOMO_ACCUM_F32, LOMO_ACCUM_PARAM_DTYPE, 2]),
+                b.pick(&[LOMO_ACCUM_SUM, LOMO_ACCUM_MEAN, 7]),
+            )),
+            27 => status(lomo_accum_disable(s.opt)),
+            28 => set_strides(s, b),
+            29 => {
+                let (mut pending, mut bytes) = (0u32, 0u64);
+                let st = status(lomo_accum_get(s.opt, &mut pending, &mut bytes));
+                let mut n = 0u64;
+                status(lomo_cuda_launch_count(s.opt, &mut n));
+                status(lomo_accum_get(s.opt, null_mut(), &mut bytes));
+                st
+            }
+            30 => status(lomo_step_cancel(s.opt)),
+            31 => comm_add(s, b),
+            32 => set_shard(s, b),
+            33 => status(lomo_dist_set(
+                s.opt,
+                b.pick(&[0, 1, LOMO_COMM_NONE, 7]),
+                b.pick(&[0, LOMO_DIST_CHECK, 4]),
+            )),
+            _ => {
+                // The next collective fails with this code (0: none fails).
+                COMM_FAIL.store(b.pick(&[0, 0, -3, 1]), std::sync::atomic::Ordering::Relaxed);
+                0
             }
         }
     }
@@ -470,6 +810,7 @@ fn step(s: &mut Session, b: &mut Bytes<'_>, cuda: bool) -> u32 {
 
 /// Runs one fuzz input.
 pub fn run(data: &[u8]) {
+    COMM_FAIL.store(0, std::sync::atomic::Ordering::Relaxed);
     let mut b = Bytes::new(data);
     // The emulated CUDA device for 1 input in 8 (it runs ten times slower than the CPU).
     let cuda = b.u8() % 8 == 0;
@@ -501,12 +842,19 @@ pub fn run(data: &[u8]) {
         calls += 1;
         let state_before = s.state();
         let bufs_before = s.buffers();
+        let accum_before = s.accum();
         lomo::alloc::fail_after(s.arm.take());
         let st = step(&mut s, &mut b, cuda);
         lomo::alloc::fail_after(None);
         if st != 0 {
             CHECKED_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             assert_eq!(s.buffers(), bufs_before, "a failed call wrote a parameter");
+            assert_eq!(
+                s.accum(),
+                accum_before,
+                "a failed call (status {st}: {}) changed the accumulation (pending, bytes)",
+                last_error()
+            );
             if let (Some(before), Some(after)) = (&state_before, s.state()) {
                 assert!(
                     before == &after,

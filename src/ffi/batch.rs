@@ -16,15 +16,23 @@ use crate::ffi::optimizer::lomo_optimizer;
 /// on `stream` (as for `lomo_grad_submit`) and small whole tensors share launches: the NORM
 /// pass and LOMO's non-finite pre-check and update of up to 24 tensors of at most 8192 elements
 /// (and one gradient dtype, LOMO: one dtype pair) run as one multi-tensor kernel each, bit for
-/// bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one).
+/// bit as separate submits (AdaLomo tensors and pieces of distributed tensors run one by one);
+/// groups form within runs of 64 consecutive entries. Allocates no host memory.
 /// On the CPU it is the same as the separate submits. `n` may be 0.
+///
+/// Entries whose passes call collectives (pieces of distributed tensors, gradients reduced by
+/// the library) run first, in batch order: a collective failing in the first of them
+/// (`LOMO_STATUS_COMM_ERROR`) leaves the whole batch unapplied; one failing later leaves the
+/// entries before it applied (the message says how many; they count as submitted in this phase,
+/// so resubmitting them is refused: cancel the step).
 ///
 /// Thread-safe as `lomo_grad_submit`, for batches of different parameters.
 ///
 /// # Safety
 /// If `opt` is NULL (or, with `n > 0`, any array) the call returns `LOMO_STATUS_NULL_ARGUMENT`;
 /// otherwise `opt` must come from `lomo_optimizer_new` and stay alive during the call, and each
-/// array must hold `n` readable entries. Each gradient buffer: as for `lomo_grad_submit_checked`.
+/// array must hold `n` readable entries, unchanged until the call returns (they are read more
+/// than once, not copied). Each gradient buffer: as for `lomo_grad_submit_checked`.
 #[no_mangle]
 pub unsafe extern "C" fn lomo_grad_submit_batch(
     opt: *mut lomo_optimizer,
@@ -50,26 +58,23 @@ pub unsafe extern "C" fn lomo_grad_submit_batch(
                  be NULL when n > 0"
             );
         }
+        // Entry `k` of the caller's arrays (read again by the core: no copy is allocated).
+        let entry = |k: usize| {
+            // SAFETY: `k < n` and the arrays hold `n` readable entries (the caller's contract),
+            // checked non-NULL above.
+            let (id, g, d) = unsafe { (*param_ids.add(k), *grads.add(k), *grad_dtypes.add(k)) };
+            Ok((id, g as usize, DType::try_from(d)?))
+        };
         let inner = opt.inner.read();
-        let mut batch = Vec::with_capacity(n);
         for k in 0..n {
-            // SAFETY: the arrays hold `n` readable entries (the caller's contract), checked
-            // non-NULL above.
-            let (id, g, d, c) = unsafe {
-                (
-                    *param_ids.add(k),
-                    *grads.add(k),
-                    *grad_dtypes.add(k),
-                    *grad_counts.add(k),
-                )
-            };
-            let dtype = DType::try_from(d)?;
+            entry(k)?;
+            // SAFETY: as in `entry`.
+            let (id, c) = unsafe { (*param_ids.add(k), *grad_counts.add(k)) };
             if let Some(p) = inner.params().get(id as usize) {
                 p.check_grad_count(c)?;
             }
-            batch.push((id, g as usize, dtype));
         }
-        inner.submit_batch_on(&batch, stream as usize)
+        inner.submit_batch_on(n, entry, stream as usize)
     })
 }
 

@@ -22,6 +22,7 @@ mod accum;
 mod dist;
 mod grad;
 mod step;
+pub(crate) use step::BATCH_CHUNK;
 mod strides;
 
 pub use accum::{AccumBuf, AccumBuffer, AccumReduction, AccumSettings};

@@ -13,6 +13,28 @@ use crate::dtype::DType;
 use crate::error::{bail, Result};
 use crate::orchestrate::{self, PhaseTotals, TensorPass};
 use crate::param::PARAM_FLAG_CARRY_RMS;
+use smallvec::SmallVec;
+
+/// The error of batch entry `k` after `applied` entries of the batch ran: as it is when none did,
+/// else with the entries that were applied named (they count as submitted in this phase).
+fn partial(e: crate::error::Error, k: usize, applied: usize) -> crate::error::Error {
+    if applied == 0 {
+        return e;
+    }
+    crate::error::Error::new(
+        e.status(),
+        format!(
+            "batch entry {k}: {} (this entry's parameter is unchanged; {applied} other entries \
+             of the batch ran before it and were applied: they count as submitted in this phase)",
+            e.message()
+        ),
+    )
+}
+
+/// Entries of a `lomo_grad_submit_batch` handed to the backend at once (their multi-tensor
+/// launches group within such a run); the run's arrays live on the stack.
+pub(crate) const BATCH_CHUNK: usize = 64;
+type Chunk<T> = SmallVec<[T; BATCH_CHUNK]>;
 
 impl Optimizer {
     /// Starts a phase. `lr` is used by UPDATE phases only.
@@ -225,17 +247,24 @@ impl Optimizer {
         })
     }
 
-    /// Hands over several gradients at once (`lomo_grad_submit_batch`): `(id, address, dtype)`
-    /// each. The result is that of submitting them one by one in this order; every check (ids,
-    /// duplicates in the phase or the batch, buffers, the phase) is made before anything runs,
-    /// so a bad entry changes nothing. CUDA parameters: small whole tensors share multi-tensor
-    /// launches (NORM, LOMO's pre-check and update); pieces of distributed tensors and AdaLomo
-    /// tensors run as single submits. CPU parameters, and every phase while gradient
-    /// accumulation is on (`lomo_accum_enable`): one by one.
-    pub fn submit_batch_on(&self, grads: &[(u32, usize, DType)], stream: usize) -> Result<()> {
-        let mut passes = Vec::with_capacity(grads.len());
-        let mut bufs = Vec::with_capacity(grads.len());
-        for (k, &(id, addr, dtype)) in grads.iter().enumerate() {
+    /// Hands over several gradients at once (`lomo_grad_submit_batch`): `entry(k)` for `k` in
+    /// `0..n` gives the `(id, address, dtype)` of entry `k` (read more than once, so it must give
+    /// the same value each time). The result is that of submitting them one by one in this
+    /// order; every check (ids, duplicates in the phase or the batch, buffers, the phase) is made
+    /// before anything runs, so a bad entry changes nothing. CUDA parameters: small whole tensors
+    /// share multi-tensor launches (NORM, LOMO's pre-check and update), grouped within runs of
+    /// [`BATCH_CHUNK`] entries; pieces of distributed tensors and AdaLomo tensors run as single
+    /// submits. CPU parameters, and every phase while gradient accumulation is on
+    /// (`lomo_accum_enable`): one by one. Allocates nothing on the host (the entries are read
+    /// through `entry`, the chunks live on the stack).
+    pub fn submit_batch_on(
+        &self,
+        n: usize,
+        entry: impl Fn(usize) -> Result<(u32, usize, DType)>,
+        stream: usize,
+    ) -> Result<()> {
+        for k in 0..n {
+            let (id, addr, dtype) = entry(k)?;
             let Some(param) = self.params.get(id as usize) else {
                 bail!(
                     UnknownParam,
@@ -244,15 +273,17 @@ impl Optimizer {
                 );
             };
             if self.state != StepState::Accumulate {
-                passes.push(self.pass_for(id)?);
+                self.pass_for(id)?;
             }
-            bufs.push(param.grad_buf(addr, dtype)?);
-            if grads[..k].iter().any(|g| g.0 == id) {
-                bail!(
-                    DuplicateGradient,
-                    "batch entry {k}: the gradient of '{}' appears twice in the batch",
-                    param.name
-                );
+            let buf = param.grad_buf(addr, dtype)?;
+            for j in 0..k {
+                if entry(j)?.0 == id {
+                    bail!(
+                        DuplicateGradient,
+                        "batch entry {k}: the gradient of '{}' appears twice in the batch",
+                        param.name
+                    );
+                }
             }
             if param.inner.lock().epoch == self.epoch {
                 bail!(
@@ -261,6 +292,10 @@ impl Optimizer {
                     param.name
                 );
             }
+            // The device buffer check of every gradient before anything is enqueued.
+            if let (Some(side), None) = (&self.cuda, &self.accum) {
+                side.tensor(id, &buf)?;
+            }
         }
         // CPU parameters, and every step with gradient accumulation on (an ACCUMULATE phase
         // adds into the buffers; the last micro-batch completes them): one by one, each through
@@ -268,36 +303,136 @@ impl Optimizer {
         let side = match &self.cuda {
             Some(side) if self.accum.is_none() => side,
             _ => {
-                for &(id, addr, dtype) in grads {
-                    self.submit_on(id, addr, dtype, stream)?;
+                // Entries whose passes call collectives (pieces, gradients the library reduces)
+                // first, in batch order (the collectives' order is that of separate submits):
+                // a collective failing (LOMO_STATUS_COMM_ERROR) in the first of them leaves the
+                // whole batch unapplied.
+                let mut applied = 0;
+                for collective in [true, false] {
+                    for k in 0..n {
+                        let (id, addr, dtype) = entry(k)?;
+                        if self.params[id as usize].shard.is_some() != collective {
+                            continue;
+                        }
+                        self.submit_on(id, addr, dtype, stream)
+                            .map_err(|e| partial(e, k, applied))?;
+                        applied += 1;
+                    }
                 }
                 return Ok(());
             }
         };
-        // Every tensor (and its gradient's buffer check) before anything is enqueued.
-        let mut whole = (Vec::new(), Vec::new(), Vec::new());
-        let mut pieces = Vec::new();
-        for (k, &(id, ..)) in grads.iter().enumerate() {
-            let t = side.tensor(id, &bufs[k])?;
+        // Claim every parameter of the batch for this phase, one lock at a time (no lock is
+        // held across launches, so no order of batches can deadlock): a submission of one of
+        // them from another thread since the checks (a caller's race, `lomo_grad_submit` is
+        // thread-safe for different parameters) makes the batch fail with nothing run, and
+        // one arriving later is refused — each gradient is applied exactly once.
+        for k in 0..n {
+            let id = entry(k)?.0;
             let param = &self.params[id as usize];
-            match param.shard.filter(|s| s.layout != Layout::Full) {
-                Some(s) => pieces.push((t, k, s.piece_comm)),
-                None => {
-                    whole.0.push(t);
-                    whole.1.push(bufs[k]);
-                    whole.2.push(passes[k]);
+            let mut inner = param.inner.lock();
+            if inner.epoch == self.epoch {
+                drop(inner);
+                self.unclaim(k, &entry);
+                bail!(
+                    DuplicateGradient,
+                    "batch entry {k}: the gradient of '{}' was submitted by another thread \
+                     during this batch",
+                    param.name
+                );
+            }
+            inner.epoch = self.epoch;
+        }
+        self.run_batch(side, n, &entry, stream)
+    }
+
+    /// Releases the claims of entries `0..upto` of a batch (their parameters count as not
+    /// submitted in this phase again).
+    fn unclaim(&self, upto: usize, entry: &impl Fn(usize) -> Result<(u32, usize, DType)>) {
+        self.unclaim_if(upto, entry, |_, _| true);
+    }
+
+    /// Releases the claims of the entries `k < upto` (of parameter `id`) where `which(k, id)`.
+    fn unclaim_if(
+        &self,
+        upto: usize,
+        entry: &impl Fn(usize) -> Result<(u32, usize, DType)>,
+        which: impl Fn(usize, u32) -> bool,
+    ) {
+        for k in 0..upto {
+            if let Ok((id, ..)) = entry(k) {
+                if which(k, id) {
+                    self.params[id as usize].inner.lock().epoch = self.epoch.wrapping_sub(1);
                 }
             }
         }
+    }
+
+    /// The CUDA passes of a checked and claimed batch: pieces of distributed tensors first (their
+    /// statistics' collectives may fail: the first one failing leaves the batch unapplied), one
+    /// by one in batch order, then the whole tensors in runs of [`BATCH_CHUNK`]. On failure the
+    /// claims of the entries that did not run are released (those that ran, or may have, stay
+    /// submitted) and the message says how many ran.
+    fn run_batch(
+        &self,
+        side: &crate::backend::cuda::side::CudaSide,
+        n: usize,
+        entry: &impl Fn(usize) -> Result<(u32, usize, DType)>,
+        stream: usize,
+    ) -> Result<()> {
         let b = side.step(stream);
         let algorithm = self.config.algorithm;
-        orchestrate::batch(&b, algorithm, &mut whole.0, &whole.1, &whole.2)?;
-        for (mut t, k, comm) in pieces {
-            let comm = comm.map(|c| &self.dist.comms[c as usize]);
-            orchestrate::tensor(&b, algorithm, &mut t, &bufs[k], &passes[k], comm)?;
+        let piece = |id: u32| {
+            self.params[id as usize]
+                .shard
+                .is_some_and(|s| s.layout != Layout::Full)
+        };
+        let mut applied = 0;
+        for k in 0..n {
+            let (id, addr, dtype) = entry(k)?;
+            if !piece(id) {
+                continue;
+            }
+            let run = || {
+                let param = &self.params[id as usize];
+                let g = param.grad_buf(addr, dtype)?;
+                let mut t = side.tensor(id, &g)?;
+                let pass = self.pass_for(id)?;
+                let comm = param
+                    .shard
+                    .and_then(|s| s.piece_comm)
+                    .map(|c| &self.dist.comms[c as usize]);
+                orchestrate::tensor(&b, algorithm, &mut t, &g, &pass, comm)
+            };
+            if let Err(e) = run() {
+                self.unclaim_if(n, entry, |j, jid| j >= k || !piece(jid));
+                return Err(partial(e, k, applied));
+            }
+            applied += 1;
         }
-        for &(id, ..) in grads {
-            self.params[id as usize].inner.lock().epoch = self.epoch;
+        let mut k = 0;
+        while k < n {
+            let first = k;
+            let mut ts: Chunk<_> = SmallVec::new();
+            let mut gs: Chunk<RawBuf> = SmallVec::new();
+            let mut passes: Chunk<TensorPass> = SmallVec::new();
+            while k < n && ts.len() < BATCH_CHUNK {
+                let (id, addr, dtype) = entry(k)?;
+                k += 1;
+                if piece(id) {
+                    continue;
+                }
+                let g = self.params[id as usize].grad_buf(addr, dtype)?;
+                ts.push(side.tensor(id, &g)?);
+                gs.push(g);
+                passes.push(self.pass_for(id)?);
+            }
+            if let Err(e) = orchestrate::batch(&b, algorithm, &mut ts, &gs, &passes) {
+                // The entries of this run may have been launched in part: they stay claimed.
+                self.unclaim_if(n, entry, |j, jid| j >= k && !piece(jid));
+                return Err(partial(e, first, applied));
+            }
+            applied += ts.len();
         }
         Ok(())
     }

@@ -260,6 +260,80 @@ void gradient_accumulation() {
 
 }  // namespace
 
+// The wrapper methods of accumulation, strides and batches throw lomo::Error (a
+// std::runtime_error) with the library's status and message on every misuse, and a refused
+// call changes nothing: the step after them is the hand-computed one.
+void new_entry_points_throw() {
+    std::vector<float> w{1.0f, -2.0f, 0.5f, 4.0f}, v{0.25f, 8.0f};
+    lomo::Optimizer opt(LOMO_ALGORITHM_LOMO);
+    const uint32_t iw = opt.register_param("w", w.data(), {4});
+    const uint32_t iv = opt.register_param("v", v.data(), {2});
+    auto message_of = [](auto &&f) {
+        try {
+            f();
+        } catch (const std::runtime_error &e) {
+            return std::string(e.what());
+        }
+        return std::string();
+    };
+    expect(status_of([&] { opt.accum_enable(7, LOMO_ACCUM_SUM); }) == LOMO_STATUS_INVALID_ARGUMENT,
+           "accum_enable: unknown buffer");
+    expect(message_of([&] { opt.accum_enable(LOMO_ACCUM_F32, 9); }).find("reduction") !=
+               std::string::npos,
+           "accum_enable: the message names the reduction");
+    expect(status_of([&] { opt.set_strides(99, {1}); }) == LOMO_STATUS_UNKNOWN_PARAM,
+           "set_strides: unknown id");
+    expect(status_of([&] { opt.set_strides(iw, {}); }) == LOMO_STATUS_INVALID_ARGUMENT,
+           "set_strides: rank mismatch");
+    expect(status_of([&] { opt.set_strides(iw, {2}); }) == LOMO_STATUS_INVALID_ARGUMENT,
+           "set_strides: a gap");
+    expect(status_of([&] { (void)opt.cuda_launch_count(); }) == LOMO_STATUS_UNSUPPORTED,
+           "cuda_launch_count without CUDA parameters");
+    opt.accum_enable(LOMO_ACCUM_F32, LOMO_ACCUM_SUM);
+    expect(opt.accum_bytes() == 24 && opt.accum_pending() == 0, "buffers of 4 + 2 floats");
+    const std::vector<float> g1{1.0f, 2.0f, -1.0f, 0.5f}, h1{4.0f, -2.0f};
+    const std::vector<float> g2{0.5f, -1.0f, 1.0f, 2.0f}, h2{-1.0f, 1.0f};
+    const uint32_t ids[2] = {iw, iv}, dup[2] = {iw, iw};
+    const uint32_t dtypes[2] = {LOMO_DTYPE_F32, LOMO_DTYPE_F32};
+    const uint64_t counts[2] = {4, 2}, dup_counts[2] = {4, 4};
+    const void *grads[2] = {g1.data(), h1.data()}, *dup_grads[2] = {g1.data(), g2.data()};
+    opt.step_begin(LOMO_PHASE_ACCUMULATE, 0.5f);
+    expect(status_of([&] { opt.accum_disable(); }) == LOMO_STATUS_PHASE_ERROR,
+           "accum_disable inside a step");
+    expect(status_of([&] { opt.accum_enable(); }) == LOMO_STATUS_PHASE_ERROR,
+           "accum_enable inside a step");
+    expect(status_of([&] { opt.set_strides(iw, {1}); }) == LOMO_STATUS_PHASE_ERROR,
+           "set_strides inside a step");
+    expect(status_of([&] { opt.submit_batch(2, dup, dup_grads, dtypes, dup_counts); }) ==
+               LOMO_STATUS_DUPLICATE_GRADIENT,
+           "a batch naming a parameter twice");
+    expect(status_of([&] { opt.submit_batch(2, nullptr, grads, dtypes, counts); }) ==
+               LOMO_STATUS_NULL_ARGUMENT,
+           "a batch with NULL ids");
+    opt.submit_batch(2, ids, grads, dtypes, counts);
+    expect(status_of([&] { opt.submit_batch(1, ids, grads, dtypes, counts); }) ==
+               LOMO_STATUS_DUPLICATE_GRADIENT,
+           "a batch of a parameter already submitted");
+    opt.step_end();
+    expect(opt.accum_pending() == 1, "one micro-batch pending");
+    expect(status_of([&] { opt.save("lomo_pending.safetensors"); }) == LOMO_STATUS_PHASE_ERROR,
+           "save while accumulated gradients are pending");
+    expect(status_of([&] { opt.accum_disable(); }) == LOMO_STATUS_PHASE_ERROR,
+           "accum_disable while accumulated gradients are pending");
+    grads[0] = g2.data();
+    grads[1] = h2.data();
+    opt.step_begin(LOMO_PHASE_UPDATE, 0.5f);
+    opt.submit_batch(2, ids, grads, dtypes, counts);
+    opt.step_end();
+    // By hand: p - 0.5 (g1 + g2), exact.
+    const std::vector<float> want_w{1.0f - 0.75f, -2.0f - 0.5f, 0.5f, 4.0f - 1.25f},
+        want_v{0.25f - 1.5f, 8.0f + 0.5f};
+    expect(w == want_w && v == want_v, "the refused calls changed nothing: a - 0.5 (g1 + g2)");
+    expect(opt.accum_pending() == 0, "the UPDATE phase empties the buffers");
+    opt.accum_disable();
+    expect(opt.accum_bytes() == 0, "accum_disable frees the buffers");
+}
+
 int main() {
     try {
         expect(!lomo::version().empty(), "version");
@@ -269,6 +343,7 @@ int main() {
         adalomo_state_and_memory();
         adalomo_channels_last();
         gradient_accumulation();
+        new_entry_points_throw();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         return 2;

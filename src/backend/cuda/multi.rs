@@ -15,6 +15,7 @@ use super::passes::{launch, Records, Tensor, UpdateOpts, THREADS};
 use super::registry::{pair_name, Module};
 use crate::dtype::DType;
 use crate::error::Result;
+use smallvec::{smallvec, SmallVec};
 
 /// One tensor of a batch: its passes, records and gradient.
 #[derive(Clone, Copy, Debug)]
@@ -33,39 +34,49 @@ impl Item {
     }
 }
 
-/// The groups of a batch's small items (indices into the batch), per `key`, in order, and the
-/// others. Groups hold at most [`MULTI`] items.
+/// A run of a batch's items (at most [`crate::optimizer::BATCH_CHUNK`]: on the stack).
+pub type Items = SmallVec<[Item; crate::optimizer::BATCH_CHUNK]>;
+/// The UPDATE options of a run's items.
+pub type Opts = SmallVec<[UpdateOpts; crate::optimizer::BATCH_CHUNK]>;
+
+/// Visits a batch's items: `one(i)` for each item launched alone (not small, or the only small
+/// item of its `key`), `many(group)` for each group of small items of one `key`, in order,
+/// at most [`MULTI`] per group (indices into the batch). Allocates nothing for batches of at
+/// most `BATCH_CHUNK` items.
 fn groups<K: PartialEq + Copy>(
     items: &[Item],
     key: impl Fn(usize) -> K,
-) -> (Vec<Vec<usize>>, Vec<usize>) {
-    let mut open: Vec<(K, Vec<usize>)> = Vec::new();
-    let mut done: Vec<Vec<usize>> = Vec::new();
-    let mut single: Vec<usize> = Vec::new();
+    mut one: impl FnMut(usize) -> Result<()>,
+    mut many: impl FnMut(&[usize]) -> Result<()>,
+) -> Result<()> {
+    let mut used: SmallVec<[bool; crate::optimizer::BATCH_CHUNK]> = smallvec![false; items.len()];
     for (i, it) in items.iter().enumerate() {
         if !it.small() {
-            single.push(i);
+            used[i] = true;
+            one(i)?;
+        }
+    }
+    for i in 0..items.len() {
+        if used[i] {
             continue;
         }
         let k = key(i);
-        let pos = match open.iter().position(|(ok, _)| *ok == k) {
-            Some(p) => p,
-            None => {
-                open.push((k, Vec::with_capacity(MULTI)));
-                open.len() - 1
+        let mut group: SmallVec<[usize; MULTI]> = SmallVec::new();
+        for j in i..items.len() {
+            if !used[j] && key(j) == k {
+                used[j] = true;
+                group.push(j);
+                if group.len() == MULTI {
+                    break;
+                }
             }
-        };
-        open[pos].1.push(i);
-        if open[pos].1.len() == MULTI {
-            done.push(open.remove(pos).1);
+        }
+        match group[..] {
+            [only] => one(only)?,
+            _ => many(&group)?,
         }
     }
-    done.extend(open.into_iter().map(|(_, g)| g));
-    // A group of one is a plain launch.
-    let (done, ones): (Vec<_>, Vec<_>) = done.into_iter().partition(|g| g.len() > 1);
-    single.extend(ones.into_iter().flatten());
-    single.sort_unstable();
-    (done, single)
+    Ok(())
 }
 
 fn geometry(blocks: u32) -> Geometry {
@@ -79,13 +90,12 @@ fn geometry(blocks: u32) -> Geometry {
 /// NORM (or, `check_only`, LOMO's non-finite pre-check) of every item: the results of
 /// [`Tensor::norm`] on each, in fewer launches.
 pub fn norm_many(l: &dyn Launcher, items: &[Item], check_only: bool, stream: usize) -> Result<()> {
-    let (multi, single) = groups(items, |i| items[i].g_dtype);
-    for &i in &single {
+    let one = |i: usize| {
         let it = &items[i];
         it.tensor
-            .norm(l, it.rec, it.g, it.g_dtype, check_only, stream)?;
-    }
-    for group in multi {
+            .norm(l, it.rec, it.g, it.g_dtype, check_only, stream)
+    };
+    let many = |group: &[usize]| {
         let first = &items[group[0]];
         let mut a = NormMultiArgs {
             step: first.rec.step,
@@ -94,7 +104,7 @@ pub fn norm_many(l: &dyn Launcher, items: &[Item], check_only: bool, stream: usi
             d: [NormDesc::default(); MULTI],
         };
         let mut blocks = 0;
-        for (d, &i) in a.d.iter_mut().zip(&group) {
+        for (d, &i) in a.d.iter_mut().zip(group) {
             let it = &items[i];
             let grid = it.tensor.layout.elementwise.grid;
             *d = NormDesc {
@@ -108,9 +118,9 @@ pub fn norm_many(l: &dyn Launcher, items: &[Item], check_only: bool, stream: usi
             blocks += grid;
         }
         let name = format!("norm_multi_{}", first.g_dtype.as_str());
-        launch(l, Module::Norm, &name, geometry(blocks), &a, stream)?;
-    }
-    Ok(())
+        launch(l, Module::Norm, &name, geometry(blocks), &a, stream)
+    };
+    groups(items, |i| items[i].g_dtype, one, many)
 }
 
 /// LOMO's update of every item with its options: the results of [`Tensor::lomo`] on each, in
@@ -132,13 +142,12 @@ pub fn lomo_many(
             o.clip_value.to_bits(),
         )
     };
-    let (multi, single) = groups(items, key);
-    for &i in &single {
+    let one = |i: usize| {
         let it = &items[i];
         it.tensor
-            .lomo(l, it.rec, it.g, it.g_dtype, &opts[i], stream)?;
-    }
-    for group in multi {
+            .lomo(l, it.rec, it.g, it.g_dtype, &opts[i], stream)
+    };
+    let many = |group: &[usize]| {
         let (first, o) = (&items[group[0]], &opts[group[0]]);
         let mut a = LomoMultiArgs {
             step: first.rec.step,
@@ -150,7 +159,7 @@ pub fn lomo_many(
             d: [LomoDesc::default(); MULTI],
         };
         let mut blocks = 0;
-        for (d, &i) in a.d.iter_mut().zip(&group) {
+        for (d, &i) in a.d.iter_mut().zip(group) {
             let (it, o) = (&items[i], &opts[i]);
             let grid = it.tensor.layout.elementwise.grid;
             *d = LomoDesc {
@@ -168,7 +177,7 @@ pub fn lomo_many(
             blocks += grid;
         }
         let name = pair_name("lomo_multi", first.tensor.p_dtype, first.g_dtype);
-        launch(l, Module::Lomo, &name, geometry(blocks), &a, stream)?;
-    }
-    Ok(())
+        launch(l, Module::Lomo, &name, geometry(blocks), &a, stream)
+    };
+    groups(items, key, one, many)
 }

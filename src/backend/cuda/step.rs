@@ -133,13 +133,13 @@ impl Backend for CudaStep<'_> {
     }
 
     fn norm_many(&self, ts: &mut [CudaTensor], gs: &[RawBuf], check_only: bool) -> Result<()> {
-        let items: Vec<Item> = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
+        let items: multi::Items = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
         multi::norm_many(self.launcher, &items, check_only, self.stream)
     }
 
     fn lomo_many(&self, ts: &mut [CudaTensor], gs: &[RawBuf], us: &[TensorUpdate]) -> Result<()> {
-        let items: Vec<Item> = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
-        let opts: Vec<_> = us.iter().map(|u| self.opts(u)).collect();
+        let items: multi::Items = ts.iter().zip(gs).map(|(t, g)| item(t, g)).collect();
+        let opts: multi::Opts = us.iter().map(|u| self.opts(u)).collect();
         multi::lomo_many(self.launcher, &items, &opts, self.stream)
     }
 
