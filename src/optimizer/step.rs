@@ -116,12 +116,26 @@ impl Optimizer {
     /// [`Optimizer::submit_on`] with a validated gradient of parameter `id`; None (gradient
     /// accumulation) runs the phase's pass from the parameter's accumulated gradient alone.
     pub(super) fn submit_buf(&self, id: u32, grad: Option<RawBuf>, stream: usize) -> Result<()> {
+        self.submit_buf_as(id, grad, stream, false)
+    }
+
+    /// [`Optimizer::submit_buf`]; `claimed`: a batch already marked the parameter as submitted
+    /// in this phase (no duplicate check).
+    fn submit_buf_as(
+        &self,
+        id: u32,
+        grad: Option<RawBuf>,
+        stream: usize,
+        claimed: bool,
+    ) -> Result<()> {
         let param = &self.params[id as usize];
         let mut inner = param.inner.lock();
-        if matches!(
-            self.state,
-            StepState::Norm | StepState::Update { .. } | StepState::Accumulate
-        ) && inner.epoch == self.epoch
+        if !claimed
+            && matches!(
+                self.state,
+                StepState::Norm | StepState::Update { .. } | StepState::Accumulate
+            )
+            && inner.epoch == self.epoch
         {
             bail!(
                 DuplicateGradient,
@@ -300,40 +314,71 @@ impl Optimizer {
         // CPU parameters, and every step with gradient accumulation on (an ACCUMULATE phase
         // adds into the buffers; the last micro-batch completes them): one by one, each through
         // `submit_on`, after the checks above.
-        let side = match &self.cuda {
-            Some(side) if self.accum.is_none() => side,
-            _ => {
-                // Entries whose passes call collectives (pieces, gradients the library reduces)
-                // first, in batch order (the collectives' order is that of separate submits):
-                // a collective failing (LOMO_STATUS_COMM_ERROR) in the first of them leaves the
-                // whole batch unapplied.
-                let mut applied = 0;
-                for collective in [true, false] {
-                    for k in 0..n {
-                        let (id, addr, dtype) = entry(k)?;
-                        if self.params[id as usize].shard.is_some() != collective {
-                            continue;
-                        }
-                        self.submit_on(id, addr, dtype, stream)
-                            .map_err(|e| partial(e, k, applied))?;
-                        applied += 1;
-                    }
-                }
-                return Ok(());
-            }
-        };
         // Claim every parameter of the batch for this phase, one lock at a time (no lock is
         // held across launches, so no order of batches can deadlock): a submission of one of
         // them from another thread since the checks (a caller's race, `lomo_grad_submit` is
         // thread-safe for different parameters) makes the batch fail with nothing run, and
         // one arriving later is refused — each gradient is applied exactly once.
+        self.claim(n, &entry)?;
+        let side = match &self.cuda {
+            Some(side) if self.accum.is_none() => side,
+            _ => return self.run_batch_one_by_one(n, &entry, stream),
+        };
+        self.run_batch(side, n, &entry, stream)
+    }
+
+    /// CPU parameters, and every phase with gradient accumulation on: the claimed entries one by
+    /// one through the single-submit path. Entries whose passes call collectives (pieces,
+    /// gradients the library reduces) first, in batch order (the collectives' order is that of
+    /// separate submits): a collective failing (LOMO_STATUS_COMM_ERROR) in the first of them
+    /// leaves the whole batch unapplied. On failure the claims of the entries that did not run
+    /// are released and the message says how many ran.
+    fn run_batch_one_by_one(
+        &self,
+        n: usize,
+        entry: &impl Fn(usize) -> Result<(u32, usize, DType)>,
+        stream: usize,
+    ) -> Result<()> {
+        let collective = |id: u32| self.params[id as usize].shard.is_some();
+        let mut applied = 0;
+        for first in [true, false] {
+            for k in 0..n {
+                let (id, addr, dtype) = entry(k)?;
+                if collective(id) != first {
+                    continue;
+                }
+                let run = self.params[id as usize]
+                    .grad_buf(addr, dtype)
+                    .and_then(|g| self.submit_buf_as(id, Some(g), stream, true));
+                if let Err(e) = run {
+                    // Entries that ran: the collective ones before k, and in the second round
+                    // every collective one and the others before k.
+                    let ran = |j: usize, jd: u32| {
+                        if first {
+                            collective(jd) && j < k
+                        } else {
+                            collective(jd) || j < k
+                        }
+                    };
+                    self.unclaim_if(n, entry, |j, jd| !ran(j, jd));
+                    return Err(partial(e, k, applied));
+                }
+                applied += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks every parameter of a checked batch as submitted in this phase, or fails with
+    /// nothing claimed when one was submitted by another thread since the checks.
+    fn claim(&self, n: usize, entry: &impl Fn(usize) -> Result<(u32, usize, DType)>) -> Result<()> {
         for k in 0..n {
             let id = entry(k)?.0;
             let param = &self.params[id as usize];
             let mut inner = param.inner.lock();
             if inner.epoch == self.epoch {
                 drop(inner);
-                self.unclaim(k, &entry);
+                self.unclaim(k, entry);
                 bail!(
                     DuplicateGradient,
                     "batch entry {k}: the gradient of '{}' was submitted by another thread \
@@ -343,7 +388,7 @@ impl Optimizer {
             }
             inner.epoch = self.epoch;
         }
-        self.run_batch(side, n, &entry, stream)
+        Ok(())
     }
 
     /// Releases the claims of entries `0..upto` of a batch (their parameters count as not
