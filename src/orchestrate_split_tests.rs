@@ -97,6 +97,7 @@ fn run(
         global_rows: R,
         elem_offset: pc.offset,
         cols_of,
+        flat: false,
         record: &mut record,
         round: 0,
         row_mean: 0.0,
