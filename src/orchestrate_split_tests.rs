@@ -285,6 +285,7 @@ fn a_non_finite_piece_skips_every_piece_and_a_wrong_record_is_refused() {
         global_rows: R,
         elem_offset: 0,
         cols_of: None,
+        flat: false,
         record: &mut record,
         round: 0,
         row_mean: 0.0,
