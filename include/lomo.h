@@ -823,16 +823,29 @@ extern "C" {
  * buffers; `lomo_step_cancel` discards them. A step without ACCUMULATE phases does not use
  * them. Multiply the loss by `lomo_loss_scale` in every micro-batch, as for any backward.
  *
+ * Distributed optimizers (`lomo_dist_set`, `lomo_param_set_shard`): the buffer holds what
+ * the rank submits for the piece — the piece's reduced gradient (`LOMO_GRAD_REDUCED`), this
+ * rank's gradient of the piece (`LOMO_GRAD_ALL_REDUCE`) or this rank's gradient of the WHOLE
+ * tensor (`LOMO_GRAD_REDUCE_SCATTER`: the buffer has the global element count, not the
+ * partition's). The library reduces only the completed buffer, once per NORM/UPDATE phase
+ * (one collective per tensor and phase, not one per micro-batch): n ranks accumulating k
+ * micro-batches step exactly as one rank on the concatenated global batch. In the step's
+ * NORM/UPDATE phases the passes of pieces (and their collectives) run at `lomo_step_end` in
+ * parameter id order, whatever the submission order or the micro-batch each gradient came in;
+ * every rank must have accumulated gradients for the same parameters. With `LOMO_DIST_CHECK`
+ * the ranks' micro-batch counts are part of the agreement record (`LOMO_STATUS_DIST_MISMATCH`
+ * when they differ). A `LOMO_STATUS_COMM_ERROR` at that `lomo_step_end` keeps the
+ * accumulated gradients: the call can be retried (passes already run are not repeated), or
+ * the step cancelled. `lomo_comm_add`, `lomo_dist_set` and `lomo_param_set_shard` fail with
+ * `LOMO_STATUS_PHASE_ERROR` while accumulated gradients are pending.
+ *
  * The buffers count as `workspace_bytes` in `lomo_memory_stats_get` (and `lomo_accum_get`).
  * They are not part of a checkpoint: `lomo_state_save`/`_load` fail with
  * `LOMO_STATUS_PHASE_ERROR` while accumulated gradients are pending.
  *
  * Fails, with nothing changed, with `LOMO_STATUS_PHASE_ERROR` during a step or while
  * accumulated gradients are pending, `LOMO_STATUS_INVALID_ARGUMENT` for unknown values,
- * `LOMO_STATUS_UNSUPPORTED` for distributed optimizers (`lomo_dist_set`,
- * `lomo_param_set_shard`: not implemented yet; also refused at `lomo_step_begin` when they are
- * set up later), `LOMO_STATUS_OUT_OF_MEMORY` (host or device). Not thread-safe with other
- * calls on `opt`.
+ * `LOMO_STATUS_OUT_OF_MEMORY` (host or device). Not thread-safe with other calls on `opt`.
  *
  * # Safety
  * If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from
@@ -952,7 +965,8 @@ lomo_status lomo_grad_submit_batch(struct lomo_optimizer *opt,
 lomo_status lomo_cuda_launch_count(const struct lomo_optimizer *opt, uint64_t *out);
 
 /**
- * Adds a communicator to `opt` between steps and writes its id (0, 1, ... in order) to
+ * Adds a communicator to `opt` between steps (not while accumulated gradients of
+ * `lomo_accum_enable` are pending: `LOMO_STATUS_PHASE_ERROR`) and writes its id (0, 1, ... in order) to
  * `*out_comm`. `*comm` is copied; `comm->user` stays the caller's and is passed to
  * `comm->destroy` (if any) when `opt` is freed, never when this call fails. `opt`, `comm`,
  * `out_comm` must not be NULL. One thread at a time.
@@ -968,8 +982,10 @@ lomo_status lomo_comm_add(struct lomo_optimizer *opt,
                           uint32_t *out_comm);
 
 /**
- * Declares parameter `id` of `opt` a piece of a global tensor, between steps. With pieces every
- * rank must submit the same parameters in the same order from one thread, and call
+ * Declares parameter `id` of `opt` a piece of a global tensor, between steps (not while
+ * accumulated gradients are pending: `LOMO_STATUS_PHASE_ERROR`; with gradient accumulation on,
+ * a `LOMO_GRAD_REDUCE_SCATTER` piece's buffer is resized to the whole tensor's gradient). With
+ * pieces every rank must submit the same parameters in the same order from one thread, and call
  * `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
  * statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
  * columns: R + 2 doubles, then 1 more after a second read of the gradient; flat: R + C + 2,
@@ -1009,7 +1025,8 @@ lomo_status lomo_param_set_shard(struct lomo_optimizer *opt,
                                  const struct lomo_shard_desc *desc);
 
 /**
- * Sets the group over which `opt`'s step scalars are agreed, between steps: at every phase end
+ * Sets the group over which `opt`'s step scalars are agreed, between steps (not while
+ * accumulated gradients are pending: `LOMO_STATUS_PHASE_ERROR`): at every phase end
  * one all-reduce (SUM) of `[Σg², non-finite count]` over `norm_comm`, so the clip coefficient,
  * the skip decision and the loss scaler are the same on every rank (`LOMO_COMM_NONE`: this rank
  * alone, the default); `lomo_step_info` then reports the global norm and the non-finite count

@@ -367,7 +367,8 @@ pub const CHECK_FIELDS: [&str; 5] = [
     "gradients submitted in the phase",
     "learning rate",
     "step counter",
-    "configuration (or a group's lr multiplier or weight decay)",
+    "configuration (or a group's lr multiplier or weight decay, or the step's accumulated \
+     micro-batches)",
     "registered parameters",
 ];
 

@@ -157,8 +157,8 @@ fn tensor_with<B: Backend>(
 /// Gradient accumulation (`lomo_accum_enable`): one pass over a parameter's accumulation buffer
 /// `acc` ([`crate::backend::AccumOp`]). In an ACCUMULATE phase it adds the submitted gradient;
 /// in the step's own phases it completes the buffer, which [`tensor`] then reads as the
-/// gradient. Nothing is exchanged across ranks (accumulation is refused for distributed
-/// optimizers).
+/// gradient. Nothing is exchanged across ranks here: on distributed optimizers the completed
+/// buffer is what the core then reduces (`optimizer::grad`) and hands to [`tensor`].
 pub fn accumulate<B: Backend>(
     b: &B,
     acc: &RawBuf,

@@ -60,16 +60,29 @@ fn settings(buffer: u32, reduction: u32) -> Result<AccumSettings> {
 /// buffers; `lomo_step_cancel` discards them. A step without ACCUMULATE phases does not use
 /// them. Multiply the loss by `lomo_loss_scale` in every micro-batch, as for any backward.
 ///
+/// Distributed optimizers (`lomo_dist_set`, `lomo_param_set_shard`): the buffer holds what
+/// the rank submits for the piece — the piece's reduced gradient (`LOMO_GRAD_REDUCED`), this
+/// rank's gradient of the piece (`LOMO_GRAD_ALL_REDUCE`) or this rank's gradient of the WHOLE
+/// tensor (`LOMO_GRAD_REDUCE_SCATTER`: the buffer has the global element count, not the
+/// partition's). The library reduces only the completed buffer, once per NORM/UPDATE phase
+/// (one collective per tensor and phase, not one per micro-batch): n ranks accumulating k
+/// micro-batches step exactly as one rank on the concatenated global batch. In the step's
+/// NORM/UPDATE phases the passes of pieces (and their collectives) run at `lomo_step_end` in
+/// parameter id order, whatever the submission order or the micro-batch each gradient came in;
+/// every rank must have accumulated gradients for the same parameters. With `LOMO_DIST_CHECK`
+/// the ranks' micro-batch counts are part of the agreement record (`LOMO_STATUS_DIST_MISMATCH`
+/// when they differ). A `LOMO_STATUS_COMM_ERROR` at that `lomo_step_end` keeps the
+/// accumulated gradients: the call can be retried (passes already run are not repeated), or
+/// the step cancelled. `lomo_comm_add`, `lomo_dist_set` and `lomo_param_set_shard` fail with
+/// `LOMO_STATUS_PHASE_ERROR` while accumulated gradients are pending.
+///
 /// The buffers count as `workspace_bytes` in `lomo_memory_stats_get` (and `lomo_accum_get`).
 /// They are not part of a checkpoint: `lomo_state_save`/`_load` fail with
 /// `LOMO_STATUS_PHASE_ERROR` while accumulated gradients are pending.
 ///
 /// Fails, with nothing changed, with `LOMO_STATUS_PHASE_ERROR` during a step or while
 /// accumulated gradients are pending, `LOMO_STATUS_INVALID_ARGUMENT` for unknown values,
-/// `LOMO_STATUS_UNSUPPORTED` for distributed optimizers (`lomo_dist_set`,
-/// `lomo_param_set_shard`: not implemented yet; also refused at `lomo_step_begin` when they are
-/// set up later), `LOMO_STATUS_OUT_OF_MEMORY` (host or device). Not thread-safe with other
-/// calls on `opt`.
+/// `LOMO_STATUS_OUT_OF_MEMORY` (host or device). Not thread-safe with other calls on `opt`.
 ///
 /// # Safety
 /// If `opt` is NULL, the call returns `LOMO_STATUS_NULL_ARGUMENT`; otherwise `opt` must come from

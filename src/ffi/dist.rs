@@ -185,7 +185,8 @@ fn comm_id(c: u32) -> Option<u32> {
     (c != LOMO_COMM_NONE).then_some(c)
 }
 
-/// Adds a communicator to `opt` between steps and writes its id (0, 1, ... in order) to
+/// Adds a communicator to `opt` between steps (not while accumulated gradients of
+/// `lomo_accum_enable` are pending: `LOMO_STATUS_PHASE_ERROR`) and writes its id (0, 1, ... in order) to
 /// `*out_comm`. `*comm` is copied; `comm->user` stays the caller's and is passed to
 /// `comm->destroy` (if any) when `opt` is freed, never when this call fails. `opt`, `comm`,
 /// `out_comm` must not be NULL. One thread at a time.
@@ -228,8 +229,10 @@ pub unsafe extern "C" fn lomo_comm_add(
     })
 }
 
-/// Declares parameter `id` of `opt` a piece of a global tensor, between steps. With pieces every
-/// rank must submit the same parameters in the same order from one thread, and call
+/// Declares parameter `id` of `opt` a piece of a global tensor, between steps (not while
+/// accumulated gradients are pending: `LOMO_STATUS_PHASE_ERROR`; with gradient accumulation on,
+/// a `LOMO_GRAD_REDUCE_SCATTER` piece's buffer is resized to the whole tensor's gradient). With
+/// pieces every rank must submit the same parameters in the same order from one thread, and call
 /// `lomo_step_end` on every rank even with nothing to submit: AdaLomo all-reduces each piece's
 /// statistics over `piece_comm` in `lomo_grad_submit` (rows: 2C + 3 doubles, 3 for rank ≤ 1;
 /// columns: R + 2 doubles, then 1 more after a second read of the gradient; flat: R + C + 2,
@@ -289,7 +292,8 @@ pub unsafe extern "C" fn lomo_param_set_shard(
     })
 }
 
-/// Sets the group over which `opt`'s step scalars are agreed, between steps: at every phase end
+/// Sets the group over which `opt`'s step scalars are agreed, between steps (not while
+/// accumulated gradients are pending: `LOMO_STATUS_PHASE_ERROR`): at every phase end
 /// one all-reduce (SUM) of `[Σg², non-finite count]` over `norm_comm`, so the clip coefficient,
 /// the skip decision and the loss scaler are the same on every rank (`LOMO_COMM_NONE`: this rank
 /// alone, the default); `lomo_step_info` then reports the global norm and the non-finite count

@@ -22,8 +22,21 @@
 //!
 //! Buffers live where the parameters do (host memory, or device memory of the parameters' CUDA
 //! device, where every pass is enqueued on the caller's stream). They are never saved:
-//! checkpoints are refused while accumulated gradients are pending. Distributed optimizers are
-//! refused for now.
+//! checkpoints are refused while accumulated gradients are pending.
+//!
+//! Distributed optimizers (`lomo_dist_set`, `lomo_param_set_shard`): the buffer holds what the
+//! rank submits for the piece — the reduced gradient of the piece (`LOMO_GRAD_REDUCED`), this
+//! rank's gradient of the piece (`LOMO_GRAD_ALL_REDUCE`: the buffer has the piece's elements)
+//! or this rank's gradient of the whole tensor (`LOMO_GRAD_REDUCE_SCATTER`: the buffer has the
+//! global tensor's elements, not the partition's). The library reduces only the completed
+//! buffer, once per NORM/UPDATE phase as in a step without accumulation: `k` micro-batches
+//! cost one collective per tensor and phase, not `k`, and the sum (mean) of the micro-batches
+//! averaged over the ranks is the gradient of one rank on the concatenated global batch. The
+//! passes of pieces in the step's NORM/UPDATE phases run at the phase's end in id order
+//! (`accum_flush`), so the ranks' collectives match whichever micro-batch brought each
+//! gradient; every rank must have accumulated gradients for the same parameters (as every
+//! rank submits the same parameters in a step without accumulation). The micro-batch count is
+//! part of the `LOMO_DIST_CHECK` agreement record.
 
 use super::{Optimizer, Phase, StepState};
 use crate::backend::cuda::accum::DevBuf;
@@ -86,6 +99,9 @@ pub struct AccumBuf {
     pub pending: bool,
     /// Completed (all micro-batches in, reduction applied): the passes read it as the gradient.
     pub complete: bool,
+    /// A piece of a distributed tensor whose gradient arrived in this NORM/UPDATE phase: its
+    /// pass waits for the phase's end (`accum_flush`).
+    pub deferred: bool,
 }
 
 impl AccumBuf {
@@ -100,6 +116,7 @@ impl AccumBuf {
             store,
             pending: false,
             complete: false,
+            deferred: false,
         })
     }
 
@@ -111,6 +128,7 @@ impl AccumBuf {
             store: Store::Device(buf, dtype, numel),
             pending: false,
             complete: false,
+            deferred: false,
         })
     }
 
@@ -133,6 +151,15 @@ impl AccumBuf {
                 dtype: *d,
                 numel: v.len(),
             },
+        }
+    }
+
+    /// Elements of the buffer.
+    pub fn numel(&self) -> usize {
+        match &self.store {
+            Store::F32(v) => v.len(),
+            Store::Half(v, _) => v.len(),
+            Store::Device(_, _, n) => *n,
         }
     }
 
@@ -170,14 +197,13 @@ impl Optimizer {
     /// distributed optimizers. On failure (out of memory included) nothing changes.
     pub fn accum_enable(&mut self, settings: AccumSettings) -> Result<()> {
         self.accum_check_idle("lomo_accum_enable")?;
-        self.accum_check_supported()?;
         let same_dtypes = self.accum.is_some_and(|a| a.buffer == settings.buffer);
         if !same_dtypes {
             // Every buffer first, then the swap: a failed allocation changes nothing.
             let mut bufs = crate::alloc::with_capacity(self.params.len(), "accumulation")?;
             for p in &self.params {
                 let side = self.cuda.as_ref().filter(|_| p.device != Device::Cpu);
-                let b = buffer_for(Some(settings), side, p.numel(), p.buf.dtype)?;
+                let b = buffer_for(Some(settings), side, p.grad_numel(), p.buf.dtype)?;
                 bufs.extend(b);
             }
             for (p, b) in self.params.iter().zip(bufs) {
@@ -219,17 +245,6 @@ impl Optimizer {
         Ok(())
     }
 
-    fn accum_check_supported(&self) -> Result<()> {
-        if self.dist.norm_comm.is_some() || self.params.iter().any(|p| p.shard.is_some()) {
-            bail!(
-                Unsupported,
-                "gradient accumulation is not supported for distributed optimizers \
-                 (lomo_dist_set, lomo_param_set_shard) yet"
-            );
-        }
-        Ok(())
-    }
-
     /// The checks of `lomo_step_begin` for accumulation, before anything changes.
     pub(super) fn accum_check_begin(&self, phase: Phase) -> Result<()> {
         if phase == Phase::Accumulate {
@@ -247,9 +262,6 @@ impl Optimizer {
                      active or a NORM phase already ended)"
                 );
             }
-        }
-        if phase == Phase::Accumulate || self.accum_micro > 0 {
-            self.accum_check_supported()?;
         }
         Ok(())
     }
@@ -301,6 +313,19 @@ impl Optimizer {
         g: Option<RawBuf>,
         stream: usize,
     ) -> Result<RawBuf> {
+        self.accum_complete(id, inner, g, false, stream)
+    }
+
+    /// [`Optimizer::accum_grad`]; `copy`: the buffer takes `g` even when it could be read as it
+    /// is (a deferred pass reads it after the caller's buffer is gone).
+    fn accum_complete(
+        &self,
+        id: u32,
+        inner: &mut ParamInner,
+        g: Option<RawBuf>,
+        copy: bool,
+        stream: usize,
+    ) -> Result<RawBuf> {
         let acc = match inner.accum.as_mut() {
             Some(acc) if self.accum_micro > 0 => acc,
             _ => match g {
@@ -315,7 +340,7 @@ impl Optimizer {
             Some(AccumReduction::Mean) => (1.0 / (self.accum_micro as f64 + 1.0)) as f32,
             _ => 1.0,
         };
-        if let Some(g) = g.filter(|_| !acc.pending && factor == 1.0) {
+        if let Some(g) = g.filter(|_| !acc.pending && factor == 1.0 && !copy) {
             // Nothing accumulated and nothing to scale: the gradient as it is.
             return Ok(g);
         }
@@ -332,20 +357,55 @@ impl Optimizer {
         Ok(acc.raw())
     }
 
-    /// At the end of a NORM or UPDATE phase of an accumulated step: the parameters with
-    /// accumulated gradients that received none in this phase run their pass from the buffer
-    /// (in id order).
+    /// Whether parameter `param`'s pass waits for the phase's end: a piece of a distributed
+    /// tensor (`lomo_param_set_shard`) in a NORM/UPDATE phase of an accumulated step. Its
+    /// pass may enter collectives (the gradient's reduction, a piece's statistics), and ranks
+    /// must enter those in the same order whichever micro-batch brought each gradient: the
+    /// phase's end runs them in id order.
+    pub(super) fn accum_defers(&self, param: &crate::param::Param, inner: &ParamInner) -> bool {
+        self.accum_micro > 0 && param.shard.is_some() && inner.accum.is_some()
+    }
+
+    /// A deferred submission (see [`Optimizer::accum_defers`]): the buffer is completed with
+    /// `g` (copied: the caller's buffer is not read after this call) and the pass is marked
+    /// for the phase's end.
+    pub(super) fn accum_defer(
+        &self,
+        id: u32,
+        inner: &mut ParamInner,
+        g: RawBuf,
+        stream: usize,
+    ) -> Result<()> {
+        self.accum_complete(id, inner, Some(g), true, stream)?;
+        if let Some(acc) = inner.accum.as_mut() {
+            acc.deferred = true;
+        }
+        Ok(())
+    }
+
+    /// At the end of a NORM or UPDATE phase of an accumulated step, in id order: the deferred
+    /// passes of pieces of distributed tensors, and the passes of parameters with accumulated
+    /// gradients that received none in this phase, from their buffers. Every rank with the
+    /// same pending parameters thus enters the same collectives in the same order. A pass that
+    /// fails (`COMM_ERROR`) leaves it and the later ones waiting (a retried `lomo_step_end`
+    /// runs them; passes already run are not repeated).
     pub(super) fn accum_flush(&self, stream: usize) -> Result<()> {
         if self.accum_micro == 0 {
             return Ok(());
         }
         for id in 0..self.params.len() {
-            let waiting = {
-                let inner = self.params[id].inner.lock();
-                inner.epoch != self.epoch && inner.accum.as_ref().is_some_and(|a| a.pending)
-            };
-            if waiting {
-                self.submit_buf(id as u32, None, stream)?;
+            let mut inner = self.params[id].inner.lock();
+            let waiting = inner
+                .accum
+                .as_ref()
+                .is_some_and(|a| a.deferred || (inner.epoch != self.epoch && a.pending));
+            if !waiting {
+                continue;
+            }
+            let pass = self.pass_for(id as u32)?;
+            self.run_pass(id as u32, &mut inner, None, pass, stream)?;
+            if let Some(a) = inner.accum.as_mut() {
+                a.deferred = false;
             }
         }
         Ok(())
@@ -358,6 +418,7 @@ impl Optimizer {
             if let Some(a) = p.inner.lock().accum.as_mut() {
                 a.pending = false;
                 a.complete = false;
+                a.deferred = false;
             }
         }
     }

@@ -28,8 +28,12 @@ pub struct ShardDesc<'a> {
 
 impl Optimizer {
     fn between_steps(&self, what: &str) -> Result<()> {
-        if self.state != StepState::Idle {
-            bail!(PhaseError, "{what} is only possible between steps");
+        if self.state != StepState::Idle || self.accum_micro > 0 {
+            bail!(
+                PhaseError,
+                "{what} is only possible between steps (and not while accumulated gradients are \
+                 pending)"
+            );
         }
         Ok(())
     }
@@ -278,11 +282,26 @@ impl Optimizer {
                 }),
                 Layout::Full => None,
             };
+            // With gradient accumulation on, the buffer holds what the rank submits: the whole
+            // tensor's gradient for LOMO_GRAD_REDUCE_SCATTER, the piece's otherwise.
+            let grad_numel = match grad_mode {
+                GradMode::ReduceScatter => g_numel,
+                _ => param.numel(),
+            };
+            let accum = match param.inner.lock().accum.as_ref() {
+                Some(a) if a.numel() != grad_numel => {
+                    super::accum::buffer_for(self.accum, Some(&*side), grad_numel, param.buf.dtype)?
+                }
+                _ => None,
+            };
             // f32 words, as the host scratch: any gradient dtype fits.
             side.reserve_grad_scratch(4 * scratch.0, 4 * scratch.1)?;
             side.set_shard(id, piece, norm_duplicate)?;
             if layout == Layout::Cols {
                 param.rows = local_rows;
+            }
+            if accum.is_some() {
+                param.inner.lock().accum = accum;
             }
             param.shard = Some(new_shard);
             return Ok(());
@@ -305,6 +324,18 @@ impl Optimizer {
             _ => None,
         };
         let dist_rec = crate::alloc::zeros(rec_len, "a piece's statistics record")?;
+        // With gradient accumulation on, the buffer holds what the rank submits: the whole
+        // tensor's gradient for LOMO_GRAD_REDUCE_SCATTER, the piece's otherwise.
+        let grad_numel = match grad_mode {
+            GradMode::ReduceScatter => g_numel,
+            _ => param.numel(),
+        };
+        let accum = match inner.accum.as_ref() {
+            Some(a) if a.numel() != grad_numel => {
+                super::accum::buffer_for(self.accum, None, grad_numel, param.buf.dtype)?
+            }
+            _ => None,
+        };
         self.dist.scratch.reserve(scratch.0, scratch.1)?;
         let mut fresh_ada = fresh_ada;
         if layout == Layout::Cols {
@@ -326,6 +357,9 @@ impl Optimizer {
             ada.carried_psq = None;
         }
         inner.dist_rec = dist_rec;
+        if accum.is_some() {
+            inner.accum = accum;
+        }
         drop(inner);
         param.shard = Some(new_shard);
         Ok(())
@@ -423,6 +457,9 @@ impl Optimizer {
                 config = fnv_extend(config, &v.to_le_bytes());
             }
         }
+        // So are the step's accumulated micro-batches (lomo_accum_enable): ranks that
+        // accumulated different counts would average different batches.
+        config = fnv_extend(config, &self.accum_micro.to_le_bytes());
         let check = self.dist.check.then_some([
             submitted as f64,
             lr,

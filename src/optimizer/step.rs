@@ -12,7 +12,7 @@ use crate::dist::{GradMode, Layout};
 use crate::dtype::DType;
 use crate::error::{bail, Result};
 use crate::orchestrate::{self, PhaseTotals, TensorPass};
-use crate::param::PARAM_FLAG_CARRY_RMS;
+use crate::param::{ParamInner, PARAM_FLAG_CARRY_RMS};
 use smallvec::SmallVec;
 
 /// The error of batch entry `k` after `applied` entries of the batch ran: as it is when none did,
@@ -151,7 +151,28 @@ impl Optimizer {
             }
             _ => self.pass_for(id)?,
         };
-        let grad = self.accum_grad(id, &mut inner, grad, stream)?;
+        if let Some(g) = grad.filter(|_| self.accum_defers(param, &inner)) {
+            // A piece of a distributed tensor in an accumulated step: the buffer is completed
+            // now, the pass (and its collectives) runs at the phase's end in id order.
+            self.accum_defer(id, &mut inner, g, stream)?;
+            inner.epoch = self.epoch;
+            return Ok(());
+        }
+        self.run_pass(id, &mut inner, grad, pass, stream)
+    }
+
+    /// The phase's pass of parameter `id` (locked: `inner`) on `grad`, or on its accumulated
+    /// gradient alone (None).
+    pub(super) fn run_pass(
+        &self,
+        id: u32,
+        inner: &mut ParamInner,
+        grad: Option<RawBuf>,
+        pass: TensorPass,
+        stream: usize,
+    ) -> Result<()> {
+        let param = &self.params[id as usize];
+        let grad = self.accum_grad(id, inner, grad, stream)?;
         let algorithm = self.config.algorithm;
         let shard = param.shard.filter(|s| s.layout != Layout::Full);
         let piece_comm = shard
@@ -239,7 +260,7 @@ impl Optimizer {
     }
 
     /// What parameter `id`'s gradient does in the active phase.
-    fn pass_for(&self, id: u32) -> Result<TensorPass> {
+    pub(super) fn pass_for(&self, id: u32) -> Result<TensorPass> {
         let param = &self.params[id as usize];
         Ok(match self.state {
             StepState::Norm => TensorPass::Norm,

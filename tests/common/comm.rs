@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 pub const NORM: u32 = 0;
 pub const UPDATE: u32 = 1;
+pub const ACCUMULATE: u32 = 2;
 
 /// One in-process group of `n` ranks.
 pub struct Group {

@@ -87,6 +87,33 @@ pub struct Case {
     pub full: bool,
     /// Where the parameters live: `LOMO_DEVICE_CPU` or a CUDA ordinal (emulated in the tests).
     pub device: i32,
+    /// Gradient accumulation (`lomo_accum_enable`, f32 buffers) over this many micro-batches
+    /// per step (≤ 1: off): [`micro`] splits what a rank submits so that the micro-batches
+    /// sum (average, with `accum_mean`) to it exactly.
+    pub micro: usize,
+    pub accum_mean: bool,
+    /// (early, late): tensors whose gradient comes only in the first micro-batch (none in the
+    /// step's NORM/UPDATE phases: run from the buffer at the phase's end), and only in the last.
+    pub early_late: Option<(usize, usize)>,
+    /// With accumulation: odd ranks submit in reverse order in every phase.
+    pub reverse_odd: bool,
+}
+
+/// Micro-batch `j` of `k` of the gradient `v` a rank submits in a step (None: no gradient for
+/// this tensor in it). SUM: v/2, v/4, …, the last two equal (exact in every dtype, and their
+/// sum in an f32 buffer is v); MEAN: v each. `early`/`late`: v in the first/last only.
+pub fn micro(c: &Case, v: &[f32], i: usize, j: usize) -> Option<Vec<f32>> {
+    let k = c.micro;
+    match c.early_late {
+        Some((e, _)) if e == i => return (j == 0).then(|| v.to_vec()),
+        Some((_, l)) if l == i => return (j + 1 == k).then(|| v.to_vec()),
+        _ => {}
+    }
+    if c.accum_mean {
+        return Some(v.to_vec());
+    }
+    let f = 0.5f32.powi((j + 1).min(k - 1) as i32);
+    Some(v.iter().map(|x| x * f).collect())
 }
 
 pub const SHAPES: [&[i64]; 7] = [
@@ -311,6 +338,17 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                     if let Some(comm) = comm {
                         dist_set(&opt, comm, LOMO_DIST_CHECK).unwrap();
                     }
+                    let k = c.micro.max(1);
+                    if k > 1 {
+                        let red = c.accum_mean as u32;
+                        // SAFETY: live handle.
+                        check(unsafe { lomo::ffi::accum::lomo_accum_enable(opt.0, 0, red) })
+                            .unwrap();
+                    }
+                    let mut order: Vec<usize> = (0..SHAPES.len()).collect();
+                    if k > 1 && c.reverse_odd && r % 2 == 1 {
+                        order.reverse();
+                    }
                     let mut history = Vec::new();
                     let mut infos = Vec::new();
                     for (step, g) in grads.iter().enumerate() {
@@ -320,9 +358,12 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                         } else {
                             &[UPDATE]
                         };
-                        for &phase in phases {
+                        let micro_phases = (0..k - 1).map(|j| (ACCUMULATE, j));
+                        let step_phases = phases.iter().map(|&p| (p, k - 1));
+                        for (phase, j) in micro_phases.chain(step_phases) {
                             opt.begin(phase, [0.05f32, 0.02, 0.1][step % 3]).unwrap();
-                            for (i, gi) in g.iter().enumerate() {
+                            for &i in &order {
+                                let gi = &g[i];
                                 let mid = gi.len() / 2;
                                 let mut piece: Vec<f32> = if reduce {
                                     let d = &deltas[step][i];
@@ -354,6 +395,14 @@ pub fn run(c: &Case, n: usize) -> (History, Vec<Vec<lomo_step_info>>) {
                                 if reduce && c.grad_mode == LOMO_GRAD_ALL_REDUCE {
                                     piece.truncate(pieces[i].len());
                                 }
+                                let piece = if k > 1 {
+                                    match micro(c, &piece, i, j) {
+                                        Some(m) => m,
+                                        None => continue,
+                                    }
+                                } else {
+                                    piece
+                                };
                                 let mut gb = Buf::new(c.dtype, &piece);
                                 opt.submit(i as u32, gb.ptr(), c.dtype).unwrap();
                             }
@@ -410,5 +459,9 @@ pub fn case(algorithm: u32) -> Case {
         per_element: false,
         full: false,
         device: LOMO_DEVICE_CPU,
+        micro: 0,
+        accum_mean: false,
+        early_late: None,
+        reverse_odd: false,
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod comm;
 pub mod dist;
+pub mod dist_accum;
 pub mod parity;
 pub mod reference;
 

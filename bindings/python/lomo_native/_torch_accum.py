@@ -16,8 +16,15 @@ it), counted in ``memory_stats()["workspace_bytes"]``. That is what the non-fuse
 (``backward()`` + ``step()``) costs too (a ``.grad`` per parameter, in its dtype) — but here the
 gradients never pile up during the backward, the update keeps the fused path's per-parameter
 timing, and the buffer can be f32 for bf16 models. The buffers live on the parameters'
-device (CUDA: device memory, every pass on the current stream). With a ``process_group`` each micro-batch's gradient is averaged across the
-ranks as it is accumulated (one all-reduce per micro-batch, as DDP without ``no_sync``).
+device (CUDA: device memory, every pass on the current stream).
+
+Distributed: with a ``process_group`` (replicas) each micro-batch's gradient is averaged across
+the ranks from its hook as it is accumulated (one all-reduce per micro-batch, as DDP without
+``no_sync``). With FSDP2 (``fully_shard``) each micro-batch's reduce-scattered shard gradient is
+accumulated in the piece's buffer, and on the last micro-batch the library runs the pieces'
+passes (and AdaLomo's statistics all-reduces) at the phase's end in parameter order. Either way
+the ranks' k micro-batches step as one process on the whole global batch
+(``tests/test_torch_dist_accum.py``).
 """
 
 from __future__ import annotations

@@ -172,6 +172,15 @@ class FlatPartition:
         self._active = False
         self.opt.end()
 
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """One micro-batch of an accumulated step (an ACCUMULATE phase; needs
+        ``self.opt.accum_enable(buffer, reduction)``): every whole local gradient is added to
+        the parameter's buffer (one per parameter, of the WHOLE tensor's size for
+        ``LOMO_GRAD_REDUCE_SCATTER``); nothing is reduced or updated. The step's last
+        micro-batch is :meth:`fused_backward`: the library reduce-scatters the accumulated sum
+        (mean) once per tensor and phase."""
+        self._backward(loss, N.PHASE_ACCUMULATE, 0.0, retain=False)
+
     def fused_backward(self, loss: torch.Tensor, lr: float) -> None:
         """One step: with ``clip_grad_norm`` set, a NORM pass first (backward with the graph
         retained), then the UPDATE pass; then :meth:`gather`."""

@@ -2,7 +2,8 @@
 CPU), each owning ``ceil(numel / 2)``-element flat ranges of every parameter (pieces that cut
 rows, a short last piece, an empty one for a 1-element bias) registered as ``LOMO_LAYOUT_FLAT``
 with ``LOMO_GRAD_REDUCE_SCATTER`` through ``lomo_native._torch_flat``, each running backward on
-half of the batch, must train like one process with the PyTorch drop-in on the whole batch."""
+half of the batch, must train like one process with the PyTorch drop-in on the whole batch —
+also accumulating each half in two micro-batches (``FlatPartition.accumulate``)."""
 
 import os
 
@@ -26,6 +27,12 @@ CASES = {
     "adalomo": (dict(algorithm="adalomo"), lambda m: AdaLomo(m, lr=0.05)),
     "lomo_wd": (dict(algorithm="lomo", weight_decay=0.01),
                 lambda m: Lomo(m, lr=0.05, weight_decay=0.01)),
+    # gradient accumulation: each rank's half in 2 micro-batches (mean), the buffers of whole
+    # local gradients reduce-scattered once at the step's end
+    "adalomo_clip_accum": (dict(algorithm="adalomo", clip_grad_norm=0.5),
+                           lambda m: AdaLomo(m, lr=0.05, clip_grad_norm=0.5)),
+    "lomo_accum": (dict(algorithm="lomo", weight_decay=0.01),
+                   lambda m: Lomo(m, lr=0.05, weight_decay=0.01)),
 }
 
 
@@ -50,9 +57,17 @@ def _train_flat(case, rows, pg):
     kwargs, _ = CASES[case]
     model = _model()
     flat = FlatPartition(model, pg, **kwargs)
+    accum = case.endswith("_accum")
+    if accum:
+        flat.opt.accum_enable("f32", "mean")
+        first, second = slice(rows.start, rows.start + 2), slice(rows.start + 2, rows.stop)
     norms = []
     for _ in range(STEPS):
-        flat.fused_backward(_loss(model, rows), lr=0.05)
+        if accum:
+            flat.accumulate(_loss(model, first))
+            flat.fused_backward(_loss(model, second), lr=0.05)
+        else:
+            flat.fused_backward(_loss(model, rows), lr=0.05)
         norms.append(flat.step_info().grad_norm)
     assert all(p.grad is None for p in model.parameters())
     out = {n: p.detach().clone() for n, p in model.named_parameters()}
