@@ -164,7 +164,9 @@ multiversion! {
         let mut pending = 0;
         for i in 0..rows {
             let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
-            let Some(row_total) = row_tiles::<P, G>(w, grow, (&[], &[]), xf, eps1) else {
+            let next = ((i + 1) * cols).min(g.len())..((i + 2) * cols).min(g.len());
+            let ahead = (&g[next.clone()], if args.need_psq { &p[next] } else { &p[..0] });
+            let Some(row_total) = row_tiles(w, grow, ahead, xf, eps1) else {
                 w.finite = false;
                 return;
             };
