@@ -22,6 +22,7 @@ use super::adalomo::FOLD_ROWS;
 use super::adalomo::{fold, row_tiles, AdaWorkspace, ChunkWs, StatsArgs};
 use super::convert::Elem;
 use super::simd::multiversion;
+use super::sum_sq::sum_sq_rows;
 use super::{for_each_chunk_mut, with_dtype, with_dtypes};
 use crate::backend::RawBuf;
 
@@ -163,11 +164,15 @@ multiversion! {
         let mut pending = 0;
         for i in 0..rows {
             let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
-            let Some(row_total) = row_tiles(w, grow, prow, xf, eps1, args.need_psq, &mut psq)
-            else {
+            let next = ((i + 1) * cols).min(g.len())..((i + 2) * cols).min(g.len());
+            let ahead = (&g[next.clone()], if args.need_psq { &p[next] } else { &p[..0] });
+            let Some(row_total) = row_tiles(w, grow, ahead, xf, eps1) else {
                 w.finite = false;
                 return;
             };
+            if args.need_psq {
+                sum_sq_rows(prow, cols, &mut psq);
+            }
             w.row64[i] = row_total;
             pending += 1;
             if pending == FOLD_ROWS || i + 1 == rows {

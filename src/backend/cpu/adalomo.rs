@@ -16,7 +16,10 @@
 //! Pass C (`apply`) reads g and p and writes p.
 
 use super::convert::{all_finite, Elem, RoundCtx, TILE};
+use super::prefetch::prefetch;
 use super::simd::multiversion;
+pub(super) use super::sum_sq::sum_sq;
+use super::sum_sq::sum_sq_rows;
 use super::{chunk_count, chunk_range, for_each_chunk_mut, lane_sum, with_dtypes};
 use crate::alloc;
 use crate::backend::{GradXform, RawBuf};
@@ -364,12 +367,17 @@ multiversion! {
         let mut psq = 0f64;
         let mut pending = 0;
         for (i, &old) in row_old.iter().enumerate() {
-            let (grow, prow) = (&g[i * cols..(i + 1) * cols], &p[i * cols..(i + 1) * cols]);
-            let Some(row_total) = row_tiles(w, grow, prow, xf, eps1, args.need_psq, &mut psq)
-            else {
+            let grow = &g[i * cols..(i + 1) * cols];
+            let next = ((i + 1) * cols).min(g.len())..((i + 2) * cols).min(g.len());
+            let ahead = (&g[next.clone()], if args.need_psq { &p[next] } else { &p[..0] });
+            let Some(row_total) = row_tiles(w, grow, ahead, xf, eps1) else {
                 w.finite = false;
                 return;
             };
+            if args.need_psq {
+                // The row's tiles side by side, added to `psq` one by one in order.
+                sum_sq_rows(&p[i * cols..(i + 1) * cols], cols, &mut psq);
+            }
             let mean = (row_total / cols as f64) as f32;
             let rn = mean.mul_add(args.one_minus_beta, old * args.beta);
             w.new_state[i] = rn;
@@ -398,20 +406,17 @@ pub(super) fn fold(acc: &mut [f64], blk: &mut [f32]) {
 }
 
 /// One row of a factored statistics pass, tile by tile: `w.xsq` ← x² of the transformed
-/// gradient, `w.colblk` += x² + eps1, Σp² of the row into `psq` when `need_psq`. Returns the
-/// row's Σ(x² + eps1) (f32 lanes of `ROW_FOLD` terms folded into f64), or None at the first tile
-/// with a non-finite gradient element. Shared by the whole-tensor pass ([`stats`]) and the
-/// column-piece pass (`ada_cols`), so both sum in the same order.
+/// gradient, `w.colblk` += x² + eps1. Returns the row's Σ(x² + eps1) (f32 lanes of `ROW_FOLD`
+/// terms folded into f64), or None at the first tile with a non-finite gradient element. Shared
+/// by the whole-tensor pass ([`stats`]) and the column-piece pass (`ada_cols`), so both sum in
+/// the same order. Σp² is the callers' (`sum_sq_rows`, tile by tile in row order).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn row_tiles<P: Elem, G: Elem>(
     w: &mut ChunkWs,
     grow: &[G],
-    prow: &[P],
+    ahead: (&[G], &[P]),
     xf: GradXform,
     eps1: f32,
-    need_psq: bool,
-    psq: &mut f64,
 ) -> Option<f64> {
     let cols = grow.len();
     let mut row_total = 0f64;
@@ -421,6 +426,9 @@ pub(super) fn row_tiles<P: Elem, G: Elem>(
     while t < cols {
         let len = TILE.min(cols - t);
         let gt = &grow[t..t + len];
+        // The same columns of what comes next (a hint: changes nothing computed).
+        prefetch(&ahead.0[t.min(ahead.0.len())..(t + len).min(ahead.0.len())]);
+        prefetch(&ahead.1[t.min(ahead.1.len())..(t + len).min(ahead.1.len())]);
         if !all_finite(gt) {
             return None;
         }
@@ -436,9 +444,6 @@ pub(super) fn row_tiles<P: Elem, G: Elem>(
             let mut lanes = [0f32; 8];
             lane_add_plus(&mut lanes, part, eps1);
             row_total += lane_sum(&lanes) as f64;
-        }
-        if need_psq {
-            *psq += sum_sq(&prow[t..t + len]);
         }
         t += len;
     }
@@ -457,28 +462,6 @@ pub(super) fn lane_add_plus(lanes: &mut [f32; 8], v: &[f32], c: f32) {
     for (k, &x) in it.remainder().iter().enumerate() {
         lanes[k] += x + c;
     }
-}
-
-/// Σv² of a slice in f32 lanes, folded to f64 per tile.
-#[inline(always)]
-pub(super) fn sum_sq<P: Elem>(v: &[P]) -> f64 {
-    let mut total = 0f64;
-    for tile in v.chunks(TILE) {
-        let mut lanes = [0f32; 8];
-        let mut it = tile.chunks_exact(8);
-        for c in &mut it {
-            for k in 0..8 {
-                let x = c[k].to_f32();
-                lanes[k] = x.mul_add(x, lanes[k]);
-            }
-        }
-        for (k, c) in it.remainder().iter().enumerate() {
-            let x = c.to_f32();
-            lanes[k] = x.mul_add(x, lanes[k]);
-        }
-        total += lane_sum(&lanes) as f64;
-    }
-    total
 }
 
 multiversion! {

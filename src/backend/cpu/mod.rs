@@ -17,8 +17,10 @@ pub mod fpenv;
 pub mod lomo;
 pub mod norm;
 pub mod philox;
+pub mod prefetch;
 pub mod simd;
 pub mod step;
+pub mod sum_sq;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
