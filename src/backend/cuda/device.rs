@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::abi::*;
 use super::launcher::{Counting, Launcher};
-use super::passes::{self, Bufs, Layout, Records, Shape, Tensor};
+use super::passes::{self, Bufs, Layout, Records, Shape, Sizes, Tensor};
 use super::step::{CudaStep, CudaTensor, StepRecord};
 use crate::backend::RawBuf;
 use crate::config::{Algorithm, Config};
@@ -165,6 +165,36 @@ impl DeviceOpt {
         Ok(p)
     }
 
+    /// A parameter's state and workspace buffers of sizes `s` (each allocation listed in `got`).
+    pub(super) fn alloc_bufs(&self, s: &Sizes, got: &mut Vec<DevPtr>) -> Result<Bufs> {
+        Ok(Bufs {
+            partials: self.alloc(s.partials, got)?,
+            state_a: self.alloc_zeroed(s.state_a, got)?,
+            state_b: self.alloc_zeroed(s.state_b, got)?,
+            ws_a: self.alloc(s.ws_a, got)?,
+            ws_r: self.alloc(s.ws_r, got)?,
+            ws_c: self.alloc(s.ws_c, got)?,
+            col_part: self.alloc(s.col_part, got)?,
+        })
+    }
+
+    /// Ends an all-or-nothing allocation: on success the optimizer owns the buffers in `got`
+    /// from now on (freed with it); on failure they are freed, and the optimizer is as before.
+    pub(super) fn settle<T>(&mut self, result: Result<T>, got: Vec<DevPtr>) -> Result<T> {
+        match result {
+            Ok(v) => {
+                self.allocs.extend(got);
+                Ok(v)
+            }
+            Err(e) => {
+                for p in got {
+                    self.launcher.free(p);
+                }
+                Err(e)
+            }
+        }
+    }
+
     pub(super) fn tensor_ptr(&self, i: usize) -> DevPtr {
         self.tensors + (i * std::mem::size_of::<LomoTensor>()) as u64
     }
@@ -186,30 +216,13 @@ impl DeviceOpt {
         let result = (|| {
             crate::alloc::reserve(&mut self.params, 1, "the CUDA parameter list")?;
             crate::alloc::reserve(&mut self.allocs, 7, "the CUDA allocation list")?;
-            let bufs = Bufs {
-                partials: self.alloc(s.partials, &mut got)?,
-                state_a: self.alloc_zeroed(s.state_a, &mut got)?,
-                state_b: self.alloc_zeroed(s.state_b, &mut got)?,
-                ws_a: self.alloc(s.ws_a, &mut got)?,
-                ws_r: self.alloc(s.ws_r, &mut got)?,
-                ws_c: self.alloc(s.ws_c, &mut got)?,
-                col_part: self.alloc(s.col_part, &mut got)?,
-            };
+            let bufs = self.alloc_bufs(&s, &mut got)?;
             if self.params.len() == self.cap {
                 self.grow()?;
             }
             Ok(bufs)
         })();
-        let bufs = match result {
-            Ok(b) => b,
-            Err(e) => {
-                for p in got {
-                    self.launcher.free(p);
-                }
-                return Err(e);
-            }
-        };
-        self.allocs.extend(got);
+        let bufs = self.settle(result, got)?;
         self.params.push(DevParam {
             tensor: Tensor {
                 layout,

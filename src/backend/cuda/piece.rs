@@ -6,7 +6,7 @@
 
 use super::abi::{DevPtr, LomoTensor, TENSOR_NORM_DUPLICATE};
 use super::device::DeviceOpt;
-use super::passes::{Bufs, Layout, Piece, Shape};
+use super::passes::{Layout, Piece, Shape};
 use crate::config::Algorithm;
 use crate::error::{bail, Result};
 
@@ -70,15 +70,7 @@ impl DeviceOpt {
         let result = (|| {
             crate::alloc::reserve(&mut self.allocs, 8, "the CUDA allocation list")?;
             let bufs = if fresh {
-                Bufs {
-                    partials: self.alloc(s.partials, &mut got)?,
-                    state_a: self.alloc_zeroed(s.state_a, &mut got)?,
-                    state_b: self.alloc_zeroed(s.state_b, &mut got)?,
-                    ws_a: self.alloc(s.ws_a, &mut got)?,
-                    ws_r: self.alloc(s.ws_r, &mut got)?,
-                    ws_c: self.alloc(s.ws_c, &mut got)?,
-                    col_part: self.alloc(s.col_part, &mut got)?,
-                }
+                self.alloc_bufs(&s, &mut got)?
             } else {
                 old.bufs
             };
@@ -95,16 +87,7 @@ impl DeviceOpt {
             self.launcher.copy_from_host(at, &flags.to_ne_bytes())?;
             Ok((bufs, rec))
         })();
-        let (bufs, rec) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                for p in got {
-                    self.launcher.free(p);
-                }
-                return Err(e);
-            }
-        };
-        self.allocs.extend(got);
+        let (bufs, rec) = self.settle(result, got)?;
         if fresh {
             let b = old.bufs;
             for p in [
