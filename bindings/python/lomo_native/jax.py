@@ -151,6 +151,19 @@ def _rounding(r: str) -> str:
     return r
 
 
+def _options(weight_decay, clip_grad_value, lr_multiplier, rounding, seed, param_id):
+    """The compile-time options shared by both updates, by name (as ``_update_attrs`` and the
+    sharded lowering take them)."""
+    return dict(
+        weight_decay=weight_decay,
+        clip_grad_value=clip_grad_value,
+        lr_multiplier=lr_multiplier,
+        rounding=rounding,
+        seed=seed,
+        param_id=param_id,
+    )
+
+
 def _update_attrs(weight_decay, clip_grad_value, lr_multiplier, rounding, seed, param_id):
     return dict(
         weight_decay=np.float64(weight_decay),
@@ -215,14 +228,7 @@ def lomo_update(
         input_output_aliases={0: 0},
         vmap_method="sequential",
     )
-    options = dict(
-        weight_decay=weight_decay,
-        clip_grad_value=clip_grad_value,
-        lr_multiplier=lr_multiplier,
-        rounding=rounding,
-        seed=seed,
-        param_id=param_id,
-    )
+    options = _options(weight_decay, clip_grad_value, lr_multiplier, rounding, seed, param_id)
     scalars = (_f32(lr), _f32(loss_scale), _f32(clip_coef), _i32(step))
     return _jax_partition.update(
         "lomo", call, param, grad, (), scalars, _update_attrs(**options), options
@@ -304,12 +310,7 @@ def adalomo_update(
         decay_rate=np.float64(decay_rate),
     )
     options = dict(
-        weight_decay=weight_decay,
-        clip_grad_value=clip_grad_value,
-        lr_multiplier=lr_multiplier,
-        rounding=rounding,
-        seed=seed,
-        param_id=param_id,
+        _options(weight_decay, clip_grad_value, lr_multiplier, rounding, seed, param_id),
         eps1=eps1,
         eps2=eps2,
         clip_threshold=clip_threshold,
