@@ -9,7 +9,6 @@
 #![cfg_attr(not(feature = "cuda-emulation"), allow(dead_code))]
 
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::abi::*;
 use crate::backend::cuda::side;
@@ -54,14 +53,18 @@ unsafe extern "C" fn fake_error_create(args: *mut XLA_FFI_Error_Create_Args) -> 
     Box::into_raw(Box::new(Recorded { code, message })).cast()
 }
 
-pub static STREAM_CTX: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// The execution context of the last stream query on this thread (calls run their handlers
+    /// on the calling thread; per thread, so tests running in parallel do not see each other's).
+    pub static STREAM_CTX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// The stream of a call is a sentinel derived from its execution context (`Call::frame.ctx`),
 /// so tests can give their calls distinct streams.
 unsafe extern "C" fn fake_stream_get(args: *mut XLA_FFI_Stream_Get_Args) -> *mut XLA_FFI_Error {
     // SAFETY: called by the code under test with valid args.
     unsafe {
-        STREAM_CTX.store((*args).ctx as usize, Ordering::SeqCst);
+        STREAM_CTX.with(|c| c.set((*args).ctx as usize));
         (*args).stream = ((*args).ctx as usize ^ 0x5eed_0000) as *mut c_void;
     }
     std::ptr::null_mut()

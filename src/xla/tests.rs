@@ -3,8 +3,6 @@
 
 #![allow(clippy::type_complexity)]
 
-use std::sync::atomic::Ordering;
-
 use super::abi::*;
 use super::frame::{boundary, XlaError};
 use super::testing::{arr, call, take_error, Arr, STREAM_CTX};
@@ -325,10 +323,10 @@ fn cuda_handlers_read_the_stream_then_report_no_driver() {
         ],
         &[],
     );
-    STREAM_CTX.store(0, Ordering::SeqCst);
+    STREAM_CTX.with(|c| c.set(0));
     // SAFETY: a complete fake frame.
     let e = take_error(unsafe { lomo_xla_grad_sum_sq_cuda(&mut *c.frame) }).unwrap();
-    assert_eq!(STREAM_CTX.load(Ordering::SeqCst), 0xc7c);
+    assert_eq!(STREAM_CTX.with(|c| c.get()), 0xc7c);
     assert!(
         e.message.starts_with("lomo grad_sum_sq (CUDA platform): "),
         "{}",
