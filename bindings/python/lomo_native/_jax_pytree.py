@@ -204,6 +204,21 @@ class Optimizer:
 
     # -- one step ------------------------------------------------------------------------------
 
+    def _leaf_options(self, i, lr, step, scale, coef, weight_decay):
+        """The keyword arguments of leaf ``i``'s update call (whole or split phase): the step's
+        scalars and this optimizer's per-leaf options."""
+        return dict(
+            lr=lr,
+            step=step,
+            loss_scale=scale,
+            clip_coef=coef,
+            weight_decay=weight_decay,
+            clip_grad_value=self.clip_grad_value,
+            rounding=self.rounding,
+            seed=self.seed,
+            param_id=i,
+        )
+
     def _decay_per_leaf(self, params, treedef, n):
         mask = self.weight_decay_mask
         if mask is None:
@@ -244,17 +259,7 @@ class Optimizer:
         decays = self._decay_per_leaf(params, treedef, len(leaves))
         new_leaves, new_ada, oks = [], [], []
         for i, (p, g, s, wd) in enumerate(zip(leaves, gleaves, state.ada, decays)):
-            common = dict(
-                lr=lr,
-                step=t,
-                loss_scale=scale,
-                clip_coef=coef,
-                weight_decay=wd,
-                clip_grad_value=self.clip_grad_value,
-                rounding=self.rounding,
-                seed=self.seed,
-                param_id=i,
-            )
+            common = self._leaf_options(i, lr, t, scale, coef, wd)
             if self.algorithm == "adalomo":
                 p2, s2, ok = adalomo_update(p, g, s, **common, **self.ada_options)
             else:

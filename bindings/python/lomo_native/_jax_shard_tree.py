@@ -197,17 +197,7 @@ def sharded_step(opt, params, grads, state, lr, specs):
     decays = opt._decay_per_leaf(params, treedef, len(leaves))
     new_leaves, new_ada, oks = [], [], []
     for i, (p, g, s, wd, pc) in enumerate(zip(leaves, gleaves, state.ada, decays, pieces)):
-        common = dict(
-            lr=lr,
-            step=t,
-            loss_scale=scale,
-            clip_coef=coef,
-            weight_decay=wd,
-            clip_grad_value=opt.clip_grad_value,
-            rounding=opt.rounding,
-            seed=opt.seed,
-            param_id=i,
-        )
+        common = opt._leaf_options(i, lr, t, scale, coef, wd)
         ada = opt.algorithm == "adalomo"
         if pc is None:
             if ada:
